@@ -1,0 +1,372 @@
+"""Typed configuration: dataclasses, YAML presets, dotted `key=value` overrides, validation.
+
+Every check here runs before anything is traced or compiled, and every error names the key
+and the fix in one line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+SCHEDULES = ("standard", "parallel", "ladder", "desync", "spd", "lp")
+VOCAB_PAD = 128  # vocab rows are padded to a multiple of this so any power-of-two tensor axis splits them
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 frequency scaling (HF `rope_type: llama3`)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "tiny"
+    vocab_size: int = 259  # 256 bytes + BOS, EOS, PAD
+    d_model: int = 256
+    n_layers: int = 6
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    head_dim: int = 0  # 0: d_model // n_heads
+    ffn_dim: int = 768
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    # Residual schedule per layer, see `parse_plan`: "ladder", "standard,ladder@-16:", "lp@4:8", ...
+    plan: str = "standard"
+    bos_id: int = 256
+    eos_id: int = 257
+    pad_id: int = 258
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def padded_vocab(self) -> int:
+        return -(-self.vocab_size // VOCAB_PAD) * VOCAB_PAD
+
+    @property
+    def layer_schedules(self) -> tuple[str, ...]:
+        return parse_plan(self.plan, self.n_layers)
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1: every device the tensor axis leaves over
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer plan
+
+
+def _parse_range(text: str, n_layers: int, segment: str) -> range:
+    def index(s: str, default: int) -> int:
+        if s == "":
+            return default
+        if not re.fullmatch(r"-?\d+", s):
+            raise ConfigError(f"model.plan: '{segment}' has a bad layer index '{s}'; write SCHEDULE@START:END, e.g. ladder@-16:")
+        i = int(s)
+        return i + n_layers if i < 0 else i
+
+    if ":" in text:
+        a, b = text.split(":", 1)
+        start, stop = index(a, 0), index(b, n_layers)
+    else:
+        start = index(text, 0)
+        stop = start + 1
+    if not (0 <= start < stop <= n_layers):
+        raise ConfigError(
+            f"model.plan: '{segment}' names layers outside 0..{n_layers - 1} of this {n_layers}-layer model; "
+            f"use a range inside it (negative indices count from the end)"
+        )
+    return range(start, stop)
+
+
+def parse_plan(plan: str, n_layers: int) -> tuple[str, ...]:
+    """Resolve a plan string into one schedule name per layer.
+
+    Grammar: comma-separated segments `SCHEDULE` or `SCHEDULE@START:END` (python-style range,
+    negative indices from the end) or `SCHEDULE@I`. A bare segment sets every layer no range
+    names (default `standard`); ranges may not overlap. `lp` ranges pair consecutive layers
+    from their start, so each contiguous run of `lp` layers must have even length.
+    Examples: `ladder`, `standard,ladder@-16:`, `spd@0:4,spd@6`, `lp@4:10`.
+    """
+    segments = [s.strip() for s in str(plan).split(",") if s.strip()]
+    if not segments:
+        raise ConfigError("model.plan is empty; give a schedule such as 'standard' or 'ladder'")
+    base, owner = None, [None] * n_layers
+    for seg in segments:
+        name, _, where = seg.partition("@")
+        if name not in SCHEDULES:
+            raise ConfigError(f"model.plan: unknown schedule '{name}' in '{seg}'; choose from {', '.join(SCHEDULES)}")
+        if not where:
+            if base is not None:
+                raise ConfigError(f"model.plan: two default schedules ('{base}' and '{name}'); give all but one a layer range")
+            base = name
+            continue
+        for i in _parse_range(where, n_layers, seg):
+            if owner[i] is not None:
+                raise ConfigError(
+                    f"model.plan: layer {i} is given both '{owner[i]}' and '{seg}'; give each layer one schedule"
+                )
+            owner[i] = seg
+    base = base or "standard"
+    layers = tuple(o.partition("@")[0] if o else base for o in owner)
+    i = 0
+    while i < n_layers:  # every contiguous run of lp layers splits into pairs
+        j = i
+        while j < n_layers and layers[j] == "lp":
+            j += 1
+        if (j - i) % 2:
+            raise ConfigError(
+                f"model.plan: layers {i}..{j - 1} form an odd-length lp run ({j - i} layers); "
+                f"lp pairs consecutive layers, so give it an even length"
+            )
+        i = max(j, i + 1)
+    return layers
+
+
+def plan_steps(layers: tuple[str, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    """Group per-layer schedules into steps: lp runs become pairs, every other layer a single."""
+    steps, i = [], 0
+    while i < len(layers):
+        if layers[i] == "lp":
+            steps.append(("lp", (i, i + 1)))
+            i += 2
+        else:
+            steps.append((layers[i], (i,)))
+            i += 1
+    return steps
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides, type checks
+
+
+def _field_types(cls) -> dict[str, typing.Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unwrap_optional(tp):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _coerce(value, tp, key: str):
+    tp, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key} may not be null; give a {getattr(tp, '__name__', tp)}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key} must be {tp.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls, data: dict, prefix: str):
+    hints = _field_types(cls)
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        known = ", ".join(hints)
+        raise ConfigError(f"unknown config key '{_join(prefix, unknown[0])}'; {cls.__name__} has: {known}")
+    kwargs = {k: _coerce(v, hints[k], _join(prefix, k)) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set '{dotted}': '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def _field_type(dotted: str):
+    """The annotated type at a dotted path, or None when the path is not a config field."""
+    cls, tp = Config, None
+    for k in dotted.split("."):
+        if cls is None or k not in _field_types(cls):
+            return None
+        tp, _ = _unwrap_optional(_field_types(cls)[k])
+        cls = tp if dataclasses.is_dataclass(tp) else None
+    return tp
+
+
+def _parse_value(dotted: str, text: str):
+    """YAML for numbers, booleans, null and mappings; raw text for string fields (a plan like
+    `ladder@-2:` is not YAML)."""
+    if _field_type(dotted) is str and text.lower() not in ("null", "~"):
+        return text[1:-1] if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"" else text
+    return yaml.safe_load(text) if text else ""
+
+
+def resolve_preset(name_or_path: str | Path) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist; presets: {', '.join(list_presets())}")
+        return p
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if not preset.exists():
+        raise ConfigError(f"no preset named '{name_or_path}'; choose from {', '.join(list_presets())} or give a .yaml path")
+    return preset
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(preset: str | Path | None = "tiny", overrides: typing.Sequence[str] = ()) -> Config:
+    """Load a preset (name or YAML path) and apply `section.key=value` overrides (YAML values)."""
+    raw = {}
+    if preset is not None:
+        raw = yaml.safe_load(resolve_preset(preset).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{preset}: the top level must be a mapping with model/mesh/train sections")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value; write e.g. model.n_layers=4")
+        key, text = item.split("=", 1)
+        _set_dotted(raw, key.strip(), _parse_value(key.strip(), text.strip()))
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def validate(cfg: Config, n_devices: int | None = None) -> None:
+    """Raise ConfigError for shapes that cannot be built or split over the mesh."""
+    m, t = cfg.model, cfg.mesh.tensor
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+        if getattr(m, key) <= 0:
+            raise ConfigError(f"model.{key} must be positive, got {getattr(m, key)}")
+    if t <= 0:
+        raise ConfigError(f"mesh.tensor must be positive, got {t}")
+    if cfg.mesh.data == 0 or cfg.mesh.data < -1:
+        raise ConfigError(f"mesh.data must be positive or -1 (all remaining devices), got {cfg.mesh.data}")
+    if m.head_dim == 0 and m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; set model.head_dim explicitly")
+    if m.hd % 2:
+        raise ConfigError(f"head dimension {m.hd} is odd; rotary embedding needs an even model.head_dim")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads={m.n_kv_heads}; grouped-query attention needs whole groups")
+    if m.n_heads % t:
+        raise ConfigError(f"model.n_heads={m.n_heads} does not split over mesh.tensor={t}; choose a tensor size that divides it")
+    if m.n_kv_heads % t and t % m.n_kv_heads:
+        raise ConfigError(
+            f"model.n_kv_heads={m.n_kv_heads} can be neither split nor replicated over mesh.tensor={t}; "
+            f"use a tensor size that divides it or that it divides"
+        )
+    if m.ffn_dim % t:
+        raise ConfigError(f"model.ffn_dim={m.ffn_dim} does not split over mesh.tensor={t}; choose a tensor size that divides it")
+    if m.padded_vocab % t:
+        raise ConfigError(f"the padded vocabulary ({m.padded_vocab}) does not split over mesh.tensor={t}; use a power-of-two tensor size")
+    for key in ("dtype", "param_dtype"):
+        if getattr(m, key) not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"model.{key}={getattr(m, key)!r} is not supported; use float32, bfloat16 or float16")
+    if m.rope_scaling is not None and m.rope_scaling.high_freq_factor <= m.rope_scaling.low_freq_factor:
+        raise ConfigError("model.rope_scaling.high_freq_factor must exceed low_freq_factor")
+    for key in ("bos_id", "eos_id", "pad_id"):
+        if not 0 <= getattr(m, key) < m.vocab_size:
+            raise ConfigError(f"model.{key}={getattr(m, key)} is outside the vocabulary (size {m.vocab_size})")
+    parse_plan(m.plan, m.n_layers)
+    if n_devices is not None:
+        mesh_shape(cfg.mesh, n_devices)
+
+
+def mesh_shape(mesh: MeshConfig, n_devices: int) -> tuple[int, int]:
+    """(data, tensor) for this many devices, or a ConfigError saying what to change."""
+    t = mesh.tensor
+    if n_devices % t:
+        raise ConfigError(f"mesh.tensor={t} does not divide the {n_devices} available devices; pick a divisor of {n_devices}")
+    d = n_devices // t if mesh.data == -1 else mesh.data
+    if d * t > n_devices:
+        raise ConfigError(f"mesh data={d} x tensor={t} needs {d * t} devices but {n_devices} are available; lower mesh.data or mesh.tensor")
+    return d, t
+
+
+def dtype_of(name: str):
+    import jax.numpy as jnp
+
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+
+
+def replace(cfg: Config, **sections) -> Config:
+    """`replace(cfg, model={'plan': 'ladder'}, mesh={'tensor': 4})` -> validated copy."""
+    new = cfg
+    for section, changes in sections.items():
+        new = dataclasses.replace(new, **{section: dataclasses.replace(getattr(new, section), **changes)})
+    validate(new)
+    return new
+
+

@@ -1,0 +1,169 @@
+"""Local-view Flax NNX modules: each computes on the shard of parameters it is given.
+
+Nothing here knows about collectives or meshes. Under the model's shard_map a module sees its
+device's slice of heads, FFN columns or vocab rows, and returns partial results (row-parallel
+outputs, vocab-shard logits) that the schedules reduce. With tensor = 1 these are the ordinary
+Llama modules. Every parameter carries logical axis names (`axes=`); `mesh.sharding_rules`
+turns them into partition specs.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import ModelConfig, dtype_of
+
+
+def _param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
+    return nnx.Param(jax.random.normal(rngs.params(), shape, dtype) * std, axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.eps = cfg.norm_eps
+        self.scale = nnx.Param(jnp.ones((cfg.d_model,), dtype_of(cfg.param_dtype)), axes=("embed",))
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+    """Inverse frequencies (head_dim/2,), with Llama-3 scaling when configured (float32, as HF)."""
+    hd = cfg.hd
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    low_wavelen = s.original_max_len / s.low_freq_factor
+    high_wavelen = s.original_max_len / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > low_wavelen, inv / s.factor, inv)
+    smooth = (s.original_max_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape (batch, seq, head_dim/2) for integer positions (batch, seq)."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate (batch, seq, heads, head_dim) in the half-split layout used by HF Llama weights."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention over this device's heads; the output is a partial sum (row-parallel)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, h, kv, hd, pd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.hd, dtype_of(cfg.param_dtype)
+        std = cfg.init_std
+        self.dtype = dtype_of(cfg.dtype)
+        self.q_proj = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), std, pd)
+        self.k_proj = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), std, pd)
+        self.v_proj = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), std, pd)
+        # Scaled like GPT-2's residual projections so the stream does not grow with depth.
+        self.o_proj = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), std / math.sqrt(2 * cfg.n_layers), pd)
+
+    def __call__(self, x, rope, positions, *, kv_head=None, cache=None, segment_ids=None):
+        """x: (B, S, D) normed input; positions: (B, S) absolute positions of these tokens.
+
+        kv_head: when every device holds all KV heads (fewer KV heads than devices), the index of
+        the one this device's query heads use. cache: optional (k, v) of shape (B, T, kv_local, hd);
+        the new keys and values are written at `positions` and attention reads the whole cache,
+        masked causally by position. Returns (partial output (B, S, D), updated cache or None).
+        """
+        dt = self.dtype
+        x = x.astype(dt)
+        wk, wv = self.k_proj[...], self.v_proj[...]
+        if kv_head is not None:
+            wk = jax.lax.dynamic_slice_in_dim(wk, kv_head, 1, axis=1)
+            wv = jax.lax.dynamic_slice_in_dim(wv, kv_head, 1, axis=1)
+        q = jnp.einsum("bsd,dhk->bshk", x, self.q_proj[...].astype(dt))
+        k = jnp.einsum("bsd,dhk->bshk", x, wk.astype(dt))
+        v = jnp.einsum("bsd,dhk->bshk", x, wv.astype(dt))
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if cache is None:
+            keys, values, key_pos = k, v, positions
+            key_seg = segment_ids
+        else:
+            ck, cv = cache
+            start = positions[:, 0]
+            write = jax.vmap(lambda c, new, s: jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), s, axis=0))
+            ck, cv = write(ck, k, start), write(cv, v, start)
+            cache = (ck, cv)
+            keys, values = ck.astype(dt), cv.astype(dt)
+            key_pos = jnp.broadcast_to(jnp.arange(ck.shape[1])[None], ck.shape[:2])
+            key_seg = None
+
+        b, s, hl, hd = q.shape
+        kvl = keys.shape[2]
+        q = q.reshape(b, s, kvl, hl // kvl, hd)
+        scores = jnp.einsum("bskgd,btkd->bkgst", q, keys, preferred_element_type=jnp.float32) / math.sqrt(hd)
+        mask = key_pos[:, None, :] <= positions[:, :, None]  # (B, S, T)
+        if segment_ids is not None and key_seg is not None:
+            mask &= segment_ids[:, :, None] == key_seg[:, None, :]
+        scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgst,btkd->bskgd", probs, values).reshape(b, s, hl, hd)
+        return jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(dt)), cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU over this device's FFN columns; the output is a partial sum (row-parallel)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, f, pd, std = cfg.d_model, cfg.ffn_dim, dtype_of(cfg.param_dtype), cfg.init_std
+        self.dtype = dtype_of(cfg.dtype)
+        self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), std, pd)
+        self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), std, pd)
+        self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), std / math.sqrt(2 * cfg.n_layers), pd)
+
+    def __call__(self, x):
+        dt = self.dtype
+        x = x.astype(dt)
+        h = jax.nn.silu(x @ self.gate_proj[...].astype(dt)) * (x @ self.up_proj[...].astype(dt))
+        return h @ self.down_proj[...].astype(dt)
+
+
+class Embed(nnx.Module):
+    """Vocab-parallel embedding: this device holds rows [offset, offset + V_local) of the table."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.dtype = dtype_of(cfg.dtype)
+        self.table = _param(rngs, (cfg.padded_vocab, cfg.d_model), ("vocab", "embed"), cfg.init_std, dtype_of(cfg.param_dtype))
+
+    def __call__(self, tokens, offset):
+        """Partial embedding: rows this device does not hold are zero, so a sum over devices completes it."""
+        table = self.table[...]
+        local = tokens - offset
+        inside = (local >= 0) & (local < table.shape[0])
+        rows = jnp.take(table, jnp.where(inside, local, 0), axis=0).astype(self.dtype)
+        return jnp.where(inside[..., None], rows, 0)
+
+    def attend(self, h):
+        """Tied output projection: logits for this device's vocab rows."""
+        return jnp.einsum("bsd,vd->bsv", h, self.table[...].astype(self.dtype), preferred_element_type=jnp.float32)
+
+
+class LMHead(nnx.Module):
+    """Untied vocab-parallel output projection: logits for this device's vocab columns."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.dtype = dtype_of(cfg.dtype)
+        self.kernel = _param(rngs, (cfg.d_model, cfg.padded_vocab), ("embed", "vocab"), cfg.init_std, dtype_of(cfg.param_dtype))
+
+    def __call__(self, h):
+        return jnp.einsum("bsd,dv->bsv", h, self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)

@@ -1,0 +1,76 @@
+"""The one mesh: axes ("data", "tensor"), and the logical-axis -> mesh-axis rules in one place.
+
+Parameters carry logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `mlp`, ...); this
+module alone decides which mesh axis each name is split over.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from .config import Config, ConfigError, ModelConfig, mesh_shape
+
+AXES = ("data", "tensor")
+
+
+def force_cpu_devices(n: int = 8) -> None:
+    """Ask XLA:CPU for `n` fake devices. Must run before JAX initialises its backends."""
+    if "jax" in sys.modules:
+        import jax
+
+        if jax._src.xla_bridge.backends_are_initialized():  # too late to change the device count
+            if jax.device_count() != n:
+                raise RuntimeError(f"JAX already started with {jax.device_count()} devices; call force_cpu_devices({n}) before any JAX work")
+            return
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+
+
+def has_accelerator() -> bool:
+    import jax
+
+    return jax.default_backend() != "cpu"
+
+
+def make_mesh(cfg: Config, devices=None):
+    """The (data, tensor) mesh for this config on these devices (default: all of them).
+
+    Axis types are Auto: the model runs as one shard_map with its own collectives, so jit may
+    move inputs onto the specs the shard_map asks for instead of refusing them.
+    """
+    import jax
+    from jax.sharding import AxisType
+
+    devices = list(jax.devices() if devices is None else devices)
+    data, tensor = mesh_shape(cfg.mesh, len(devices))
+    return jax.make_mesh((data, tensor), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices[: data * tensor])
+
+
+def abstract_mesh(data: int, tensor: int):
+    """A device-free mesh of the same axes, for shapes, specs and memory estimates of big presets."""
+    from jax.sharding import AbstractMesh, AxisType
+
+    return AbstractMesh((data, tensor), AXES, axis_types=(AxisType.Auto,) * 2)
+
+
+def sharding_rules(model: ModelConfig, tensor: int) -> dict[str, str | None]:
+    """Logical axis -> mesh axis. KV heads split when they can, else every device keeps them all."""
+    kv_split = model.n_kv_heads % tensor == 0
+    if not kv_split and tensor % model.n_kv_heads:
+        raise ConfigError(f"model.n_kv_heads={model.n_kv_heads} can be neither split nor replicated over tensor={tensor}")
+    return {
+        "batch": "data",
+        "vocab": "tensor",
+        "heads": "tensor",
+        "kv_heads": "tensor" if kv_split else None,
+        "mlp": "tensor",
+        "embed": None,
+        "head_dim": None,
+        "seq": None,
+    }
+
+
+def logical_to_spec(axes, rules):
+    from jax.sharding import PartitionSpec as P
+
+    return P(*(rules[a] if a is not None else None for a in axes))

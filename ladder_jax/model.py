@@ -1,0 +1,202 @@
+"""The transformer: one set of modules, a per-layer schedule plan, one shard_map.
+
+Parameters live outside the modules as a plain nested dict of global arrays (`params`), sharded
+over the mesh by the logical-axis rules in `mesh.py`. Inside the shard_map each device rebuilds
+the NNX modules around its local shards (`nnx.merge`) and runs `Transformer.__call__`, where the
+schedules place every all-reduce of a layer.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from .config import Config, ModelConfig, plan_steps
+from .layers import MLP, Attention, Embed, LMHead, RMSNorm, rope_frequencies, rope_tables
+from .mesh import logical_to_spec, sharding_rules
+from .schedules import SCHEDULES, LayerContext, Stream
+
+TENSOR = "tensor"
+
+
+class Block(nnx.Module):
+    """One layer's modules. A parallel layer has a single norm; every other schedule has two."""
+
+    def __init__(self, cfg: ModelConfig, schedule: str, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg, rngs=rngs) if schedule != "parallel" else None
+        self.mlp = MLP(cfg, rngs=rngs)
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = Embed(cfg, rngs=rngs)
+        self.layers = nnx.List([Block(cfg, s, rngs=rngs) for s in cfg.layer_schedules])
+        self.final_norm = RMSNorm(cfg, rngs=rngs)
+        self.lm_head = None if cfg.tie_embeddings else LMHead(cfg, rngs=rngs)
+
+    def __call__(self, tokens, positions, *, cache=None, segment_ids=None, hidden_out: list | None = None):
+        """Local-view forward; must run under a shard_map with a `tensor` axis.
+
+        tokens, positions: (B, S) int32. cache: optional list of per-layer (k, v) local shards.
+        Returns (logits for this device's vocab shard (B, S, V/T) float32 with padding columns at
+        -inf, updated cache or None). `hidden_out`, if given, collects the residual after each step.
+        """
+        cfg = self.cfg
+        t_index = jax.lax.axis_index(TENSOR)
+        all_reduce = functools.partial(jax.lax.psum, axis_name=TENSOR)
+        rope = rope_tables(positions, rope_frequencies(cfg))
+        v_local = self.embed.table.shape[0]
+        x = all_reduce(self.embed(tokens, t_index * v_local))
+
+        # Fewer KV heads than devices: each device holds all of them and uses the one its query heads share.
+        h_local = self.layers[0].attn.q_proj.shape[1]
+        tensor_size = cfg.n_heads // h_local
+        group = cfg.n_heads // cfg.n_kv_heads
+        kv_head = (t_index * h_local) // group if tensor_size > cfg.n_kv_heads else None
+
+        new_cache = [None] * cfg.n_layers if cache is not None else None
+
+        def attend(i, attn, h):
+            out, c = attn(h, rope, positions, kv_head=kv_head, cache=None if cache is None else cache[i], segment_ids=segment_ids)
+            if cache is not None:
+                new_cache[i] = c
+            return out
+
+        ctx = LayerContext(all_reduce=all_reduce, attend=attend)
+        stream = Stream(x)
+        for name, layers in plan_steps(cfg.layer_schedules):
+            stream = SCHEDULES[name]([self.layers[i] for i in layers], layers, stream, ctx)
+            if hidden_out is not None:
+                hidden_out.append(stream.settled())
+        h = self.final_norm(stream.settled())
+        logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
+        vocab_ids = t_index * logits.shape[-1] + jnp.arange(logits.shape[-1])
+        logits = jnp.where(vocab_ids < cfg.vocab_size, logits, -jnp.inf)
+        return logits, new_cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters: abstract shapes, specs, initialisation
+
+
+@functools.lru_cache(maxsize=32)
+def _abstract(cfg: ModelConfig):
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model, nnx.Param)
+    return graphdef, state
+
+
+def graphdef(cfg: ModelConfig):
+    return _abstract(cfg)[0]
+
+
+def abstract_params(cfg: ModelConfig) -> dict:
+    """Shapes and dtypes of every parameter (nothing allocated), as a nested dict."""
+    return nnx.to_pure_dict(_abstract(cfg)[1])
+
+
+def logical_axes(cfg: ModelConfig) -> dict:
+    is_var = lambda v: isinstance(v, nnx.Variable)  # noqa: E731
+    return nnx.to_pure_dict(jax.tree.map(lambda v: v.axes, _abstract(cfg)[1], is_leaf=is_var))
+
+
+def param_specs(cfg: ModelConfig, tensor: int) -> dict:
+    """PartitionSpec of every parameter for a tensor axis of this size."""
+    rules = sharding_rules(cfg, tensor)
+    return jax.tree.map(lambda axes: logical_to_spec(axes, rules), logical_axes(cfg), is_leaf=lambda a: isinstance(a, tuple))
+
+
+def param_shardings(cfg: ModelConfig, mesh) -> dict:
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(cfg, mesh.shape[TENSOR]))
+
+
+def init_params(cfg: ModelConfig, mesh, seed: int = 0) -> dict:
+    """Random parameters, created directly in their shards on the mesh."""
+
+    def init():
+        return nnx.to_pure_dict(nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)), nnx.Param)[1])
+
+    return jax.jit(init, out_shardings=param_shardings(cfg, mesh))()
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Parameters of the model as configured (padding rows of the vocabulary excluded)."""
+    total = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(cfg)))
+    pad = cfg.padded_vocab - cfg.vocab_size
+    return total - pad * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+
+
+def bytes_per_device(cfg: ModelConfig, tensor: int) -> int:
+    """Parameter bytes one device holds on a mesh with this tensor size (replicated over data)."""
+    total = 0
+    for x, spec in zip(jax.tree.leaves(abstract_params(cfg)), jax.tree.leaves(param_specs(cfg, tensor))):
+        split = tensor if TENSOR in tuple(spec) else 1
+        total += math.prod(x.shape) // split * np.dtype(x.dtype).itemsize
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the model on a mesh
+
+
+def sharded(cfg: ModelConfig, mesh, body: Callable, in_specs: tuple, out_specs):
+    """shard_map `body(model, *args)` over the mesh, with the model rebuilt from local param shards."""
+    gdef = graphdef(cfg)
+    specs = param_specs(cfg, mesh.shape[TENSOR])
+
+    def local(params, *args):
+        return body(nnx.merge(gdef, params), *args)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(specs, *in_specs), out_specs=out_specs)
+
+
+def default_positions(tokens):
+    return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32)[None], tokens.shape)
+
+
+def _check_batch(tokens, mesh):
+    data = mesh.shape["data"]
+    if tokens.ndim != 2 or tokens.shape[0] % data:
+        raise ValueError(f"tokens of shape {tuple(tokens.shape)} do not split over mesh data={data}; give (batch, seq) with batch a multiple of {data}")
+
+
+@functools.lru_cache(maxsize=32)
+def forward_fn(cfg: ModelConfig, mesh):
+    """jit(params, tokens, positions) -> logits (B, S, padded vocab), vocab sharded over tensor."""
+
+    def body(model, tokens, positions):
+        return model(tokens, positions)[0]
+
+    batch = P("data", None)
+    return jax.jit(sharded(cfg, mesh, body, (batch, batch), P("data", None, TENSOR)))
+
+
+def logits(cfg: ModelConfig, mesh, params, tokens, positions=None):
+    """Full logits (B, S, vocab) of a causal forward, gathered (for tests and analysis)."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    _check_batch(tokens, mesh)
+    positions = default_positions(tokens) if positions is None else jnp.asarray(positions, jnp.int32)
+    return forward_fn(cfg, mesh)(params, tokens, positions)[..., : cfg.vocab_size]
+
+
+def describe(cfg: Config) -> str:
+    m = cfg.model
+    t = cfg.mesh.tensor
+    n = count_params(m)
+    gib = bytes_per_device(m, t) / 2**30
+    plan = ",".join(f"{name}:{m.layer_schedules.count(name)}" for name in dict.fromkeys(m.layer_schedules))
+    return (
+        f"{m.name}: {n / 1e9:.3f}B parameters ({n:,}), {m.n_layers} layers [{plan}], "
+        f"d_model {m.d_model}, heads {m.n_heads}/{m.n_kv_heads} kv, ffn {m.ffn_dim}, vocab {m.vocab_size}; "
+        f"parameters per device at tensor={t}: {gib:.2f} GiB ({m.param_dtype})"
+    )
