@@ -254,7 +254,13 @@ def _parse_value(dotted: str, text: str):
     `ladder@-2:` is not YAML)."""
     if _field_type(dotted) is str and text.lower() not in ("null", "~"):
         return text[1:-1] if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"" else text
-    return yaml.safe_load(text) if text else ""
+    value = yaml.safe_load(text) if text else ""
+    if _field_type(dotted) is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-6 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def resolve_preset(name_or_path: str | Path) -> Path:

@@ -7,6 +7,7 @@ schedules place every all-reduce of a layer.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Callable
@@ -121,12 +122,30 @@ def param_shardings(cfg: ModelConfig, mesh) -> dict:
 
 
 def init_params(cfg: ModelConfig, mesh, seed: int = 0) -> dict:
-    """Random parameters, created directly in their shards on the mesh."""
+    """Random parameters, created directly in their shards on the mesh.
 
-    def init():
-        return nnx.to_pure_dict(nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)), nnx.Param)[1])
+    The values depend on the seed and the parameter shapes only, not on the mesh or on which
+    of the shape-compatible schedules the plan names (standard, ladder, spd, lp, desync).
+    """
+    return _init_fn(_param_structure(cfg), mesh)(jnp.int32(seed))
 
-    return jax.jit(init, out_shardings=param_shardings(cfg, mesh))()
+
+def _param_structure(cfg: ModelConfig) -> ModelConfig:
+    """The config reduced to what decides parameter shapes (only parallel layers differ)."""
+    plan = ",".join(["standard"] + [f"parallel@{i}" for i, s in enumerate(cfg.layer_schedules) if s == "parallel"])
+    return dataclasses.replace(cfg, plan=plan)
+
+
+@functools.lru_cache(maxsize=16)
+def _init_fn(cfg: ModelConfig, mesh):
+    def init(seed):
+        model = Transformer(cfg, rngs=nnx.Rngs(jax.random.key(seed)))
+        return nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
+
+    lowered = jax.jit(init, out_shardings=param_shardings(cfg, mesh)).lower(jax.ShapeDtypeStruct((), jnp.int32))
+    # XLA:CPU spends seconds optimising dozens of RNG kernels that run once; skip that there.
+    options = {"xla_backend_optimization_level": 0} if mesh.devices.flat[0].platform == "cpu" else None
+    return lowered.compile(compiler_options=options)
 
 
 def count_params(cfg: ModelConfig) -> int:
@@ -143,6 +162,37 @@ def bytes_per_device(cfg: ModelConfig, tensor: int) -> int:
         split = tensor if TENSOR in tuple(spec) else 1
         total += math.prod(x.shape) // split * np.dtype(x.dtype).itemsize
     return total
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache: per layer (k, v) of shape (batch, max_len, kv_slots, head_dim), batch over `data`,
+# kv slots over `tensor`. kv_slots is n_kv_heads when they split over the tensor axis; with fewer
+# KV heads than devices each device caches only the one head its queries use (kv_slots = tensor).
+
+CACHE_SPEC = P("data", None, TENSOR, None)
+
+
+def cache_shape(cfg: ModelConfig, tensor: int, batch: int, max_len: int) -> tuple[int, ...]:
+    slots = cfg.n_kv_heads if cfg.n_kv_heads % tensor == 0 else tensor
+    return (batch, max_len, slots, cfg.hd)
+
+
+def cache_bytes_per_device(cfg: ModelConfig, mesh_shape: tuple[int, int], batch: int, max_len: int) -> int:
+    data, tensor = mesh_shape
+    b, t, slots, hd = cache_shape(cfg, tensor, batch, max_len)
+    itemsize = np.dtype(jnp.dtype(cfg.dtype)).itemsize
+    return 2 * cfg.n_layers * -(-b // data) * t * (slots // tensor) * hd * itemsize
+
+
+def init_cache(cfg: ModelConfig, mesh, batch: int, max_len: int) -> list:
+    shape = cache_shape(cfg, mesh.shape[TENSOR], batch, max_len)
+    sharding = NamedSharding(mesh, CACHE_SPEC)
+    zeros = jax.jit(lambda: jnp.zeros(shape, jnp.dtype(cfg.dtype)), out_shardings=sharding)
+    return [(zeros(), zeros()) for _ in range(cfg.n_layers)]
+
+
+def cache_specs(cfg: ModelConfig) -> list:
+    return [(CACHE_SPEC, CACHE_SPEC)] * cfg.n_layers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,6 +240,7 @@ def logits(cfg: ModelConfig, mesh, params, tokens, positions=None):
 
 
 def describe(cfg: Config) -> str:
+    """One line: parameter count, plan, shape and parameter bytes per device."""
     m = cfg.model
     t = cfg.mesh.tensor
     n = count_params(m)
@@ -200,3 +251,19 @@ def describe(cfg: Config) -> str:
         f"d_model {m.d_model}, heads {m.n_heads}/{m.n_kv_heads} kv, ffn {m.ffn_dim}, vocab {m.vocab_size}; "
         f"parameters per device at tensor={t}: {gib:.2f} GiB ({m.param_dtype})"
     )
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    from .config import load_config
+
+    ap = argparse.ArgumentParser(prog="python -m ladder_jax.model", description="Describe a preset without allocating it.")
+    ap.add_argument("--config", default="tiny", help="preset name or YAML path")
+    ap.add_argument("overrides", nargs="*", help="key=value, e.g. model.plan=ladder mesh.tensor=8")
+    args = ap.parse_args(argv)
+    print(describe(load_config(args.config, args.overrides)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""Every test runs on 8 fake CPU devices (set before JAX starts)."""
+from ladder_jax.mesh import force_cpu_devices
+
+force_cpu_devices(8)
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from ladder_jax.config import load_config  # noqa: E402
+
+# A small GQA model: 8 query heads over 2 KV heads, so tensor=2 splits the KV heads and
+# tensor=4, 8 replicate them; vocab 259 exercises the padded vocab-parallel head.
+SMALL = ["model.d_model=64", "model.n_layers=4", "model.n_heads=8", "model.n_kv_heads=2", "model.ffn_dim=128", "model.max_seq_len=64"]
+
+
+def small_config(plan="standard", data=1, tensor=1, **extra):
+    overrides = SMALL + [f"model.plan={plan}", f"mesh.data={data}", f"mesh.tensor={tensor}"]
+    overrides += [f"{k.replace('__', '.')}={v}" for k, v in extra.items()]
+    return load_config("tiny", overrides)
+
+
+@pytest.fixture(scope="session")
+def devices():
+    assert jax.device_count() == 8, "tests need 8 fake CPU devices; conftest sets them before JAX starts"
+    return jax.devices()

@@ -1,0 +1,82 @@
+import pytest
+
+from ladder_jax.config import ConfigError, list_presets, load_config, parse_plan, plan_steps
+from ladder_jax.model import count_params
+
+
+def test_every_preset_loads_and_validates():
+    assert {"tiny", "ladder-1b", "ladder-3b", "llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b", "llama-2-7b", "llama-2-70b", "llama-3.2-1b", "llama-3.2-3b"} <= set(list_presets())
+    for name in list_presets():
+        cfg = load_config(name)
+        assert cfg.model.name == name
+
+
+@pytest.mark.parametrize(
+    "preset, expected",
+    [  # parameter counts published with the checkpoints (transformers' num_parameters())
+        ("llama-2-7b", 6_738_415_616),
+        ("llama-3.1-8b", 8_030_261_248),
+        ("llama-3.2-1b", 1_235_814_400),
+        ("llama-3.2-3b", 3_212_749_824),
+    ],
+)
+def test_large_presets_have_the_published_parameter_count_without_allocating(preset, expected):
+    assert count_params(load_config(preset).model) == expected
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config("tiny", ["model.n_layers=3", "model.norm_eps=1e-6", "model.tie_embeddings=true", "mesh.tensor=2", "model.plan=ladder@-2:"])
+    assert cfg.model.n_layers == 3 and cfg.model.norm_eps == 1e-6 and cfg.model.tie_embeddings is True
+    assert cfg.mesh.tensor == 2
+    assert cfg.model.layer_schedules == ("standard", "ladder", "ladder")
+
+
+def test_rope_scaling_override_builds_the_nested_section():
+    cfg = load_config("tiny", ["model.rope_scaling={factor: 8.0}"])
+    assert cfg.model.rope_scaling.factor == 8.0 and cfg.model.rope_scaling.original_max_len == 8192
+    assert load_config("llama-3.1-8b", ["model.rope_scaling=null"]).model.rope_scaling is None
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.n_layer=4"], "unknown config key 'model.n_layer'"),
+        (["trainer.steps=4"], "unknown config key 'trainer'"),
+        (["model.n_layers=four"], "model.n_layers must be int"),
+        (["model.tie_embeddings=3"], "model.tie_embeddings must be bool"),
+        (["mesh.tensor=3"], "model.n_heads=8 does not split over mesh.tensor=3"),
+        (["model.n_kv_heads=8", "model.n_heads=24", "model.d_model=240", "mesh.tensor=16"], "does not split over mesh.tensor=16"),
+        (["model.n_heads=12", "model.n_kv_heads=6", "model.d_model=240", "mesh.tensor=4"], "can be neither split nor replicated over mesh.tensor=4"),
+        (["model.ffn_dim=100", "mesh.tensor=8"], "model.ffn_dim=100 does not split"),
+        (["model.n_heads=6", "model.n_kv_heads=4", "model.head_dim=32"], "not a multiple of model.n_kv_heads"),
+        (["model.plan=ladder@40"], "outside 0..5"),
+        (["model.plan=ladder@2:50"], "outside 0..5"),
+        (["model.plan=ladders"], "unknown schedule 'ladders'"),
+        (["model.plan=lp@1:4"], "odd-length lp run"),
+        (["model.plan=lp@0:4,ladder@2:"], "layer 2 is given both"),
+        (["model.plan=ladder,parallel"], "two default schedules"),
+        (["model.dtype=int8"], "model.dtype='int8' is not supported"),
+        (["model.n_layers"], "not key=value"),
+    ],
+)
+def test_bad_configs_fail_with_a_message_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        load_config("tiny", overrides)
+
+
+def test_error_on_32_layer_model_names_layer_40():
+    with pytest.raises(ConfigError, match="outside 0..31 of this 32-layer model"):
+        load_config("llama-3.1-8b", ["model.plan=ladder@40"])
+
+
+def test_unknown_preset_lists_the_choices():
+    with pytest.raises(ConfigError, match="choose from .*tiny"):
+        load_config("llama-9")
+
+
+def test_plan_grammar():
+    assert parse_plan("ladder", 3) == ("ladder",) * 3
+    assert parse_plan("standard,ladder@-2:", 4) == ("standard", "standard", "ladder", "ladder")
+    assert parse_plan("spd@0,spd@2", 4) == ("spd", "standard", "spd", "standard")
+    assert parse_plan("ladder,lp@1:3", 4) == ("ladder", "lp", "lp", "ladder")
+    assert plan_steps(parse_plan("lp@0:4,ladder@4:", 5)) == [("lp", (0, 1)), ("lp", (2, 3)), ("ladder", (4,))]

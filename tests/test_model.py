@@ -1,0 +1,129 @@
+"""The model on 8 fake CPU devices: every valid schedule is mesh-independent, ladder is the
+recurrence of DESIGN.md, and the KV-cache path computes the same function as the full forward."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from ladder_jax import model as M
+from ladder_jax.layers import rope_frequencies
+from ladder_jax.mesh import make_mesh
+
+from .conftest import small_config
+from .reference import forward as reference_forward
+from .reference import llama3_scaled_frequencies
+
+VALID_PLANS = ["standard", "parallel", "ladder", "standard,ladder@-2:", "lp@1:3"]
+MESHES = [(1, 8), (2, 4), (4, 2)]
+TOKENS = np.random.RandomState(0).randint(0, 259, (4, 12))
+
+
+def build(plan, data=1, tensor=1, seed=0, **extra):
+    cfg = small_config(plan, data, tensor, model__init_std=0.1, **extra)
+    mesh = make_mesh(cfg)
+    return cfg.model, mesh, M.init_params(cfg.model, mesh, seed)
+
+
+def run(plan, data, tensor, params, **extra):
+    """Logits of `params` (made on any mesh) on a (data, tensor) mesh."""
+    cfg = small_config(plan, data, tensor, model__init_std=0.1, **extra)
+    mesh = make_mesh(cfg)
+    params = jax.device_put(params, M.param_shardings(cfg.model, mesh))
+    return np.asarray(M.logits(cfg.model, mesh, params, TOKENS))
+
+
+@pytest.fixture(scope="module", params=VALID_PLANS)
+def single_device(request, devices):
+    cfg, mesh, params = build(request.param)
+    return request.param, cfg, params, np.asarray(M.logits(cfg, mesh, params, TOKENS))
+
+
+def test_single_device_logits_match_the_numpy_reference(single_device):
+    plan, cfg, params, logits = single_device
+    ref = reference_forward(jax.device_get(params), TOKENS, cfg, cfg.layer_schedules)
+    np.testing.assert_allclose(logits, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda s: f"data{s[0]}xtensor{s[1]}")
+def test_sharded_logits_equal_tensor_1(single_device, mesh_shape):
+    plan, cfg, params, logits = single_device
+    np.testing.assert_allclose(run(plan, *mesh_shape, params), logits, atol=2e-5, rtol=1e-4)
+
+
+def test_ladder_differs_from_standard_with_the_same_parameters(devices):
+    cfg, mesh, params = build("ladder")
+    ladder = np.asarray(M.logits(cfg, mesh, params, TOKENS))
+    assert np.abs(run("standard", 1, 1, params) - ladder).max() > 1e-2
+
+
+def test_hybrid_ladder_keeps_the_standard_layers_hidden_states(devices):
+    cfg, mesh, params = build("standard")
+    hybrid_cfg = small_config("standard,ladder@-2:", model__init_std=0.1).model
+
+    def body(model, tokens, pos):
+        states = []
+        model(tokens, pos, hidden_out=states)
+        return jnp.stack(states)
+
+    def hidden(c):
+        fn = jax.jit(M.sharded(c, mesh, body, (P("data", None),) * 2, P(None, "data")))
+        tokens = jnp.asarray(TOKENS)
+        return np.asarray(fn(params, tokens, M.default_positions(tokens)))
+
+    h_std, h_hyb = hidden(cfg), hidden(hybrid_cfg)
+    np.testing.assert_allclose(h_hyb[:2], h_std[:2], atol=1e-6)  # the standard layers: unchanged
+    assert np.abs(h_hyb[3] - h_std[3]).max() > 1e-3  # the ladder layers: a different function
+
+
+@pytest.mark.parametrize("schedule", ["spd", "desync"])
+def test_spd_and_desync_equal_standard_on_one_device_and_differ_when_sharded(schedule, devices):
+    cfg, mesh, params = build("standard")
+    standard = np.asarray(M.logits(cfg, mesh, params, TOKENS))
+    # Same math; only the order of two float32 additions differs.
+    np.testing.assert_allclose(run(schedule, 1, 1, params), standard, atol=1e-5)
+    assert np.abs(run(schedule, 1, 4, params) - standard).max() > 1e-3
+
+
+def test_tied_embeddings_match_the_reference_when_sharded(devices):
+    cfg, mesh, params = build("ladder", model__tie_embeddings="true")
+    assert "lm_head" not in params
+    ref = reference_forward(jax.device_get(params), TOKENS, cfg, cfg.layer_schedules)
+    np.testing.assert_allclose(run("ladder", 2, 4, params, model__tie_embeddings="true"), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_llama3_rope_scaling_matches_metas_formula():
+    cfg = small_config(model__rope_scaling="{factor: 8.0, original_max_len: 64}", model__rope_theta=500000.0).model
+    base = 1.0 / 500000.0 ** (np.arange(0, cfg.hd, 2) / cfg.hd)
+    want = llama3_scaled_frequencies(base, 8.0, 1.0, 4.0, 64)
+    np.testing.assert_allclose(np.asarray(rope_frequencies(cfg)), want, rtol=1e-6)
+    assert not np.allclose(want, base)  # the case exercises all three bands
+    assert np.isclose(want, base).any() and np.isclose(want, base / 8).any()
+
+
+@pytest.mark.parametrize("plan, mesh_shape", [("ladder", (2, 4)), ("standard,ladder@-2:", (1, 2)), ("lp@0:2", (1, 8))])
+def test_kv_cache_prefill_then_steps_equal_the_full_forward(plan, mesh_shape, devices):
+    cfg, _, params = build(plan)
+    full = run(plan, 1, 1, params)
+    c = small_config(plan, *mesh_shape, model__init_std=0.1)
+    mesh = make_mesh(c)
+    params = jax.device_put(params, M.param_shardings(c.model, mesh))
+    batch = P("data", None)
+    step = jax.jit(
+        M.sharded(c.model, mesh, lambda model, t, pos, cache: model(t, pos, cache=cache), (batch, batch, M.cache_specs(c.model)), (P("data", None, "tensor"), M.cache_specs(c.model)))
+    )
+    cache = M.init_cache(c.model, mesh, TOKENS.shape[0], 16)
+    tokens = jnp.asarray(TOKENS)
+    pos = M.default_positions(tokens)
+    out, cache = step(params, tokens[:, :8], pos[:, :8], cache)  # prefill 8 tokens
+    got = [np.asarray(out)[..., : c.model.vocab_size]]
+    for t in range(8, 12):  # then one token at a time
+        out, cache = step(params, tokens[:, t : t + 1], pos[:, t : t + 1], cache)
+        got.append(np.asarray(out)[..., : c.model.vocab_size])
+    np.testing.assert_allclose(np.concatenate(got, axis=1), full, atol=2e-5, rtol=1e-4)
+
+
+def test_batch_that_does_not_split_over_data_is_refused(devices):
+    cfg, mesh, params = build("standard", data=4, tensor=2)
+    with pytest.raises(ValueError, match="do not split over mesh data=4"):
+        M.logits(cfg, mesh, params, TOKENS[:2])
