@@ -79,6 +79,31 @@ class MeshConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
+    steps: int = 600
+    batch_size: int = 16  # sequences per optimizer step, over all data-parallel devices
+    seq_len: int = 256
+    grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1  # on matrices only; never on norms or biases
+    b1: float = 0.9
+    b2: float = 0.95
+    grad_clip: float = 1.0
+    # Which parameters train: "all", "lp_pairs" (the layers paired by lp in the plan),
+    # "layers:3,5-7", or a regex over parameter paths such as "layers/1[0-5]/.*".
+    trainable: str = "all"
+    data: str = "stdlib"  # "stdlib" (the Python standard library's sources), files/globs (comma-separated), or *.jsonl
+    text_field: str = "text"  # the JSONL field that holds the text
+    val_fraction: float = 0.05  # files (documents) held out for validation, chosen by a hash of their path
+    eval_every: int = 200
+    eval_batches: int = 8
+    save_every: int = 200
+    keep: int = 3
+    log_every: int = 10
+    out_dir: str = "runs"
+    run_name: str = ""  # default: <preset>-<date>-<time>
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0: look the device up (unknown on CPU)
 
 
 @dataclass(frozen=True)
@@ -346,6 +371,16 @@ def validate(cfg: Config, n_devices: int | None = None) -> None:
         if not 0 <= getattr(m, key) < m.vocab_size:
             raise ConfigError(f"model.{key}={getattr(m, key)} is outside the vocabulary (size {m.vocab_size})")
     parse_plan(m.plan, m.n_layers)
+    tr = cfg.train
+    for key in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "save_every", "keep", "log_every"):
+        if getattr(tr, key) <= 0:
+            raise ConfigError(f"train.{key} must be positive, got {getattr(tr, key)}")
+    if tr.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len={tr.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower train.seq_len or raise model.max_seq_len")
+    if tr.batch_size % tr.grad_accum:
+        raise ConfigError(f"train.batch_size={tr.batch_size} does not divide into train.grad_accum={tr.grad_accum} micro-batches")
+    if not 0 <= tr.val_fraction < 1:
+        raise ConfigError(f"train.val_fraction={tr.val_fraction} must be in [0, 1)")
     if n_devices is not None:
         mesh_shape(cfg.mesh, n_devices)
 

@@ -74,3 +74,27 @@ def logical_to_spec(axes, rules):
     from jax.sharding import PartitionSpec as P
 
     return P(*(rules[a] if a is not None else None for a in axes))
+
+
+def init_runtime(cpu_devices: int = 8, coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> None:
+    """Start JAX for a command-line run: multi-host when launched so, fake CPU devices otherwise.
+
+    Multi-host: with --coordinator (any platform, gloo collectives on CPU), or on a TPU pod / SLURM
+    job where `jax.distributed.initialize()` finds its peers itself.
+    """
+    multi = coordinator is not None or int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ
+    if os.environ.get("JAX_PLATFORMS", "") in ("", "cpu") and not _accelerator_present():
+        force_cpu_devices(cpu_devices)
+    import jax
+
+    if multi:
+        if not _accelerator_present():  # CPU processes talk through gloo
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+
+
+def _accelerator_present() -> bool:
+    """Whether a GPU or TPU is visible, without initialising JAX's backends."""
+    import glob
+
+    return bool(glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))

@@ -10,7 +10,7 @@ from ladder_jax.config import load_config  # noqa: E402
 
 # A small GQA model: 8 query heads over 2 KV heads, so tensor=2 splits the KV heads and
 # tensor=4, 8 replicate them; vocab 259 exercises the padded vocab-parallel head.
-SMALL = ["model.d_model=64", "model.n_layers=4", "model.n_heads=8", "model.n_kv_heads=2", "model.ffn_dim=128", "model.max_seq_len=64"]
+SMALL = ["model.d_model=64", "model.n_layers=4", "model.n_heads=8", "model.n_kv_heads=2", "model.ffn_dim=128", "model.max_seq_len=64", "train.seq_len=32"]
 
 
 def small_config(plan="standard", data=1, tensor=1, **extra):

@@ -1,0 +1,146 @@
+"""Run directories and orbax checkpoints.
+
+A run directory holds `config.yaml` (the resolved config), `metrics.jsonl`, optionally
+`tokenizer.json`, and `checkpoints/<step>/` written by an orbax CheckpointManager with items
+`params`, `opt_state`, `data` (the grain iterator state) and `meta`. Orbax writes each step into a
+temporary directory and renames it when complete, so a save killed midway is never listed as a
+step; restoring always takes the latest complete one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+import yaml
+
+from . import model as M
+from .config import Config, ConfigError, from_dict, to_dict
+
+
+class CheckpointError(ValueError):
+    """A run directory or checkpoint that cannot be used; the message says what to do."""
+
+
+def save_config(run_dir: Path, cfg: Config) -> None:
+    tmp = run_dir / "config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, run_dir / "config.yaml")
+
+
+def load_config(run_dir: str | Path) -> Config:
+    path = Path(run_dir) / "config.yaml"
+    if not Path(run_dir).is_dir():
+        raise CheckpointError(f"{run_dir} is not a directory; give a run directory made by train.py or convert")
+    if not path.exists():
+        raise CheckpointError(f"{run_dir} has no config.yaml, so it is not a ladder_jax run; give a directory made by train.py or convert")
+    try:
+        return from_dict(yaml.safe_load(path.read_text()))
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def manager(run_dir: str | Path, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
+    return ocp.CheckpointManager(Path(run_dir).absolute() / "checkpoints", options=options)
+
+
+def check_same_shapes(expected: Config, found: Config, where: str) -> None:
+    """Name the first parameter whose shape differs between two model configs."""
+    want = M.abstract_params(expected.model)
+    have = M.abstract_params(found.model)
+    flat_want = dict(jax.tree_util.tree_flatten_with_path(want)[0])
+    flat_have = dict(jax.tree_util.tree_flatten_with_path(have)[0])
+    for path, w in flat_want.items():
+        name = jax.tree_util.keystr(path)
+        h = flat_have.get(path)
+        if h is None:
+            raise CheckpointError(f"{where} has no parameter {name} (it is a {found.model.name} model with plan '{found.model.plan}'); use a checkpoint of the same shape")
+        if h.shape != w.shape:
+            raise CheckpointError(
+                f"{where} holds {name} with shape {h.shape} but this model needs {w.shape} "
+                f"({found.model.name} vs {expected.model.name}); use a checkpoint of the same model shape"
+            )
+    extra = set(flat_have) - set(flat_want)
+    if extra:
+        name = jax.tree_util.keystr(sorted(extra, key=str)[0])
+        raise CheckpointError(f"{where} has parameter {name} that this model does not; use a checkpoint of the same model shape and plan family")
+
+
+def latest_step(run_dir: str | Path) -> int | None:
+    if not (Path(run_dir) / "checkpoints").is_dir():
+        return None
+    return manager(run_dir, create=False).latest_step()
+
+
+def abstract_with_sharding(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def restore_params(run_dir: str | Path, cfg: Config, mesh, step: int | None = None) -> dict:
+    """The parameters of a run's latest (or given) complete step, placed onto `mesh` for `cfg`.
+
+    `cfg` may differ from the run's own config in the plan (standard -> ladder, ...) and the mesh,
+    as long as every parameter keeps its shape.
+    """
+    run_dir = Path(run_dir)
+    check_same_shapes(cfg, load_config(run_dir), str(run_dir))
+    step = latest_step(run_dir) if step is None else step
+    if step is None:
+        raise CheckpointError(f"{run_dir} has no complete checkpoint; train it (python train.py) or convert a model into it")
+    target = abstract_with_sharding(M.abstract_params(cfg.model), M.param_shardings(cfg.model, mesh))
+    restored = manager(run_dir, create=False).restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+    return restored["params"]
+
+
+def load_run(run_dir: str | Path, overrides=(), devices=None):
+    """(config, params) of a run, with optional `key=value` overrides (mesh, plan), on a fresh mesh."""
+    from .config import load_config as load_preset
+    from .mesh import make_mesh
+
+    saved = load_config(run_dir)
+    cfg = saved
+    if overrides:
+        path = Path(run_dir) / "config.yaml"
+        cfg = load_preset(path, overrides)
+    mesh = make_mesh(cfg, devices)
+    return cfg, mesh, restore_params(run_dir, cfg, mesh)
+
+
+def latest_run(root: str | Path = "runs", preset: str = "tiny") -> Path:
+    """The most recently written run of this preset under `root` that has a complete checkpoint."""
+    root = Path(root)
+    runs = [p for p in root.glob("*/config.yaml")] if root.is_dir() else []
+    candidates = []
+    for cfg_path in runs:
+        run = cfg_path.parent
+        try:
+            name = yaml.safe_load(cfg_path.read_text())["model"]["name"]
+        except Exception:
+            continue
+        if name == preset and latest_step(run) is not None:
+            candidates.append((cfg_path.stat().st_mtime, run))
+    if not candidates:
+        raise CheckpointError(f"no trained '{preset}' run under {root}/; run `python train.py` first or pass --checkpoint RUN_DIR")
+    return max(candidates)[1]
+
+
+def check_writable(run_dir: Path, need_bytes: int = 0) -> None:
+    """Fail early, in one line, when the run directory cannot take checkpoints."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"cannot write to {run_dir} ({e.strerror}); choose another train.out_dir or fix its permissions") from None
+    free = shutil.disk_usage(run_dir).free
+    if need_bytes and free < need_bytes:
+        raise CheckpointError(f"{run_dir} has {free / 2**20:.0f} MiB free but a checkpoint needs about {need_bytes / 2**20:.0f} MiB; free space or choose another train.out_dir")
+
+
+def replace_model(cfg: Config, **changes) -> Config:
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **changes))

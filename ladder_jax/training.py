@@ -1,0 +1,370 @@
+"""Training: vocab-parallel loss, optax, one jitted step on the mesh, evaluation, the loop.
+
+The step takes the whole state (params, optimizer state) with explicit shardings — parameters
+split over `tensor` by the logical rules, replicated over `data`; batches split over `data` — and
+donates it. Gradients flow through the model's shard_map, whose transpose sums the replicated
+parameters' gradients over `data`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from . import model as M
+from .config import Config, ConfigError
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "mask")
+
+# bf16 dense peak TFLOP/s per device, for model-FLOPs utilisation.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6": 918.0}
+
+
+class TrainingError(RuntimeError):
+    """Training had to stop; the message says at which step and what was kept."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+
+
+def vocab_parallel_nll(logits, targets):
+    """-log p(target) from this device's vocab shard of the logits, without gathering the vocab."""
+    v_local = logits.shape[-1]
+    m = jax.lax.pmax(jax.lax.stop_gradient(logits.max(-1)), M.TENSOR)
+    lse = jnp.log(jax.lax.psum(jnp.exp(logits - m[..., None]).sum(-1), M.TENSOR)) + m
+    local = targets - jax.lax.axis_index(M.TENSOR) * v_local
+    inside = (local >= 0) & (local < v_local)
+    picked = jnp.take_along_axis(logits, jnp.where(inside, local, 0)[..., None], axis=-1)[..., 0]
+    return lse - jax.lax.psum(jnp.where(inside, picked, 0.0), M.TENSOR)
+
+
+@functools.lru_cache(maxsize=16)
+def loss_sums_fn(cfg, mesh):
+    """(params, batch) -> (sum of masked token NLL, number of masked tokens), over the whole mesh."""
+
+    def body(model, batch):
+        logits, _ = model(batch["inputs"], batch["positions"], segment_ids=batch["segment_ids"])
+        nll = vocab_parallel_nll(logits, batch["targets"]) * batch["mask"]
+        return jax.lax.psum(nll.sum(), "data"), jax.lax.psum(batch["mask"].sum(), "data")
+
+    spec = {k: P("data", None) for k in BATCH_KEYS}
+    return M.sharded(cfg, mesh, body, (spec,), (P(), P()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer
+
+
+def param_names(params) -> dict:
+    """The same tree with each leaf replaced by its path, e.g. 'layers/3/attn/q_proj'."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: "/".join(str(getattr(k, "key", k)) for k in path), params)
+
+
+def trainable_mask(cfg: Config, params) -> dict:
+    """True for parameters that train under `train.trainable` (see TrainConfig)."""
+    spec = cfg.train.trainable.strip()
+    names = param_names(params)
+    if spec == "all":
+        return jax.tree.map(lambda _: True, names)
+    if spec == "lp_pairs":
+        layers = {i for i, s in enumerate(cfg.model.layer_schedules) if s == "lp"}
+        if not layers:
+            raise ConfigError("train.trainable=lp_pairs but model.plan pairs no layers; add an lp range such as model.plan=lp@4:8")
+    elif spec.startswith("layers:"):
+        layers = set()
+        for part in spec[len("layers:") :].split(","):
+            a, _, b = part.strip().partition("-")
+            if not a.isdigit() or (b and not b.isdigit()):
+                raise ConfigError(f"train.trainable='{spec}': write layers:3,5-7")
+            layers.update(range(int(a), int(b or a) + 1))
+    else:
+        try:
+            pattern = re.compile(spec)
+        except re.error as e:
+            raise ConfigError(f"train.trainable='{spec}' is not a valid regex ({e}); use all, lp_pairs, layers:3,5-7 or a regex") from None
+        mask = jax.tree.map(lambda n: bool(pattern.fullmatch(n)), names)
+        if not any(jax.tree.leaves(mask)):
+            raise ConfigError(f"train.trainable='{spec}' matches no parameter; names look like layers/3/attn/q_proj")
+        return mask
+    bad = sorted(i for i in layers if i >= cfg.model.n_layers)
+    if bad:
+        raise ConfigError(f"train.trainable='{spec}' names layer {bad[0]} of a {cfg.model.n_layers}-layer model")
+    return jax.tree.map(lambda n: n.startswith("layers/") and int(n.split("/")[1]) in layers, names)
+
+
+def make_optimizer(cfg: Config, params) -> optax.GradientTransformation:
+    tr = cfg.train
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, tr.lr, min(tr.warmup_steps, tr.steps), max(tr.steps, tr.warmup_steps + 1), tr.lr * tr.min_lr_ratio
+    )
+    decay = jax.tree.map(lambda p: p.ndim >= 2, params)  # matrices only: no decay on norms and biases
+    train = optax.chain(
+        optax.clip_by_global_norm(tr.grad_clip),
+        optax.adamw(schedule, b1=tr.b1, b2=tr.b2, weight_decay=tr.weight_decay, mask=decay),
+    )
+    mask = trainable_mask(cfg, params)
+    if all(jax.tree.leaves(mask)):
+        return train
+    labels = jax.tree.map(lambda m: "train" if m else "frozen", mask)
+    return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+
+
+@dataclass
+class Trainer:
+    cfg: Config
+    mesh: object
+
+    def __post_init__(self):
+        cfg, mesh = self.cfg, self.mesh
+        data = mesh.shape["data"]
+        micro = cfg.train.batch_size // cfg.train.grad_accum
+        if micro % data:
+            raise ConfigError(
+                f"a micro-batch of {micro} sequences (train.batch_size / train.grad_accum) does not split over mesh data={data}; "
+                f"make it a multiple of {data}"
+            )
+        abstract = M.abstract_params(cfg.model)
+        self.tx = make_optimizer(cfg, abstract)
+        self.param_shardings = M.param_shardings(cfg.model, mesh)
+        replicated = NamedSharding(mesh, P())
+        abstract_opt = jax.eval_shape(self.tx.init, abstract)
+        frozen = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731 (no state for frozen parameters)
+        opt_shardings = optax.tree_map_params(
+            self.tx, lambda x, s: x if frozen(x) else s, abstract_opt, self.param_shardings, transform_non_params=lambda _: replicated, is_leaf=frozen
+        )
+        self.state_shardings = {"params": self.param_shardings, "opt_state": opt_shardings}
+        self.batch_sharding = {k: NamedSharding(mesh, P(None, "data", None)) for k in BATCH_KEYS}
+        self.eval_sharding = {k: NamedSharding(mesh, P("data", None)) for k in BATCH_KEYS}
+        loss_sums = loss_sums_fn(cfg.model, mesh)
+
+        def step(state, batch):
+            def micro_step(carry, mb):
+                grads, nll, count = carry
+                (s, c), g = jax.value_and_grad(loss_sums, has_aux=True)(state["params"], mb)
+                # value_and_grad differentiates the first output; the count rides along as aux.
+                return (jax.tree.map(jnp.add, grads, g), nll + s, count + c), None
+
+            zero = jax.tree.map(jnp.zeros_like, state["params"])
+            (grads, nll, count), _ = jax.lax.scan(micro_step, (zero, 0.0, 0.0), batch)
+            grads = jax.tree.map(lambda g: g / count, grads)
+            updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+            params = optax.apply_updates(state["params"], updates)
+            finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(params)]))
+            metrics = {"loss": nll / count, "grad_norm": optax.tree.norm(grads), "tokens": count, "params_finite": finite}
+            return {"params": params, "opt_state": opt_state}, metrics
+
+        self._step = jax.jit(
+            step,
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, replicated),
+            donate_argnums=0,
+        )
+        self._eval = jax.jit(loss_sums, in_shardings=(self.param_shardings, self.eval_sharding))
+        self._init_opt = jax.jit(self.tx.init, in_shardings=(self.param_shardings,), out_shardings=opt_shardings)
+
+    def init_state(self, params) -> dict:
+        return {"params": params, "opt_state": self._init_opt(params)}
+
+    def abstract_state(self) -> dict:
+        from .checkpoint import abstract_with_sharding
+
+        abstract = M.abstract_params(self.cfg.model)
+        return abstract_with_sharding({"params": abstract, "opt_state": jax.eval_shape(self.tx.init, abstract)}, self.state_shardings)
+
+    def global_batch(self, host_batch: dict, accum: int | None = None) -> dict:
+        """Host-local numpy rows -> global arrays on the mesh ([accum, B/accum, S] for the step)."""
+        out = {}
+        for k in BATCH_KEYS:
+            x = np.asarray(host_batch[k])
+            if accum is None:
+                global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+                out[k] = jax.make_array_from_process_local_data(self.eval_sharding[k], x, global_shape)
+            else:
+                x = x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
+                global_shape = (accum, x.shape[1] * jax.process_count(), *x.shape[2:])
+                out[k] = jax.make_array_from_process_local_data(self.batch_sharding[k], x, global_shape)
+        return out
+
+    def step(self, state, host_batch):
+        return self._step(state, self.global_batch(host_batch, self.cfg.train.grad_accum))
+
+    def evaluate(self, params, host_batches) -> dict:
+        nll = count = 0.0
+        for b in host_batches:
+            s, c = self._eval(params, self.global_batch(b))
+            nll, count = nll + float(s), count + float(c)
+        if count == 0:
+            return {}
+        return {"val_loss": nll / count, "val_ppl": math.exp(min(nll / count, 50.0))}
+
+
+@functools.lru_cache(maxsize=4)
+def get_trainer(cfg: Config, mesh) -> Trainer:
+    """One Trainer (and so one compiled step) per config and mesh in a process."""
+    return Trainer(cfg, mesh)
+
+
+def flops_per_token(cfg: Config) -> float:
+    """Training FLOPs per token: 6 x (non-embedding parameters) + causal attention (PaLM, appendix B)."""
+    m = cfg.model
+    n = M.count_params(m) - m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
+    n += m.vocab_size * m.d_model  # the LM head is a matmul
+    return 6 * n + 6 * m.n_layers * m.n_heads * m.hd * cfg.train.seq_len
+
+
+def peak_flops(cfg: Config) -> float | None:
+    if cfg.train.peak_tflops > 0:
+        return cfg.train.peak_tflops * 1e12
+    kind = jax.devices()[0].device_kind
+    for name, tflops in PEAK_TFLOPS.items():
+        if name.lower() in kind.lower():
+            return tflops * 1e12
+    return None
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    if jax.process_index() == 0:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def with_train(cfg: Config, **changes) -> Config:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def run_directory(cfg: Config, run_dir: str | Path | None = None) -> Path:
+    if run_dir is not None:
+        return Path(run_dir)
+    name = cfg.train.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(cfg.train.out_dir) / name
+
+
+def train(cfg: Config, run_dir: str | Path | None = None, init_from: str | Path | None = None, progress: bool = True, log=print, stop_at: int | None = None) -> dict:
+    """Train (or resume) a run; returns {'run_dir', 'step', 'loss', 'val_loss', 'params', 'mesh'}.
+
+    `stop_at` ends this call after that step (as an interruption would), leaving the schedule
+    of `train.steps` intact for a later resume.
+    """
+    import grain
+    import orbax.checkpoint as ocp
+    from tqdm import tqdm
+
+    from . import checkpoint as ckpt
+    from .data import build_datasets, train_iterator, val_batches
+    from .mesh import make_mesh
+    from .tokenizer import get_tokenizer
+
+    tr = cfg.train
+    run_dir = run_directory(cfg, run_dir)
+    # Everything that can be refused is refused before the first compile.
+    if init_from is not None:
+        ckpt.check_same_shapes(cfg, ckpt.load_config(init_from), str(init_from))
+        if ckpt.latest_step(init_from) is None:
+            raise ckpt.CheckpointError(f"--init-from {init_from} has no complete checkpoint; train or convert it first")
+    if (run_dir / "config.yaml").exists():
+        ckpt.check_same_shapes(cfg, ckpt.load_config(run_dir), f"run directory {run_dir}")
+    ckpt.check_writable(run_dir, need_bytes=3 * M.bytes_per_device(cfg.model, 1) // max(1, jax.process_count()))
+    tokenizer = get_tokenizer(cfg, init_from if init_from is not None else run_dir)
+    datasets = build_datasets(tr, tokenizer)
+    mesh = make_mesh(cfg)
+    trainer = get_trainer(cfg, mesh)
+
+    if jax.process_index() == 0:
+        ckpt.save_config(run_dir, cfg)
+        if init_from is not None and (Path(init_from) / "tokenizer.json").exists() and not (run_dir / "tokenizer.json").exists():
+            (run_dir / "tokenizer.json").write_bytes((Path(init_from) / "tokenizer.json").read_bytes())
+    pid, pcount = jax.process_index(), jax.process_count()
+    it = train_iterator(datasets.train, tr.batch_size, tr.seed, pid, pcount)
+    val = val_batches(datasets.val, tr.batch_size, tr.eval_batches, pid, pcount)
+    mngr = ckpt.manager(run_dir, keep=tr.keep)
+
+    start = mngr.latest_step()
+    if start is not None:
+        target = trainer.abstract_state()
+        restored = mngr.restore(
+            start,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(target["params"]),
+                opt_state=ocp.args.StandardRestore(target["opt_state"]),
+                data=grain.checkpoint.CheckpointRestore(it),
+            ),
+        )
+        state = {"params": restored["params"], "opt_state": restored["opt_state"]}
+        log(f"resumed {run_dir} at step {start}")
+    else:
+        start = 0
+        params = ckpt.restore_params(init_from, cfg, mesh) if init_from is not None else M.init_params(cfg.model, mesh, tr.seed)
+        state = trainer.init_state(params)
+
+    def save(step: int) -> None:
+        items = {k: ocp.args.StandardSave(v) for k, v in state.items()}  # params and opt_state apart: inference reads params only
+        mngr.save(step, args=ocp.args.Composite(**items, data=grain.checkpoint.CheckpointSave(it)), force=True)
+
+    metrics_path = run_dir / "metrics.jsonl"
+    fpt, peak = flops_per_token(cfg), peak_flops(cfg)
+    last_good = start if start > 0 else None
+    bar = tqdm(total=tr.steps, initial=start, disable=not progress or pid != 0, dynamic_ncols=True)
+    t0, tokens_since = time.perf_counter(), 0.0
+    summary = {"run_dir": str(run_dir), "step": start}
+    step = start
+    try:
+        for step in range(start + 1, tr.steps + 1):
+            state, metrics = trainer.step(state, next(it))
+            # Reading the loss waits for the step: it bounds the steps in flight (XLA:CPU's
+            # rendezvous deadlocks otherwise, DESIGN.md) and lets us stop at the first NaN.
+            loss = float(metrics["loss"])
+            if not (math.isfinite(loss) and bool(metrics["params_finite"])):
+                kept = f"the last good checkpoint is step {last_good} in {run_dir}" if last_good else "no checkpoint was written"
+                what = f"loss became {loss}" if not math.isfinite(loss) else "parameters became non-finite"
+                raise TrainingError(f"{what} at step {step}; stopped without saving ({kept}); lower train.lr or raise train.warmup_steps")
+            tokens_since += float(metrics["tokens"])
+            summary.update(step=step, loss=loss)
+            if step % tr.log_every == 0 or step == tr.steps:
+                dt = time.perf_counter() - t0
+                tps = tokens_since / dt
+                record = {"step": step, "loss": loss, "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tps}
+                if peak:
+                    record["mfu"] = tps * fpt / (peak * jax.device_count())
+                append_jsonl(metrics_path, record)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{record['mfu']:.1%}" if peak else "n/a")
+                t0, tokens_since = time.perf_counter(), 0.0
+            if step % tr.eval_every == 0 or step == tr.steps:
+                ev = trainer.evaluate(state["params"], val)
+                if ev:
+                    append_jsonl(metrics_path, {"step": step, **ev})
+                    summary.update(ev)
+                    bar.write(f"step {step}: val_loss {ev['val_loss']:.4f}  val_ppl {ev['val_ppl']:.2f}")
+            if step % tr.save_every == 0 or step == tr.steps or step == stop_at:
+                save(step)
+                last_good = step
+            bar.update(1)
+            if step == stop_at:
+                break
+    finally:
+        bar.close()
+        mngr.wait_until_finished()
+        mngr.close()
+    summary["params"] = state["params"]
+    summary["mesh"] = mesh
+    return summary

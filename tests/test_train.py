@@ -1,0 +1,167 @@
+"""Training on 8 fake CPU devices: the loss falls, resume is exact, a killed save is skipped,
+gradients do not depend on the mesh, and bad input stops before anything compiles."""
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from ladder_jax import checkpoint as ckpt
+from ladder_jax import model as M
+from ladder_jax.config import ConfigError
+from ladder_jax.data import DataError, PackedWindows, val_batches
+from ladder_jax.mesh import make_mesh
+from ladder_jax.training import Trainer, TrainingError, loss_sums_fn, train
+
+from .conftest import small_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ["train.seq_len=32", "train.batch_size=8", "train.warmup_steps=2", "train.lr=1e-2", "train.log_every=1", "train.eval_batches=2"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A few small text files: enough windows of 32 tokens for training and validation."""
+    d = tmp_path_factory.mktemp("corpus")
+    rng = np.random.RandomState(0)
+    words = ["def", "return", "self", "value", "import", "class", "for", "in", "range", "print", "(", ")", ":"]
+    for k in range(12):
+        (d / f"doc{k}.py").write_text(" ".join(rng.choice(words, 400)) + "\n")
+    return str(d / "*.py")
+
+
+def config(corpus, *extra, plan="standard", data=2, tensor=4):
+    over = {k.split("=")[0]: k for k in [*TRAIN, f"train.data={corpus}", *extra]}
+    return small_config(plan, data, tensor, **{k.replace(".", "__"): v.split("=", 1)[1] for k, v in over.items()})
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_loss_decreases_and_resume_continues_exactly(corpus, tmp_path, devices):
+    cfg = config(corpus, "train.steps=8", "train.save_every=4", "train.eval_every=8")
+    straight = train(cfg, tmp_path / "straight", progress=False, log=lambda *_: None)
+    full = losses(tmp_path / "straight")
+    assert full[8] < full[1] - 0.3, full
+    assert np.isfinite(straight["val_loss"])
+
+    train(cfg, tmp_path / "resumed", progress=False, log=lambda *_: None, stop_at=4)
+    notes = []
+    train(cfg, tmp_path / "resumed", progress=False, log=notes.append)
+    assert notes == [f"resumed {tmp_path / 'resumed'} at step 4"]
+    resumed = losses(tmp_path / "resumed")
+    np.testing.assert_allclose([resumed[s] for s in range(5, 9)], [full[s] for s in range(5, 9)], rtol=1e-6)
+
+
+def test_a_save_killed_midway_is_never_restored(corpus, tmp_path, devices):
+    run = tmp_path / "run"
+    cfg = config(corpus, "train.steps=3", "train.save_every=2", "train.eval_every=8")
+    train(cfg, run, progress=False, log=lambda *_: None, stop_at=2)
+    killer = textwrap.dedent(
+        f"""
+        import os, numpy as np, orbax.checkpoint as ocp
+        from ladder_jax.checkpoint import manager
+        m = manager({str(run)!r})
+        m.save(3, args=ocp.args.Composite(params=ocp.args.StandardSave({{"big": np.ones((64, 1024, 1024), np.float32)}})))
+        os._exit(0)  # killed while the asynchronous write is under way
+        """
+    )
+    subprocess.run([sys.executable, "-c", killer], check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    leftovers = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("3")]
+    assert leftovers and all("tmp" in name for name in leftovers), leftovers  # the kill really hit mid-save
+    assert ckpt.latest_step(run) == 2
+    notes = []
+    train(cfg, run, progress=False, log=notes.append)
+    assert notes == [f"resumed {run} at step 2"] and ckpt.latest_step(run) == 3
+
+
+@pytest.mark.parametrize("plan", ["standard", "parallel", "ladder", "standard,ladder@-2:", "lp@0:2"])
+def test_gradients_equal_a_tensor_1_run(plan, corpus, devices):
+    windows = PackedWindows(np.random.RandomState(1).randint(0, 259, 8 * 33 + 1).astype(np.int32), np.zeros(8 * 33 + 1, np.int32), 32)
+    (batch,) = val_batches(windows, 8, 1)
+
+    params = M.init_params(small_config(plan, model__init_std=0.1).model, make_mesh(small_config(plan)), 0)
+
+    def grads(data, tensor):
+        cfg = small_config(plan, data, tensor, model__init_std=0.1)
+        mesh = make_mesh(cfg)
+        loss = lambda p, b: (lambda s, c: s / c)(*loss_sums_fn(cfg.model, mesh)(p, b))  # noqa: E731
+        p = jax.device_put(params, M.param_shardings(cfg.model, mesh))
+        return jax.device_get(jax.jit(jax.grad(loss))(p, Trainer(cfg, mesh).global_batch(batch)))
+
+    want, got = grads(1, 1), grads(2, 4)
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(g, w, atol=2e-6, rtol=2e-4)
+
+
+def test_trainable_filter_freezes_everything_else(corpus, tmp_path, devices):
+    cfg = config(corpus, "train.steps=2", "train.save_every=2", "train.eval_every=8", "train.trainable=layers:1", data=1, tensor=8)
+    cfg0 = small_config("standard", 1, 8)
+    before = jax.device_get(M.init_params(cfg0.model, make_mesh(cfg0), 0))
+    after = jax.device_get(train(cfg, tmp_path / "r", progress=False, log=lambda *_: None)["params"])
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before, after)
+    assert all(jax.tree.leaves(changed["layers"][1]))
+    assert not any(jax.tree.leaves({k: v for k, v in changed.items() if k != "layers"}))
+    assert not any(jax.tree.leaves([changed["layers"][i] for i in (0, 2, 3)]))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, devices):
+    run = tmp_path / "run"
+    blowup = config(corpus, "train.steps=8", "train.save_every=1", "train.eval_every=8", "train.lr=1e30", "train.warmup_steps=0")
+    with pytest.raises(TrainingError, match=r"at step (\d+); stopped without saving \(the last good checkpoint is step (\d+)") as err:
+        train(blowup, run, progress=False, log=lambda *_: None)
+    bad_step, good_step = map(int, re.search(r"at step (\d+).*step (\d+) in", str(err.value)).groups())
+    assert good_step == bad_step - 1 and ckpt.latest_step(run) == good_step
+    params = ckpt.restore_params(run, blowup, make_mesh(blowup))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_bad_input_fails_before_compiling(corpus, tmp_path, devices):
+    with pytest.raises(DataError, match="matches no file"):
+        train(config(str(tmp_path / "nothing*.txt")), tmp_path / "a", progress=False)
+    (tmp_path / "blank.txt").write_text("   \n\t\n")
+    with pytest.raises(DataError, match="holds no text"):
+        train(config(str(tmp_path / "blank.txt")), tmp_path / "b", progress=False)
+    with pytest.raises(ConfigError, match="train.seq_len=128 exceeds model.max_seq_len=64"):
+        config(corpus, "train.seq_len=128")
+    other = tmp_path / "other"
+    ckpt.check_writable(other)
+    ckpt.save_config(other, small_config("standard", model__d_model=32))
+    with pytest.raises(ckpt.CheckpointError, match=r"embed.*table.*shape \(384, 32\).*needs \(384, 64\)"):
+        train(config(corpus), other, progress=False)
+    with pytest.raises(ckpt.CheckpointError, match=r"init-from .* has no complete checkpoint|shape"):
+        train(config(corpus), tmp_path / "c", init_from=other, progress=False)
+    if os.geteuid() != 0:  # root writes anywhere; the check is then a no-op
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        with pytest.raises(ckpt.CheckpointError, match="cannot write"):
+            train(config(corpus), ro / "run", progress=False)
+
+
+def test_read_only_run_directory_is_refused(tmp_path, monkeypatch):
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(ckpt.CheckpointError, match="cannot write to .*Permission denied.*train.out_dir"):
+        ckpt.check_writable(tmp_path / "run")
+
+
+def test_two_processes_train_together(corpus, tmp_path):
+    port = 20000 + os.getpid() % 20000
+    cmd = [sys.executable, str(ROOT / "train.py"), "--no-progress", "--sample-tokens", "0", "--cpu-devices", "4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    over = [*TRAIN, f"train.data={corpus}", "train.steps=2", "train.save_every=2", "train.eval_every=2", "mesh.tensor=4", "model.d_model=64", "model.n_layers=2", "model.ffn_dim=128", "model.max_seq_len=64"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    procs = [subprocess.Popen([*cmd, "--process-id", str(i), "--run-dir", str(tmp_path / "run"), *over], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "step 2: loss" in outs[0]
+    assert ckpt.latest_step(tmp_path / "run") == 2

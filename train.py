@@ -1,0 +1,73 @@
+"""Train a ladder_jax model. `python train.py` trains the tiny preset on the Python standard
+library's sources on whatever devices exist (8 fake CPU devices without an accelerator)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="tiny", help="preset name (see configs/) or a YAML path; default: tiny")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model.plan=ladder train.steps=100")
+    ap.add_argument("--run-dir", help="run directory (default: train.out_dir/<preset>-<time>); an existing one resumes")
+    ap.add_argument("--init-from", help="start from another run's (or a converted model's) parameters")
+    ap.add_argument("--cpu-devices", type=int, default=8, help="fake CPU devices when no accelerator is present (default 8)")
+    ap.add_argument("--coordinator", help="multi-host: coordinator host:port (TPU pods and SLURM are detected without it)")
+    ap.add_argument("--num-processes", type=int)
+    ap.add_argument("--process-id", type=int)
+    ap.add_argument("--sample-tokens", type=int, default=200, help="greedy sample length printed at the end (0: none)")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from ladder_jax.config import ConfigError, load_config
+
+    try:  # a bad config fails here, before JAX starts
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from ladder_jax.mesh import init_runtime
+
+    init_runtime(args.cpu_devices, args.coordinator, args.num_processes, args.process_id)
+
+    from ladder_jax.checkpoint import CheckpointError
+    from ladder_jax.data import DataError
+    from ladder_jax.training import TrainingError, train
+
+    try:
+        result = train(cfg, run_dir=args.run_dir, init_from=args.init_from, progress=not args.no_progress)
+    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    import jax
+
+    if jax.process_index() == 0:
+        print(f"step {result['step']}: loss {result.get('loss', float('nan')):.4f}" + (f", val_loss {result['val_loss']:.4f}, val_ppl {result['val_ppl']:.2f}" if "val_loss" in result else ""))
+        if args.sample_tokens:
+            print_sample(cfg, result, args.sample_tokens)
+        print(f"saved to {result['run_dir']}  (decode: python infer.py --checkpoint {result['run_dir']} --prompt 'def ')")
+    return 0
+
+
+def print_sample(cfg, result, n_tokens: int) -> None:
+    try:
+        from ladder_jax import decode
+    except ImportError:
+        return
+    from ladder_jax.tokenizer import get_tokenizer
+
+    tok = get_tokenizer(cfg, result["run_dir"])
+    prompt = "def "
+    out = decode.generate(cfg, result["mesh"], result["params"], [tok.encode(prompt)], max_new_tokens=n_tokens, eos_id=tok.eos_id)
+    print("sample:", prompt + tok.decode(out[0]))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())
