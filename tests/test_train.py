@@ -165,3 +165,14 @@ def test_two_processes_train_together(corpus, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "step 2: loss" in outs[0]
     assert ckpt.latest_step(tmp_path / "run") == 2
+
+
+def test_plot_draws_several_runs_into_one_png(tmp_path):
+    from ladder_jax.plot import plot_runs
+
+    for name, losses in (("a", [3.0, 2.5, 2.0]), ("b", [3.1, 2.7, 2.4])):
+        (tmp_path / name).mkdir()
+        rows = [{"step": i + 1, "loss": v} for i, v in enumerate(losses)] + [{"step": 3, "val_loss": losses[-1] + 0.1, "val_ppl": 9.0}]
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = plot_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "loss.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000

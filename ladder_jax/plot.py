@@ -1,0 +1,62 @@
+"""`python -m ladder_jax.plot RUN_DIR... [--out loss.png]`: training and validation loss of several
+runs in one figure (needs matplotlib: pip install -e '.[plot]')."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def read_metrics(run_dir: Path) -> tuple[list, list]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise SystemExit(f"error: {run_dir} has no metrics.jsonl; give run directories made by train.py")
+    train, val = [], []
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            train.append((r["step"], r["loss"]))
+        if "val_loss" in r:
+            val.append((r["step"], r["val_loss"]))
+    return train, val
+
+
+def plot_runs(run_dirs, out: Path, labels=None) -> Path:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: plotting needs matplotlib: pip install -e '.[plot]'") from None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k, run in enumerate(run_dirs):
+        label = labels[k] if labels else Path(run).name
+        train, val = read_metrics(Path(run))
+        line = None
+        if train:
+            (line,) = ax.plot(*zip(*train), lw=1, alpha=0.8, label=f"{label} train")
+        if val:
+            ax.plot(*zip(*val), "o--", color=line.get_color() if line else None, label=f"{label} val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m ladder_jax.plot", description=__doc__)
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path, default=Path("loss.png"))
+    ap.add_argument("--labels", help="comma-separated labels, one per run")
+    args = ap.parse_args(argv)
+    print(plot_runs(args.runs, args.out, args.labels.split(",") if args.labels else None))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
