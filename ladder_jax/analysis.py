@@ -150,8 +150,7 @@ def parse_replica_groups(attrs: str) -> list[tuple[int, ...]] | None:
 
 def mesh_axis_groups(mesh) -> dict[str, set[tuple[int, ...]]]:
     """Device-id groups of each mesh axis, to tell which axis a collective runs over."""
-    ids = np.vectorize(lambda d: d.id)(mesh.devices) if hasattr(mesh, "devices") else None
-    data, tensor = ids.shape
+    ids = np.vectorize(lambda d: d.id)(mesh.devices)
     return {
         "tensor": {tuple(sorted(row)) for row in ids.tolist()},
         "data": {tuple(sorted(col)) for col in ids.T.tolist()},
@@ -220,8 +219,7 @@ def analyze(text: str, mesh) -> SyncReport:
             axis = "tensor" if len(groups["data"]) == 1 else "data"
         blocking = (above[k] | below[done] | bit.get(k, 0)) == every
         op_name = re.search(r'op_name="([^"]*)"', ins.attrs)
-        n_ops = max(1, len([o for o in ins.operands]))
-        report.all_reduces.append(AllReduce(ins.name, axis, n_ops, shape_bytes(ins.shape), blocking, op_name.group(1) if op_name else ""))
+        report.all_reduces.append(AllReduce(ins.name, axis, len(ins.operands), shape_bytes(ins.shape), blocking, op_name.group(1) if op_name else ""))
     return report
 
 

@@ -8,7 +8,6 @@ step; restoring always takes the latest complete one.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -141,6 +140,3 @@ def check_writable(run_dir: Path, need_bytes: int = 0) -> None:
     if need_bytes and free < need_bytes:
         raise CheckpointError(f"{run_dir} has {free / 2**20:.0f} MiB free but a checkpoint needs about {need_bytes / 2**20:.0f} MiB; free space or choose another train.out_dir")
 
-
-def replace_model(cfg: Config, **changes) -> Config:
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **changes))

@@ -26,12 +26,6 @@ def force_cpu_devices(n: int = 8) -> None:
     os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
 
 
-def has_accelerator() -> bool:
-    import jax
-
-    return jax.default_backend() != "cpu"
-
-
 def make_mesh(cfg: Config, devices=None):
     """The (data, tensor) mesh for this config on these devices (default: all of them).
 
@@ -44,13 +38,6 @@ def make_mesh(cfg: Config, devices=None):
     devices = list(jax.devices() if devices is None else devices)
     data, tensor = mesh_shape(cfg.mesh, len(devices))
     return jax.make_mesh((data, tensor), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices[: data * tensor])
-
-
-def abstract_mesh(data: int, tensor: int):
-    """A device-free mesh of the same axes, for shapes, specs and memory estimates of big presets."""
-    from jax.sharding import AbstractMesh, AxisType
-
-    return AbstractMesh((data, tensor), AXES, axis_types=(AxisType.Auto,) * 2)
 
 
 def sharding_rules(model: ModelConfig, tensor: int) -> dict[str, str | None]:

@@ -7,7 +7,6 @@ parameters' gradients over `data`.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
@@ -244,9 +243,6 @@ def append_jsonl(path: Path, record: dict) -> None:
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
-
-def with_train(cfg: Config, **changes) -> Config:
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
 
 
 # ---------------------------------------------------------------------------------------------
