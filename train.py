@@ -56,15 +56,12 @@ def main(argv=None) -> int:
 
 
 def print_sample(cfg, result, n_tokens: int) -> None:
-    try:
-        from ladder_jax import decode
-    except ImportError:
-        return
+    from ladder_jax import decode
     from ladder_jax.tokenizer import get_tokenizer
 
     tok = get_tokenizer(cfg, result["run_dir"])
     prompt = "def "
-    out = decode.generate(cfg, result["mesh"], result["params"], [tok.encode(prompt)], max_new_tokens=n_tokens, eos_id=tok.eos_id)
+    out = decode.generate(cfg, result["mesh"], result["params"], [[tok.bos_id, *tok.encode(prompt)]], max_new_tokens=n_tokens, eos_id=tok.eos_id)
     print("sample:", prompt + tok.decode(out[0]))
 
 

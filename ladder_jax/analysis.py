@@ -239,3 +239,82 @@ def forward_report(cfg, mesh, batch: int | None = None, seq: int = 16) -> SyncRe
     tokens = jax.ShapeDtypeStruct((batch or mesh.shape["data"], seq), jnp.int32)
     fn = model.forward_fn(cfg, mesh)
     return analyze(compiled_text(fn, model.abstract_params(cfg), tokens, tokens), mesh)
+
+
+def decode_report(cfg, mesh, batch: int | None = None, max_len: int = 64) -> SyncReport:
+    """Sync report of one decode step (one new token per row, reading a KV cache of `max_len`)."""
+    import jax
+    import jax.numpy as jnp
+
+    from . import decode, model
+
+    batch = batch or mesh.shape["data"]
+    rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    kv = jax.ShapeDtypeStruct(model.cache_shape(cfg, mesh.shape[model.TENSOR], batch, max_len), jnp.dtype(cfg.dtype))
+    cache = [(kv, kv)] * cfg.n_layers
+    return analyze(compiled_text(decode.step_fn(cfg, mesh), model.abstract_params(cfg), rows, rows, cache), mesh)
+
+
+def sync_rows(cfg, mesh, variants: list[str], batch: int = 1, seq: int = 16) -> list[dict]:
+    """One row per variant (a plan): all-reduces over `tensor` in a forward and a decode step."""
+    import dataclasses
+
+    from .config import parse_plan
+
+    rows = []
+    for plan in variants:
+        parse_plan(plan, cfg.n_layers)
+        c = dataclasses.replace(cfg, plan=plan)
+        fwd = forward_report(c, mesh, batch=batch * mesh.shape["data"], seq=seq)
+        step = decode_report(c, mesh, batch=batch * mesh.shape["data"])
+        s, f = step.summary(), fwd.summary()
+        rows.append(
+            {
+                "variant": plan,
+                "layers": c.n_layers,
+                "tensor": mesh.shape["tensor"],
+                "all_reduces": s["all_reduces"],
+                "blocking_all_reduces": s["blocking_all_reduces"],
+                "overlappable_all_reduces": s["overlappable_all_reduces"],
+                "bytes_per_token": s["bytes"] // (batch * mesh.shape["data"]),
+                "forward": {**f, "bytes_per_token": f["bytes"] // (batch * mesh.shape["data"] * seq)},
+            }
+        )
+    return rows
+
+
+def main(argv=None) -> None:
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m ladder_jax.analysis", description="Where the all-reduces are, and which of them block.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    sync = sub.add_parser("sync", help="all-reduces per decode step and forward, blocking or overlappable, from the compiled HLO")
+    sync.add_argument("--config", default="tiny", help="preset name or YAML path")
+    sync.add_argument("overrides", nargs="*", help="key=value, e.g. model.n_layers=4")
+    sync.add_argument("--tensor", type=int, default=8, help="tensor-parallel degree (fake CPU devices; nothing is allocated)")
+    sync.add_argument("--variant", action="append", help="a plan to compare; repeat it (default: the config's plan), e.g. --variant standard --variant ladder")
+    sync.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = ap.parse_args(argv)
+
+    from .config import load_config
+    from .mesh import force_cpu_devices, make_mesh
+
+    cfg = load_config(args.config, [*args.overrides, f"mesh.tensor={args.tensor}", "mesh.data=1"])
+    force_cpu_devices(args.tensor)
+    import jax
+
+    mesh = make_mesh(cfg, jax.devices()[: args.tensor])
+    variants = args.variant or [cfg.model.plan]
+    rows = sync_rows(cfg.model, mesh, variants)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    print(f"{cfg.model.name}, {cfg.model.n_layers} layers, tensor={args.tensor}: all-reduces over 'tensor' in one decode step")
+    print(f"{'variant':28s} {'all-reduces':>11s} {'blocking':>9s} {'overlap':>8s} {'bytes/token':>12s}")
+    for r in rows:
+        print(f"{r['variant']:28s} {r['all_reduces']:11d} {r['blocking_all_reduces']:9d} {r['overlappable_all_reduces']:8d} {r['bytes_per_token']:12,d}")
+
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,7 @@ step; restoring always takes the latest complete one.
 from __future__ import annotations
 
 import os
+import socket
 import shutil
 from pathlib import Path
 
@@ -131,7 +132,7 @@ def check_writable(run_dir: Path, need_bytes: int = 0) -> None:
     """Fail early, in one line, when the run directory cannot take checkpoints."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
+        probe = run_dir / f".write-test-{socket.gethostname()}-{os.getpid()}"  # one per process: hosts share it
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:

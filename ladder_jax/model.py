@@ -79,11 +79,17 @@ class Transformer(nnx.Module):
             stream = SCHEDULES[name]([self.layers[i] for i in layers], layers, stream, ctx)
             if hidden_out is not None:
                 hidden_out.append(stream.settled())
-        h = self.final_norm(stream.settled())
+        return self.head(stream.settled()), new_cache
+
+    def head(self, h):
+        """Final norm and this device's vocab shard of the logits (float32, padding columns at -inf).
+
+        Separate from `__call__` so a decoder can apply it to the one position per row it samples from.
+        """
+        h = self.final_norm(h)
         logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
-        vocab_ids = t_index * logits.shape[-1] + jnp.arange(logits.shape[-1])
-        logits = jnp.where(vocab_ids < cfg.vocab_size, logits, -jnp.inf)
-        return logits, new_cache
+        vocab_ids = jax.lax.axis_index(TENSOR) * logits.shape[-1] + jnp.arange(logits.shape[-1])
+        return jnp.where(vocab_ids < self.cfg.vocab_size, logits, -jnp.inf)
 
 
 # ---------------------------------------------------------------------------------------------

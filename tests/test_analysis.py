@@ -75,3 +75,17 @@ ENTRY %main (p: f32[4,4]) -> f32[4,4] {
     (ar,) = analyze(hlo, FakeMesh()).all_reduces
     assert (ar.axis, ar.operands, ar.bytes) == ("tensor", 2, 128)
     assert not ar.blocking  # d3 neither feeds nor waits for it
+
+
+def test_sync_command_reports_the_decode_step_per_variant(capsys, devices):
+    from ladder_jax.analysis import main
+
+    main(["sync", "--config", "tiny", "model.n_layers=2", "--tensor", "4", "--variant", "standard", "--variant", "ladder", "--json"])
+    import json
+
+    rows = {r["variant"]: r for r in json.loads(capsys.readouterr().out)}
+    # embedding + 2 per layer + the vocab-parallel argmax's two reductions (max, then lowest id)
+    assert rows["standard"]["all_reduces"] == rows["ladder"]["all_reduces"] == 1 + 2 * 2 + 2
+    assert rows["standard"]["overlappable_all_reduces"] == 0
+    assert rows["ladder"]["overlappable_all_reduces"] == 4
+    assert rows["ladder"]["bytes_per_token"] == rows["standard"]["bytes_per_token"] > 5 * 256 * 4

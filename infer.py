@@ -1,0 +1,375 @@
+"""Greedy decoding with a trained run, or a decode-speed benchmark of the variants.
+
+  python infer.py --prompt "def fib(" --max-new-tokens 64       # latest run of the tiny preset
+  python infer.py --checkpoint runs/tiny-... --prompts-file prompts.jsonl
+  python infer.py --benchmark --config tiny mesh.tensor=8 --variants standard,ladder,parallel,desync
+
+Prompts get the tokenizer's BOS in front (training packs documents as BOS text EOS); a
+completion stops at EOS or after --max-new-tokens. A prompts file has one prompt per line, or,
+when its name ends in .jsonl, one JSON object per line with a "prompt" or "text" field.
+
+Without an accelerator JAX gets --cpu-devices fake CPU devices (default 8, as train.py), so
+every tensor size up to 8 runs. Decoding uses mesh.data=1 unless an override sets it: one batch
+of requests on one host gains nothing from being split over data, and padding the batch up to
+the data size would multiply the work.
+"""
+from __future__ import annotations
+
+import argparse
+import codecs
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+
+class InputError(ValueError):
+    """A command line or prompts file infer.py cannot use; the message says what to change."""
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. mesh.tensor=8 model.plan=ladder")
+    ap.add_argument("--config", help="preset name or YAML path: whose latest run to decode with (default tiny), or what to benchmark")
+    ap.add_argument("--checkpoint", metavar="RUN_DIR", help="run directory made by train.py (default: the latest run of --config under --runs-dir)")
+    ap.add_argument("--runs-dir", default="runs", help="where train.py puts runs (default: runs)")
+    ap.add_argument("--prompt", help="text to continue")
+    ap.add_argument("--prompts-file", metavar="FILE", help="a batch of prompts: one per line, or JSONL (.jsonl) with a 'prompt' or 'text' field")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--cpu-devices", type=int, default=8, help="fake CPU devices when no accelerator is present (default 8)")
+    bench = ap.add_argument_group("benchmark (random weights, as the Ladder Residual paper)")
+    bench.add_argument("--benchmark", action="store_true", help="time prefill and decode per variant and batch size")
+    bench.add_argument("--variants", default="standard,ladder,parallel,desync", help="layer plans, comma-separated (use ';' between plans that contain commas)")
+    bench.add_argument("--batch-sizes", default="1,4", help="comma-separated (default 1,4)")
+    bench.add_argument("--prompt-len", type=int, default=1024)
+    bench.add_argument("--gen-len", type=int, default=512)
+    bench.add_argument("--runs", type=int, default=3, help="timed runs; the table shows their median (default 3)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed runs after compiling (default 1)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from ladder_jax.checkpoint import CheckpointError
+    from ladder_jax.config import ConfigError
+    from ladder_jax.decode import DecodeError
+
+    try:
+        return benchmark(args) if args.benchmark else infer(args)
+    except (InputError, ConfigError, CheckpointError, DecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def with_default_data_axis(overrides: list[str]) -> list[str]:
+    return overrides if any(o.startswith("mesh.data=") for o in overrides) else ["mesh.data=1", *overrides]
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+
+
+def read_prompts_file(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"prompts file {path} does not exist; give a text file with one prompt per line")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise InputError(f"{path} line {line}: byte 0x{raw[e.start]:02x} is not UTF-8; save the file as UTF-8") from None
+    prompts = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if path.suffix == ".jsonl":
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path} line {n} is not JSON ({e.msg}); write one JSON object per line") from None
+            prompt = record.get("prompt", record.get("text")) if isinstance(record, dict) else None
+            if not isinstance(prompt, str):
+                raise InputError(f'{path} line {n} has no string "prompt" or "text" field; give each line one')
+            line = prompt
+        if not line:
+            raise InputError(f"{path} line {n} is an empty prompt; remove the line or write a prompt on it")
+        prompts.append(line)
+    if not prompts:
+        raise InputError(f"{path} holds no prompts; write one prompt per line")
+    return prompts
+
+
+def read_prompts(args) -> list[str]:
+    if args.prompt is not None and args.prompts_file:
+        raise InputError("give either --prompt or --prompts-file, not both")
+    if args.prompts_file:
+        return read_prompts_file(args.prompts_file)
+    if args.prompt is None:
+        raise InputError('nothing to decode; give --prompt "TEXT", --prompts-file FILE or --benchmark')
+    if not args.prompt:
+        raise InputError("--prompt is empty; give some text to continue")
+    return [args.prompt]
+
+
+class TextStream:
+    """Token ids in, text out as soon as it is complete: a character split over several byte
+    tokens is written once its last byte arrives."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.bytes_to_text = codecs.getincrementaldecoder("utf-8")("replace") if hasattr(tokenizer, "decode_bytes") else None
+        self.ids: list[int] = []
+        self.written = 0
+
+    def push(self, token: int) -> str:
+        if self.bytes_to_text is not None:
+            return self.bytes_to_text.decode(self.tokenizer.decode_bytes([token]))
+        # Other tokenizers: decode everything so far and hand out the new tail, holding back an
+        # incomplete character (decoded as U+FFFD) until the tokens that finish it arrive.
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.written = text[self.written :], len(text)
+        return new
+
+    def close(self) -> str:
+        if self.bytes_to_text is not None:
+            return self.bytes_to_text.decode(b"", final=True)
+        text = self.tokenizer.decode(self.ids)
+        return text[self.written :]
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding with a run
+
+
+def resolve_run(args) -> Path:
+    from ladder_jax import checkpoint
+    from ladder_jax.config import load_config
+
+    if args.checkpoint is None:
+        preset = load_config(args.config or "tiny").model.name
+        return checkpoint.latest_run(args.runs_dir, preset)
+    run_dir = Path(args.checkpoint)
+    saved = checkpoint.load_config(run_dir)  # one-line CheckpointError for a missing or foreign directory
+    if args.config is not None:
+        wanted = load_config(args.config).model.name
+        if saved.model.name != wanted:
+            raise InputError(f"{run_dir} is a '{saved.model.name}' run, not '{wanted}'; drop --config or give a run of {wanted}")
+    return run_dir
+
+
+def infer(args) -> int:
+    from ladder_jax import checkpoint
+    from ladder_jax.config import load_config
+    from ladder_jax.decode import check_request
+    from ladder_jax.mesh import init_runtime
+    from ladder_jax.tokenizer import get_tokenizer
+
+    texts = read_prompts(args)
+    init_runtime(args.cpu_devices)  # before orbax looks for checkpoints, which starts JAX
+    # Everything else that can be wrong with the request is found before parameters load.
+    run_dir = resolve_run(args)
+    overrides = with_default_data_axis(args.overrides)
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    try:
+        tokenizer = get_tokenizer(cfg, run_dir)
+    except ValueError as e:  # a vocabulary the byte tokenizer cannot serve
+        raise InputError(str(e)) from None
+    prompts = [[tokenizer.bos_id, *tokenizer.encode(t)] for t in texts]
+    check_request(cfg.model, prompts, args.max_new_tokens)
+    cfg, mesh, params = checkpoint.load_run(run_dir, overrides)
+    complete(cfg, mesh, params, tokenizer, texts, prompts, args.max_new_tokens, sys.stdout, log=sys.stderr, source=str(run_dir))
+    return 0
+
+
+def complete(cfg, mesh, params, tokenizer, texts, prompts, max_new_tokens, out, log, source="") -> list[str]:
+    """Decode the prompts and return their completions. A single prompt streams to `out` as it
+    is produced; a batch is written when done, one `[i] prompt completion` per prompt. Compile
+    time, timings and the KV cache size go to `log`."""
+    from ladder_jax import decode
+
+    shape = decode.decode_shape(cfg.model, mesh, prompts, max_new_tokens)
+    cache = decode.check_cache_fits(cfg.model, mesh, shape)
+    compile_seconds = decode.precompile(cfg.model, mesh, params, shape)
+    streams = [TextStream(tokenizer) for _ in prompts]
+    pieces: list[list[str]] = [[] for _ in prompts]
+    single = len(prompts) == 1
+
+    def write(text):
+        out.write(text)
+        out.flush()
+
+    def on_token(row, token):
+        pieces[row].append(streams[row].push(token))
+        if single:
+            write(pieces[row][-1])
+
+    if single:
+        write(texts[0])
+    result = decode.generate(cfg.model, mesh, params, prompts, max_new_tokens, eos_id=tokenizer.eos_id, on_token=on_token)
+    for row, stream in enumerate(streams):
+        pieces[row].append(stream.close())
+    completions = ["".join(p) for p in pieces]
+    if single:
+        write(pieces[0][-1] + "\n")
+    else:
+        for i, (text, completion) in enumerate(zip(texts, completions)):
+            write(f"[{i}] {text}{completion}\n")
+    per_token = result.decode_seconds / max(result.decode_steps, 1)
+    log.write(
+        f"{source}: {cfg.model.name} plan '{cfg.model.plan}' on mesh data={mesh.shape['data']} x tensor={mesh.shape['tensor']}, "
+        f"KV cache {cache / 2**20:.1f} MiB per device; compile {compile_seconds:.1f} s, prefill {result.prefill_seconds * 1e3:.1f} ms, "
+        f"decode {per_token * 1e3:.2f} ms/token\n"
+    )
+    return completions
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark
+
+
+def split_variants(text: str) -> list[str]:
+    variants = [v.strip() for v in text.split(";" if ";" in text else ",") if v.strip()]
+    if not variants:
+        raise InputError("--variants is empty; give layer plans such as standard,ladder")
+    return variants
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise InputError(f"--batch-sizes '{text}' is not a comma-separated list of integers, e.g. 1,4") from None
+    if not sizes or min(sizes) < 1:
+        raise InputError(f"--batch-sizes '{text}' needs positive batch sizes, e.g. 1,4")
+    return sizes
+
+
+def benchmark(args) -> int:
+    """Random weights per variant; per batch size: compile once, warm up, then time --runs
+    generations and report their medians. Tokens/s counts the generated tokens over the whole
+    generation, prefill included, as the Ladder Residual paper does."""
+    from ladder_jax.config import load_config
+
+    if args.checkpoint or args.prompt is not None or args.prompts_file:
+        raise InputError("--benchmark times random weights on random prompts; drop --checkpoint, --prompt and --prompts-file")
+    variants = split_variants(args.variants)
+    batch_sizes = parse_batch_sizes(args.batch_sizes)
+    if args.prompt_len < 1 or args.gen_len < 2 or args.runs < 1 or args.warmup < 0:
+        raise InputError("--prompt-len must be >= 1, --gen-len >= 2, --runs >= 1 and --warmup >= 0")
+    overrides = with_default_data_axis(args.overrides)
+    base = load_config(args.config or "tiny", overrides)
+    total_len = args.prompt_len + args.gen_len
+    if base.model.max_seq_len < total_len:
+        # Random weights: the context limit is only a shape here, so stretch it to the request.
+        print(f"note: model.max_seq_len raised from {base.model.max_seq_len} to {total_len} for prompt {args.prompt_len} + {args.gen_len} generated", file=sys.stderr)
+        overrides = [*overrides, f"model.max_seq_len={total_len}"]
+    configs = {v: load_config(args.config or "tiny", [*overrides, f"model.plan={v}"]) for v in variants}
+
+    from ladder_jax.mesh import init_runtime
+
+    init_runtime(args.cpu_devices)
+    import jax
+    import numpy as np
+
+    from ladder_jax import decode
+    from ladder_jax import model as M
+    from ladder_jax.mesh import make_mesh
+
+    mesh = make_mesh(base)
+    device = mesh.devices.flat[0]
+    rng = np.random.default_rng(args.seed)
+    prompts = {b: rng.integers(0, base.model.vocab_size, (b, args.prompt_len)).tolist() for b in batch_sizes}
+    print(
+        f"{M.describe(base)}\nmesh data={mesh.shape['data']} x tensor={mesh.shape['tensor']} on {device.device_kind} ({device.platform}); "
+        f"prompt {args.prompt_len}, generate {args.gen_len}, median of {args.runs} runs after {args.warmup} warm-up",
+        file=sys.stderr,
+    )
+    rows = []
+    for variant, cfg in configs.items():
+        params = M.init_params(cfg.model, mesh, args.seed)
+        for b in batch_sizes:
+            shape = decode.decode_shape(cfg.model, mesh, prompts[b], args.gen_len)
+            cache = decode.check_cache_fits(cfg.model, mesh, shape)
+            compile_seconds = decode.precompile(cfg.model, mesh, params, shape)
+            for _ in range(args.warmup):
+                decode.generate(cfg.model, mesh, params, prompts[b], args.gen_len)
+            runs = [decode.generate(cfg.model, mesh, params, prompts[b], args.gen_len) for _ in range(args.runs)]
+            rows.append(summarize(variant, b, args.gen_len, runs, compile_seconds, cache))
+            print_progress(rows[-1])
+        del params
+    add_speedups(rows)
+    print_table(rows)
+    if args.json:
+        meta = {
+            "config": args.config or "tiny",
+            "overrides": overrides,
+            "model": base.model.name,
+            "mesh": {"data": mesh.shape["data"], "tensor": mesh.shape["tensor"]},
+            "device": f"{device.device_kind} ({device.platform})",
+            "jax": jax.__version__,
+            "prompt_len": args.prompt_len,
+            "gen_len": args.gen_len,
+            "runs": args.runs,
+            "warmup": args.warmup,
+        }
+        Path(args.json).write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
+    return 0
+
+
+def summarize(variant, batch, gen_len, runs, compile_seconds, cache_bytes) -> dict:
+    median = statistics.median
+    per_seq = median([gen_len / (g.prefill_seconds + g.decode_seconds) for g in runs])
+    return {
+        "variant": variant,
+        "batch": batch,
+        "prefill_ms": median([g.prefill_seconds for g in runs]) * 1e3,
+        "decode_ms_per_token": median([g.decode_seconds / g.decode_steps for g in runs]) * 1e3,
+        "tokens_per_s_per_seq": per_seq,
+        "tokens_per_s": per_seq * batch,
+        "compile_s": compile_seconds,
+        "kv_cache_mib_per_device": cache_bytes / 2**20,
+    }
+
+
+def add_speedups(rows) -> None:
+    standard = {r["batch"]: r["tokens_per_s"] for r in rows if r["variant"] == "standard"}
+    for r in rows:
+        r["speedup_vs_standard"] = r["tokens_per_s"] / standard[r["batch"]] if r["batch"] in standard else None
+
+
+COLUMNS = [
+    ("variant", "variant", "{}"),
+    ("batch", "batch", "{}"),
+    ("prefill_ms", "prefill ms", "{:.1f}"),
+    ("decode_ms_per_token", "decode ms/token", "{:.2f}"),
+    ("tokens_per_s_per_seq", "tok/s per seq", "{:.1f}"),
+    ("tokens_per_s", "tok/s total", "{:.1f}"),
+    ("speedup_vs_standard", "vs standard", "{:.2f}x"),
+    ("compile_s", "compile s", "{:.1f}"),
+]
+
+
+def print_progress(row) -> None:
+    done = ", ".join(f"{title} {fmt.format(row[key])}" for key, title, fmt in COLUMNS[2:] if row.get(key) is not None)
+    print(f"{row['variant']} batch {row['batch']}: {done}", file=sys.stderr)
+
+
+def print_table(rows) -> None:
+    cells = [[title for _, title, _ in COLUMNS]]
+    cells += [["-" if r.get(key) is None else fmt.format(r[key]) for key, _, fmt in COLUMNS] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())

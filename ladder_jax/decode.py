@@ -1,0 +1,278 @@
+"""Greedy decoding on the mesh: one compiled prefill, one compiled decode step, a host loop.
+
+The KV cache is the model's (`model.cache_shape`): per layer (k, v) of (batch, cache_len, kv
+slots, head_dim), batch over `data`, kv slots over `tensor`. The prefill runs every prompt of a
+batch, right-padded to one power-of-two bucket, in a single call and creates the cache there, so
+a generation allocates it once. Row b's next token then goes at position len_b and overwrites
+the padding's garbage in the cache; attention masks keys by position, so the padding is never
+read. The decode step feeds one token per row, is compiled once per (batch, cache_len) and
+donates the cache back to itself.
+
+Greedy choice is vocab-parallel inside the shard_map: each device takes the max and argmax of
+its own vocab shard, and two scalar reductions over `tensor` pick the winner. Full logits are
+never gathered.
+
+Every schedule of the layer plan decodes, because the model's forward carries each schedule's
+pending outputs (ladder's late all-reduces) through the layers within one call.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from . import model as M
+from .config import Config, ModelConfig, dtype_of
+
+TENSOR = M.TENSOR
+MIN_BUCKET = 16
+ROWS = P("data")
+ROWS_BY_SEQ = P("data", None)
+
+
+class DecodeError(ValueError):
+    """A request the decoder refuses before it compiles or allocates; the message says what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeShape:
+    """The shapes a request compiles for. Requests with equal shapes reuse the same executables."""
+
+    batch: int  # rows, padded up to a multiple of the mesh's data size
+    prompt_len: int  # the power-of-two bucket every prompt is right-padded to
+    cache_len: int  # positions the KV cache holds: prompt bucket + max_new_tokens, at most max_seq_len
+
+
+@dataclasses.dataclass
+class Generation:
+    """New tokens per prompt (without the prompt and without the EOS), with timings. Indexes and
+    iterates like its list of token lists."""
+
+    tokens: list[list[int]]
+    prefill_seconds: float  # prefill and reading its first tokens to the host
+    decode_seconds: float  # every decode step after that
+    decode_steps: int
+
+    def __getitem__(self, i):
+        return self.tokens[i]
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def __iter__(self):
+        return iter(self.tokens)
+
+
+def bucket_length(n: int, max_seq_len: int) -> int:
+    """Prompt lengths share a compiled prefill within powers of two (at least MIN_BUCKET)."""
+    return min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), max_seq_len)
+
+
+def check_request(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    """Raise DecodeError (one line, saying what to change) for a request the model cannot serve."""
+    if not prompts:
+        raise DecodeError("no prompts given; pass at least one prompt")
+    if max_new_tokens < 1:
+        raise DecodeError(f"max_new_tokens={max_new_tokens}; ask for at least 1 new token")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise DecodeError(f"prompt {i} is empty; give it at least one token (a BOS token will do)")
+        bad = [t for t in p if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise DecodeError(f"prompt {i} has token id {bad[0]} outside the vocabulary 0..{cfg.vocab_size - 1}; check the tokenizer matches the model")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > cfg.max_seq_len:
+        room = cfg.max_seq_len - longest
+        fix = f"ask for at most {room} new tokens or shorten the prompt" if room > 0 else "shorten the prompt"
+        raise DecodeError(
+            f"the longest prompt ({longest} tokens) plus max_new_tokens={max_new_tokens} is {longest + max_new_tokens}, "
+            f"above model.max_seq_len={cfg.max_seq_len}; {fix}"
+        )
+
+
+def decode_shape(cfg: ModelConfig, mesh, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> DecodeShape:
+    """Check a request (see `check_request`) and return the shapes it runs with."""
+    check_request(cfg, prompts, max_new_tokens)
+    longest = max(len(p) for p in prompts)
+    data = mesh.shape["data"]
+    bucket = bucket_length(longest, cfg.max_seq_len)
+    return DecodeShape(batch=-(-len(prompts) // data) * data, prompt_len=bucket, cache_len=min(cfg.max_seq_len, bucket + max_new_tokens))
+
+
+def cache_bytes(cfg: ModelConfig, mesh, shape: DecodeShape) -> int:
+    """KV cache bytes one device holds for this request."""
+    return M.cache_bytes_per_device(cfg, (mesh.shape["data"], mesh.shape[TENSOR]), shape.batch, shape.cache_len)
+
+
+def free_device_bytes(device) -> int | None:
+    """Bytes the device can still allocate, or None where the runtime does not say (XLA:CPU)."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+
+
+def check_cache_fits(cfg: ModelConfig, mesh, shape: DecodeShape, device=None) -> int:
+    """Refuse a request whose KV cache would not fit next to what the device already holds.
+    Returns the cache bytes per device."""
+    need = cache_bytes(cfg, mesh, shape)
+    device = mesh.devices.flat[0] if device is None else device
+    free = free_device_bytes(device)
+    if free is not None and need > free:
+        raise DecodeError(
+            f"the KV cache needs {need / 2**30:.2f} GiB per device (batch {shape.batch} x {shape.cache_len} positions) "
+            f"but {device} has {free / 2**30:.2f} GiB free; lower the batch, the prompt length or max_new_tokens"
+        )
+    return need
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled pieces (local view, inside the model's shard_map)
+
+
+def vocab_parallel_argmax(local_logits):
+    """Greedy token ids from this device's vocab shard of the logits (..., V/T), without gathering
+    them: each device proposes its best column, the largest value wins, and ties go to the lowest
+    id, as jnp.argmax over the full row would do."""
+    v_local = local_logits.shape[-1]
+    best = local_logits.max(axis=-1)
+    best_id = jnp.argmax(local_logits, axis=-1).astype(jnp.int32) + jax.lax.axis_index(TENSOR) * v_local
+    top = jax.lax.pmax(best, TENSOR)
+    return jax.lax.pmin(jnp.where(best == top, best_id, jnp.iinfo(jnp.int32).max), TENSOR)
+
+
+@functools.lru_cache(maxsize=32)
+def prefill_fn(cfg: ModelConfig, mesh, cache_len: int):
+    """jit(params, tokens (B, S) right-padded, lengths (B,)) -> (first new token (B,), KV cache).
+
+    The cache is created here, so a generation allocates it once. The prompt attends over a
+    cache of its own length S, and only then is the cache padded to `cache_len`: attention over
+    the empty positions would cost S x cache_len scores for nothing. Only the last prompt
+    position of each row goes through the LM head; XLA drops the full logits the forward returns.
+    """
+    tensor = mesh.shape[TENSOR]
+    _, _, kv_slots, hd = M.cache_shape(cfg, tensor, 1, cache_len)
+
+    def body(model, tokens, lengths):
+        rows, prompt_len = tokens.shape
+        empty = jnp.zeros((rows, prompt_len, kv_slots // tensor, hd), dtype_of(cfg.dtype))
+        hidden = []
+        _, cache = model(tokens, M.default_positions(tokens), cache=[(empty, empty)] * cfg.n_layers, hidden_out=hidden)
+        room = ((0, 0), (0, cache_len - prompt_len), (0, 0), (0, 0))
+        cache = [(jnp.pad(k, room), jnp.pad(v, room)) for k, v in cache]
+        last = jnp.take_along_axis(hidden[-1], (lengths - 1)[:, None, None], axis=1)  # (B, 1, D)
+        return vocab_parallel_argmax(model.head(last)[:, 0]), cache
+
+    specs = M.cache_specs(cfg)
+    return jax.jit(M.sharded(cfg, mesh, body, (ROWS_BY_SEQ, ROWS), (ROWS, specs)))
+
+
+@functools.lru_cache(maxsize=32)
+def step_fn(cfg: ModelConfig, mesh):
+    """jit(params, tokens (B,), positions (B,), cache) -> (next tokens, positions + 1, cache).
+
+    Outputs feed the next call as they are, so a generation makes no host-to-device copies after
+    the prefill. The cache is donated: each step updates it in place.
+    """
+
+    def body(model, tokens, positions, cache):
+        logits, cache = model(tokens[:, None], positions[:, None], cache=cache)
+        return vocab_parallel_argmax(logits[:, 0]), positions + 1, cache
+
+    specs = M.cache_specs(cfg)
+    return jax.jit(M.sharded(cfg, mesh, body, (ROWS, ROWS, specs), (ROWS, ROWS, specs)), donate_argnums=3)
+
+
+def precompile(cfg: ModelConfig, mesh, params, shape: DecodeShape) -> float:
+    """Compile the prefill and the decode step for `shape` ahead of time; returns the seconds.
+
+    jit keeps executables compiled this way, so a generation of the same shape compiles nothing.
+    """
+    start = time.perf_counter()
+    tokens = jax.ShapeDtypeStruct((shape.batch, shape.prompt_len), jnp.int32, sharding=NamedSharding(mesh, ROWS_BY_SEQ))
+    per_row = jax.ShapeDtypeStruct((shape.batch,), jnp.int32, sharding=NamedSharding(mesh, ROWS))
+    kv = jax.ShapeDtypeStruct(
+        M.cache_shape(cfg, mesh.shape[TENSOR], shape.batch, shape.cache_len), dtype_of(cfg.dtype), sharding=NamedSharding(mesh, M.CACHE_SPEC)
+    )
+    prefill_fn(cfg, mesh, shape.cache_len).lower(params, tokens, per_row).compile()
+    step_fn(cfg, mesh).lower(params, per_row, per_row, [(kv, kv)] * cfg.n_layers).compile()
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------
+# The host loop
+
+
+def generate(
+    cfg: Config | ModelConfig,
+    mesh,
+    params,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    eos_id: int | None = None,
+    on_token: Callable[[int, int], None] | None = None,
+) -> Generation:
+    """Greedy continuation of each prompt (token ids, BOS included if the model wants one).
+
+    A row stops at `eos_id` (not included in its tokens) or after `max_new_tokens`; the loop stops
+    when every row has. `on_token(row, token)` is called for each new token as soon as it reaches
+    the host, in order per row. Prompts may differ in length; each gets the tokens it would get alone.
+    """
+    cfg = cfg.model if isinstance(cfg, Config) else cfg
+    shape = decode_shape(cfg, mesh, prompts, max_new_tokens)
+    check_cache_fits(cfg, mesh, shape)
+    n = len(prompts)
+    # Rows that only pad the batch up to the data axis get a one-token prompt; their tokens are dropped.
+    rows = list(prompts) + [[cfg.pad_id]] * (shape.batch - n)
+    tokens = np.full((shape.batch, shape.prompt_len), cfg.pad_id, np.int32)
+    for r, p in enumerate(rows):
+        tokens[r, : len(p)] = p
+    lengths = np.array([len(p) for p in rows], np.int32)
+
+    out: list[list[int]] = [[] for _ in range(n)]
+    done = [False] * n
+
+    def emit(new_tokens):
+        for r in range(n):
+            if done[r]:
+                continue
+            t = int(new_tokens[r])
+            if t == eos_id:
+                done[r] = True
+                continue
+            out[r].append(t)
+            if on_token is not None:
+                on_token(r, t)
+            done[r] = len(out[r]) == max_new_tokens
+
+    start = time.perf_counter()
+    lengths_dev = jax.device_put(lengths, NamedSharding(mesh, ROWS))
+    next_tokens, cache = prefill_fn(cfg, mesh, shape.cache_len)(params, jax.device_put(tokens, NamedSharding(mesh, ROWS_BY_SEQ)), lengths_dev)
+    emit(np.asarray(next_tokens))
+    prefill_seconds = time.perf_counter() - start
+
+    # XLA:CPU with fake devices deadlocks when many steps with collectives are in flight
+    # (DESIGN.md), so there each step is read back before the next is sent. An accelerator gets
+    # the next step queued while the host reads this one.
+    max_in_flight = 1 if mesh.devices.flat[0].platform == "cpu" else 2
+    step = step_fn(cfg, mesh)
+    in_flight = collections.deque()
+    positions, steps = lengths_dev, 0
+    start = time.perf_counter()
+    while steps < max_new_tokens - 1 and not all(done):
+        next_tokens, positions, cache = step(params, next_tokens, positions, cache)
+        in_flight.append(next_tokens)
+        steps += 1
+        if len(in_flight) >= max_in_flight:
+            emit(np.asarray(in_flight.popleft()))
+    while in_flight:
+        emit(np.asarray(in_flight.popleft()))
+    return Generation(out, prefill_seconds, time.perf_counter() - start, steps)
