@@ -127,3 +127,24 @@ def test_batch_that_does_not_split_over_data_is_refused(devices):
     cfg, mesh, params = build("standard", data=4, tensor=2)
     with pytest.raises(ValueError, match="do not split over mesh data=4"):
         M.logits(cfg, mesh, params, TOKENS[:2])
+
+
+def test_blocked_self_attention_of_long_sequences_matches_the_reference(devices):
+    cfg, mesh, params = build("ladder", model__max_seq_len=256)
+    tokens = np.random.RandomState(2).randint(0, 259, (2, 256))  # 256 = 2 query blocks
+    ref = reference_forward(jax.device_get(params), tokens, cfg, cfg.layer_schedules)
+    np.testing.assert_allclose(np.asarray(M.logits(cfg, mesh, params, tokens)), ref, atol=5e-5, rtol=1e-4)
+
+
+def test_packed_documents_attend_only_within_themselves(devices):
+    cfg, mesh, params = build("standard", model__max_seq_len=256)
+    rng = np.random.RandomState(3)
+    a, b = rng.randint(0, 259, 100), rng.randint(0, 259, 156)
+    tokens = jnp.asarray(np.concatenate([a, b])[None])
+    segments = jnp.asarray(np.r_[np.zeros(100), np.ones(156)].astype(np.int32)[None])
+    positions = jnp.asarray(np.r_[np.arange(100), np.arange(156)].astype(np.int32)[None])
+    body = lambda model, t, p, s: model(t, p, segment_ids=s)[0]  # noqa: E731
+    spec = P("data", None)
+    packed = np.asarray(jax.jit(M.sharded(cfg, mesh, body, (spec,) * 3, P("data", None, "tensor")))(params, tokens, positions, segments))
+    np.testing.assert_allclose(packed[0, :100, :259], np.asarray(M.logits(cfg, mesh, params, a[None]))[0], atol=2e-5)
+    np.testing.assert_allclose(packed[0, 100:, :259], np.asarray(M.logits(cfg, mesh, params, b[None]))[0], atol=2e-5)
