@@ -122,7 +122,7 @@ def plot(rows: list[dict], out: Path, title: str) -> Path | None:
     ax2.plot([r["delta"] for r in rows], [r["agreement"] for r in rows], "s--", color="tab:orange", label="greedy agreement")
     ax2.set_ylabel("greedy agreement with the original")
     ax.set_title(title)
-    fig.legend(loc="upper center", fontsize=8)
+    fig.legend(loc="center left", bbox_to_anchor=(0.13, 0.55), fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
