@@ -176,3 +176,8 @@ def test_plot_draws_several_runs_into_one_png(tmp_path):
         (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     out = plot_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "loss.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_a_full_disk_is_refused_with_the_numbers(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match=r"MiB free but a checkpoint needs about .* MiB; free space or choose another train.out_dir"):
+        ckpt.check_writable(tmp_path / "run", need_bytes=1 << 60)
