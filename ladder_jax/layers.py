@@ -100,9 +100,11 @@ class Attention(nnx.Module):
             key_seg = segment_ids
         else:
             ck, cv = cache
-            start = positions[:, 0]
-            write = jax.vmap(lambda c, new, s: jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), s, axis=0))
-            ck, cv = write(ck, k, start), write(cv, v, start)
+            # An indexed scatter writes only the new rows; a vmapped dynamic_update_slice
+            # compiles to a select that rewrites the whole cache every decode step.
+            rows = jnp.arange(positions.shape[0])[:, None]
+            ck = ck.at[rows, positions].set(k.astype(ck.dtype))
+            cv = cv.at[rows, positions].set(v.astype(cv.dtype))
             cache = (ck, cv)
             keys, values = ck.astype(dt), cv.astype(dt)
             key_pos = jnp.broadcast_to(jnp.arange(ck.shape[1])[None], ck.shape[:2])
