@@ -59,12 +59,7 @@ class Transformer(nnx.Module):
         v_local = self.embed.table.shape[0]
         x = all_reduce(self.embed(tokens, t_index * v_local))
 
-        # Fewer KV heads than devices: each device holds all of them and uses the one its query heads share.
-        h_local = self.layers[0].attn.q_proj.shape[1]
-        tensor_size = cfg.n_heads // h_local
-        group = cfg.n_heads // cfg.n_kv_heads
-        kv_head = (t_index * h_local) // group if tensor_size > cfg.n_kv_heads else None
-
+        kv_head = local_kv_head(cfg, self.layers[0].attn)
         new_cache = [None] * cfg.n_layers if cache is not None else None
 
         def attend(i, attn, h):
@@ -90,6 +85,15 @@ class Transformer(nnx.Module):
         logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
         vocab_ids = jax.lax.axis_index(TENSOR) * logits.shape[-1] + jnp.arange(logits.shape[-1])
         return jnp.where(vocab_ids < self.cfg.vocab_size, logits, -jnp.inf)
+
+
+def local_kv_head(cfg: ModelConfig, attn: Attention):
+    """With fewer KV heads than devices each device holds all of them and uses the one its query
+    heads share (this index); otherwise None (each device holds its own KV heads)."""
+    h_local = attn.q_proj.shape[1]
+    if cfg.n_heads // h_local <= cfg.n_kv_heads:
+        return None
+    return (jax.lax.axis_index(TENSOR) * h_local) // (cfg.n_heads // cfg.n_kv_heads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,6 +239,45 @@ def forward_fn(cfg: ModelConfig, mesh):
 
     batch = P("data", None)
     return jax.jit(sharded(cfg, mesh, body, (batch, batch), P("data", None, TENSOR)))
+
+
+@functools.lru_cache(maxsize=16)
+def block_inputs_fn(cfg: ModelConfig, mesh, layers: tuple[int, ...]):
+    """jit(params, tokens, positions, segment_ids) -> (len(layers), B, S, D): the residual entering
+    each of these layers (the plan must have one step per layer, i.e. no LP pairs)."""
+
+    def body(model, tokens, positions, segment_ids):
+        x = jax.lax.psum(model.embed(tokens, jax.lax.axis_index(TENSOR) * model.embed.table.shape[0]), TENSOR)
+        hidden = [x]
+        model(tokens, positions, segment_ids=segment_ids, hidden_out=hidden)
+        return jnp.stack([hidden[i] for i in layers])
+
+    batch = P("data", None)
+    return jax.jit(sharded(cfg, mesh, body, (batch, batch, batch), P(None, "data")))
+
+
+@functools.lru_cache(maxsize=16)
+def block_fn(cfg: ModelConfig, mesh, schedule: str):
+    """jit(layer_params, x, positions, segment_ids) -> the residual after one layer run under
+    `schedule` (x: (B, S, D) residual entering it, batch over `data`). For block-level distillation."""
+    gdef, _ = nnx.split(nnx.eval_shape(lambda: Block(cfg, schedule, rngs=nnx.Rngs(0))), nnx.Param)
+    specs = param_specs(cfg, mesh.shape[TENSOR])["layers"][0]
+    rope_freq = rope_frequencies(cfg)
+
+    def local(p, x, positions, segment_ids):
+        block = nnx.merge(gdef, p)
+        rope = rope_tables(positions, rope_freq)
+        kv_head = local_kv_head(cfg, block.attn)
+
+        def attend(i, attn, h):
+            return attn(h, rope, positions, kv_head=kv_head, segment_ids=segment_ids)[0]
+
+        ctx = LayerContext(all_reduce=functools.partial(jax.lax.psum, axis_name=TENSOR), attend=attend)
+        return SCHEDULES[schedule]([block], [0], Stream(x), ctx).settled()
+
+    batch = P("data", None)
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(specs, P("data"), batch, batch), out_specs=P("data"))
+    return jax.jit(fn)
 
 
 def logits(cfg: ModelConfig, mesh, params, tokens, positions=None):

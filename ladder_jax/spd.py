@@ -1,0 +1,535 @@
+"""Sync-Point Drop tools: which blocks can lose their attention all-reduce, and repairing those that mind.
+
+    python -m ladder_jax.spd sensitivity --checkpoint RUN --tensor T [--calibration 128] [--out DIR]
+    python -m ladder_jax.spd apply --checkpoint RUN --sensitivity FILE (--blocks N | --max-increase F | --drop 3,5) --out NEW_RUN
+
+`sensitivity` drops the attention sync of block L-1, then L-2 on top of it, and so on down to block
+0, measuring the validation perplexity on calibration sequences each time; block i's sensitivity
+is the relative perplexity increase its drop adds to the blocks after it. Two thresholds split
+the blocks into insensitive (drop zero-shot), sensitive (drop, then block-to-block distillation)
+and extremely sensitive (regroup heads across devices, then distil). `apply` builds the plan from
+a budget, repairs the blocks and writes a new run directory that infer.py and train.py load.
+
+Distillation uses the original model's activations: block i's input is the residual the standard
+model feeds it, the teacher is the original block's output, the student the same block run as an
+SPD block; only that block's parameters train (optax, the trainer's optimizer settings).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .config import ConfigError, parse_plan
+
+CLASSES = ("insensitive", "sensitive", "extremely sensitive")
+
+
+class SPDError(ValueError):
+    """Unusable SPD input (sensitivity file, budget, blocks); the message says what to do."""
+
+
+def spd_plan(base: str, n_layers: int, blocks) -> str:
+    """`base` (all standard) with the attention sync of `blocks` dropped."""
+    layers = parse_plan(base, n_layers)
+    if set(layers) != {"standard"}:
+        raise ConfigError(f"model.plan='{base}': Sync-Point Drop starts from a standard model (every layer 'standard')")
+    bad = sorted(b for b in blocks if not 0 <= b < n_layers)
+    if bad:
+        raise SPDError(f"block {bad[0]} does not exist in a {n_layers}-layer model; blocks are 0..{n_layers - 1}")
+    return ",".join(["standard"] + [f"spd@{b}" for b in sorted(blocks)])
+
+
+def classify(delta: float, sensitive: float, extreme: float) -> str:
+    return CLASSES[(delta >= sensitive) + (delta >= extreme)]
+
+
+def fingerprint(params) -> float:
+    """A number that tells one set of weights from another (sum of squares of the embedding)."""
+    return float(np.sum(np.square(np.asarray(params["embed"]["table"], np.float64))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sensitivity
+
+
+def sensitivity(ev, sensitive: float, extreme: float, log=print) -> dict:
+    """Per block, from the last backwards: perplexity with and without its sync on top of the later drops."""
+    cfg = ev.cfg.model
+    n, base = cfg.n_layers, cfg.plan
+    base_ppl = ev.perplexity(spd_plan(base, n, []))
+    log(f"standard: calibration ppl {base_ppl:.4f}")
+    blocks, without = [], base_ppl
+    for i in reversed(range(n)):
+        with_drop = ev.perplexity(spd_plan(base, n, range(i, n)))
+        delta = with_drop / without - 1
+        blocks.append({"block": i, "ppl_without": without, "ppl_with": with_drop, "delta": delta})
+        log(f"block {i}: ppl {without:.4f} -> {with_drop:.4f} ({delta:+.2%})")
+        without = with_drop
+    for rank, b in enumerate(sorted(blocks, key=lambda b: b["delta"])):
+        b["rank"] = rank  # 0: least sensitive
+        b["class"] = classify(b["delta"], sensitive, extreme)
+    blocks.sort(key=lambda b: b["block"])
+    return {"base_ppl": base_ppl, "thresholds": {"sensitive": sensitive, "extreme": extreme}, "blocks": blocks}
+
+
+def check_sensitivity(report: dict, cfg, tensor: int, path, fp: float | None = None) -> None:
+    """The sensitivity file must describe this model, these weights and this tensor degree."""
+    m = cfg.model
+    want = {"model": m.name, "n_layers": m.n_layers, "d_model": m.d_model}
+    have = {k: report.get(k) for k in want}
+    if have != want:
+        raise SPDError(f"{path} was measured on {have} but this checkpoint is {want}; run `spd sensitivity` on this checkpoint")
+    if report.get("tensor") != tensor:
+        raise SPDError(f"{path} was measured at tensor={report.get('tensor')}, this run uses tensor={tensor}; measure at the tensor degree you deploy")
+    if fp is not None and not math.isclose(report.get("fingerprint", -1.0), fp, rel_tol=1e-6):
+        raise SPDError(f"{path} was measured on other weights than this checkpoint's; run `spd sensitivity` on this checkpoint")
+
+
+def choose_blocks(report: dict, blocks: int | None = None, max_increase: float | None = None, drop=None) -> list[int]:
+    """The blocks to drop: an explicit list, the N least sensitive, or as many as fit a perplexity budget."""
+    n = len(report["blocks"])
+    by_rank = sorted(report["blocks"], key=lambda b: b["rank"])
+    if drop is not None:
+        bad = sorted(b for b in drop if not 0 <= b < n)
+        if bad:
+            raise SPDError(f"--drop names block {bad[0]} but the model has {n} blocks (0..{n - 1})")
+        return sorted(set(drop))
+    if blocks is not None:
+        if not 1 <= blocks <= n:
+            raise SPDError(f"--blocks={blocks}: the model has {n} blocks; give 1..{n}")
+        return sorted(b["block"] for b in by_rank[:blocks])
+    # Zero-shot deltas compound roughly multiplicatively; distillation only lowers them, so this errs safe.
+    chosen, growth = [], 1.0
+    for b in by_rank:
+        if growth * (1 + b["delta"]) - 1 > max_increase:
+            break
+        growth *= 1 + b["delta"]
+        chosen.append(b["block"])
+    if not chosen:
+        least = by_rank[0]
+        raise SPDError(
+            f"no SPD plan keeps the perplexity increase within {max_increase:.2%}: the least sensitive block ({least['block']}) "
+            f"alone costs {least['delta']:+.2%}; raise --max-increase or give --blocks N"
+        )
+    return sorted(chosen)
+
+
+# ---------------------------------------------------------------------------------------------
+# Head regrouping
+
+
+def per_head_outputs(cfg, layer: dict, x: np.ndarray, positions: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
+    """(H, N, D): each query head's attention output after o_proj, on the residual x (B, S, D), global view."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from .layers import Attention, RMSNorm, rope_frequencies, rope_tables
+
+    one = dataclasses.replace(cfg, plan="standard")
+    attn_def, _ = nnx.split(nnx.eval_shape(lambda: Attention(one, rngs=nnx.Rngs(0))), nnx.Param)
+    norm_def, _ = nnx.split(nnx.eval_shape(lambda: RMSNorm(one, rngs=nnx.Rngs(0))), nnx.Param)
+    host = jax.device_get({"attn": layer["attn"], "attn_norm": layer["attn_norm"]})
+
+    @jax.jit
+    def run(p, x, positions, segment_ids):
+        h = nnx.merge(norm_def, p["attn_norm"])(x)
+        rope = rope_tables(positions, rope_frequencies(one))
+
+        def head(hi):  # o_proj of one head only: that head's contribution to the output
+            only = dict(p["attn"], o_proj=p["attn"]["o_proj"] * (jnp.arange(cfg.n_heads) == hi)[:, None, None])
+            return nnx.merge(attn_def, only)(h, rope, positions, segment_ids=segment_ids)[0]
+
+        return jax.lax.map(head, jnp.arange(cfg.n_heads))
+
+    out = np.asarray(run(host, x, positions, segment_ids), np.float32)
+    return out.reshape(cfg.n_heads, -1, cfg.d_model)
+
+
+def diverse_groups(sim: np.ndarray, n_groups: int) -> list[list[int]]:
+    """Split items into equal groups whose members are least alike (greedy on pairwise similarity)."""
+    size = len(sim) // n_groups
+    groups: list[list[int]] = [[] for _ in range(n_groups)]
+    for item in np.argsort(-sim.sum(1), kind="stable"):  # the most redundant items are placed first
+        open_groups = [g for g in groups if len(g) < size]
+        best = min(open_groups, key=lambda g: (sum(sim[item, j] for j in g), len(g)))
+        best.append(int(item))
+    return [sorted(g) for g in groups]
+
+
+def _mlp_shard_error(cfg, layer: dict, x: np.ndarray, y_full: np.ndarray, y_parts: list[np.ndarray], tensor: int) -> np.ndarray:
+    """cost[g, d]: mean squared change of MLP shard d's output when it reads x + y_parts[g] instead of x + y_full."""
+    def norm(v):
+        v = v.astype(np.float64)
+        return v / np.sqrt(np.mean(v * v, -1, keepdims=True) + cfg.norm_eps) * np.asarray(layer["mlp_norm"]["scale"], np.float64)
+
+    gate, up, down = (np.asarray(layer["mlp"][k], np.float64) for k in ("gate_proj", "up_proj", "down_proj"))
+    f = cfg.ffn_dim // tensor
+
+    def shard(v, d):
+        h = v @ gate[:, d * f : (d + 1) * f]
+        return (h / (1 + np.exp(-h))) * (v @ up[:, d * f : (d + 1) * f]) @ down[d * f : (d + 1) * f]
+
+    full = norm(x + y_full)
+    parts = [norm(x + y) for y in y_parts]
+    return np.array([[np.mean((shard(p, d) - shard(full, d)) ** 2) for d in range(tensor)] for p in parts])
+
+
+def _best_assignment(cost: np.ndarray) -> list[int]:
+    """assign[d] = group for device d minimising the summed cost (exhaustive up to 8 devices, else greedy)."""
+    t = len(cost)
+    if t <= 8:
+        return list(min(itertools.permutations(range(t)), key=lambda p: sum(cost[p[d], d] for d in range(t))))
+    assign, free = [None] * t, set(range(t))
+    for g, d in sorted(itertools.product(range(t), range(t)), key=lambda gd: cost[gd]):
+        if assign[d] is None and g in free:
+            assign[d], _ = g, free.discard(g)
+    return assign
+
+
+def regroup_heads(cfg, layer: dict, x: np.ndarray, positions: np.ndarray, segment_ids: np.ndarray, tensor: int) -> tuple[list[int], list[int]]:
+    """(query-head permutation, kv-head permutation) that places heads which differ most on the same
+    device, and each device's heads next to the MLP shard that tolerates their partial sum best.
+
+    Only permutations that keep every query head with its own KV head are allowed, so the standard
+    model's function does not change: whole KV groups move when each device holds whole groups;
+    with fewer KV heads than devices, query heads move only among the devices sharing their KV head.
+    """
+    n_h, n_kv = cfg.n_heads, cfg.n_kv_heads
+    group = n_h // n_kv
+    outs = per_head_outputs(cfg, layer, x, positions, segment_ids)
+    x_flat = x.reshape(-1, cfg.d_model)
+
+    def cosine(vectors):
+        v = vectors.reshape(len(vectors), -1).astype(np.float64)
+        v = v / (np.linalg.norm(v, axis=1, keepdims=True) + 1e-12)
+        return v @ v.T
+
+    if n_kv >= tensor:  # units are KV groups; each device takes n_kv / tensor of them
+        units = [list(range(k * group, (k + 1) * group)) for k in range(n_kv)]
+        unit_out = np.stack([outs[u].sum(0) for u in units])
+        groups = diverse_groups(cosine(unit_out), tensor)
+        cost = _mlp_shard_error(cfg, layer, x_flat, outs.sum(0), [unit_out[g].sum(0) for g in groups], tensor)
+        assign = _best_assignment(cost)
+        perm_kv = [k for d in range(tensor) for k in groups[assign[d]]]
+        perm_q = [h for k in perm_kv for h in units[k]]
+        return perm_q, perm_kv
+    # Fewer KV heads than devices: KV group k spans devices [k*span, (k+1)*span); regroup inside it.
+    span = tensor // n_kv
+    perm_q = []
+    for k in range(n_kv):
+        heads = list(range(k * group, (k + 1) * group))
+        groups = [[heads[i] for i in g] for g in diverse_groups(cosine(outs[heads]), span)]
+        cost = _mlp_shard_error(cfg, layer, x_flat, outs.sum(0), [outs[g].sum(0) for g in groups], tensor)[:, k * span : (k + 1) * span]
+        assign = _best_assignment(cost)
+        perm_q += [h for d in range(span) for h in groups[assign[d]]]
+    return perm_q, list(range(n_kv))
+
+
+def permute_heads(layer: dict, perm_q, perm_kv) -> dict:
+    """The layer with its query/KV heads reordered (q, k, v projections and the matching o_proj rows)."""
+    import jax.numpy as jnp
+
+    attn = dict(layer["attn"])
+    q, kv = jnp.asarray(perm_q), jnp.asarray(perm_kv)
+    attn["q_proj"] = jnp.take(attn["q_proj"], q, axis=1)
+    attn["k_proj"] = jnp.take(attn["k_proj"], kv, axis=1)
+    attn["v_proj"] = jnp.take(attn["v_proj"], kv, axis=1)
+    attn["o_proj"] = jnp.take(attn["o_proj"], q, axis=0)
+    return {**layer, "attn": attn}
+
+
+# ---------------------------------------------------------------------------------------------
+# Block-to-block distillation
+
+
+@dataclasses.dataclass
+class BlockData:
+    """Calibration activations of one block: inputs, the original block's outputs, positions, segments."""
+
+    x: np.ndarray
+    y: np.ndarray
+    positions: np.ndarray
+    segment_ids: np.ndarray
+
+    def split(self, held_out: int) -> tuple["BlockData", "BlockData"]:
+        cut = len(self.x) - held_out
+        return (BlockData(*(a[:cut] for a in dataclasses.astuple(self))), BlockData(*(a[cut:] for a in dataclasses.astuple(self))))
+
+
+def block_data(cfg, mesh, params, batches: list[dict], layers: list[int]) -> dict[int, BlockData]:
+    """Inputs and original outputs of these layers on the calibration batches (standard plan)."""
+    import jax
+
+    from . import model as M
+
+    std = dataclasses.replace(cfg, plan="standard")
+    inputs_fn = M.block_inputs_fn(std, mesh, tuple(layers))
+    teacher = M.block_fn(std, mesh, "standard")
+    out = {i: ([], []) for i in layers}
+    for b in batches:
+        xs = inputs_fn(params, b["inputs"], b["positions"], b["segment_ids"])
+        for j, i in enumerate(layers):
+            out[i][0].append(np.asarray(xs[j]))
+            out[i][1].append(np.asarray(teacher(params["layers"][i], xs[j], b["positions"], b["segment_ids"])))
+    pos = np.concatenate([b["positions"] for b in batches])
+    seg = np.concatenate([b["segment_ids"] for b in batches])
+    return {i: BlockData(np.concatenate(xs), np.concatenate(ys), pos, seg) for i, (xs, ys) in out.items()}
+
+
+def block_mse(cfg, mesh, layer: dict, data: BlockData, batch: int) -> float:
+    """Mean squared difference between the SPD block's output and the original block's output."""
+    from . import model as M
+
+    student = M.block_fn(dataclasses.replace(cfg, plan="standard"), mesh, "spd")
+    total = 0.0
+    for a in range(0, len(data.x), batch):
+        s = slice(a, a + batch)
+        total += float(np.sum((np.asarray(student(layer, data.x[s], data.positions[s], data.segment_ids[s])) - data.y[s]) ** 2))
+    return total / data.y.size
+
+
+def distill(cfg, mesh, layer: dict, train: BlockData, steps: int, lr: float, log=None) -> dict:
+    """Train one SPD block to reproduce the original block's output (MSE); returns the new layer params."""
+    import jax
+    import jax.numpy as jnp
+
+    from . import model as M
+    from .training import make_optimizer
+
+    student = M.block_fn(dataclasses.replace(cfg.model, plan="standard"), mesh, "spd")
+    schedule = dataclasses.replace(cfg.train, trainable="all", lr=lr, steps=steps, warmup_steps=max(1, steps // 10))
+    opt = make_optimizer(dataclasses.replace(cfg, train=schedule), layer)  # the trainer's AdamW, clipping, cosine
+
+    def loss(p, x, y, pos, seg):
+        return jnp.mean(jnp.square(student(p, x, pos, seg).astype(jnp.float32) - y.astype(jnp.float32)))
+
+    @jax.jit
+    def step(p, opt_state, x, y, pos, seg):
+        value, grads = jax.value_and_grad(loss)(p, x, y, pos, seg)
+        updates, opt_state = opt.update(grads, opt_state, p)
+        return jax.tree.map(lambda a, u: a + u.astype(a.dtype), p, updates), opt_state, value
+
+    opt_state = opt.init(layer)
+    batch, n = cfg.train.batch_size, len(train.x)
+    rng = np.random.default_rng(cfg.train.seed)
+    for k in range(steps):
+        rows = rng.choice(n, size=min(batch, n), replace=False)
+        layer, opt_state, value = step(layer, opt_state, train.x[rows], train.y[rows], train.positions[rows], train.segment_ids[rows])
+        if log and (k + 1) % max(1, steps // 4) == 0:
+            log(f"    step {k + 1}/{steps}: train MSE {float(value):.3e}")
+    return layer
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def _load(args, overrides):
+    """Config, mesh, params and calibration batches of a run at the requested tensor degree."""
+    import jax
+
+    from .checkpoint import load_config, restore_params
+    from .config import load_config as load_yaml
+    from .data import build_datasets, val_batches
+    from .mesh import init_runtime, make_mesh
+    from .tokenizer import get_tokenizer
+
+    saved = load_config(args.checkpoint)
+    spd_plan(saved.model.plan, saved.model.n_layers, [])
+    init_runtime(args.cpu_devices)
+    tensor = args.tensor or saved.mesh.tensor
+    data = max(1, jax.device_count() // tensor)
+    cfg = load_yaml(Path(args.checkpoint) / "config.yaml", [*overrides, f"mesh.tensor={tensor}", f"mesh.data={data}"])
+    mesh = make_mesh(cfg)
+    params = restore_params(args.checkpoint, cfg, mesh)
+    windows = build_datasets(cfg.train, get_tokenizer(cfg, args.checkpoint)).val
+    batch = cfg.train.batch_size
+    calib = val_batches(windows, batch, -(-args.calibration // batch))
+    if not calib:
+        raise SPDError(f"the run's validation split has {len(windows)} windows, fewer than one batch of {batch}; lower train.batch_size")
+    return cfg, mesh, params, calib
+
+
+def _plot(report: dict, out: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    blocks = report["blocks"]
+    colors = {"insensitive": "tab:green", "sensitive": "tab:orange", "extremely sensitive": "tab:red"}
+    fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(blocks) + 2), 3.5))
+    ax.bar([b["block"] for b in blocks], [100 * b["delta"] for b in blocks], color=[colors[b["class"]] for b in blocks])
+    for name, c in colors.items():
+        ax.bar([], [], color=c, label=name)
+    for key, value in report["thresholds"].items():
+        ax.axhline(100 * value, color="gray", lw=0.8, ls="--")
+    ax.set_xlabel("block")
+    ax.set_ylabel("perplexity increase (%)")
+    ax.set_title(f"{report['model']}: SPD sensitivity at tensor={report['tensor']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def save_run(out: Path, cfg, params, checkpoint: Path, extra: dict) -> None:
+    """A new run directory (config.yaml, orbax step 0, tokenizer, spd_apply.json), written atomically."""
+    import orbax.checkpoint as ocp
+
+    from . import checkpoint as C
+    from .convert import building
+
+    with building(out) as tmp:
+        C.save_config(tmp, cfg)
+        mngr = C.manager(tmp)
+        try:
+            mngr.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+            mngr.wait_until_finished()
+        finally:
+            mngr.close()
+        if (checkpoint / "tokenizer.json").exists():
+            shutil.copyfile(checkpoint / "tokenizer.json", tmp / "tokenizer.json")
+        (tmp / "spd_apply.json").write_text(json.dumps(extra, indent=1))
+
+
+def run_sensitivity(args) -> int:
+    from .lp import Evaluator
+
+    if not 0 <= args.sensitive <= args.extreme:
+        raise SPDError(f"--sensitive={args.sensitive} must be at least 0 and at most --extreme={args.extreme}")
+    cfg, mesh, params, calib = _load(args, args.overrides)
+    ev = Evaluator(cfg, mesh, params, calib, [], 0)
+    report = {
+        "checkpoint": str(args.checkpoint), "model": cfg.model.name, "n_layers": cfg.model.n_layers, "d_model": cfg.model.d_model,
+        "tensor": cfg.mesh.tensor, "fingerprint": fingerprint(params), "calibration_sequences": sum(len(b["inputs"]) for b in calib),
+    }
+    report.update(sensitivity(ev, args.sensitive, args.extreme))
+    out = args.out or Path(args.checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"spd_sensitivity_t{cfg.mesh.tensor}.json"
+    path.write_text(json.dumps(report, indent=1))
+    png = _plot(report, path.with_suffix(".png"))
+    counts = {c: sum(b["class"] == c for b in report["blocks"]) for c in CLASSES}
+    print(f"wrote {path}" + (f" and {png}" if png else ""))
+    print(", ".join(f"{v} {k}" for k, v in counts.items()))
+    return 0
+
+
+def apply(cfg, mesh, params, calib, report: dict, chosen: list[int], steps: int, lr: float, held_out: int, log=print) -> tuple[dict, list[dict]]:
+    """Drop the sync of `chosen` blocks, regrouping and distilling them by their class; returns (params, per-block log)."""
+    classes = {b["block"]: b["class"] for b in report["blocks"]}
+    repair = [i for i in chosen if classes[i] != "insensitive"]
+    data = block_data(cfg.model, mesh, params, calib, repair) if repair else {}
+    params = {**params, "layers": dict(params["layers"])}
+    batch, rows = cfg.train.batch_size, []
+    for i in chosen:
+        row = {"block": i, "class": classes[i], "regrouped": False}
+        if classes[i] != "insensitive":
+            d = data[i]
+            layer = params["layers"][i]
+            if classes[i] == "extremely sensitive":
+                perm_q, perm_kv = regroup_heads(cfg.model, layer, d.x[:batch], d.positions[:batch], d.segment_ids[:batch], cfg.mesh.tensor)
+                layer = permute_heads(layer, perm_q, perm_kv)
+                row.update(regrouped=True, head_order=perm_q)
+            train, held = d.split(min(held_out, len(d.x) // 2))
+            before = block_mse(cfg.model, mesh, params["layers"][i], held, batch)
+            regrouped = block_mse(cfg.model, mesh, layer, held, batch)
+            log(f"block {i} ({classes[i]}): held-out MSE {before:.3e}" + (f", after head regrouping {regrouped:.3e}" if row["regrouped"] else ""))
+            trained = distill(cfg, mesh, layer, train, steps, lr, log)
+            after = block_mse(cfg.model, mesh, trained, held, batch)
+            log(f"block {i}: held-out MSE after distillation {after:.3e}")
+            best = min((before, params["layers"][i]), (regrouped, layer), (after, trained), key=lambda t: t[0])
+            params["layers"][i] = best[1]
+            row.update(mse_before=before, mse_regrouped=regrouped, mse_after=after, kept=["original", "regrouped", "distilled"][[before, regrouped, after].index(best[0])])
+        rows.append(row)
+    return params, rows
+
+
+def run_apply(args) -> int:
+    from .checkpoint import load_config
+    from .convert import check_new_directory
+    from .lp import Evaluator
+
+    check_new_directory(args.out)
+    report = json.loads(Path(args.sensitivity).read_text()) if Path(args.sensitivity).is_file() else None
+    if report is None:
+        raise SPDError(f"--sensitivity {args.sensitivity} is not a file; run `python -m ladder_jax.spd sensitivity` first")
+    saved = load_config(args.checkpoint)
+    drop = None
+    if args.drop is not None:
+        try:
+            drop = [int(b) for b in args.drop.split(",")]
+        except ValueError:
+            raise SPDError(f"--drop={args.drop!r}: give block indices such as 3,5") from None
+    args.tensor = args.tensor or report.get("tensor")
+    check_sensitivity(report, saved, args.tensor, args.sensitivity)
+    chosen = choose_blocks(report, args.blocks, args.max_increase, drop)
+    plan = spd_plan(saved.model.plan, saved.model.n_layers, chosen)
+    cfg, mesh, params, calib = _load(args, args.overrides)
+    check_sensitivity(report, cfg, cfg.mesh.tensor, args.sensitivity, fingerprint(params))
+    ev = Evaluator(cfg, mesh, params, calib, [], 0)
+    base_ppl, zero_shot = ev.perplexity(cfg.model.plan), ev.perplexity(plan)
+    print(f"dropping the attention sync of blocks {chosen}: calibration ppl {base_ppl:.4f} -> {zero_shot:.4f} zero-shot")
+    new, rows = apply(cfg, mesh, params, calib, report, chosen, args.steps, args.lr or cfg.train.lr / 10, args.held_out)
+    final = Evaluator(cfg, mesh, new, calib, [], 0).perplexity(plan)
+    print(f"after repair: calibration ppl {final:.4f} ({final / base_ppl - 1:+.2%} over standard)")
+    out_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, plan=plan))
+    extra = {"source": str(args.checkpoint), "sensitivity": str(args.sensitivity), "plan": plan, "tensor": cfg.mesh.tensor,
+             "ppl_standard": base_ppl, "ppl_zero_shot": zero_shot, "ppl_final": final, "blocks": rows}
+    save_run(args.out, out_cfg, new, Path(args.checkpoint), extra)
+    print(f"wrote {args.out} (model.plan={plan}); decode it with: python infer.py --checkpoint {args.out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ladder_jax.spd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name in ("sensitivity", "apply"):
+        p = sub.add_parser(name)
+        p.add_argument("--checkpoint", required=True, type=Path, help="a run directory with a standard plan (trained or converted)")
+        p.add_argument("--tensor", type=int, help="tensor-parallel degree to measure at (sensitivity depends on it; default: the run's)")
+        p.add_argument("--calibration", type=int, default=128, help="calibration sequences from the run's validation data (default 128)")
+        p.add_argument("--cpu-devices", type=int, default=8)
+        p.add_argument("overrides", nargs="*", help="key=value, e.g. train.batch_size=4")
+    s = sub.choices["sensitivity"]
+    s.add_argument("--sensitive", type=float, default=0.005, help="relative ppl increase from which a block is sensitive (default 0.005)")
+    s.add_argument("--extreme", type=float, default=0.05, help="... and extremely sensitive (default 0.05)")
+    s.add_argument("--out", type=Path, help="where spd_sensitivity_t<T>.json/png go (default: the checkpoint directory)")
+    a = sub.choices["apply"]
+    a.add_argument("--sensitivity", required=True, help="the JSON written by `spd sensitivity`")
+    budget = a.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--blocks", type=int, help="drop the sync of this many least sensitive blocks")
+    budget.add_argument("--max-increase", type=float, help="drop as many blocks as fit this relative perplexity increase, e.g. 0.01")
+    budget.add_argument("--drop", help="drop exactly these blocks, e.g. 3,5")
+    a.add_argument("--steps", type=int, default=200, help="distillation steps per repaired block (default 200)")
+    a.add_argument("--lr", type=float, help="distillation peak learning rate (default: the run's train.lr / 10)")
+    a.add_argument("--held-out", type=int, default=16, help="calibration sequences kept out of distillation to check it (default 16)")
+    a.add_argument("--out", required=True, type=Path, help="the new run directory (must not exist)")
+    args = ap.parse_args(argv)
+
+    from .checkpoint import CheckpointError
+    from .convert import ConvertError
+    from .data import DataError
+
+    try:
+        return run_sensitivity(args) if args.command == "sensitivity" else run_apply(args)
+    except (ConfigError, CheckpointError, DataError, SPDError, ConvertError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
