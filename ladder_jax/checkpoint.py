@@ -70,6 +70,16 @@ def check_same_shapes(expected: Config, found: Config, where: str) -> None:
         raise CheckpointError(f"{where} has parameter {name} that this model does not; use a checkpoint of the same model shape and plan family")
 
 
+def save_params(run_dir: str | Path, params: dict, step: int = 0) -> None:
+    """Write `params` as checkpoint `step` of a run directory (conversions, SPD); blocks until done."""
+    mngr = manager(run_dir)
+    try:
+        mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+        mngr.wait_until_finished()
+    finally:
+        mngr.close()
+
+
 def latest_step(run_dir: str | Path) -> int | None:
     if not (Path(run_dir) / "checkpoints").is_dir():
         return None

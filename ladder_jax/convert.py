@@ -353,7 +353,6 @@ def from_hf(hf_dir: str | Path, out_run: str | Path, plan: str = "standard", dty
     converting (a model too large for one device needs more).
     """
     import jax
-    import orbax.checkpoint as ocp
 
     from . import checkpoint
     from . import model as M
@@ -376,12 +375,7 @@ def from_hf(hf_dir: str | Path, out_run: str | Path, plan: str = "standard", dty
             del host
         assert jax.tree.structure(params) == jax.tree.structure(shapes)
         checkpoint.save_config(tmp, cfg)
-        mngr = checkpoint.manager(tmp)
-        try:
-            mngr.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
-            mngr.wait_until_finished()
-        finally:
-            mngr.close()
+        checkpoint.save_params(tmp, params)
         if (hf_dir / "tokenizer.json").exists():
             shutil.copyfile(hf_dir / "tokenizer.json", tmp / "tokenizer.json")
     return cfg

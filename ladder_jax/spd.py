@@ -267,7 +267,6 @@ class BlockData:
 
 def block_data(cfg, mesh, params, batches: list[dict], layers: list[int]) -> dict[int, BlockData]:
     """Inputs and original outputs of these layers on the calibration batches (standard plan)."""
-    import jax
 
     from . import model as M
 
@@ -387,19 +386,12 @@ def _plot(report: dict, out: Path) -> Path | None:
 
 def save_run(out: Path, cfg, params, checkpoint: Path, extra: dict) -> None:
     """A new run directory (config.yaml, orbax step 0, tokenizer, spd_apply.json), written atomically."""
-    import orbax.checkpoint as ocp
-
     from . import checkpoint as C
     from .convert import building
 
     with building(out) as tmp:
         C.save_config(tmp, cfg)
-        mngr = C.manager(tmp)
-        try:
-            mngr.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
-            mngr.wait_until_finished()
-        finally:
-            mngr.close()
+        C.save_params(tmp, params)
         if (checkpoint / "tokenizer.json").exists():
             shutil.copyfile(checkpoint / "tokenizer.json", tmp / "tokenizer.json")
         (tmp / "spd_apply.json").write_text(json.dumps(extra, indent=1))

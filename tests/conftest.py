@@ -23,3 +23,22 @@ def small_config(plan="standard", data=1, tensor=1, **extra):
 def devices():
     assert jax.device_count() == 8, "tests need 8 fake CPU devices; conftest sets them before JAX starts"
     return jax.devices()
+
+
+def save_small_run(directory, n_layers=3, tensor=2, **extra):
+    """A saved standard small model with a random-text corpus: a run directory the tools accept."""
+    import numpy as np
+
+    from ladder_jax import checkpoint as ckpt
+    from ladder_jax import model as M
+    from ladder_jax.mesh import make_mesh
+
+    rng = np.random.RandomState(0)
+    (directory / "text.txt").write_text("".join(rng.choice(list("abcdefgh ij\n"), 20_000)))
+    cfg = small_config("standard", 1, tensor, model__n_layers=n_layers, model__init_std=0.1, train__data=str(directory / "text.txt"),
+                       train__batch_size=4, train__val_fraction=0.2, **extra)
+    run = directory / "run"
+    ckpt.check_writable(run)
+    ckpt.save_config(run, cfg)
+    ckpt.save_params(run, M.init_params(cfg.model, make_mesh(cfg), 0))
+    return run

@@ -1,32 +1,17 @@
 """The Layer Parallelism sweep on a small saved model."""
 import json
 
-import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from ladder_jax import checkpoint as ckpt
 from ladder_jax import lp
-from ladder_jax import model as M
 from ladder_jax.config import ConfigError
-from ladder_jax.mesh import make_mesh
 
-from .conftest import small_config
+from .conftest import save_small_run
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, devices):
-    d = tmp_path_factory.mktemp("lp")
-    rng = np.random.RandomState(0)
-    (d / "text.txt").write_text("".join(rng.choice(list("abcdefgh ij\n"), 20_000)))
-    cfg = small_config("standard", 1, 2, model__n_layers=3, model__init_std=0.1, train__data=str(d / "text.txt"), train__batch_size=4, train__eval_batches=2, train__val_fraction=0.2)
-    run = d / "run"
-    ckpt.check_writable(run)
-    ckpt.save_config(run, cfg)
-    m = ckpt.manager(run)
-    m.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(M.init_params(cfg.model, make_mesh(cfg), 0))))
-    m.wait_until_finished()
-    return run
+    return save_small_run(tmp_path_factory.mktemp("lp"), train__eval_batches=2)
 
 
 def test_sweep_writes_perplexity_agreement_and_a_suggestion(run, capsys):

@@ -4,7 +4,6 @@ import json
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from ladder_jax import checkpoint as ckpt
@@ -13,23 +12,13 @@ from ladder_jax import spd
 from ladder_jax.config import ConfigError
 from ladder_jax.mesh import make_mesh
 
-from .conftest import small_config
+from .conftest import save_small_run, small_config
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, devices):
     """A saved 3-layer standard model (8 query / 2 KV heads) with text data to calibrate on."""
-    d = tmp_path_factory.mktemp("spd")
-    rng = np.random.RandomState(0)
-    (d / "text.txt").write_text("".join(rng.choice(list("abcdefgh ij\n"), 20_000)))
-    cfg = small_config("standard", 1, 2, model__n_layers=3, model__init_std=0.1, train__data=str(d / "text.txt"), train__batch_size=4, train__val_fraction=0.2)
-    run = d / "run"
-    ckpt.check_writable(run)
-    ckpt.save_config(run, cfg)
-    m = ckpt.manager(run)
-    m.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(M.init_params(cfg.model, make_mesh(cfg), 0))))
-    m.wait_until_finished()
-    return run
+    return save_small_run(tmp_path_factory.mktemp("spd"))
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +54,7 @@ def test_apply_writes_a_run_that_loads_with_the_spd_plan(sensitivity, run, tmp_p
     assert not rows[0]["regrouped"] and "mse_after" not in rows[0]  # insensitive: zero-shot
     assert not rows[1]["regrouped"] and rows[1]["mse_after"] > 0  # sensitive: distilled
     assert rows[2]["regrouped"] and sorted(rows[2]["head_order"]) == list(range(8))
-    cfg, mesh, params = ckpt.load_run(out, [f"mesh.tensor=4", "mesh.data=2"], jax.devices())
+    cfg, mesh, params = ckpt.load_run(out, ["mesh.tensor=4", "mesh.data=2"], jax.devices())
     assert cfg.model.layer_schedules == ("spd",) * 3
     original = ckpt.restore_params(run, cfg, mesh)
     np.testing.assert_array_equal(params["layers"][0]["attn"]["q_proj"], original["layers"][0]["attn"]["q_proj"])
