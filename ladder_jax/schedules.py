@@ -30,11 +30,15 @@ class Stream:
         if not settle:
             return self
         x = self.x
+        if lag:
+            # The late add must share no fusion with this module's work, or XLA waits for the older
+            # all-reduce before this module's GEMMs and the overlap is gone. A barrier after the add
+            # stops it fusing with the next add (DESIGN.md); one before it stops XLA:GPU, at batch 1,
+            # fusing the add with the norm that also reads x (seen in `analysis schedule`).
+            x, settle = jax.lax.optimization_barrier((x, settle))
         for y in settle:
             x = x + y
         if lag:
-            # The late add must not fuse with the next one, or XLA would wait for the newer
-            # all-reduce before this module's GEMMs and cancel the overlap (DESIGN.md).
             x = jax.lax.optimization_barrier(x)
         return Stream(x, keep)
 
