@@ -64,12 +64,58 @@ def logical_to_spec(axes, rules):
     return P(*(rules[a] if a is not None else None for a in axes))
 
 
+# XLA flags without which a ladder model's all-reduces do not overlap its GEMMs on an accelerator,
+# found by reading the compiled schedule (`python -m ladder_jax.analysis schedule`, README).
+TPU_FLAGS = {
+    # XLA:TPU's all-reduce combiner merges a ladder's independent all-reduces (attention i's and
+    # MLP i's) into one, which then waits for both modules: nothing is left to overlap.
+    "xla_jf_crs_combiner_threshold_count": "1",
+    # Without these two every XLA:TPU all-reduce is synchronous. With them an all-reduce becomes an
+    # async collective fusion whose steps run inside the compute kernels scheduled beside it.
+    "xla_enable_async_all_reduce": "true",
+    "xla_tpu_enable_async_collective_fusion_fuse_all_reduce": "true",
+    # ... also inside loop fusions: at small decode batches the matmuls are matrix-vector loops.
+    "xla_tpu_enable_async_collective_fusion_fuse_kloop_fusions": "true",
+}
+GPU_FLAGS = {
+    # XLA:GPU's all-reduce combiner merges independent all-reduces too (same effect as on TPU).
+    "xla_gpu_all_reduce_combine_threshold_bytes": "0",
+}
+
+
+def _merged_flags(current: str, flags: dict[str, str]) -> str:
+    """`current` plus `--name=value` for each flag it does not set already: the user's value wins."""
+    have = {f.lstrip("-").split("=")[0] for f in current.split()}
+    return " ".join([*current.split(), *(f"--{k}={v}" for k, v in flags.items() if k not in have)])
+
+
+def tpu_flags() -> dict[str, str]:
+    """The libtpu flags the library runs with (see TPU_FLAGS), as compiler options."""
+    return dict(TPU_FLAGS)
+
+
+def apply_xla_flags() -> None:
+    """Add TPU_FLAGS to LIBTPU_INIT_ARGS and GPU_FLAGS to XLA_FLAGS, keeping any value the user set.
+
+    Must run before JAX starts its backends: libtpu reads its flags once, when it loads, and XLA
+    reads XLA_FLAGS once. LADDER_JAX_XLA_FLAGS=0 turns this off (e.g. for a libtpu that no longer
+    knows one of these flags). The flags apply to the whole process, training included: without
+    the combiners a data-parallel gradient sync is one all-reduce per parameter.
+    """
+    if os.environ.get("LADDER_JAX_XLA_FLAGS", "1") == "0":
+        return
+    os.environ["LIBTPU_INIT_ARGS"] = _merged_flags(os.environ.get("LIBTPU_INIT_ARGS", ""), TPU_FLAGS)
+    os.environ["XLA_FLAGS"] = _merged_flags(os.environ.get("XLA_FLAGS", ""), GPU_FLAGS)
+
+
 def init_runtime(cpu_devices: int = 8, coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> None:
     """Start JAX for a command-line run: multi-host when launched so, fake CPU devices otherwise.
 
     Multi-host: with --coordinator (any platform, gloo collectives on CPU), or on a TPU pod / SLURM
-    job where `jax.distributed.initialize()` finds its peers itself.
+    job where `jax.distributed.initialize()` finds its peers itself. Sets the accelerator flags
+    (`apply_xla_flags`) first.
     """
+    apply_xla_flags()
     multi = coordinator is not None or int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ
     if os.environ.get("JAX_PLATFORMS", "") in ("", "cpu") and not _accelerator_present():
         force_cpu_devices(cpu_devices)

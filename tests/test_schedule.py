@@ -1,0 +1,163 @@
+"""`analysis schedule` / `analysis memory`: the decode step as XLA:GPU and XLA:TPU really schedule
+it, and the train step's memory on a pod slice, compiled here without an accelerator.
+
+The compiles need the cuda or tpu extra (marker `deviceless`; they skip without it). The HLO
+reading, the targets, the flags and the one-line errors are checked always, cheaply.
+"""
+import importlib.util
+
+import pytest
+
+from ladder_jax import analysis
+from ladder_jax.analysis import TargetError, get_target, ladder_overlaps, schedule_rows, scheduled_all_reduces, target_mesh
+from ladder_jax.config import load_config
+from ladder_jax.mesh import GPU_FLAGS, apply_xla_flags, tpu_flags
+
+from .conftest import SMALL
+
+
+class FakeMesh:  # 1 x 8 mesh of device ids 0..7: every collective here runs over `tensor`
+    import numpy as np
+
+    devices = np.array([[type("D", (), {"id": i})() for i in range(8)]])
+
+
+GROUPS = "replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%add"
+ADD = """%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+"""
+PARAMS = """  %x = f32[1,8]{1,0} parameter(0), metadata={op_name="args[0]"}
+  %wo = f32[8,8]{1,0} parameter(1), metadata={op_name="params['layers'][0]['attn']['o_proj']"}
+  %wu = f32[8,8]{1,0} parameter(2), metadata={op_name="params['layers'][0]['mlp']['up_proj']"}
+"""
+
+
+def test_gpu_async_all_reduce_reports_the_gemms_scheduled_inside():
+    hlo = f"""HloModule m, is_scheduled=true
+{ADD}ENTRY %main (x: f32[1,8], wo: f32[8,8], wu: f32[8,8]) -> f32[1,8] {{
+{PARAMS}  %o = f32[1,8]{{1,0}} dot(%x, %wo), lhs_contracting_dims={{1}}, rhs_contracting_dims={{0}}
+  %ars = f32[1,8]{{1,0}} all-reduce-start(%o), {GROUPS}
+  %u = f32[1,8]{{1,0}} dot(%x, %wu), lhs_contracting_dims={{1}}, rhs_contracting_dims={{0}}
+  %ard = f32[1,8]{{1,0}} all-reduce-done(%ars)
+  ROOT %r = f32[1,8]{{1,0}} add(%ard, %u)
+}}
+"""
+    (ar,) = scheduled_all_reduces(hlo, FakeMesh())
+    assert (ar.axis, ar.async_, ar.bytes, ar.reduces) == ("tensor", True, 32, ["layers.0.attn"])
+    assert ar.gemms_inside == ["layers.0.mlp.up_proj"] and ar.overlaps_next
+
+
+def test_tpu_async_collective_fusion_counts_the_compute_fused_with_its_steps():
+    # XLA:TPU's form: fusions async-collective-start ... -done, each with one step of the
+    # all-reduce (same chain_id); the steps in between are fused into compute kernels.
+    step = lambda n, extra="": f"""%{n} (p: f32[1,8], w: f32[8,8]) -> f32[1,8] {{
+  %p = f32[1,8]{{1,0}} parameter(0)
+  %w = f32[8,8]{{1,0}} parameter(1)
+  %ar.{n} = f32[1,8]{{1,0}} all-reduce(%p), {GROUPS}, frontend_attributes={{chain_id="0"}}
+{extra}  ROOT %t = f32[1,8]{{1,0}} add(%ar.{n}, %p)
+}}
+"""
+    conv = '  %c = f32[1,8]{1,0} convolution(%p, %w), dim_labels=bf_io->bf\n'
+    hlo = f"""HloModule m, is_scheduled=true
+{ADD}{step("s")}{step("mid", conv)}{step("d")}ENTRY %main (x: f32[1,8], wo: f32[8,8], wu: f32[8,8]) -> f32[1,8] {{
+{PARAMS}  %o = f32[1,8]{{1,0}} dot(%x, %wo), lhs_contracting_dims={{1}}, rhs_contracting_dims={{0}}
+  %async-collective-start = f32[1,8]{{1,0}} fusion(%o, %wo), kind=kCustom, calls=%s
+  %f = f32[1,8]{{1,0}} fusion(%async-collective-start, %wu), kind=kOutput, calls=%mid
+  ROOT %async-collective-done = f32[1,8]{{1,0}} fusion(%f, %wu), kind=kCustom, calls=%d
+}}
+"""
+    (ar,) = scheduled_all_reduces(hlo, FakeMesh())
+    assert ar.async_ and ar.reduces == ["layers.0.attn"] and ar.gemms_inside == ["layers.0.mlp.up_proj"] and ar.overlaps_next
+
+
+def test_targets_and_their_one_line_errors():
+    assert (get_target("v5e-8").topology, get_target("v5e-8").devices) == ("v5e:2x4", 8)
+    assert (get_target("v5p-64").topology, get_target("v5p-64").devices) == ("v5p:2x4x4", 32)  # 2 TensorCores a chip
+    h100, a100, h200 = (get_target(n) for n in ("h100-8", "a100-8", "h200-8"))
+    assert max(a100.hbm_bytes, h100.hbm_bytes) < 90e9 < h200.hbm_bytes and "core_count: 108" in a100.gpu_config
+    with pytest.raises(TargetError, match="unknown target 'v4-8'; pick one of h100-8"):
+        get_target("v4-8")
+    cfg = load_config("tiny", ["model.d_model=96", "model.n_heads=6", "model.n_kv_heads=3", "mesh.tensor=3"])
+    with pytest.raises(TargetError, match="--tensor 3 does not divide the 8 devices of h100-8"):
+        target_mesh(cfg, h100)  # refused before any compiler is needed
+
+
+@pytest.mark.parametrize("target, extra", [("h100-8", "cuda"), ("v5e-8", "tpu")])
+def test_missing_extra_prints_how_to_install_it_and_exits_2(target, extra, monkeypatch, capsys):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(SystemExit) as e:
+        analysis.main(["schedule", "--target", target])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert f"pip install 'ladder_jax[{extra}]'" in err
+
+
+def test_xla_flags_are_added_without_overriding_the_users(monkeypatch):
+    monkeypatch.setenv("LIBTPU_INIT_ARGS", "--xla_jf_crs_combiner_threshold_count=4 --foo=1")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    apply_xla_flags()
+    import os
+
+    tpu = os.environ["LIBTPU_INIT_ARGS"].split()
+    assert tpu[:2] == ["--xla_jf_crs_combiner_threshold_count=4", "--foo=1"] and "--xla_enable_async_all_reduce=true" in tpu
+    assert sum(f.startswith("--xla_jf_crs_combiner_threshold_count") for f in tpu) == 1
+    assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8", "--xla_gpu_all_reduce_combine_threshold_bytes=0"]
+    monkeypatch.setenv("LADDER_JAX_XLA_FLAGS", "0")
+    monkeypatch.setenv("XLA_FLAGS", "")
+    apply_xla_flags()
+    assert os.environ["XLA_FLAGS"] == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Deviceless compiles (need the extras). Flags go in as compiler options here: in a test process
+# XLA has read XLA_FLAGS already, and libtpu may have loaded.
+
+LAYERS = 3
+
+
+def _rows(target, plans, batch, options):
+    cfg = load_config("tiny", [f"model.n_layers={LAYERS}", f"mesh.tensor={get_target(target).devices}"])
+    return {r["variant"]: r for r in schedule_rows(cfg.model, target_mesh(cfg, get_target(target)), plans, batch=batch, compiler_options=options)}
+
+
+@pytest.mark.deviceless
+@pytest.mark.parametrize("batch", [1, 8])
+def test_h100_ladder_overlaps_every_all_reduce_but_the_last_and_standard_none(batch):
+    # Batch 1 is the hard case: XLA:GPU turns each matrix-vector product into loop fusions, which
+    # it would fuse with the late residual add but for the barrier in schedules.Stream.read.
+    pytest.importorskip("jax_cuda12_plugin")
+    rows = _rows("h100-8", ["standard", "ladder"], batch, GPU_FLAGS)
+    assert rows["standard"]["overlapped"] == 0
+    ladder = rows["ladder"]
+    assert ladder["ladder_overlaps"] and ladder["merged"] == 0
+    assert ladder["overlap_next_module"] == 2 * LAYERS - 1  # all but the last MLP's
+    assert ladder["exposed"] == ["embed", f"layers.{LAYERS - 1}.mlp", "lm_head", "lm_head"]
+
+
+@pytest.mark.deviceless
+def test_tpu_flags_keep_the_ladder_all_reduces_separate_and_async():
+    pytest.importorskip("libtpu")
+    default = _rows("v5e-8", ["ladder"], 8, None)["ladder"]
+    assert default["merged"] > 0 and default["async"] == 0  # XLA:TPU merges them, synchronously
+    rows = _rows("v5e-8", ["standard", "ladder"], 8, tpu_flags())
+    assert rows["ladder"]["merged"] == 0 and rows["ladder"]["all_reduces"] == 1 + 2 * LAYERS + 2
+    assert rows["ladder"]["overlap_next_module"] >= 1 and rows["standard"]["overlapped"] == 0
+
+
+@pytest.mark.deviceless
+def test_train_step_memory_on_a_tpu_slice():
+    pytest.importorskip("libtpu")
+    cfg = load_config("tiny", [*SMALL, "mesh.tensor=2", "mesh.data=4", "train.batch_size=8"])
+    target = get_target("v5e-8")
+    r = analysis.train_memory(cfg, target_mesh(cfg, target), target.hbm_bytes)
+    assert r["fits"] and 0 < r["arguments"] < r["total"] < target.hbm_bytes
+
+
+def test_ladder_acceptance_needs_the_next_modules_gemms():
+    mk = lambda module, nxt: analysis.ScheduledAllReduce("a", "tensor", True, 8, [module], [nxt] if nxt else [], bool(nxt))  # noqa: E731
+    ars = [mk("embed", None), mk("layers.0.attn", "layers.0.mlp.up_proj"), mk("layers.0.mlp", None)]
+    assert ladder_overlaps(ars)
+    assert not ladder_overlaps([ars[0], mk("layers.0.attn", None), ars[2]])
