@@ -233,10 +233,18 @@ def analyze(text: str, mesh) -> SyncReport:
     return report
 
 
-def compiled_text(jitted, *args, combine: bool = False) -> str:
+def compiled_text(jitted, *args, combine: bool = False, options: dict | None = None) -> str:
     """Optimised HLO of `jitted(*args)` (abstract args are fine); see the module note on `combine`."""
     lowered = jitted.lower(*args)
-    return lowered.compile(compiler_options=None if combine else NO_COMBINER).as_text()
+    return lowered.compile(compiler_options={**({} if combine else NO_COMBINER), **(options or {})} or None).as_text()
+
+
+def cpu_analysis_config(cfg):
+    """The model config to compile for a CPU sync analysis: XLA:CPU promotes bfloat16 all-reduces to
+    float32 (twice the bytes a GPU or TPU sends); float16 has bfloat16's size and it leaves alone."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, dtype="float16") if cfg.dtype == "bfloat16" else cfg
 
 
 def forward_report(cfg, mesh, batch: int | None = None, seq: int = 16) -> SyncReport:
@@ -251,8 +259,9 @@ def forward_report(cfg, mesh, batch: int | None = None, seq: int = 16) -> SyncRe
     return analyze(compiled_text(fn, model.abstract_params(cfg), tokens, tokens), mesh)
 
 
-def decode_report(cfg, mesh, batch: int | None = None, max_len: int = 64) -> SyncReport:
-    """Sync report of one decode step (one new token per row, reading a KV cache of `max_len`)."""
+def decode_report(cfg, mesh, batch: int | None = None, max_len: int = 64, options: dict | None = None) -> SyncReport:
+    """Sync report of one decode step (one new token per row, reading a KV cache of `max_len`);
+    `options`: extra compiler options."""
     import jax
     import jax.numpy as jnp
 
@@ -262,7 +271,7 @@ def decode_report(cfg, mesh, batch: int | None = None, max_len: int = 64) -> Syn
     rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
     kv = jax.ShapeDtypeStruct(model.cache_shape(cfg, mesh.shape[model.TENSOR], batch, max_len), jnp.dtype(cfg.dtype))
     cache = [(kv, kv)] * cfg.n_layers
-    return analyze(compiled_text(decode.step_fn(cfg, mesh), model.abstract_params(cfg), rows, rows, cache), mesh)
+    return analyze(compiled_text(decode.step_fn(cfg, mesh), model.abstract_params(cfg), rows, rows, cache, options=options), mesh)
 
 
 def sync_rows(cfg, mesh, variants: list[str], batch: int = 1, seq: int = 16) -> list[dict]:
@@ -274,7 +283,7 @@ def sync_rows(cfg, mesh, variants: list[str], batch: int = 1, seq: int = 16) -> 
     rows = []
     for plan in variants:
         parse_plan(plan, cfg.n_layers)
-        c = dataclasses.replace(cfg, plan=plan)
+        c = cpu_analysis_config(dataclasses.replace(cfg, plan=plan))
         fwd = forward_report(c, mesh, batch=batch * mesh.shape["data"], seq=seq)
         step = decode_report(c, mesh, batch=batch * mesh.shape["data"])
         s, f = step.summary(), fwd.summary()
@@ -626,7 +635,7 @@ def train_memory(cfg, mesh, hbm_bytes: int) -> dict:
         refused = re.search(r"RESOURCE_EXHAUSTED: ([^\n]*)", str(e))
         if refused is None:
             raise
-        return {"hbm": hbm_bytes, "fits": False, "refused": refused.group(1)}
+        return {"hbm": hbm_bytes, "fits": False, "refused": refused.group(1).rstrip(".")}
     out = {
         "arguments": m.argument_size_in_bytes,
         "outputs": m.output_size_in_bytes,
@@ -753,7 +762,7 @@ def main(argv=None) -> None:
             raise
         import sys
 
-        print(f"error: the decode step does not fit {target.name} with {shape}: {refused.group(1)}; use more devices (--target, --tensor) or a smaller --batch/--cache-len", file=sys.stderr)
+        print(f"error: the decode step does not fit {target.name} with {shape}: {refused.group(1).rstrip('.')}; use more devices (--target, --tensor) or a smaller --batch/--cache-len", file=sys.stderr)
         raise SystemExit(2) from None
     if args.json:
         print(json.dumps(rows, indent=1))

@@ -319,22 +319,6 @@ def _reduced(m: ModelConfig, plan: str, n_layers: int) -> ModelConfig:
 _STRUCTURE_CACHE: dict = {}
 
 
-def _decode_report(c: ModelConfig, mesh):
-    """`analysis.decode_report` (batch 1), compiled with LLVM code generation at -O0: the report
-    reads the HLO after XLA's passes, which the backend level does not touch (same all-reduces,
-    same dependencies; about 40% less compile time on CPU)."""
-    import jax
-    import jax.numpy as jnp
-
-    from . import decode, model
-    from .analysis import NO_COMBINER, analyze
-
-    rows = jax.ShapeDtypeStruct((1,), jnp.int32)
-    kv = jax.ShapeDtypeStruct(model.cache_shape(c, mesh.shape[model.TENSOR], 1, c.max_seq_len), jnp.dtype(c.dtype))
-    lowered = decode.step_fn(c, mesh).lower(model.abstract_params(c), rows, rows, [(kv, kv)] * c.n_layers)
-    return analyze(lowered.compile(compiler_options={**NO_COMBINER, "xla_backend_optimization_level": 0}).as_text(), mesh)
-
-
 def _all_reduces(m: ModelConfig, tensor: int, plan: str, n_layers: int) -> list[tuple[int, bool]]:
     """(bytes, blocking) of every all-reduce over `tensor` in one compiled decode step (batch 1),
     in program order; a merged all-reduce counts once per operand."""
@@ -342,16 +326,15 @@ def _all_reduces(m: ModelConfig, tensor: int, plan: str, n_layers: int) -> list[
     if key not in _STRUCTURE_CACHE:
         import jax
 
+        from .analysis import cpu_analysis_config, decode_report
         from .config import Config, MeshConfig
         from .mesh import make_mesh
 
-        c = _reduced(m, plan, n_layers)
-        if c.dtype == "bfloat16":
-            # XLA:CPU promotes bfloat16 all-reduces to float32 (twice the bytes a GPU or TPU sends);
-            # float16 has bfloat16's size and it leaves alone
-            c = dataclasses.replace(c, dtype="float16")
+        c = cpu_analysis_config(_reduced(m, plan, n_layers))
         mesh = make_mesh(Config(model=c, mesh=MeshConfig(data=1, tensor=tensor)), jax.devices()[:tensor])
-        report = _decode_report(c, mesh)
+        # LLVM code generation at -O0: the report reads the HLO after XLA's passes, which the
+        # backend level does not touch (same all-reduces; about 40% less compile time on CPU).
+        report = decode_report(c, mesh, batch=1, max_len=c.max_seq_len, options={"xla_backend_optimization_level": 0})
         _STRUCTURE_CACHE[key] = [(a.bytes // a.operands, a.blocking) for a in report.on("tensor") for _ in range(a.operands)]
     return _STRUCTURE_CACHE[key]
 
