@@ -62,9 +62,27 @@ def mlp(p, x):
     return (g / (1 + np.exp(-g)) * (x @ p["up_proj"])) @ p["down_proj"]
 
 
-def forward(params, tokens, cfg, layer_schedules):
+def spd_block(L, x, cfg, tensor):
+    """Sync-Point Drop on `tensor` devices: device d holds query heads and FFN columns block d; its
+    MLP reads LN(x + Y_d) with only its own heads' attention output Y_d; one sum of Y_d + Z_d."""
+    eps = cfg.norm_eps
+    h = rms_norm(x, L["attn_norm"]["scale"], eps)
+    heads, cols = cfg.n_heads // tensor, cfg.ffn_dim // tensor
+    total = 0.0
+    for d in range(tensor):
+        own = np.zeros((cfg.n_heads, 1, 1))
+        own[d * heads : (d + 1) * heads] = 1  # o_proj of this device's heads only
+        y = attention(dict(L["attn"], o_proj=L["attn"]["o_proj"] * own), h, cfg)
+        c = slice(d * cols, (d + 1) * cols)
+        m = {"gate_proj": L["mlp"]["gate_proj"][:, c], "up_proj": L["mlp"]["up_proj"][:, c], "down_proj": L["mlp"]["down_proj"][c]}
+        total = total + y + mlp(m, rms_norm(x + y, L["mlp_norm"]["scale"], eps))
+    return x + total
+
+
+def forward(params, tokens, cfg, layer_schedules, tensor=1):
     """Logits (B, S, vocab). Schedules: standard, ladder (module j reads x_{j-2}, x_{-1} = x_0),
-    parallel (one norm, both branches on x_{i-1}), lp (pairs side by side on the same input)."""
+    parallel (one norm, both branches on x_{i-1}), lp (pairs side by side on the same input),
+    spd (depends on the `tensor` devices it is split over)."""
     p = _f64(params)
     eps = cfg.norm_eps
     layers = p["layers"]
@@ -94,6 +112,10 @@ def forward(params, tokens, cfg, layer_schedules):
             xs[j + 1], xs[j + 2] = h1, out  # two modules: the attention pair, the MLP pair
             j += 2
             i += 2
+        elif kind == "spd":
+            xs[j + 1] = xs[j + 2] = spd_block(L, xs[j], cfg, tensor)  # the block's two modules, one sync
+            j += 2
+            i += 1
         else:
             raise ValueError(kind)
     x = rms_norm(xs[j], p["final_norm"]["scale"], eps)

@@ -85,6 +85,15 @@ def test_spd_and_desync_equal_standard_on_one_device_and_differ_when_sharded(sch
     assert np.abs(run(schedule, 1, 4, params) - standard).max() > 1e-3
 
 
+@pytest.mark.parametrize("plan, mesh_shape", [("spd", (1, 2)), ("standard,spd@1:3", (2, 4)), ("spd", (1, 8))])
+def test_spd_blocks_match_the_numpy_reference_of_their_tensor_degree(plan, mesh_shape, devices):
+    # tensor 2 splits the KV heads; 4 and 8 give each device query heads of one replicated KV head.
+    cfg, _, params = build(plan)
+    ref = reference_forward(jax.device_get(params), TOKENS, cfg, cfg.layer_schedules, tensor=mesh_shape[1])
+    np.testing.assert_allclose(run(plan, *mesh_shape, params), ref, atol=2e-5, rtol=1e-4)
+    assert np.abs(ref - reference_forward(jax.device_get(params), TOKENS, cfg, cfg.layer_schedules, tensor=1)).max() > 1e-3
+
+
 def test_tied_embeddings_match_the_reference_when_sharded(devices):
     cfg, mesh, params = build("ladder", model__tie_embeddings="true")
     assert "lm_head" not in params
