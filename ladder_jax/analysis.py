@@ -703,7 +703,7 @@ def main(argv=None) -> None:
     sched.add_argument("--variant", action="append", help="a plan to compare; repeat it (default: the config's plan)")
     sched.add_argument("--batch", type=int, default=1, help="decode rows per data shard (default 1)")
     sched.add_argument("--cache-len", type=int, default=1024, help="KV cache positions each row reads (default 1024, at most model.max_seq_len)")
-    sched.add_argument("--no-xla-flags", action="store_true", help="compile without the library's XLA/libtpu flags (mesh.TPU_FLAGS, GPU_FLAGS), to see XLA's defaults")
+    sched.add_argument("--no-xla-flags", action="store_true", help="compile without the library's libtpu flags (mesh.TPU_FLAGS), to see XLA's defaults")
     sched.add_argument("--dump", metavar="DIR", help="also write each variant's scheduled HLO text to DIR/<model>-<variant>.hlo.txt")
     sched.add_argument("--json", action="store_true", help="print JSON instead of a table")
     mem = sub.add_parser("memory", help="per-device memory of the train step compiled for a target (deviceless): does it fit?")
@@ -769,7 +769,7 @@ def main(argv=None) -> None:
         return
     m = cfg.model
     _print_schedule(rows, f"{m.name}, {m.n_layers} layers, {m.dtype}, one decode step on {target.name} ({shape}), batch {args.batch * mesh.shape['data']}, "
-                    f"KV cache {min(args.cache_len, m.max_seq_len)}; XLA flags: {'XLA defaults' if args.no_xla_flags else 'ladder_jax.mesh TPU_FLAGS/GPU_FLAGS'}")
+                    f"KV cache {min(args.cache_len, m.max_seq_len)}; XLA flags: {'ladder_jax.mesh TPU_FLAGS' if target.platform == 'tpu' and not args.no_xla_flags else 'XLA defaults'}")
 
 
 def _sync_main(args, load_config) -> None:

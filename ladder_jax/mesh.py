@@ -64,22 +64,17 @@ def logical_to_spec(axes, rules):
     return P(*(rules[a] if a is not None else None for a in axes))
 
 
-# XLA flags without which a ladder model's all-reduces do not overlap its GEMMs on an accelerator,
-# found by reading the compiled schedule (`python -m ladder_jax.analysis schedule`, README).
+# libtpu flags without which a ladder model's all-reduces do not overlap its GEMMs on a TPU, found
+# by reading the compiled schedule (`python -m ladder_jax.analysis schedule`, README). No combiner
+# flag is needed: a ladder's all-reduces form a chain (schedules.Stream.settle_after) that no
+# combiner can merge, and on GPU XLA's defaults already overlap every one of them.
 TPU_FLAGS = {
-    # XLA:TPU's all-reduce combiner merges a ladder's independent all-reduces (attention i's and
-    # MLP i's) into one, which then waits for both modules: nothing is left to overlap.
-    "xla_jf_crs_combiner_threshold_count": "1",
     # Without these two every XLA:TPU all-reduce is synchronous. With them an all-reduce becomes an
     # async collective fusion whose steps run inside the compute kernels scheduled beside it.
     "xla_enable_async_all_reduce": "true",
     "xla_tpu_enable_async_collective_fusion_fuse_all_reduce": "true",
     # ... also inside loop fusions: at small decode batches the matmuls are matrix-vector loops.
     "xla_tpu_enable_async_collective_fusion_fuse_kloop_fusions": "true",
-}
-GPU_FLAGS = {
-    # XLA:GPU's all-reduce combiner merges independent all-reduces too (same effect as on TPU).
-    "xla_gpu_all_reduce_combine_threshold_bytes": "0",
 }
 
 
@@ -95,17 +90,14 @@ def tpu_flags() -> dict[str, str]:
 
 
 def apply_xla_flags() -> None:
-    """Add TPU_FLAGS to LIBTPU_INIT_ARGS and GPU_FLAGS to XLA_FLAGS, keeping any value the user set.
+    """Add TPU_FLAGS to LIBTPU_INIT_ARGS, keeping any value the user set.
 
-    Must run before JAX starts its backends: libtpu reads its flags once, when it loads, and XLA
-    reads XLA_FLAGS once. LADDER_JAX_XLA_FLAGS=0 turns this off (e.g. for a libtpu that no longer
-    knows one of these flags). The flags apply to the whole process, training included: without
-    the combiners a data-parallel gradient sync is one all-reduce per parameter.
+    Must run before JAX starts its backends: libtpu reads its flags once, when it loads.
+    LADDER_JAX_XLA_FLAGS=0 turns this off (e.g. for a libtpu that no longer knows one of them).
     """
     if os.environ.get("LADDER_JAX_XLA_FLAGS", "1") == "0":
         return
     os.environ["LIBTPU_INIT_ARGS"] = _merged_flags(os.environ.get("LIBTPU_INIT_ARGS", ""), TPU_FLAGS)
-    os.environ["XLA_FLAGS"] = _merged_flags(os.environ.get("XLA_FLAGS", ""), GPU_FLAGS)
 
 
 def init_runtime(cpu_devices: int = 8, coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> None:

@@ -242,18 +242,29 @@ def forward_fn(cfg: ModelConfig, mesh):
 
 
 @functools.lru_cache(maxsize=16)
-def block_inputs_fn(cfg: ModelConfig, mesh, layers: tuple[int, ...]):
-    """jit(params, tokens, positions, segment_ids) -> (len(layers), B, S, D): the residual entering
-    each of these layers (the plan must have one step per layer, i.e. no LP pairs)."""
+def hidden_states_fn(cfg: ModelConfig, mesh):
+    """jit(params, tokens, positions, segment_ids) -> (1 + steps, B, S, D): the embedding, then the
+    residual after each step of the plan (a layer, or an LP pair)."""
 
     def body(model, tokens, positions, segment_ids):
         x = jax.lax.psum(model.embed(tokens, jax.lax.axis_index(TENSOR) * model.embed.table.shape[0]), TENSOR)
         hidden = [x]
         model(tokens, positions, segment_ids=segment_ids, hidden_out=hidden)
-        return jnp.stack([hidden[i] for i in layers])
+        return jnp.stack(hidden)[None]
 
     batch = P("data", None)
-    return jax.jit(sharded(cfg, mesh, body, (batch, batch, batch), P(None, "data")))
+    # A residual is equal on every tensor device, but after a ladder layer JAX cannot prove it (the
+    # barriers that order its late adds tie it to device-local values, schedules.Stream.settle_after):
+    # each device returns its copy along a leading tensor axis and the first is kept.
+    fn = sharded(cfg, mesh, body, (batch, batch, batch), P(TENSOR, None, "data"))
+    return jax.jit(lambda *args: fn(*args)[0])
+
+
+def block_inputs_fn(cfg: ModelConfig, mesh, layers: tuple[int, ...]):
+    """(params, tokens, positions, segment_ids) -> (len(layers), B, S, D): the residual entering
+    each of these layers (the plan must have one step per layer, i.e. no LP pairs)."""
+    states, idx = hidden_states_fn(cfg, mesh), np.asarray(layers)
+    return lambda *args: states(*args)[idx]
 
 
 @functools.lru_cache(maxsize=16)
@@ -273,11 +284,11 @@ def block_fn(cfg: ModelConfig, mesh, schedule: str):
             return attn(h, rope, positions, kv_head=kv_head, segment_ids=segment_ids)[0]
 
         ctx = LayerContext(all_reduce=functools.partial(jax.lax.psum, axis_name=TENSOR), attend=attend)
-        return SCHEDULES[schedule]([block], [0], Stream(x), ctx).settled()
+        return SCHEDULES[schedule]([block], [0], Stream(x), ctx).settled()[None]
 
     batch = P("data", None)
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(specs, P("data"), batch, batch), out_specs=P("data"))
-    return jax.jit(fn)
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(specs, P("data"), batch, batch), out_specs=P(TENSOR, "data"))  # copies, see block_inputs_fn
+    return jax.jit(lambda *args: fn(*args)[0])
 
 
 def logits(cfg: ModelConfig, mesh, params, tokens, positions=None):

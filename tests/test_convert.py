@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-from jax.sharding import PartitionSpec as P
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ladder_jax import checkpoint as ckpt
@@ -165,15 +164,9 @@ def test_hybrid_ladder_import_changes_only_the_ladder_layers(hf, tmp_path, devic
     cfg, mesh, params = on_mesh(out, 2, 4)
     assert cfg.model.layer_schedules == ("standard", "standard", "ladder", "ladder")
 
-    def body(model, tokens, pos):
-        states = []
-        model(tokens, pos, hidden_out=states)
-        return jnp.stack(states)
-
-    def hidden(model_cfg):
-        fn = jax.jit(M.sharded(model_cfg, mesh, body, (P("data", None),) * 2, P(None, "data")))
+    def hidden(model_cfg):  # the residual after each layer
         tokens = jnp.asarray(TOKENS)
-        return np.asarray(fn(params, tokens, M.default_positions(tokens)))
+        return np.asarray(M.hidden_states_fn(model_cfg, mesh)(params, tokens, M.default_positions(tokens), jnp.zeros_like(tokens)))[1:]
 
     h_std, h_hyb = hidden(dataclasses.replace(cfg.model, plan="standard")), hidden(cfg.model)
     np.testing.assert_allclose(h_hyb[:2], h_std[:2], atol=1e-5)  # layers 0, 1: the imported Llama's own
