@@ -287,7 +287,7 @@ def block_fn(cfg: ModelConfig, mesh, schedule: str):
         return SCHEDULES[schedule]([block], [0], Stream(x), ctx).settled()[None]
 
     batch = P("data", None)
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(specs, P("data"), batch, batch), out_specs=P(TENSOR, "data"))  # copies, see block_inputs_fn
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(specs, P("data"), batch, batch), out_specs=P(TENSOR, "data"))  # copies, see hidden_states_fn
     return jax.jit(lambda *args: fn(*args)[0])
 
 
