@@ -712,7 +712,7 @@ def main(argv=None) -> None:
     mem.add_argument("--target", required=True, help=targets + "; any v5p-N slice")
     mem.add_argument("--data", type=int, help="data-parallel degree (default: every device the tensor axis leaves over)")
     mem.add_argument("--tensor", type=int, help="tensor-parallel degree (default: the config's mesh.tensor)")
-    mem.add_argument("--no-xla-flags", action="store_true", help="compile without the library's XLA/libtpu flags")
+    mem.add_argument("--no-xla-flags", action="store_true", help="compile without the library's libtpu flags (mesh.TPU_FLAGS)")
     mem.add_argument("--json", action="store_true", help="print JSON instead of a line")
     args = ap.parse_args(argv)
 
