@@ -23,6 +23,17 @@ import statistics
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
+
+from ladder_jax import checkpoint, decode
+from ladder_jax import model as M
+from ladder_jax.checkpoint import CheckpointError
+from ladder_jax.config import ConfigError, load_config
+from ladder_jax.decode import DecodeError, check_request
+from ladder_jax.mesh import init_runtime, make_mesh
+from ladder_jax.tokenizer import get_tokenizer
+
 
 class InputError(ValueError):
     """A command line or prompts file infer.py cannot use; the message says what to change."""
@@ -53,10 +64,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from ladder_jax.checkpoint import CheckpointError
-    from ladder_jax.config import ConfigError
-    from ladder_jax.decode import DecodeError
-
     try:
         return benchmark(args) if args.benchmark else infer(args)
     except (InputError, ConfigError, CheckpointError, DecodeError) as e:
@@ -149,14 +156,11 @@ class TextStream:
 
 
 def resolve_run(args) -> Path:
-    from ladder_jax import checkpoint
-    from ladder_jax.config import load_config
-
     if args.checkpoint is None:
         preset = load_config(args.config or "tiny").model.name
         return checkpoint.latest_run(args.runs_dir, preset)
     run_dir = Path(args.checkpoint)
-    saved = checkpoint.load_config(run_dir)  # one-line CheckpointError for a missing or foreign directory
+    saved = checkpoint.load_run_config(run_dir)  # one-line CheckpointError for a missing or foreign directory
     if args.config is not None:
         wanted = load_config(args.config).model.name
         if saved.model.name != wanted:
@@ -165,12 +169,6 @@ def resolve_run(args) -> Path:
 
 
 def infer(args) -> int:
-    from ladder_jax import checkpoint
-    from ladder_jax.config import load_config
-    from ladder_jax.decode import check_request
-    from ladder_jax.mesh import init_runtime
-    from ladder_jax.tokenizer import get_tokenizer
-
     texts = read_prompts(args)
     init_runtime(args.cpu_devices)  # before orbax looks for checkpoints, which starts JAX
     # Everything else that can be wrong with the request is found before parameters load.
@@ -183,8 +181,8 @@ def infer(args) -> int:
         raise InputError(str(e)) from None
     prompts = [[tokenizer.bos_id, *tokenizer.encode(t)] for t in texts]
     check_request(cfg.model, prompts, args.max_new_tokens)
-    cfg, mesh, params = checkpoint.load_run(run_dir, overrides)
-    complete(cfg, mesh, params, tokenizer, texts, prompts, args.max_new_tokens, sys.stdout, log=sys.stderr, source=str(run_dir))
+    run = checkpoint.load_run(run_dir, overrides)
+    complete(run.cfg, run.mesh, run.params, tokenizer, texts, prompts, args.max_new_tokens, sys.stdout, log=sys.stderr, source=str(run_dir))
     return 0
 
 
@@ -192,8 +190,6 @@ def complete(cfg, mesh, params, tokenizer, texts, prompts, max_new_tokens, out, 
     """Decode the prompts and return their completions. A single prompt streams to `out` as it
     is produced; a batch is written when done, one `[i] prompt completion` per prompt. Compile
     time, timings and the KV cache size go to `log`."""
-    from ladder_jax import decode
-
     shape = decode.decode_shape(cfg.model, mesh, prompts, max_new_tokens)
     cache = decode.check_cache_fits(cfg.model, mesh, shape)
     compile_seconds = decode.precompile(cfg.model, mesh, params, shape)
@@ -255,8 +251,6 @@ def benchmark(args) -> int:
     """Random weights per variant; per batch size: compile once, warm up, then time --runs
     generations and report their medians. Tokens/s counts the generated tokens over the whole
     generation, prefill included, as the Ladder Residual paper does."""
-    from ladder_jax.config import load_config
-
     if args.checkpoint or args.prompt is not None or args.prompts_file:
         raise InputError("--benchmark times random weights on random prompts; drop --checkpoint, --prompt and --prompts-file")
     variants = split_variants(args.variants)
@@ -272,16 +266,8 @@ def benchmark(args) -> int:
         overrides = [*overrides, f"model.max_seq_len={total_len}"]
     configs = {v: load_config(args.config or "tiny", [*overrides, f"model.plan={v}"]) for v in variants}
 
-    from ladder_jax.mesh import init_runtime
 
     init_runtime(args.cpu_devices)
-    import jax
-    import numpy as np
-
-    from ladder_jax import decode
-    from ladder_jax import model as M
-    from ladder_jax.mesh import make_mesh
-
     mesh = make_mesh(base)
     device = mesh.devices.flat[0]
     rng = np.random.default_rng(args.seed)

@@ -6,6 +6,16 @@ import argparse
 import os
 import sys
 
+import jax
+
+from ladder_jax import decode
+from ladder_jax.checkpoint import CheckpointError
+from ladder_jax.config import ConfigError, load_config
+from ladder_jax.data import DataError
+from ladder_jax.mesh import init_runtime
+from ladder_jax.tokenizer import get_tokenizer
+from ladder_jax.training import TrainingError, train
+
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -24,29 +34,19 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from ladder_jax.config import ConfigError, load_config
-
-    try:  # a bad config fails here, before JAX starts
+    try:  # a bad config fails here, before JAX starts its backends
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from ladder_jax.mesh import init_runtime
-
     init_runtime(args.cpu_devices, args.coordinator, args.num_processes, args.process_id)
-
-    from ladder_jax.checkpoint import CheckpointError
-    from ladder_jax.data import DataError
-    from ladder_jax.training import TrainingError, train
 
     try:
         result = train(cfg, run_dir=args.run_dir, init_from=args.init_from, progress=not args.no_progress)
     except (ConfigError, DataError, CheckpointError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    import jax
-
     if jax.process_index() == 0:
         print(f"step {result['step']}: loss {result.get('loss', float('nan')):.4f}" + (f", val_loss {result['val_loss']:.4f}, val_ppl {result['val_ppl']:.2f}" if "val_loss" in result else ""))
         if args.sample_tokens:
@@ -56,9 +56,6 @@ def main(argv=None) -> int:
 
 
 def print_sample(cfg, result, n_tokens: int) -> None:
-    from ladder_jax import decode
-    from ladder_jax.tokenizer import get_tokenizer
-
     tok = get_tokenizer(cfg, result["run_dir"])
     prompt = "def "
     out = decode.generate(cfg, result["mesh"], result["params"], [[tok.bos_id, *tok.encode(prompt)]], max_new_tokens=n_tokens, eos_id=tok.eos_id)

@@ -3,7 +3,7 @@
     python benchmarks/layer_decode.py --config llama-2-70b --tensor 8 --hardware h100-nvlink \
         --batch 1 2 4 8 16 32 64 --cache-len 1536 [--layers 2 6] [--runs 20] [--json out.json]
 
-`ladder_jax.perfmodel` composes a TP decode step from per-module costs on one device (weight and
+The latency model (`ladder_jax.instruments.perf.cost`) composes a TP decode step from per-module costs on one device (weight and
 KV-cache bytes over achieved HBM bandwidth, FLOPs over the matmul rate, a fixed cost per kernel).
 This measures those costs on the device at hand: it builds the model one device of a `--tensor`
 mesh computes (heads, KV heads and FFN columns divided by the tensor degree; the same local shapes
@@ -14,7 +14,7 @@ dispatch cancel. It reports per batch:
 - measured ms per layer, and the bytes one layer must read (its weight shard + the KV cache
   positions it attends over, once per KV head as our attention reads them);
 - achieved bandwidth = those bytes / time, and its share of the profile's spec bandwidth;
-- the latency model's time for the same layer on the profile (`perfmodel.module_time` of attention
+- the latency model's time for the same layer on the profile (`cost.module_time` of attention
   + MLP, with the profile's fitted efficiency and kernel cost, and GQA-aware attention as ours);
 - a plain read of a large array (`jnp.sum`), the bandwidth this device reaches without any model.
 
@@ -100,7 +100,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from ladder_jax.config import ConfigError, load_config
-    from ladder_jax.perfmodel import PerfModelError, check_tensor, load_hardware, module_costs, module_time
+    from ladder_jax.instruments.perf.cost import check_tensor, module_costs, module_time
+    from ladder_jax.instruments.perf.hardware import PerfModelError, load_hardware
 
     try:
         m = load_config(args.config, args.overrides).model

@@ -16,6 +16,9 @@ import json
 import time
 from pathlib import Path
 
+from ladder_jax.mesh import force_cpu_devices
+from ladder_jax.methods import spd
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,40 +32,25 @@ def main():
     ap.add_argument("--out", type=Path, default=Path("docs"))
     args = ap.parse_args()
 
-    from ladder_jax.mesh import force_cpu_devices
-
     force_cpu_devices(max(args.tensor))
-    import jax
-
-    from ladder_jax import spd
-    from ladder_jax.checkpoint import restore_params
-    from ladder_jax.config import load_config
-    from ladder_jax.data import build_datasets, val_batches
-    from ladder_jax.lp import Evaluator
-    from ladder_jax.mesh import make_mesh
-    from ladder_jax.tokenizer import get_tokenizer
-
     results = {"checkpoint": str(args.checkpoint), "date": time.strftime("%Y-%m-%d"), "machine": "CPU, fake devices", "tensor": {}}
     for t in args.tensor:
-        cfg = load_config(args.checkpoint / "config.yaml", [f"mesh.tensor={t}", f"mesh.data={jax.device_count() // t}"])
-        mesh = make_mesh(cfg)
-        params = restore_params(args.checkpoint, cfg, mesh)
-        windows = build_datasets(cfg.train, get_tokenizer(cfg, args.checkpoint)).val
+        run = spd.open_run(args.checkpoint, t)
+        cfg, params = run.cfg, run.params
         b = cfg.train.batch_size
         n_cal = -(-args.calibration // b)
-        every = val_batches(windows, b, n_cal + -(-args.eval // b))
+        every = run.validation_batches(n_cal + -(-args.eval // b))
         calib, held = every[:n_cal], every[n_cal:]
         sens_file = args.sensitivity_dir and args.sensitivity_dir / f"spd_sensitivity_t{t}.json"
         if sens_file and sens_file.exists():
             report = json.loads(sens_file.read_text())
         else:
-            report = spd.sensitivity(Evaluator(cfg, mesh, params, calib, [], 0), 0.005, 0.05)
+            report = spd.sensitivity(run, calib, 0.005, 0.05)
         lr = args.lr or cfg.train.lr / 10
         # Repair every block once; each repair only depends on the original model's activations.
         every_block = dict(report, blocks=[dict(b, **{"class": "sensitive" if b["class"] == "insensitive" else b["class"]}) for b in report["blocks"]])
         n = cfg.model.n_layers
-        repaired, log = spd.apply(cfg, mesh, params, calib, every_block, list(range(n)), args.steps, lr, held_out=16)
-        ev = Evaluator(cfg, mesh, params, held, [], 0)
+        repaired, log = spd.apply(run, calib, every_block, list(range(n)), args.steps, lr, held_out=16)
         order = [b["block"] for b in sorted(report["blocks"], key=lambda b: b["rank"])]
         classes = {b["block"]: b["class"] for b in report["blocks"]}
         rows = []
@@ -71,9 +59,9 @@ def main():
             plan = spd.spd_plan(cfg.model.plan, n, chosen)
             method = {**params, "layers": {i: repaired["layers"][i] if i in chosen and classes[i] != "insensitive" else params["layers"][i] for i in range(n)}}
             distilled = {**params, "layers": {i: repaired["layers"][i] if i in chosen else params["layers"][i] for i in range(n)}}
-            row = {"dropped": k, "blocks": chosen, "zero_shot": ev.perplexity(plan),
-                   "spd_method": Evaluator(cfg, mesh, method, held, [], 0).perplexity(plan),
-                   "all_distilled": Evaluator(cfg, mesh, distilled, held, [], 0).perplexity(plan)}
+            row = {"dropped": k, "blocks": chosen, "zero_shot": spd.perplexity(run, plan, held),
+                   "spd_method": spd.perplexity(run, plan, held, params=method),
+                   "all_distilled": spd.perplexity(run, plan, held, params=distilled)}
             rows.append(row)
             print(f"tensor={t} dropped={k} {chosen}: zero-shot {row['zero_shot']:.4f}, SPD {row['spd_method']:.4f}, all distilled {row['all_distilled']:.4f}", flush=True)
         results["tensor"][t] = {"sensitivity": report["blocks"], "repairs": log, "rows": rows}

@@ -25,7 +25,7 @@ def main():
 
     force_cpu_devices(args.devices)
     from ladder_jax.config import load_config
-    from ladder_jax.plot import plot_runs
+    from ladder_jax.instruments.plots import plot_runs
     from ladder_jax.training import train
 
     rows, runs = {}, []

@@ -8,17 +8,24 @@ step; restoring always takes the latest complete one.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-import socket
+import secrets
 import shutil
+import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 import yaml
+from jax.sharding import Mesh
 
 from . import model as M
-from .config import Config, ConfigError, from_dict, to_dict
+from .config import Config, ConfigError, from_dict, load_config, to_dict
+from .data import DataError, build_datasets, val_batches
+from .mesh import make_mesh
+from .tokenizer import get_tokenizer
 
 
 class CheckpointError(ValueError):
@@ -31,16 +38,18 @@ def save_config(run_dir: Path, cfg: Config) -> None:
     os.replace(tmp, run_dir / "config.yaml")
 
 
-def load_config(run_dir: str | Path) -> Config:
+def load_run_config(run_dir: str | Path, overrides=()) -> Config:
+    """The config a run was saved with, with optional `key=value` overrides (plan, mesh, ...)."""
     path = Path(run_dir) / "config.yaml"
     if not Path(run_dir).is_dir():
         raise CheckpointError(f"{run_dir} is not a directory; give a run directory made by train.py or convert")
     if not path.exists():
         raise CheckpointError(f"{run_dir} has no config.yaml, so it is not a ladder_jax run; give a directory made by train.py or convert")
     try:
-        return from_dict(yaml.safe_load(path.read_text()))
+        saved = from_dict(yaml.safe_load(path.read_text()))
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    return load_config(path, overrides) if overrides else saved
 
 
 def manager(run_dir: str | Path, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
@@ -90,14 +99,14 @@ def abstract_with_sharding(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def restore_params(run_dir: str | Path, cfg: Config, mesh, step: int | None = None) -> dict:
+def restore_params(run_dir: str | Path, cfg: Config, mesh: Mesh, step: int | None = None) -> dict:
     """The parameters of a run's latest (or given) complete step, placed onto `mesh` for `cfg`.
 
     `cfg` may differ from the run's own config in the plan (standard -> ladder, ...) and the mesh,
     as long as every parameter keeps its shape.
     """
     run_dir = Path(run_dir)
-    check_same_shapes(cfg, load_config(run_dir), str(run_dir))
+    check_same_shapes(cfg, load_run_config(run_dir), str(run_dir))
     step = latest_step(run_dir) if step is None else step
     if step is None:
         raise CheckpointError(f"{run_dir} has no complete checkpoint; train it (python train.py) or convert a model into it")
@@ -106,18 +115,31 @@ def restore_params(run_dir: str | Path, cfg: Config, mesh, step: int | None = No
     return restored["params"]
 
 
-def load_run(run_dir: str | Path, overrides=(), devices=None):
-    """(config, params) of a run, with optional `key=value` overrides (mesh, plan), on a fresh mesh."""
-    from .config import load_config as load_preset
-    from .mesh import make_mesh
+@dataclass
+class Run:
+    """A run directory opened on a mesh: its config (with any overrides), the mesh, the parameters."""
 
-    saved = load_config(run_dir)
-    cfg = saved
-    if overrides:
-        path = Path(run_dir) / "config.yaml"
-        cfg = load_preset(path, overrides)
+    dir: Path
+    cfg: Config
+    mesh: Mesh
+    params: dict
+
+    def validation_batches(self, n_batches: int | None = None) -> list[dict]:
+        """The run's validation windows in batches of train.batch_size: the first `n_batches`
+        (default train.eval_batches), the same at every call."""
+        tr = self.cfg.train
+        windows = build_datasets(tr, get_tokenizer(self.cfg, self.dir)).val
+        batches = val_batches(windows, tr.batch_size, n_batches or tr.eval_batches, jax.process_index(), jax.process_count())
+        if not batches:
+            raise DataError(f"the validation split of {self.dir} has {len(windows)} windows, fewer than one batch of {tr.batch_size}; lower train.batch_size or raise train.val_fraction")
+        return batches
+
+
+def load_run(run_dir: str | Path, overrides=(), devices=None) -> Run:
+    """A run with optional `key=value` overrides (mesh, plan), its parameters placed on a fresh mesh."""
+    cfg = load_run_config(run_dir, overrides)
     mesh = make_mesh(cfg, devices)
-    return cfg, mesh, restore_params(run_dir, cfg, mesh)
+    return Run(Path(run_dir), cfg, mesh, restore_params(run_dir, cfg, mesh))
 
 
 def latest_run(root: str | Path = "runs", preset: str = "tiny") -> Path:
@@ -151,3 +173,24 @@ def check_writable(run_dir: Path, need_bytes: int = 0) -> None:
     if need_bytes and free < need_bytes:
         raise CheckpointError(f"{run_dir} has {free / 2**20:.0f} MiB free but a checkpoint needs about {need_bytes / 2**20:.0f} MiB; free space or choose another train.out_dir")
 
+
+
+def check_new_directory(out: Path) -> None:
+    """Refuse to write into a directory that holds anything: a user's files are never touched."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out} already exists and is not empty; give a new directory")
+
+
+@contextlib.contextmanager
+def building(out: Path):
+    """A temporary sibling of `out` to fill; renamed to `out` only when the block succeeds, so a
+    failed or killed conversion leaves no half-written run behind."""
+    check_new_directory(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f"{out.name}.tmp-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        os.replace(tmp, out)  # replaces an empty `out` too
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

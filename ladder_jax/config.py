@@ -12,10 +12,12 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jax.numpy as jnp
 import yaml
 
+from .schedules import SCHEDULES
+
 PRESET_DIR = Path(__file__).parent / "configs"
-SCHEDULES = ("standard", "parallel", "ladder", "desync", "spd", "lp")
 VOCAB_PAD = 128  # vocab rows are padded to a multiple of this so any power-of-two tensor axis splits them
 
 
@@ -397,8 +399,6 @@ def mesh_shape(mesh: MeshConfig, n_devices: int) -> tuple[int, int]:
 
 
 def dtype_of(name: str):
-    import jax.numpy as jnp
-
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
 
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from . import model as M
@@ -98,7 +98,7 @@ def check_request(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_to
         )
 
 
-def decode_shape(cfg: ModelConfig, mesh, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> DecodeShape:
+def decode_shape(cfg: ModelConfig, mesh: Mesh, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> DecodeShape:
     """Check a request (see `check_request`) and return the shapes it runs with."""
     check_request(cfg, prompts, max_new_tokens)
     longest = max(len(p) for p in prompts)
@@ -107,7 +107,7 @@ def decode_shape(cfg: ModelConfig, mesh, prompts: Sequence[Sequence[int]], max_n
     return DecodeShape(batch=-(-len(prompts) // data) * data, prompt_len=bucket, cache_len=min(cfg.max_seq_len, bucket + max_new_tokens))
 
 
-def cache_bytes(cfg: ModelConfig, mesh, shape: DecodeShape) -> int:
+def cache_bytes(cfg: ModelConfig, mesh: Mesh, shape: DecodeShape) -> int:
     """KV cache bytes one device holds for this request."""
     return M.cache_bytes_per_device(cfg, (mesh.shape["data"], mesh.shape[TENSOR]), shape.batch, shape.cache_len)
 
@@ -120,7 +120,7 @@ def free_device_bytes(device) -> int | None:
     return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
 
 
-def check_cache_fits(cfg: ModelConfig, mesh, shape: DecodeShape, device=None) -> int:
+def check_cache_fits(cfg: ModelConfig, mesh: Mesh, shape: DecodeShape, device=None) -> int:
     """Refuse a request whose KV cache would not fit next to what the device already holds.
     Returns the cache bytes per device."""
     need = cache_bytes(cfg, mesh, shape)
@@ -150,7 +150,7 @@ def vocab_parallel_argmax(local_logits):
 
 
 @functools.lru_cache(maxsize=32)
-def prefill_fn(cfg: ModelConfig, mesh, cache_len: int):
+def prefill_fn(cfg: ModelConfig, mesh: Mesh, cache_len: int):
     """jit(params, tokens (B, S) right-padded, lengths (B,)) -> (first new token (B,), KV cache).
 
     The cache is created here, so a generation allocates it once. The prompt attends over a
@@ -176,7 +176,7 @@ def prefill_fn(cfg: ModelConfig, mesh, cache_len: int):
 
 
 @functools.lru_cache(maxsize=32)
-def step_fn(cfg: ModelConfig, mesh):
+def step_fn(cfg: ModelConfig, mesh: Mesh):
     """jit(params, tokens (B,), positions (B,), cache) -> (next tokens, positions + 1, cache).
 
     Outputs feed the next call as they are, so a generation makes no host-to-device copies after
@@ -191,19 +191,27 @@ def step_fn(cfg: ModelConfig, mesh):
     return jax.jit(M.sharded(cfg, mesh, body, (ROWS, ROWS, specs), (ROWS, ROWS, specs)), donate_argnums=3)
 
 
-def precompile(cfg: ModelConfig, mesh, params, shape: DecodeShape) -> float:
+def abstract_step_args(cfg: ModelConfig, mesh: Mesh, batch: int, cache_len: int) -> tuple:
+    """(params, tokens, positions, cache) of a decode step as sharded abstract values: what the
+    step compiles for, with nothing allocated."""
+    per_row = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=NamedSharding(mesh, ROWS))
+    kv = jax.ShapeDtypeStruct(
+        M.cache_shape(cfg, mesh.shape[TENSOR], batch, cache_len), dtype_of(cfg.dtype), sharding=NamedSharding(mesh, M.CACHE_SPEC)
+    )
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), M.abstract_params(cfg), M.param_shardings(cfg, mesh))
+    return params, per_row, per_row, [(kv, kv)] * cfg.n_layers
+
+
+def precompile(cfg: ModelConfig, mesh: Mesh, params, shape: DecodeShape) -> float:
     """Compile the prefill and the decode step for `shape` ahead of time; returns the seconds.
 
     jit keeps executables compiled this way, so a generation of the same shape compiles nothing.
     """
     start = time.perf_counter()
     tokens = jax.ShapeDtypeStruct((shape.batch, shape.prompt_len), jnp.int32, sharding=NamedSharding(mesh, ROWS_BY_SEQ))
-    per_row = jax.ShapeDtypeStruct((shape.batch,), jnp.int32, sharding=NamedSharding(mesh, ROWS))
-    kv = jax.ShapeDtypeStruct(
-        M.cache_shape(cfg, mesh.shape[TENSOR], shape.batch, shape.cache_len), dtype_of(cfg.dtype), sharding=NamedSharding(mesh, M.CACHE_SPEC)
-    )
+    _, per_row, _, cache = abstract_step_args(cfg, mesh, shape.batch, shape.cache_len)
     prefill_fn(cfg, mesh, shape.cache_len).lower(params, tokens, per_row).compile()
-    step_fn(cfg, mesh).lower(params, per_row, per_row, [(kv, kv)] * cfg.n_layers).compile()
+    step_fn(cfg, mesh).lower(params, per_row, per_row, cache).compile()
     return time.perf_counter() - start
 
 
@@ -213,7 +221,7 @@ def precompile(cfg: ModelConfig, mesh, params, shape: DecodeShape) -> float:
 
 def generate(
     cfg: Config | ModelConfig,
-    mesh,
+    mesh: Mesh,
     params,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
@@ -260,7 +268,7 @@ def generate(
     prefill_seconds = time.perf_counter() - start
 
     # XLA:CPU with fake devices deadlocks when many steps with collectives are in flight
-    # (DESIGN.md), so there each step is read back before the next is sent. An accelerator gets
+    # (docs/architecture.md, "Facts"), so there each step is read back before the next is sent. An accelerator gets
     # the next step queued while the host reads this one.
     max_in_flight = 1 if mesh.devices.flat[0].platform == "cpu" else 2
     step = step_fn(cfg, mesh)

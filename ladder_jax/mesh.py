@@ -5,8 +5,12 @@ module alone decides which mesh axis each name is split over.
 """
 from __future__ import annotations
 
+import glob
 import os
-import sys
+
+import jax
+from jax.sharding import AxisType, Mesh
+from jax.sharding import PartitionSpec as P
 
 from .config import Config, ConfigError, ModelConfig, mesh_shape
 
@@ -14,28 +18,22 @@ AXES = ("data", "tensor")
 
 
 def force_cpu_devices(n: int = 8) -> None:
-    """Ask XLA:CPU for `n` fake devices. Must run before JAX initialises its backends; after
-    that it only checks that at least `n` devices exist (callers then use the first `n`)."""
-    if "jax" in sys.modules:
-        import jax
-
-        if jax._src.xla_bridge.backends_are_initialized():  # too late to change the device count
-            if jax.device_count() < n:
-                raise RuntimeError(f"JAX already started with {jax.device_count()} devices; call force_cpu_devices({n}) before any JAX work")
-            return
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+    """Ask XLA:CPU for `n` fake devices. Must run before JAX starts its backends (the first array
+    or device query); after that it only checks that at least `n` devices exist (callers then
+    use the first `n`)."""
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # the backends have started: too late to change the count
+        if jax.device_count() < n:
+            raise RuntimeError(f"JAX already started with {jax.device_count()} devices; call force_cpu_devices({n}) before any JAX work") from None
 
 
-def make_mesh(cfg: Config, devices=None):
+def make_mesh(cfg: Config, devices=None) -> Mesh:
     """The (data, tensor) mesh for this config on these devices (default: all of them).
 
     Axis types are Auto: the model runs as one shard_map with its own collectives, so jit may
     move inputs onto the specs the shard_map asks for instead of refusing them.
     """
-    import jax
-    from jax.sharding import AxisType
-
     devices = list(jax.devices() if devices is None else devices)
     data, tensor = mesh_shape(cfg.mesh, len(devices))
     return jax.make_mesh((data, tensor), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices[: data * tensor])
@@ -58,14 +56,12 @@ def sharding_rules(model: ModelConfig, tensor: int) -> dict[str, str | None]:
     }
 
 
-def logical_to_spec(axes, rules):
-    from jax.sharding import PartitionSpec as P
-
+def logical_to_spec(axes, rules) -> P:
     return P(*(rules[a] if a is not None else None for a in axes))
 
 
 # libtpu flags without which a ladder model's all-reduces do not overlap its GEMMs on a TPU, found
-# by reading the compiled schedule (`python -m ladder_jax.analysis schedule`, README). No combiner
+# by reading the compiled schedule (`python -m ladder_jax analysis schedule`, docs/analysis.md). No combiner
 # flag is needed: a ladder's all-reduces form a chain (schedules.Stream.settle_after) that no
 # combiner can merge, and on GPU XLA's defaults already overlap every one of them.
 TPU_FLAGS = {
@@ -111,8 +107,6 @@ def init_runtime(cpu_devices: int = 8, coordinator: str | None = None, num_proce
     multi = coordinator is not None or int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ
     if os.environ.get("JAX_PLATFORMS", "") in ("", "cpu") and not _accelerator_present():
         force_cpu_devices(cpu_devices)
-    import jax
-
     if multi:
         if not _accelerator_present():  # CPU processes talk through gloo
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -121,6 +115,4 @@ def init_runtime(cpu_devices: int = 8, coordinator: str | None = None, num_proce
 
 def _accelerator_present() -> bool:
     """Whether a GPU or TPU is visible, without initialising JAX's backends."""
-    import glob
-
     return bool(glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .config import Config, ModelConfig, plan_steps
@@ -50,31 +50,27 @@ class Transformer(nnx.Module):
 
         tokens, positions: (B, S) int32. cache: optional list of per-layer (k, v) local shards.
         Returns (logits for this device's vocab shard (B, S, V/T) float32 with padding columns at
-        -inf, updated cache or None). `hidden_out`, if given, collects the residual after each step.
+        -inf, updated cache or None). `hidden_out`, if given, collects the embedding and then the
+        residual after each step of the plan.
         """
         cfg = self.cfg
-        t_index = jax.lax.axis_index(TENSOR)
-        all_reduce = functools.partial(jax.lax.psum, axis_name=TENSOR)
         rope = rope_tables(positions, rope_frequencies(cfg))
-        v_local = self.embed.table.shape[0]
-        x = all_reduce(self.embed(tokens, t_index * v_local))
-
-        kv_head = local_kv_head(cfg, self.layers[0].attn)
+        x = self.embed_tokens(tokens)
         new_cache = [None] * cfg.n_layers if cache is not None else None
-
-        def attend(i, attn, h):
-            out, c = attn(h, rope, positions, kv_head=kv_head, cache=None if cache is None else cache[i], segment_ids=segment_ids)
-            if cache is not None:
-                new_cache[i] = c
-            return out
-
-        ctx = LayerContext(all_reduce=all_reduce, attend=attend)
+        ctx = layer_context(cfg, self.layers[0].attn, rope, positions, segment_ids, cache, new_cache)
         stream = Stream(x)
+        if hidden_out is not None:
+            hidden_out.append(x)
         for name, layers in plan_steps(cfg.layer_schedules):
             stream = SCHEDULES[name]([self.layers[i] for i in layers], layers, stream, ctx)
             if hidden_out is not None:
                 hidden_out.append(stream.settled())
         return self.head(stream.settled()), new_cache
+
+    def embed_tokens(self, tokens):
+        """The embedding, complete on every device: each holds a vocab shard, one all-reduce sums them."""
+        offset = jax.lax.axis_index(TENSOR) * self.embed.table.shape[0]
+        return jax.lax.psum(self.embed(tokens, offset), TENSOR)
 
     def head(self, h):
         """Final norm and this device's vocab shard of the logits (float32, padding columns at -inf).
@@ -85,6 +81,21 @@ class Transformer(nnx.Module):
         logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
         vocab_ids = jax.lax.axis_index(TENSOR) * logits.shape[-1] + jnp.arange(logits.shape[-1])
         return jnp.where(vocab_ids < self.cfg.vocab_size, logits, -jnp.inf)
+
+
+def layer_context(cfg: ModelConfig, attn: Attention, rope, positions, segment_ids=None, cache=None, new_cache=None) -> LayerContext:
+    """What every schedule calls: the psum over `tensor`, and attention with this call's rope,
+    positions and document segments. With a cache, layer i reads cache[i] and its updated (k, v)
+    lands in new_cache[i]."""
+    kv_head = local_kv_head(cfg, attn)
+
+    def attend(i, attn, h):
+        out, c = attn(h, rope, positions, kv_head=kv_head, cache=None if cache is None else cache[i], segment_ids=segment_ids)
+        if new_cache is not None:
+            new_cache[i] = c
+        return out
+
+    return LayerContext(all_reduce=functools.partial(jax.lax.psum, axis_name=TENSOR), attend=attend)
 
 
 def local_kv_head(cfg: ModelConfig, attn: Attention):
@@ -127,11 +138,11 @@ def param_specs(cfg: ModelConfig, tensor: int) -> dict:
     return jax.tree.map(lambda axes: logical_to_spec(axes, rules), logical_axes(cfg), is_leaf=lambda a: isinstance(a, tuple))
 
 
-def param_shardings(cfg: ModelConfig, mesh) -> dict:
+def param_shardings(cfg: ModelConfig, mesh: Mesh) -> dict:
     return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(cfg, mesh.shape[TENSOR]))
 
 
-def init_params(cfg: ModelConfig, mesh, seed: int = 0) -> dict:
+def init_params(cfg: ModelConfig, mesh: Mesh, seed: int = 0) -> dict:
     """Random parameters, created directly in their shards on the mesh.
 
     The values depend on the seed and the parameter shapes only, not on the mesh or on which
@@ -147,7 +158,7 @@ def _param_structure(cfg: ModelConfig) -> ModelConfig:
 
 
 @functools.lru_cache(maxsize=16)
-def _init_fn(cfg: ModelConfig, mesh):
+def _init_fn(cfg: ModelConfig, mesh: Mesh):
     def init(seed):
         model = Transformer(cfg, rngs=nnx.Rngs(jax.random.key(seed)))
         return nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
@@ -194,7 +205,7 @@ def cache_bytes_per_device(cfg: ModelConfig, mesh_shape: tuple[int, int], batch:
     return 2 * cfg.n_layers * -(-b // data) * t * (slots // tensor) * hd * itemsize
 
 
-def init_cache(cfg: ModelConfig, mesh, batch: int, max_len: int) -> list:
+def init_cache(cfg: ModelConfig, mesh: Mesh, batch: int, max_len: int) -> list:
     shape = cache_shape(cfg, mesh.shape[TENSOR], batch, max_len)
     sharding = NamedSharding(mesh, CACHE_SPEC)
     zeros = jax.jit(lambda: jnp.zeros(shape, jnp.dtype(cfg.dtype)), out_shardings=sharding)
@@ -209,7 +220,7 @@ def cache_specs(cfg: ModelConfig) -> list:
 # Running the model on a mesh
 
 
-def sharded(cfg: ModelConfig, mesh, body: Callable, in_specs: tuple, out_specs):
+def sharded(cfg: ModelConfig, mesh: Mesh, body: Callable, in_specs: tuple, out_specs):
     """shard_map `body(model, *args)` over the mesh, with the model rebuilt from local param shards."""
     gdef = graphdef(cfg)
     specs = param_specs(cfg, mesh.shape[TENSOR])
@@ -224,14 +235,14 @@ def default_positions(tokens):
     return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32)[None], tokens.shape)
 
 
-def _check_batch(tokens, mesh):
+def _check_batch(tokens, mesh: Mesh):
     data = mesh.shape["data"]
     if tokens.ndim != 2 or tokens.shape[0] % data:
         raise ValueError(f"tokens of shape {tuple(tokens.shape)} do not split over mesh data={data}; give (batch, seq) with batch a multiple of {data}")
 
 
 @functools.lru_cache(maxsize=32)
-def forward_fn(cfg: ModelConfig, mesh):
+def forward_fn(cfg: ModelConfig, mesh: Mesh):
     """jit(params, tokens, positions) -> logits (B, S, padded vocab), vocab sharded over tensor."""
 
     def body(model, tokens, positions):
@@ -242,13 +253,12 @@ def forward_fn(cfg: ModelConfig, mesh):
 
 
 @functools.lru_cache(maxsize=16)
-def hidden_states_fn(cfg: ModelConfig, mesh):
+def hidden_states_fn(cfg: ModelConfig, mesh: Mesh):
     """jit(params, tokens, positions, segment_ids) -> (1 + steps, B, S, D): the embedding, then the
     residual after each step of the plan (a layer, or an LP pair)."""
 
     def body(model, tokens, positions, segment_ids):
-        x = jax.lax.psum(model.embed(tokens, jax.lax.axis_index(TENSOR) * model.embed.table.shape[0]), TENSOR)
-        hidden = [x]
+        hidden = []
         model(tokens, positions, segment_ids=segment_ids, hidden_out=hidden)
         return jnp.stack(hidden)[None]
 
@@ -260,7 +270,7 @@ def hidden_states_fn(cfg: ModelConfig, mesh):
     return jax.jit(lambda *args: fn(*args)[0])
 
 
-def block_inputs_fn(cfg: ModelConfig, mesh, layers: tuple[int, ...]):
+def block_inputs_fn(cfg: ModelConfig, mesh: Mesh, layers: tuple[int, ...]):
     """(params, tokens, positions, segment_ids) -> (len(layers), B, S, D): the residual entering
     each of these layers (the plan must have one step per layer, i.e. no LP pairs)."""
     states, idx = hidden_states_fn(cfg, mesh), np.asarray(layers)
@@ -268,7 +278,7 @@ def block_inputs_fn(cfg: ModelConfig, mesh, layers: tuple[int, ...]):
 
 
 @functools.lru_cache(maxsize=16)
-def block_fn(cfg: ModelConfig, mesh, schedule: str):
+def block_fn(cfg: ModelConfig, mesh: Mesh, schedule: str):
     """jit(layer_params, x, positions, segment_ids) -> the residual after one layer run under
     `schedule` (x: (B, S, D) residual entering it, batch over `data`). For block-level distillation."""
     gdef, _ = nnx.split(nnx.eval_shape(lambda: Block(cfg, schedule, rngs=nnx.Rngs(0))), nnx.Param)
@@ -277,13 +287,7 @@ def block_fn(cfg: ModelConfig, mesh, schedule: str):
 
     def local(p, x, positions, segment_ids):
         block = nnx.merge(gdef, p)
-        rope = rope_tables(positions, rope_freq)
-        kv_head = local_kv_head(cfg, block.attn)
-
-        def attend(i, attn, h):
-            return attn(h, rope, positions, kv_head=kv_head, segment_ids=segment_ids)[0]
-
-        ctx = LayerContext(all_reduce=functools.partial(jax.lax.psum, axis_name=TENSOR), attend=attend)
+        ctx = layer_context(cfg, block.attn, rope_tables(positions, rope_freq), positions, segment_ids)
         return SCHEDULES[schedule]([block], [0], Stream(x), ctx).settled()[None]
 
     batch = P("data", None)
@@ -291,7 +295,7 @@ def block_fn(cfg: ModelConfig, mesh, schedule: str):
     return jax.jit(lambda *args: fn(*args)[0])
 
 
-def logits(cfg: ModelConfig, mesh, params, tokens, positions=None):
+def logits(cfg: ModelConfig, mesh: Mesh, params, tokens, positions=None):
     """Full logits (B, S, vocab) of a causal forward, gathered (for tests and analysis)."""
     tokens = jnp.asarray(tokens, jnp.int32)
     _check_batch(tokens, mesh)
@@ -311,19 +315,3 @@ def describe(cfg: Config) -> str:
         f"d_model {m.d_model}, heads {m.n_heads}/{m.n_kv_heads} kv, ffn {m.ffn_dim}, vocab {m.vocab_size}; "
         f"parameters per device at tensor={t}: {gib:.2f} GiB ({m.param_dtype})"
     )
-
-
-def main(argv=None) -> None:
-    import argparse
-
-    from .config import load_config
-
-    ap = argparse.ArgumentParser(prog="python -m ladder_jax.model", description="Describe a preset without allocating it.")
-    ap.add_argument("--config", default="tiny", help="preset name or YAML path")
-    ap.add_argument("overrides", nargs="*", help="key=value, e.g. model.plan=ladder mesh.tensor=8")
-    args = ap.parse_args(argv)
-    print(describe(load_config(args.config, args.overrides)))
-
-
-if __name__ == "__main__":
-    main()

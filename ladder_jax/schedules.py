@@ -37,7 +37,7 @@ class Stream:
 
         The module read `x` without them, so their all-reduces can run while it computes. The
         barriers turn that intent into data dependencies that every XLA scheduler must respect
-        (`python -m ladder_jax.analysis schedule`, README): the first makes the late add wait for
+        (`python -m ladder_jax analysis schedule`, docs/analysis.md): the first makes the late add wait for
         `y`, and `y`'s all-reduce wait for the older one, so the older all-reduce's window is
         exactly this module's work (XLA:TPU and the A100 target otherwise settled it first and
         ran this module afterwards); the second keeps the add out of the next module's fusions
@@ -120,6 +120,7 @@ def lp(blocks, layers, s, ctx):
     return s.push(ctx.all_reduce(a.mlp(a.mlp_norm(s.x)) + b.mlp(b.mlp_norm(s.x))))
 
 
+# The one list of schedule names: the plan grammar (config.parse_plan) accepts exactly these.
 SCHEDULES = {"standard": standard, "ladder": ladder, "desync": desync, "parallel": parallel, "spd": spd, "lp": lp}
 
 # All-reduces over `tensor` each schedule issues per layer (lp: per layer, i.e. 2 per pair).

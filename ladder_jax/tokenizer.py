@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 BYTE_VOCAB = 259  # 256 bytes + BOS, EOS, PAD
 
 
@@ -16,8 +18,6 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
     def encode_array(self, text: str):
-        import numpy as np
-
         return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
 
     def decode(self, ids) -> str:

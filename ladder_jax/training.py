@@ -15,15 +15,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
 
+from . import checkpoint as ckpt
 from . import model as M
-from .config import Config, ConfigError
+from .config import Config, ConfigError, ModelConfig
+from .data import build_datasets, train_iterator, val_batches
+from .mesh import make_mesh
+from .tokenizer import get_tokenizer
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "mask")
 
@@ -61,6 +68,37 @@ def loss_sums_fn(cfg, mesh):
 
     spec = {k: P("data", None) for k in BATCH_KEYS}
     return M.sharded(cfg, mesh, body, (spec,), (P(), P()))
+
+
+def global_batch(mesh: Mesh, host_batch: dict, accum: int | None = None) -> dict:
+    """Host-local numpy rows -> global arrays on the mesh, rows over `data`: (B, S), or
+    (accum, B/accum, S) micro-batches for the train step."""
+    out = {}
+    for k in BATCH_KEYS:
+        x = np.asarray(host_batch[k])
+        if accum is None:
+            out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data", None)), x, (x.shape[0] * jax.process_count(), *x.shape[1:]))
+        else:
+            x = x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
+            out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, P(None, "data", None)), x, (accum, x.shape[1] * jax.process_count(), *x.shape[2:]))
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def eval_fn(cfg: ModelConfig, mesh: Mesh):
+    return jax.jit(loss_sums_fn(cfg, mesh), in_shardings=(M.param_shardings(cfg, mesh), {k: NamedSharding(mesh, P("data", None)) for k in BATCH_KEYS}))
+
+
+def evaluate(cfg: ModelConfig, mesh: Mesh, params, host_batches) -> dict:
+    """Validation loss and perplexity of `params` run under `cfg`'s plan, over host batches (each
+    process its own rows). The one evaluator: training, SPD and LP all measure with it."""
+    nll = count = 0.0
+    for b in host_batches:
+        s, c = eval_fn(cfg, mesh)(params, global_batch(mesh, b))
+        nll, count = nll + float(s), count + float(c)
+    if count == 0:
+        return {}
+    return {"val_loss": nll / count, "val_ppl": math.exp(min(nll / count, 50.0))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +166,7 @@ def make_optimizer(cfg: Config, params) -> optax.GradientTransformation:
 @dataclass
 class Trainer:
     cfg: Config
-    mesh: object
+    mesh: Mesh
 
     def __post_init__(self):
         cfg, mesh = self.cfg, self.mesh
@@ -150,7 +188,6 @@ class Trainer:
         )
         self.state_shardings = {"params": self.param_shardings, "opt_state": opt_shardings}
         self.batch_sharding = {k: NamedSharding(mesh, P(None, "data", None)) for k in BATCH_KEYS}
-        self.eval_sharding = {k: NamedSharding(mesh, P("data", None)) for k in BATCH_KEYS}
         loss_sums = loss_sums_fn(cfg.model, mesh)
 
         def step(state, batch):
@@ -175,47 +212,24 @@ class Trainer:
             out_shardings=(self.state_shardings, replicated),
             donate_argnums=0,
         )
-        self._eval = jax.jit(loss_sums, in_shardings=(self.param_shardings, self.eval_sharding))
         self._init_opt = jax.jit(self.tx.init, in_shardings=(self.param_shardings,), out_shardings=opt_shardings)
 
     def init_state(self, params) -> dict:
         return {"params": params, "opt_state": self._init_opt(params)}
 
     def abstract_state(self) -> dict:
-        from .checkpoint import abstract_with_sharding
-
         abstract = M.abstract_params(self.cfg.model)
-        return abstract_with_sharding({"params": abstract, "opt_state": jax.eval_shape(self.tx.init, abstract)}, self.state_shardings)
-
-    def global_batch(self, host_batch: dict, accum: int | None = None) -> dict:
-        """Host-local numpy rows -> global arrays on the mesh ([accum, B/accum, S] for the step)."""
-        out = {}
-        for k in BATCH_KEYS:
-            x = np.asarray(host_batch[k])
-            if accum is None:
-                global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
-                out[k] = jax.make_array_from_process_local_data(self.eval_sharding[k], x, global_shape)
-            else:
-                x = x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
-                global_shape = (accum, x.shape[1] * jax.process_count(), *x.shape[2:])
-                out[k] = jax.make_array_from_process_local_data(self.batch_sharding[k], x, global_shape)
-        return out
+        return ckpt.abstract_with_sharding({"params": abstract, "opt_state": jax.eval_shape(self.tx.init, abstract)}, self.state_shardings)
 
     def step(self, state, host_batch):
-        return self._step(state, self.global_batch(host_batch, self.cfg.train.grad_accum))
+        return self._step(state, global_batch(self.mesh, host_batch, self.cfg.train.grad_accum))
 
     def evaluate(self, params, host_batches) -> dict:
-        nll = count = 0.0
-        for b in host_batches:
-            s, c = self._eval(params, self.global_batch(b))
-            nll, count = nll + float(s), count + float(c)
-        if count == 0:
-            return {}
-        return {"val_loss": nll / count, "val_ppl": math.exp(min(nll / count, 50.0))}
+        return evaluate(self.cfg.model, self.mesh, params, host_batches)
 
 
 @functools.lru_cache(maxsize=4)
-def get_trainer(cfg: Config, mesh) -> Trainer:
+def get_trainer(cfg: Config, mesh: Mesh) -> Trainer:
     """One Trainer (and so one compiled step) per config and mesh in a process."""
     return Trainer(cfg, mesh)
 
@@ -262,24 +276,15 @@ def train(cfg: Config, run_dir: str | Path | None = None, init_from: str | Path 
     `stop_at` ends this call after that step (as an interruption would), leaving the schedule
     of `train.steps` intact for a later resume.
     """
-    import grain
-    import orbax.checkpoint as ocp
-    from tqdm import tqdm
-
-    from . import checkpoint as ckpt
-    from .data import build_datasets, train_iterator, val_batches
-    from .mesh import make_mesh
-    from .tokenizer import get_tokenizer
-
     tr = cfg.train
     run_dir = run_directory(cfg, run_dir)
     # Everything that can be refused is refused before the first compile.
     if init_from is not None:
-        ckpt.check_same_shapes(cfg, ckpt.load_config(init_from), str(init_from))
+        ckpt.check_same_shapes(cfg, ckpt.load_run_config(init_from), str(init_from))
         if ckpt.latest_step(init_from) is None:
             raise ckpt.CheckpointError(f"--init-from {init_from} has no complete checkpoint; train or convert it first")
     if (run_dir / "config.yaml").exists():
-        ckpt.check_same_shapes(cfg, ckpt.load_config(run_dir), f"run directory {run_dir}")
+        ckpt.check_same_shapes(cfg, ckpt.load_run_config(run_dir), f"run directory {run_dir}")
     ckpt.check_writable(run_dir, need_bytes=3 * M.bytes_per_device(cfg.model, 1) // max(1, jax.process_count()))
     tokenizer = get_tokenizer(cfg, init_from if init_from is not None else run_dir)
     datasets = build_datasets(tr, tokenizer)
@@ -328,7 +333,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, init_from: str | Path 
         for step in range(start + 1, tr.steps + 1):
             state, metrics = trainer.step(state, next(it))
             # Reading the loss waits for the step: it bounds the steps in flight (XLA:CPU's
-            # rendezvous deadlocks otherwise, DESIGN.md) and lets us stop at the first NaN.
+            # rendezvous deadlocks otherwise, docs/architecture.md) and lets us stop at the first NaN.
             loss = float(metrics["loss"])
             if not (math.isfinite(loss) and bool(metrics["params_finite"])):
                 kept = f"the last good checkpoint is step {last_good} in {run_dir}" if last_good else "no checkpoint was written"

@@ -1,4 +1,4 @@
-"""An independent NumPy (float64) Llama with the residual recurrences of DESIGN.md, written from
+"""An independent NumPy (float64) Llama with the residual recurrences of docs/architecture.md, written from
 the formulas, module by module. It shares nothing with ladder_jax but the parameter names."""
 from __future__ import annotations
 

@@ -16,7 +16,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ladder_jax import checkpoint as ckpt
-from ladder_jax import convert, decode
+from ladder_jax import decode
+from ladder_jax.cli import main
+from ladder_jax.interop import hf as convert
 from ladder_jax import model as M
 from ladder_jax.config import load_config
 from ladder_jax.mesh import make_mesh
@@ -97,7 +99,7 @@ def test_imported_logits_equal_transformers(hf, name, mesh_shape, devices):
 
 @BOTH
 def test_imported_config_says_what_config_json_says(hf, name):
-    cfg = ckpt.load_config(hf[name].run)
+    cfg = ckpt.load_run_config(hf[name].run)
     m = cfg.model
     assert (m.vocab_size, m.d_model, m.n_heads, m.n_kv_heads, m.hd, m.n_layers) == (300, 64, 8, 2, 16, HF_CONFIGS[name]["num_hidden_layers"])
     assert m.tie_embeddings == (name == "tied") and (m.rope_scaling is not None) == (name != "tied")
@@ -159,7 +161,7 @@ def test_bfloat16_checkpoints_convert_both_ways(hf, tmp_path, devices):
 def test_hybrid_ladder_import_changes_only_the_ladder_layers(hf, tmp_path, devices, capsys):
     original = hf[LLAMA3_NAME]
     out = tmp_path / "hybrid"
-    assert convert.main(["from-hf", str(original.dir), str(out), "--plan", "standard,ladder@-2:", "--tensor", "4"]) == 0
+    assert main(["convert", "from-hf", str(original.dir), str(out), "--plan", "standard,ladder@-2:", "--tensor", "4"]) == 0
     assert "python train.py --init-from" in capsys.readouterr().out
     cfg, mesh, params = on_mesh(out, 2, 4)
     assert cfg.model.layer_schedules == ("standard", "standard", "ladder", "ladder")
@@ -178,7 +180,7 @@ def test_hybrid_ladder_import_changes_only_the_ladder_layers(hf, tmp_path, devic
     assert np.abs(np.asarray(M.logits(cfg.model, mesh, params, TOKENS)) - original.logits).max() > 1e-2
 
     # transformers cannot represent a ladder layer: to-hf refuses, and writes nothing.
-    assert convert.main(["to-hf", str(out), str(tmp_path / "export")]) == 1
+    assert main(["convert", "to-hf", str(out), str(tmp_path / "export")]) == 2
     assert "transformers' LlamaForCausalLM computes only standard layers" in capsys.readouterr().err
     assert not (tmp_path / "export").exists()
 
@@ -262,8 +264,8 @@ def test_bad_input_is_refused_and_leaves_nothing(case, hf, tmp_path):
 def test_an_existing_output_directory_is_not_touched(hf, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    with pytest.raises(convert.ConvertError, match="already exists and is not empty"):
+    with pytest.raises(ckpt.CheckpointError, match="already exists and is not empty"):
         convert.from_hf(hf[LLAMA3_NAME].dir, tmp_path / "out")
-    with pytest.raises(convert.ConvertError, match="already exists and is not empty"):
+    with pytest.raises(ckpt.CheckpointError, match="already exists and is not empty"):
         convert.to_hf_dir(hf[LLAMA3_NAME].run, tmp_path / "out")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"] and len(list(tmp_path.iterdir())) == 1

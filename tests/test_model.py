@@ -1,5 +1,5 @@
 """The model on 8 fake CPU devices: every valid schedule is mesh-independent, ladder is the
-recurrence of DESIGN.md, and the KV-cache path computes the same function as the full forward."""
+recurrence of docs/architecture.md, and the KV-cache path computes the same function as the full forward."""
 import jax
 import jax.numpy as jnp
 import numpy as np

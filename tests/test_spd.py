@@ -8,7 +8,8 @@ import pytest
 
 from ladder_jax import checkpoint as ckpt
 from ladder_jax import model as M
-from ladder_jax import spd
+from ladder_jax.cli import main
+from ladder_jax.methods import spd
 from ladder_jax.config import ConfigError
 from ladder_jax.mesh import make_mesh
 
@@ -23,7 +24,7 @@ def run(tmp_path_factory, devices):
 
 @pytest.fixture(scope="module")
 def sensitivity(run):
-    assert spd.main(["sensitivity", "--checkpoint", str(run), "--tensor", "4", "--calibration", "8"]) == 0
+    assert main(["spd", "sensitivity", "--checkpoint", str(run), "--tensor", "4", "--calibration", "8"]) == 0
     return json.loads((run / "spd_sensitivity_t4.json").read_text())
 
 
@@ -47,14 +48,15 @@ def test_apply_writes_a_run_that_loads_with_the_spd_plan(sensitivity, run, tmp_p
     (tmp_path / "sens.json").write_text(json.dumps(report))
     out = tmp_path / "spd-run"
     args = ["apply", "--checkpoint", str(run), "--sensitivity", str(tmp_path / "sens.json"), "--drop", "0,1,2", "--steps", "3", "--held-out", "4", "--calibration", "12", "--out", str(out)]
-    assert spd.main(args) == 0
+    assert main(["spd", *args]) == 0
     done = json.loads((out / "spd_apply.json").read_text())
     assert done["plan"] == "standard,spd@0,spd@1,spd@2"
     rows = {r["block"]: r for r in done["blocks"]}
     assert not rows[0]["regrouped"] and "mse_after" not in rows[0]  # insensitive: zero-shot
     assert not rows[1]["regrouped"] and rows[1]["mse_after"] > 0  # sensitive: distilled
     assert rows[2]["regrouped"] and sorted(rows[2]["head_order"]) == list(range(8))
-    cfg, mesh, params = ckpt.load_run(out, ["mesh.tensor=4", "mesh.data=2"], jax.devices())
+    loaded = ckpt.load_run(out, ["mesh.tensor=4", "mesh.data=2"], jax.devices())
+    cfg, mesh, params = loaded.cfg, loaded.mesh, loaded.params
     assert cfg.model.layer_schedules == ("spd",) * 3
     original = ckpt.restore_params(run, cfg, mesh)
     np.testing.assert_array_equal(params["layers"][0]["attn"]["q_proj"], original["layers"][0]["attn"]["q_proj"])
@@ -128,9 +130,9 @@ def test_budgets_pick_the_least_sensitive_blocks_and_refuse_what_no_plan_meets()
 def test_a_sensitivity_file_for_another_model_is_refused_before_loading(run, tmp_path, capsys):
     (tmp_path / "other.json").write_text(json.dumps(_report(model="ladder-1b", n_layers=40, d_model=1536)))
     out = tmp_path / "never"
-    assert spd.main(["apply", "--checkpoint", str(run), "--sensitivity", str(tmp_path / "other.json"), "--blocks", "1", "--out", str(out)]) == 2
+    assert main(["spd", "apply", "--checkpoint", str(run), "--sensitivity", str(tmp_path / "other.json"), "--blocks", "1", "--out", str(out)]) == 2
     assert "was measured on {'model': 'ladder-1b'" in capsys.readouterr().err
-    cfg = ckpt.load_config(run)
+    cfg = ckpt.load_run_config(run)
     with pytest.raises(spd.SPDError, match="other weights"):
         spd.check_sensitivity(_report(), cfg, 4, "f.json", fp=2.0)
     with pytest.raises(spd.SPDError, match="measured at tensor=4, this run uses tensor=8"):

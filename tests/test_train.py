@@ -17,7 +17,7 @@ from ladder_jax import model as M
 from ladder_jax.config import ConfigError
 from ladder_jax.data import DataError, PackedWindows, val_batches
 from ladder_jax.mesh import make_mesh
-from ladder_jax.training import Trainer, TrainingError, loss_sums_fn, train
+from ladder_jax.training import Trainer, TrainingError, global_batch, loss_sums_fn, train
 
 from .conftest import small_config
 
@@ -95,7 +95,7 @@ def test_gradients_equal_a_tensor_1_run(plan, corpus, devices):
         mesh = make_mesh(cfg)
         loss = lambda p, b: (lambda s, c: s / c)(*loss_sums_fn(cfg.model, mesh)(p, b))  # noqa: E731
         p = jax.device_put(params, M.param_shardings(cfg.model, mesh))
-        return jax.device_get(jax.jit(jax.grad(loss))(p, Trainer(cfg, mesh).global_batch(batch)))
+        return jax.device_get(jax.jit(jax.grad(loss))(p, global_batch(mesh, batch)))
 
     want, got = grads(1, 1), grads(2, 4)
     for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
@@ -168,7 +168,7 @@ def test_two_processes_train_together(corpus, tmp_path):
 
 
 def test_plot_draws_several_runs_into_one_png(tmp_path):
-    from ladder_jax.plot import plot_runs
+    from ladder_jax.instruments.plots import plot_runs
 
     for name, losses in (("a", [3.0, 2.5, 2.0]), ("b", [3.1, 2.7, 2.4])):
         (tmp_path / name).mkdir()

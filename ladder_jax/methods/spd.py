@@ -1,7 +1,7 @@
 """Sync-Point Drop tools: which blocks can lose their attention all-reduce, and repairing those that mind.
 
-    python -m ladder_jax.spd sensitivity --checkpoint RUN --tensor T [--calibration 128] [--out DIR]
-    python -m ladder_jax.spd apply --checkpoint RUN --sensitivity FILE (--blocks N | --max-increase F | --drop 3,5) --out NEW_RUN
+    python -m ladder_jax spd sensitivity --checkpoint RUN --tensor T [--calibration 128] [--out DIR]
+    python -m ladder_jax spd apply --checkpoint RUN --sensitivity FILE (--blocks N | --max-increase F | --drop 3,5) --out NEW_RUN
 
 `sensitivity` drops the attention sync of block L-1, then L-2 on top of it, and so on down to block
 0, measuring the validation perplexity on calibration sequences each time; block i's sensitivity
@@ -16,18 +16,25 @@ SPD block; only that block's parameters train (optax, the trainer's optimizer se
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from .config import ConfigError, parse_plan
+from .. import checkpoint as C
+from .. import model as M
+from ..checkpoint import Run
+from ..config import ConfigError, parse_plan
+from ..instruments.plots import pyplot
+from ..layers import Attention, RMSNorm, rope_frequencies, rope_tables
+from ..training import evaluate, make_optimizer
 
 CLASSES = ("insensitive", "sensitive", "extremely sensitive")
 
@@ -60,15 +67,20 @@ def fingerprint(params) -> float:
 # Sensitivity
 
 
-def sensitivity(ev, sensitive: float, extreme: float, log=print) -> dict:
+def perplexity(run: Run, plan: str, calib: list[dict], params=None) -> float:
+    """Calibration perplexity of the run's (or these) parameters under `plan`."""
+    model = dataclasses.replace(run.cfg.model, plan=plan)
+    return evaluate(model, run.mesh, run.params if params is None else params, calib)["val_ppl"]
+
+
+def sensitivity(run: Run, calib: list[dict], sensitive: float, extreme: float, log=print) -> dict:
     """Per block, from the last backwards: perplexity with and without its sync on top of the later drops."""
-    cfg = ev.cfg.model
-    n, base = cfg.n_layers, cfg.plan
-    base_ppl = ev.perplexity(spd_plan(base, n, []))
+    n, base = run.cfg.model.n_layers, run.cfg.model.plan
+    base_ppl = perplexity(run, spd_plan(base, n, []), calib)
     log(f"standard: calibration ppl {base_ppl:.4f}")
     blocks, without = [], base_ppl
     for i in reversed(range(n)):
-        with_drop = ev.perplexity(spd_plan(base, n, range(i, n)))
+        with_drop = perplexity(run, spd_plan(base, n, range(i, n)), calib)
         delta = with_drop / without - 1
         blocks.append({"block": i, "ppl_without": without, "ppl_with": with_drop, "delta": delta})
         log(f"block {i}: ppl {without:.4f} -> {with_drop:.4f} ({delta:+.2%})")
@@ -128,12 +140,6 @@ def choose_blocks(report: dict, blocks: int | None = None, max_increase: float |
 
 def per_head_outputs(cfg, layer: dict, x: np.ndarray, positions: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
     """(H, N, D): each query head's attention output after o_proj, on the residual x (B, S, D), global view."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from .layers import Attention, RMSNorm, rope_frequencies, rope_tables
-
     one = dataclasses.replace(cfg, plan="standard")
     attn_def, _ = nnx.split(nnx.eval_shape(lambda: Attention(one, rngs=nnx.Rngs(0))), nnx.Param)
     norm_def, _ = nnx.split(nnx.eval_shape(lambda: RMSNorm(one, rngs=nnx.Rngs(0))), nnx.Param)
@@ -236,8 +242,6 @@ def regroup_heads(cfg, layer: dict, x: np.ndarray, positions: np.ndarray, segmen
 
 def permute_heads(layer: dict, perm_q, perm_kv) -> dict:
     """The layer with its query/KV heads reordered (q, k, v projections and the matching o_proj rows)."""
-    import jax.numpy as jnp
-
     attn = dict(layer["attn"])
     q, kv = jnp.asarray(perm_q), jnp.asarray(perm_kv)
     attn["q_proj"] = jnp.take(attn["q_proj"], q, axis=1)
@@ -267,9 +271,6 @@ class BlockData:
 
 def block_data(cfg, mesh, params, batches: list[dict], layers: list[int]) -> dict[int, BlockData]:
     """Inputs and original outputs of these layers on the calibration batches (standard plan)."""
-
-    from . import model as M
-
     std = dataclasses.replace(cfg, plan="standard")
     inputs_fn = M.block_inputs_fn(std, mesh, tuple(layers))
     teacher = M.block_fn(std, mesh, "standard")
@@ -286,8 +287,6 @@ def block_data(cfg, mesh, params, batches: list[dict], layers: list[int]) -> dic
 
 def block_mse(cfg, mesh, layer: dict, data: BlockData, batch: int) -> float:
     """Mean squared difference between the SPD block's output and the original block's output."""
-    from . import model as M
-
     student = M.block_fn(dataclasses.replace(cfg, plan="standard"), mesh, "spd")
     total = 0.0
     for a in range(0, len(data.x), batch):
@@ -298,12 +297,6 @@ def block_mse(cfg, mesh, layer: dict, data: BlockData, batch: int) -> float:
 
 def distill(cfg, mesh, layer: dict, train: BlockData, steps: int, lr: float, log=None) -> dict:
     """Train one SPD block to reproduce the original block's output (MSE); returns the new layer params."""
-    import jax
-    import jax.numpy as jnp
-
-    from . import model as M
-    from .training import make_optimizer
-
     student = M.block_fn(dataclasses.replace(cfg.model, plan="standard"), mesh, "spd")
     schedule = dataclasses.replace(cfg.train, trainable="all", lr=lr, steps=steps, warmup_steps=max(1, steps // 10))
     opt = make_optimizer(dataclasses.replace(cfg, train=schedule), layer)  # the trainer's AdamW, clipping, cosine
@@ -328,104 +321,80 @@ def distill(cfg, mesh, layer: dict, train: BlockData, steps: int, lr: float, log
     return layer
 
 
+
+
 # ---------------------------------------------------------------------------------------------
-# Command line
+# A run in; a sensitivity report, or a new run with the syncs dropped, out
 
 
-def _load(args, overrides):
-    """Config, mesh, params and calibration batches of a run at the requested tensor degree."""
-    import jax
-
-    from .checkpoint import load_config, restore_params
-    from .config import load_config as load_yaml
-    from .data import build_datasets, val_batches
-    from .mesh import init_runtime, make_mesh
-    from .tokenizer import get_tokenizer
-
-    saved = load_config(args.checkpoint)
+def open_run(checkpoint: Path, tensor: int | None, overrides=()) -> Run:
+    """The standard-plan run at `tensor` (default: the run's own) with every other device on `data`."""
+    saved = C.load_run_config(checkpoint)
     spd_plan(saved.model.plan, saved.model.n_layers, [])
-    init_runtime(args.cpu_devices)
-    tensor = args.tensor or saved.mesh.tensor
-    data = max(1, jax.device_count() // tensor)
-    cfg = load_yaml(Path(args.checkpoint) / "config.yaml", [*overrides, f"mesh.tensor={tensor}", f"mesh.data={data}"])
-    mesh = make_mesh(cfg)
-    params = restore_params(args.checkpoint, cfg, mesh)
-    windows = build_datasets(cfg.train, get_tokenizer(cfg, args.checkpoint)).val
-    batch = cfg.train.batch_size
-    calib = val_batches(windows, batch, -(-args.calibration // batch))
-    if not calib:
-        raise SPDError(f"the run's validation split has {len(windows)} windows, fewer than one batch of {batch}; lower train.batch_size")
-    return cfg, mesh, params, calib
+    tensor = tensor or saved.mesh.tensor
+    return C.load_run(checkpoint, [*overrides, f"mesh.tensor={tensor}", f"mesh.data={max(1, jax.device_count() // tensor)}"])
 
 
-def _plot(report: dict, out: Path) -> Path | None:
-    try:
-        import matplotlib
+def calibration_batches(run: Run, sequences: int) -> list[dict]:
+    """At least `sequences` of the run's validation windows, in whole batches."""
+    return run.validation_batches(-(-sequences // run.cfg.train.batch_size))
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+
+def sensitivity_report(run: Run, calib: list[dict], sensitive: float, extreme: float, log=print) -> dict:
+    """What `spd sensitivity` writes: the model, tensor degree and weights it was measured on, and
+    each block's sensitivity and class."""
+    if not 0 <= sensitive <= extreme:
+        raise SPDError(f"--sensitive={sensitive} must be at least 0 and at most --extreme={extreme}")
+    m = run.cfg.model
+    report = {
+        "checkpoint": str(run.dir), "model": m.name, "n_layers": m.n_layers, "d_model": m.d_model, "tensor": run.cfg.mesh.tensor,
+        "fingerprint": fingerprint(run.params), "calibration_sequences": sum(len(b["inputs"]) for b in calib),
+    }
+    return {**report, **sensitivity(run, calib, sensitive, extreme, log)}
+
+
+def write_sensitivity(report: dict, out: Path) -> tuple[Path, Path | None]:
+    """spd_sensitivity_t<T>.json and its bar chart in `out`; returns both paths (png None without matplotlib)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"spd_sensitivity_t{report['tensor']}.json"
+    path.write_text(json.dumps(report, indent=1))
+    return path, plot_sensitivity(report, path.with_suffix(".png"))
+
+
+def plot_sensitivity(report: dict, out: Path) -> Path | None:
+    plt = pyplot()
+    if plt is None:
         return None
     blocks = report["blocks"]
     colors = {"insensitive": "tab:green", "sensitive": "tab:orange", "extremely sensitive": "tab:red"}
     fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(blocks) + 2), 3.5))
     ax.bar([b["block"] for b in blocks], [100 * b["delta"] for b in blocks], color=[colors[b["class"]] for b in blocks])
-    for name, c in colors.items():
-        ax.bar([], [], color=c, label=name)
+    legend = [plt.Rectangle((0, 0), 1, 1, color=c, label=name) for name, c in colors.items()]  # empty bars would all draw blue
     for key, value in report["thresholds"].items():
         ax.axhline(100 * value, color="gray", lw=0.8, ls="--")
     ax.set_xlabel("block")
     ax.set_ylabel("perplexity increase (%)")
     ax.set_title(f"{report['model']}: SPD sensitivity at tensor={report['tensor']}")
-    ax.legend(fontsize=8)
+    ax.legend(handles=legend, fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
 
 
-def save_run(out: Path, cfg, params, checkpoint: Path, extra: dict) -> None:
-    """A new run directory (config.yaml, orbax step 0, tokenizer, spd_apply.json), written atomically."""
-    from . import checkpoint as C
-    from .convert import building
-
-    with building(out) as tmp:
-        C.save_config(tmp, cfg)
-        C.save_params(tmp, params)
-        if (checkpoint / "tokenizer.json").exists():
-            shutil.copyfile(checkpoint / "tokenizer.json", tmp / "tokenizer.json")
-        (tmp / "spd_apply.json").write_text(json.dumps(extra, indent=1))
+def read_sensitivity(path) -> dict:
+    if not Path(path).is_file():
+        raise SPDError(f"--sensitivity {path} is not a file; run `python -m ladder_jax spd sensitivity` first")
+    return json.loads(Path(path).read_text())
 
 
-def run_sensitivity(args) -> int:
-    from .lp import Evaluator
-
-    if not 0 <= args.sensitive <= args.extreme:
-        raise SPDError(f"--sensitive={args.sensitive} must be at least 0 and at most --extreme={args.extreme}")
-    cfg, mesh, params, calib = _load(args, args.overrides)
-    ev = Evaluator(cfg, mesh, params, calib, [], 0)
-    report = {
-        "checkpoint": str(args.checkpoint), "model": cfg.model.name, "n_layers": cfg.model.n_layers, "d_model": cfg.model.d_model,
-        "tensor": cfg.mesh.tensor, "fingerprint": fingerprint(params), "calibration_sequences": sum(len(b["inputs"]) for b in calib),
-    }
-    report.update(sensitivity(ev, args.sensitive, args.extreme))
-    out = args.out or Path(args.checkpoint)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"spd_sensitivity_t{cfg.mesh.tensor}.json"
-    path.write_text(json.dumps(report, indent=1))
-    png = _plot(report, path.with_suffix(".png"))
-    counts = {c: sum(b["class"] == c for b in report["blocks"]) for c in CLASSES}
-    print(f"wrote {path}" + (f" and {png}" if png else ""))
-    print(", ".join(f"{v} {k}" for k, v in counts.items()))
-    return 0
-
-
-def apply(cfg, mesh, params, calib, report: dict, chosen: list[int], steps: int, lr: float, held_out: int, log=print) -> tuple[dict, list[dict]]:
+def apply(run: Run, calib: list[dict], report: dict, chosen: list[int], steps: int, lr: float, held_out: int, log=print) -> tuple[dict, list[dict]]:
     """Drop the sync of `chosen` blocks, regrouping and distilling them by their class; returns (params, per-block log)."""
+    cfg, mesh = run.cfg, run.mesh
     classes = {b["block"]: b["class"] for b in report["blocks"]}
     repair = [i for i in chosen if classes[i] != "insensitive"]
-    data = block_data(cfg.model, mesh, params, calib, repair) if repair else {}
-    params = {**params, "layers": dict(params["layers"])}
+    data = block_data(cfg.model, mesh, run.params, calib, repair) if repair else {}
+    params = {**run.params, "layers": dict(run.params["layers"])}
     batch, rows = cfg.train.batch_size, []
     for i in chosen:
         row = {"block": i, "class": classes[i], "regrouped": False}
@@ -450,78 +419,11 @@ def apply(cfg, mesh, params, calib, report: dict, chosen: list[int], steps: int,
     return params, rows
 
 
-def run_apply(args) -> int:
-    from .checkpoint import load_config
-    from .convert import check_new_directory
-    from .lp import Evaluator
-
-    check_new_directory(args.out)
-    report = json.loads(Path(args.sensitivity).read_text()) if Path(args.sensitivity).is_file() else None
-    if report is None:
-        raise SPDError(f"--sensitivity {args.sensitivity} is not a file; run `python -m ladder_jax.spd sensitivity` first")
-    saved = load_config(args.checkpoint)
-    drop = None
-    if args.drop is not None:
-        try:
-            drop = [int(b) for b in args.drop.split(",")]
-        except ValueError:
-            raise SPDError(f"--drop={args.drop!r}: give block indices such as 3,5") from None
-    args.tensor = args.tensor or report.get("tensor")
-    check_sensitivity(report, saved, args.tensor, args.sensitivity)
-    chosen = choose_blocks(report, args.blocks, args.max_increase, drop)
-    plan = spd_plan(saved.model.plan, saved.model.n_layers, chosen)
-    cfg, mesh, params, calib = _load(args, args.overrides)
-    check_sensitivity(report, cfg, cfg.mesh.tensor, args.sensitivity, fingerprint(params))
-    ev = Evaluator(cfg, mesh, params, calib, [], 0)
-    base_ppl, zero_shot = ev.perplexity(cfg.model.plan), ev.perplexity(plan)
-    print(f"dropping the attention sync of blocks {chosen}: calibration ppl {base_ppl:.4f} -> {zero_shot:.4f} zero-shot")
-    new, rows = apply(cfg, mesh, params, calib, report, chosen, args.steps, args.lr or cfg.train.lr / 10, args.held_out)
-    final = Evaluator(cfg, mesh, new, calib, [], 0).perplexity(plan)
-    print(f"after repair: calibration ppl {final:.4f} ({final / base_ppl - 1:+.2%} over standard)")
-    out_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, plan=plan))
-    extra = {"source": str(args.checkpoint), "sensitivity": str(args.sensitivity), "plan": plan, "tensor": cfg.mesh.tensor,
-             "ppl_standard": base_ppl, "ppl_zero_shot": zero_shot, "ppl_final": final, "blocks": rows}
-    save_run(args.out, out_cfg, new, Path(args.checkpoint), extra)
-    print(f"wrote {args.out} (model.plan={plan}); decode it with: python infer.py --checkpoint {args.out}")
-    return 0
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ladder_jax.spd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True)
-    for name in ("sensitivity", "apply"):
-        p = sub.add_parser(name)
-        p.add_argument("--checkpoint", required=True, type=Path, help="a run directory with a standard plan (trained or converted)")
-        p.add_argument("--tensor", type=int, help="tensor-parallel degree to measure at (sensitivity depends on it; default: the run's)")
-        p.add_argument("--calibration", type=int, default=128, help="calibration sequences from the run's validation data (default 128)")
-        p.add_argument("--cpu-devices", type=int, default=8)
-        p.add_argument("overrides", nargs="*", help="key=value, e.g. train.batch_size=4")
-    s = sub.choices["sensitivity"]
-    s.add_argument("--sensitive", type=float, default=0.005, help="relative ppl increase from which a block is sensitive (default 0.005)")
-    s.add_argument("--extreme", type=float, default=0.05, help="... and extremely sensitive (default 0.05)")
-    s.add_argument("--out", type=Path, help="where spd_sensitivity_t<T>.json/png go (default: the checkpoint directory)")
-    a = sub.choices["apply"]
-    a.add_argument("--sensitivity", required=True, help="the JSON written by `spd sensitivity`")
-    budget = a.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--blocks", type=int, help="drop the sync of this many least sensitive blocks")
-    budget.add_argument("--max-increase", type=float, help="drop as many blocks as fit this relative perplexity increase, e.g. 0.01")
-    budget.add_argument("--drop", help="drop exactly these blocks, e.g. 3,5")
-    a.add_argument("--steps", type=int, default=200, help="distillation steps per repaired block (default 200)")
-    a.add_argument("--lr", type=float, help="distillation peak learning rate (default: the run's train.lr / 10)")
-    a.add_argument("--held-out", type=int, default=16, help="calibration sequences kept out of distillation to check it (default 16)")
-    a.add_argument("--out", required=True, type=Path, help="the new run directory (must not exist)")
-    args = ap.parse_args(argv)
-
-    from .checkpoint import CheckpointError
-    from .convert import ConvertError
-    from .data import DataError
-
-    try:
-        return run_sensitivity(args) if args.command == "sensitivity" else run_apply(args)
-    except (ConfigError, CheckpointError, DataError, SPDError, ConvertError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def save_run(out: Path, cfg, params, checkpoint: Path, extra: dict) -> None:
+    """A new run directory (config.yaml, orbax step 0, tokenizer, spd_apply.json), written atomically."""
+    with C.building(out) as tmp:
+        C.save_config(tmp, cfg)
+        C.save_params(tmp, params)
+        if (checkpoint / "tokenizer.json").exists():
+            shutil.copyfile(checkpoint / "tokenizer.json", tmp / "tokenizer.json")
+        (tmp / "spd_apply.json").write_text(json.dumps(extra, indent=1))

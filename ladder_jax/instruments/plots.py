@@ -1,17 +1,32 @@
-"""`python -m ladder_jax.plot RUN_DIR... [--out loss.png]`: training and validation loss of several
-runs in one figure (needs matplotlib: pip install -e '.[plot]')."""
+"""Training and validation loss of several runs in one figure (`python -m ladder_jax plot RUN...`;
+needs matplotlib: pip install -e '.[plot]')."""
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
+
+
+class PlotError(ValueError):
+    """Runs that cannot be plotted; the message says what to give instead."""
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None without matplotlib (an optional
+    extra: every command that draws also writes its numbers as JSON)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
 
 
 def read_metrics(run_dir: Path) -> tuple[list, list]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
-        raise SystemExit(f"error: {run_dir} has no metrics.jsonl; give run directories made by train.py")
+        raise PlotError(f"{run_dir} has no metrics.jsonl; give run directories made by train.py")
     train, val = [], []
     for line in path.read_text().splitlines():
         r = json.loads(line)
@@ -23,13 +38,9 @@ def read_metrics(run_dir: Path) -> tuple[list, list]:
 
 
 def plot_runs(run_dirs, out: Path, labels=None) -> Path:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("error: plotting needs matplotlib: pip install -e '.[plot]'") from None
+    plt = pyplot()
+    if plt is None:
+        raise PlotError("plotting needs matplotlib: pip install -e '.[plot]'")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for k, run in enumerate(run_dirs):
         label = labels[k] if labels else Path(run).name
@@ -47,16 +58,3 @@ def plot_runs(run_dirs, out: Path, labels=None) -> Path:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m ladder_jax.plot", description=__doc__)
-    ap.add_argument("runs", nargs="+", type=Path)
-    ap.add_argument("--out", type=Path, default=Path("loss.png"))
-    ap.add_argument("--labels", help="comma-separated labels, one per run")
-    args = ap.parse_args(argv)
-    print(plot_runs(args.runs, args.out, args.labels.split(",") if args.labels else None))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

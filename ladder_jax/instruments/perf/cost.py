@@ -1,8 +1,8 @@
 """A latency model of tensor-parallel decoding: what each variant would gain on real hardware.
 
-    python -m ladder_jax.perfmodel [predict] --config C [key=value ...] --tensor T --hardware H \\
+    python -m ladder_jax perfmodel predict --config C [key=value ...] --tensor T --hardware H \\
         --batch 1 4 64 [--variant PLAN ...] [--prompt 1024 --gen 512] [--json] [--out DIR]
-    python -m ladder_jax.perfmodel calibrate --hardware h100-nvlink [--write]
+    python -m ladder_jax perfmodel calibrate --hardware h100-nvlink [--write]
 
 CPU runs cannot show overlap (XLA:CPU all-reduces are synchronous), so the speed-ups the methods
 exist for are estimated here from three ingredients:
@@ -14,7 +14,7 @@ exist for are estimated here from three ingredients:
 2. *All-reduce cost per interconnect*: latency + bytes / bandwidth, ring or tree, whichever is
    cheaper for the message (as NCCL picks by size); hierarchical across nodes.
 3. *Which all-reduces block and which can overlap*: read from the compiled decode step by the sync
-   analysis (`analysis.analyze` of the step `analysis.decode_report` compiles), on a copy of the model with each run of equal schedules
+   analysis (`sync.analyze` of the step `sync.decode_report` compiles), on a copy of the model with each run of equal schedules
    cut to three layer steps (first, one interior, last); the interior step stands for the rest.
    No per-variant table: a new plan gets its structure from its own HLO.
 
@@ -24,145 +24,29 @@ max(0, t_ar - t_next), plus a contention share of the overlapped time (the colle
 takes SMs and HBM bandwidth from the GEMMs it runs beside). An all-reduce followed by the LM head
 is not hidden: the head reads the settled residual.
 
-Hardware profiles are YAML data in `ladder_jax/hardware/`: spec-sheet numbers plus a few
-calibrated constants, fitted (`calibrate`) to the published Ladder Residual 70B TP8 H100 table.
+Hardware profiles are YAML data in `perf/profiles/` (`hardware.py`): spec-sheet numbers plus a few
+calibrated constants, fitted (`calibrate.py`) to the published Ladder Residual 70B TP8 H100 table.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
 import math
-import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+import jax
+import numpy as np
 
-from .config import ConfigError, ModelConfig, load_config, parse_plan, plan_steps
+from ... import model
+from ...config import Config, ConfigError, MeshConfig, ModelConfig, TrainConfig, parse_plan, plan_steps, validate
+from ...mesh import make_mesh
+from ..plots import pyplot
+from ..sync import cpu_analysis_config, decode_report
+from .hardware import Hardware, PerfModelError, load_hardware
 
-HARDWARE_DIR = Path(__file__).parent / "hardware"
 DEFAULT_VARIANTS = ("standard", "ladder", "parallel", "desync")
 TP_SWEEP = (2, 4, 8, 16)
-
-# The published anchor (Ladder Residual, Zhang et al. 2025; DESIGN.md "Anchors"): Llama-2-70B
-# shape with vocab 32000, fp16 random weights, TP8 on 8xH100 NVLink, prompt 1024, 512 generated,
-# total tokens/s over the whole generate call, prefill included.
-ANCHOR_CONFIG = ("llama-2-70b", ("model.dtype=float16", "model.param_dtype=float16"))
-ANCHOR_SHAPE = {"tensor": 8, "prompt": 1024, "gen": 512}
-ANCHORS = [  # (variant, batch, tokens/s)
-    ("standard", 1, 77.39), ("ladder", 1, 101.23), ("parallel", 1, 94.22), ("desync", 1, 110.59),
-    ("standard", 4, 258.56), ("ladder", 4, 331.47),
-    ("standard", 64, 1940.99), ("ladder", 64, 2241.84),
-]
-# The constants `calibrate` fits, and the physically plausible range it keeps each in.
-FIT_BOUNDS = {
-    "hbm_efficiency": (0.4, 0.95),
-    "kernel_overhead_s": (0.5e-6, 8e-6),
-    "allreduce_latency_s": (2e-6, 40e-6),
-    "overlap_contention": (0.0, 0.6),
-}
-
-
-class PerfModelError(ValueError):
-    """Input the model cannot answer (unknown hardware, tensor size the profile lacks, ...)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Hardware profiles
-
-
-@dataclass(frozen=True)
-class Hardware:
-    name: str
-    # spec sheet
-    hbm_bandwidth: float  # B/s per device
-    hbm_capacity: float  # bytes per device
-    matmul_flops: float  # dense bf16/fp16 FLOP/s per device
-    devices_per_node: int
-    max_devices: int  # the largest tensor axis the profile describes
-    link_bandwidth: float  # B/s per device per direction, inside a node
-    link_hop_latency_s: float
-    inter_bandwidth: float = 0.0  # B/s per device per direction between nodes (0: single node)
-    inter_hop_latency_s: float = 0.0
-    # calibrated / derived
-    hbm_efficiency: float = 0.8  # achieved fraction of hbm_bandwidth
-    matmul_efficiency: float = 0.7  # achieved fraction of matmul_flops
-    link_efficiency: float = 0.8  # achieved fraction of link_bandwidth
-    kernel_overhead_s: float = 3e-6  # fixed cost per kernel (launch gap, ramp, tail)
-    allreduce_latency_s: float = 10e-6  # fixed cost per all-reduce call
-    overlap_contention: float = 0.2  # share of an overlapped all-reduce's time still paid
-    # the attention kernel reads K/V once per query head (GQA heads expanded to full multi-head,
-    # as gpt-fast's repeat_interleave + SDPA), not once per KV head as a GQA-aware kernel does
-    attention_expands_kv: bool = False
-    # static-shape decoders (gpt-fast under CUDA graphs, ours under jit) attend over the whole
-    # allocated cache (prompt + gen positions, masked); False: only the filled part, on average
-    # prompt + gen / 2 (a paged or length-aware kernel)
-    attention_reads_allocated_cache: bool = True
-    kernels: tuple = (("embed", 2), ("attention", 8), ("mlp", 5), ("head", 3))
-    scale_out: str = ""  # profile for tensor sizes past max_devices (a sweep's multi-node points)
-    base: str = ""  # the profile this one inherits unset keys from (the calibrated software constants)
-    source: str = ""
-
-    def kernels_of(self, module: str) -> int:
-        return dict(self.kernels)[module]
-
-
-def known_hardware() -> list[str]:
-    return sorted(p.stem for p in HARDWARE_DIR.glob("*.yaml"))
-
-
-def hardware_path(name: str) -> Path:
-    p = Path(name)
-    if p.suffix in (".yaml", ".yml") and p.exists():
-        return p
-    p = HARDWARE_DIR / f"{name}.yaml"
-    if not p.exists():
-        raise PerfModelError(f"unknown hardware '{name}'; choose from {', '.join(known_hardware())} or give a .yaml path")
-    return p
-
-
-def _raw_profile(name: str, seen: tuple = ()) -> tuple[dict, Path]:
-    path = hardware_path(name)
-    raw = yaml.safe_load(path.read_text()) or {}
-    if raw.get("base"):
-        if raw["base"] in seen:
-            raise PerfModelError(f"{path}: 'base' profiles form a cycle ({' -> '.join((*seen, raw['base']))})")
-        parent, _ = _raw_profile(raw["base"], (*seen, name))
-        raw = {**parent, **raw, "kernels": {**parent.get("kernels", {}), **raw.get("kernels", {})}}
-    return raw, path
-
-
-def load_hardware(name: str) -> Hardware:
-    """A profile from ladder_jax/hardware/NAME.yaml (or a YAML path), its `base` filled in."""
-    raw, path = _raw_profile(name)
-    fields = {f.name for f in dataclasses.fields(Hardware)}
-    unknown = sorted(set(raw) - fields)
-    if unknown:
-        raise PerfModelError(f"{path}: unknown key '{unknown[0]}'; a profile has: {', '.join(sorted(fields))}")
-    raw["kernels"] = tuple({**dict(Hardware.kernels), **raw.get("kernels", {})}.items())
-    raw.setdefault("name", path.stem)
-    try:
-        return Hardware(**{k: (float(v) if isinstance(v, str) and k not in ("name", "scale_out", "base") else v) for k, v in raw.items()},
-                        source=str(path))
-    except (TypeError, ValueError) as e:
-        raise PerfModelError(f"{path}: {e}") from None
-
-
-def write_constants(path: Path, values: dict) -> None:
-    """Replace the values of `key: value  # comment` lines in a profile, keeping the comments."""
-    text = path.read_text()
-    for key, value in values.items():
-        pattern = re.compile(rf"^({key}:\s*)(\S+)([ \t]*)(#.*)?$", re.MULTILINE)
-        match = pattern.search(text)
-        if match is None:
-            raise PerfModelError(f"{path}: no '{key}:' line to update")
-        new = f"{value:.4g}"
-        pad = " " * max(1, len(match.group(2)) + len(match.group(3)) - len(new)) if match.group(4) else ""
-        text = text[: match.start()] + f"{match.group(1)}{new}{pad}{match.group(4) or ''}" + text[match.end() :]
-    path.write_text(text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,11 +102,6 @@ class Module:
 @functools.lru_cache(maxsize=32)
 def module_costs(m: ModelConfig, tensor: int) -> dict[str, Module]:
     """Bytes and FLOPs of attention, MLP, LM head and embedding on one device of a tensor axis."""
-    import jax
-    import numpy as np
-
-    from . import model
-
     one = dataclasses.replace(m, n_layers=1, plan="standard")
     params, specs = model.abstract_params(one), model.param_specs(one, tensor)
     local: dict[str, list[int]] = {}
@@ -324,12 +203,6 @@ def _all_reduces(m: ModelConfig, tensor: int, plan: str, n_layers: int) -> list[
     in program order; a merged all-reduce counts once per operand."""
     key = (dataclasses.replace(m, plan="standard", n_layers=1), tensor, plan, n_layers)
     if key not in _STRUCTURE_CACHE:
-        import jax
-
-        from .analysis import cpu_analysis_config, decode_report
-        from .config import Config, MeshConfig
-        from .mesh import make_mesh
-
         c = cpu_analysis_config(_reduced(m, plan, n_layers))
         mesh = make_mesh(Config(model=c, mesh=MeshConfig(data=1, tensor=tensor)), jax.devices()[:tensor])
         # LLVM code generation at -O0: the report reads the HLO after XLA's passes, which the
@@ -343,8 +216,6 @@ def analysis_tensor(tensor: int) -> int:
     """The tensor size the sync analysis compiles at: the real one when this process has the fake
     devices for it, else its largest divisor that fits (the dependency structure does not depend
     on the tensor size once it is above 1; bytes per all-reduce do not depend on it at all)."""
-    import jax
-
     n = jax.device_count()
     return max(d for d in range(1, min(n, tensor) + 1) if tensor % d == 0)
 
@@ -358,8 +229,6 @@ def decode_structure(m: ModelConfig, tensor: int, plan: str | None = None) -> li
     (k all-reduces over 2k modules: one after every other module), which places ladder's after
     each module and a parallel or SPD layer's after its MLP.
     """
-    from .model import abstract_params
-
     plan = plan or m.plan
     parse_plan(plan, m.n_layers)
     t = max(2, analysis_tensor(tensor)) if tensor > 1 else 1
@@ -388,7 +257,7 @@ def decode_structure(m: ModelConfig, tensor: int, plan: str | None = None) -> li
         raise PerfModelError(f"plan '{plan}': could not attribute the {len(layer_ars)} layer all-reduces of the sync analysis to its steps")
 
     def norms_saved(name: str) -> int:  # a layer whose MLP has no norm of its own (parallel) launches one kernel less
-        layer = abstract_params(_reduced(m, name, 2 if name == "lp" else 1))["layers"][0]
+        layer = model.abstract_params(_reduced(m, name, 2 if name == "lp" else 1))["layers"][0]
         return int(layer.get("mlp_norm") is None)
 
     events = [Event("compute", "embed")] + [Event("ar", blocking=b, bytes_per_row=n) for n, b in ars[:1]]
@@ -456,8 +325,6 @@ def step_time(events: list[Event], costs: dict[str, Module], hw: Hardware, tenso
 
 def predict_one(m: ModelConfig, hw: Hardware, tensor: int, plan: str, batch: int, prompt: int, gen: int, events=None) -> dict:
     """Latency and throughput of one generate call: prefill of `prompt` tokens, then `gen` tokens."""
-    from . import model
-
     events = events if events is not None else decode_structure(m, tensor, plan)
     costs = module_costs(dataclasses.replace(m, plan="standard"), tensor)
     pre = step_time(events, costs, hw, tensor, batch, prompt, prompt / 2, prefill=True)
@@ -490,8 +357,6 @@ def check_tensor(m: ModelConfig, hw: Hardware, tensor: int) -> None:
         raise PerfModelError(f"--tensor={tensor} exceeds the {hw.max_devices} devices hardware '{hw.name}' describes; use at most {hw.max_devices}")
     if m.n_heads % tensor:
         raise PerfModelError(f"--tensor={tensor} does not divide model.n_heads={m.n_heads}; choose a tensor size that divides it")
-    from .config import Config, MeshConfig, TrainConfig, validate
-
     validate(Config(model=m, mesh=MeshConfig(data=1, tensor=tensor), train=TrainConfig(seq_len=min(256, m.max_seq_len))))
 
 
@@ -524,68 +389,6 @@ def tp_sweep(m: ModelConfig, hw: Hardware, variants, batch: int, prompt: int, ge
 
 
 # ---------------------------------------------------------------------------------------------
-# Calibration
-
-
-def anchor_model() -> ModelConfig:
-    name, overrides = ANCHOR_CONFIG
-    return load_config(name, list(overrides)).model
-
-
-def fit_errors(hw: Hardware, m: ModelConfig, structures: dict) -> list[dict]:
-    out = []
-    for variant, batch, published in ANCHORS:
-        r = predict_one(m, hw, ANCHOR_SHAPE["tensor"], variant, batch, ANCHOR_SHAPE["prompt"], ANCHOR_SHAPE["gen"], structures[variant])
-        out.append({"variant": variant, "batch": batch, "published": published, "predicted": r["tokens_per_s"],
-                    "error_pct": 100 * (r["tokens_per_s"] / published - 1)})
-    return out
-
-
-def _loss(hw: Hardware, m: ModelConfig, structures: dict) -> float:
-    return sum(math.log(1 + e["error_pct"] / 100) ** 2 for e in fit_errors(hw, m, structures))
-
-
-def calibrate(hw: Hardware, iterations: int = 40) -> tuple[Hardware, list[dict]]:
-    """Least squares on log tokens/s over the anchor table for the constants in FIT_BOUNDS.
-
-    Levenberg-Marquardt with a finite-difference Jacobian, in coordinates scaled to each
-    constant's bounds (and clipped to them); eight residuals, four unknowns, numpy only.
-    """
-    import numpy as np
-
-    m = anchor_model()
-    structures = {v: decode_structure(m, ANCHOR_SHAPE["tensor"], v) for v in dict.fromkeys(a[0] for a in ANCHORS)}
-    keys = list(FIT_BOUNDS)
-    lo, hi = (np.array([FIT_BOUNDS[k][i] for k in keys]) for i in (0, 1))
-
-    def at(u):
-        return dataclasses.replace(hw, **{k: float(v) for k, v in zip(keys, lo + np.clip(u, 0, 1) * (hi - lo))})
-
-    def residuals(u):
-        return np.array([math.log(1 + e["error_pct"] / 100) for e in fit_errors(at(u), m, structures)])
-
-    u = np.clip((np.array([getattr(hw, k) for k in keys]) - lo) / (hi - lo), 0, 1)
-    r, damping = residuals(u), 1e-2
-    for _ in range(iterations):
-        jac = np.stack([(residuals(u + d) - r) / 1e-4 for d in np.eye(len(keys)) * 1e-4], axis=1)
-        a, g = jac.T @ jac, jac.T @ r
-        step = np.linalg.solve(a + damping * np.diag(np.diag(a) + 1e-12), -g)
-        cand = np.clip(u + step, 0, 1)
-        rc = residuals(cand)
-        if rc @ rc < r @ r:
-            converged = r @ r - rc @ rc < 1e-8  # the loss is ~1e-2: nothing visible left to gain
-            u, r, damping = cand, rc, damping / 3
-            if converged:
-                break
-        elif damping > 1e6:  # no step downhill however short: a minimum (or a bound)
-            break
-        else:
-            damping *= 4
-    best = at(u)
-    return best, fit_errors(best, m, structures)
-
-
-# ---------------------------------------------------------------------------------------------
 # Output
 
 
@@ -601,26 +404,10 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def published_speedups(m: ModelConfig, hw: Hardware, tensor: int, prompt: int, gen: int) -> dict:
-    """{variant: [(batch, speed-up)]} of the anchor table when this is the anchor's setting."""
-    if (m.name, hw.name, tensor, prompt, gen) != (ANCHOR_CONFIG[0], "h100-nvlink", *ANCHOR_SHAPE.values()):
-        return {}
-    base = {b: r for v, b, r in ANCHORS if v == "standard"}
-    out: dict = {}
-    for v, b, r in ANCHORS:
-        out.setdefault(v, []).append((b, r / base[b]))
-    return out
-
-
 def plot(rows: list[dict], sweep: list[dict], out: Path, title: str, published: dict | None = None) -> Path | None:
     """Speed-up over standard against batch size, and against tensor size at one batch."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for v in dict.fromkeys(r["variant"] for r in rows):
@@ -633,7 +420,7 @@ def plot(rows: list[dict], sweep: list[dict], out: Path, title: str, published: 
             b.plot(*zip(*pts), "o-", label=v)
     for ax in (a, b):
         ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda x, _: f"{x:g}"))
     a.set_xlabel("batch size")
     a.set_ylabel("speed-up over standard (tokens/s)")
     a.set_title(f"tensor={rows[0]['tensor']}")
@@ -651,83 +438,3 @@ def plot(rows: list[dict], sweep: list[dict], out: Path, title: str, published: 
     return out
 
 
-def _print_fit(errors: list[dict]) -> None:
-    print(f"{'variant':10s} {'batch':>5s} {'published':>10s} {'predicted':>10s} {'error':>8s}")
-    for e in errors:
-        print(f"{e['variant']:10s} {e['batch']:5d} {e['published']:10.2f} {e['predicted']:10.2f} {e['error_pct']:+7.1f}%")
-    rms = math.sqrt(sum(e["error_pct"] ** 2 for e in errors) / len(errors))
-    print(f"rms error {rms:.1f}%, max {max(abs(e['error_pct']) for e in errors):.1f}%")
-
-
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("predict", "calibrate", "-h", "--help"):
-        argv = ["predict", *argv]
-    ap = argparse.ArgumentParser(prog="python -m ladder_jax.perfmodel", description="Latency model of tensor-parallel decoding per variant.")
-    sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("predict", help="per-token latency, tokens/s and speed-up over standard (the default command)")
-    p.add_argument("--config", default="llama-2-70b", help="preset name or YAML path")
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. model.n_layers=40")
-    p.add_argument("--tensor", type=int, default=8, help="tensor-parallel degree")
-    p.add_argument("--hardware", default="h100-nvlink", help=f"profile name ({', '.join(known_hardware())}) or YAML path")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 64], help="batch sizes")
-    p.add_argument("--variant", action="append", help=f"a layer plan; repeat it (default: {' '.join(DEFAULT_VARIANTS)})")
-    p.add_argument("--prompt", type=int, default=1024, help="prompt tokens per sequence")
-    p.add_argument("--gen", type=int, default=512, help="generated tokens per sequence")
-    p.add_argument("--sweep-batch", type=int, default=None, help="batch of the tensor-size sweep in the plot (default: the first --batch)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--out", type=Path, help="write perfmodel.json and perfmodel.png here")
-    c = sub.add_parser("calibrate", help="fit a profile's calibrated constants to the published 70B TP8 table")
-    c.add_argument("--hardware", default="h100-nvlink")
-    c.add_argument("--write", action="store_true", help="write the fitted values back into the profile file")
-    args = ap.parse_args(argv)
-
-    from .mesh import force_cpu_devices
-
-    try:
-        hw = load_hardware(args.hardware)
-        if args.command == "calibrate":
-            if hw.name != "h100-nvlink" and not args.hardware.endswith((".yaml", ".yml")):
-                raise PerfModelError(f"the published table was measured on 8xH100 with NVLink; calibrate h100-nvlink (or a .yaml of that machine), not '{hw.name}', whose software constants it inherits")
-            force_cpu_devices(ANCHOR_SHAPE["tensor"])
-            fitted, errors = calibrate(hw)
-            print(f"fitted constants of {hw.name} ({hw.source}):")
-            for k in FIT_BOUNDS:
-                print(f"  {k}: {getattr(hw, k):.4g} -> {getattr(fitted, k):.4g}")
-            _print_fit(errors)
-            if args.write:
-                write_constants(Path(hw.source), {k: getattr(fitted, k) for k in FIT_BOUNDS})
-                print(f"wrote {hw.source}")
-            return 0
-        m = load_config(args.config, args.overrides).model
-        for name, v in (("--prompt", args.prompt), ("--gen", args.gen), *(("--batch", b) for b in args.batch)):
-            if v < 1:
-                raise PerfModelError(f"{name} must be positive, got {v}")
-        check_tensor(m, hw, args.tensor)
-        variants = args.variant or list(DEFAULT_VARIANTS)
-        for v in variants:
-            parse_plan(v, m.n_layers)
-        force_cpu_devices(max(TP_SWEEP) if args.out else args.tensor)
-    except (PerfModelError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    rows = predict(m, hw, args.tensor, variants, args.batch, args.prompt, args.gen)
-    sweep = tp_sweep(m, hw, variants, args.sweep_batch or args.batch[0], args.prompt, args.gen) if args.out else []
-    result = {"config": m.name, "hardware": hw.name, "tensor": args.tensor, "prompt": args.prompt, "gen": args.gen,
-              "constants": {k: v for k, v in dataclasses.asdict(hw).items() if k != "source"}, "rows": rows, "tp_sweep": sweep}
-    if args.json:
-        print(json.dumps(result, indent=1))
-    else:
-        print(f"{m.name} on {hw.name}, tensor={args.tensor}, prompt {args.prompt}, {args.gen} generated (model, not measured)")
-        print(format_table(rows))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "perfmodel.json").write_text(json.dumps(result, indent=1))
-        png = plot(rows, sweep, args.out / "perfmodel.png", f"{m.name} on {hw.name} (latency model)",
-                   published_speedups(m, hw, args.tensor, args.prompt, args.gen))
-        print(f"wrote {args.out / 'perfmodel.json'}" + (f" and {png}" if png else " (matplotlib missing: no plot)"), file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,10 @@
 """The compiled forward holds exactly the all-reduces each schedule promises, and ladder's can
-overlap: read from the optimised HLO by ladder_jax.analysis."""
+overlap: read from the optimised HLO by ladder_jax.instruments.sync."""
 import pytest
 
-from ladder_jax.analysis import analyze, parse_replica_groups, shape_bytes
-from ladder_jax.analysis import forward_report
+from ladder_jax.cli import main
+from ladder_jax.instruments.hlo import parse_replica_groups, shape_bytes
+from ladder_jax.instruments.sync import analyze, forward_report
 from ladder_jax.mesh import make_mesh
 from ladder_jax.schedules import ALL_REDUCES_PER_LAYER
 
@@ -78,9 +79,7 @@ ENTRY %main (p: f32[4,4]) -> f32[4,4] {
 
 
 def test_sync_command_reports_the_decode_step_per_variant(capsys, devices):
-    from ladder_jax.analysis import main
-
-    main(["sync", "--config", "tiny", "model.n_layers=2", "--tensor", "4", "--variant", "standard", "--variant", "ladder", "--json"])
+    main(["analysis", "sync", "--config", "tiny", "model.n_layers=2", "--tensor", "4", "--variant", "standard", "--variant", "ladder", "--json"])
     import json
 
     rows = {r["variant"]: r for r in json.loads(capsys.readouterr().out)}

@@ -1,7 +1,7 @@
 """Hugging Face Llama checkpoints in and out.
 
-    python -m ladder_jax.convert from-hf HF_DIR OUT_RUN [--plan standard,ladder@-16:] [--dtype bfloat16] [--tensor 8]
-    python -m ladder_jax.convert to-hf RUN OUT_DIR [--dtype bfloat16] [--max-shard-mb 5000]
+    python -m ladder_jax convert from-hf HF_DIR OUT_RUN [--plan standard,ladder@-16:] [--dtype bfloat16] [--tensor 8]
+    python -m ladder_jax convert to-hf RUN OUT_DIR [--dtype bfloat16] [--max-shard-mb 5000]
 
 `from-hf` reads a local directory (config.json, model.safetensors or model-*.safetensors with
 model.safetensors.index.json, optionally tokenizer.json) and writes a run directory (config.yaml,
@@ -28,21 +28,21 @@ zero rows/columns up to the padded vocabulary. HF stores q and k already in the 
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
 import math
-import os
-import secrets
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import jax
 import ml_dtypes
 import numpy as np
 
-from .config import Config, ConfigError, ModelConfig, TrainConfig, from_dict, replace
+from .. import checkpoint
+from .. import model as M
+from ..checkpoint import building, check_new_directory
+from ..config import Config, ConfigError, ModelConfig, TrainConfig, from_dict, replace
+from ..mesh import make_mesh
 
 DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16)}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -320,29 +320,6 @@ def check_tensors(m: ModelConfig, stored: dict[str, StoredTensor]) -> list[Tenso
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing directories atomically
-
-
-def check_new_directory(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConvertError(f"{out} already exists and is not empty; give a new directory")
-
-
-@contextlib.contextmanager
-def building(out: Path):
-    """A temporary sibling of `out` to fill; renamed to `out` only when the block succeeds."""
-    check_new_directory(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f"{out.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        os.replace(tmp, out)  # replaces an empty `out` too
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------------
 # from-hf
 
 
@@ -352,12 +329,6 @@ def from_hf(hf_dir: str | Path, out_run: str | Path, plan: str = "standard", dty
     `tensor`: the run's mesh.tensor, and the devices the parameters are spread over while
     converting (a model too large for one device needs more).
     """
-    import jax
-
-    from . import checkpoint
-    from . import model as M
-    from .mesh import make_mesh
-
     hf_dir, out_run = Path(hf_dir), Path(out_run)
     cfg = replace(hf_model_config(hf_dir, plan, dtype), mesh={"tensor": tensor})
     stored = hf_tensors(hf_dir)
@@ -445,12 +416,8 @@ def shard_groups(specs: list, max_bytes: int) -> list[list]:
 
 def to_hf_dir(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None, max_shard_bytes: int = 5 * 10**9) -> Path:
     """Write a standard-plan run as a transformers-loadable directory; returns `out_dir`."""
-    import jax
-
-    from . import checkpoint
-
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    saved = checkpoint.load_config(run_dir)
+    saved = checkpoint.load_run_config(run_dir)
     check_exportable(saved, run_dir)
     if checkpoint.latest_step(run_dir) is None:
         raise ConvertError(f"{run_dir} has no complete checkpoint; train or convert it first")
@@ -461,9 +428,6 @@ def to_hf_dir(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None
     specs = [(t.hf_name, t.hf_shape, NUMPY_DTYPES[dtype]) for t in tensors.values()]
     groups = shard_groups(specs, max_shard_bytes)
     check_new_directory(out_dir)  # before the restore, which can take minutes
-
-    from .mesh import make_mesh
-
     cfg = replace(saved, mesh={"data": 1})  # one copy of the parameters, split over the run's tensor size
     mesh = make_mesh(cfg)
     params = checkpoint.restore_params(run_dir, cfg, mesh)
@@ -488,51 +452,3 @@ def to_hf_dir(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None
         if (run_dir / "tokenizer.json").exists():
             shutil.copyfile(run_dir / "tokenizer.json", tmp / "tokenizer.json")
     return out_dir
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m ladder_jax.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--cpu-devices", type=int, default=8, help="fake CPU devices when no accelerator is present (default 8)")
-    sub = ap.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("from-hf", parents=[common], help="HF Llama directory -> run directory")
-    a.add_argument("hf_dir")
-    a.add_argument("out_run")
-    a.add_argument("--plan", default="standard", help="layer plan of the run, e.g. standard,ladder@-16: (default standard)")
-    a.add_argument("--dtype", choices=list(NUMPY_DTYPES), help="parameter and compute dtype (default: the checkpoint's)")
-    a.add_argument("--tensor", type=int, default=1, help="the run's mesh.tensor; the parameters are split over this many devices while converting (default 1)")
-    b = sub.add_parser("to-hf", parents=[common], help="standard-plan run -> HF Llama directory")
-    b.add_argument("run")
-    b.add_argument("out_dir")
-    b.add_argument("--dtype", choices=list(NUMPY_DTYPES), help="dtype of the written tensors (default: the run's param_dtype)")
-    b.add_argument("--max-shard-mb", type=float, default=5000, help="largest safetensors file before splitting into shards (default 5000)")
-    return ap.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from .checkpoint import CheckpointError
-    from .mesh import init_runtime
-
-    init_runtime(args.cpu_devices)
-    try:
-        if args.command == "from-hf":
-            cfg = from_hf(args.hf_dir, args.out_run, args.plan, args.dtype, args.tensor)
-            print(f"wrote {args.out_run}: {cfg.model.n_layers} layers, plan '{cfg.model.plan}', {cfg.model.param_dtype}")
-            print(f"fine-tune: python train.py --init-from {args.out_run} --config {args.out_run}/config.yaml train.data=...")
-        else:
-            to_hf_dir(args.run, args.out_dir, args.dtype, int(args.max_shard_mb * 10**6))
-            print(f"wrote {args.out_dir}: LlamaForCausalLM.from_pretrained('{args.out_dir}') loads it")
-    except (ConvertError, ConfigError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.exit(main())

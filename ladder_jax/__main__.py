@@ -1,0 +1,6 @@
+"""`python -m ladder_jax VERB ...`: see ladder_jax/cli.py."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

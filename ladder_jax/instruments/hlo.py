@@ -1,0 +1,148 @@
+"""HLO text: parse a compiled module, and the facts both analyses read from it (bytes, replica
+groups, which mesh axis a collective runs over, which instructions are matmuls)."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from jax.sharding import Mesh
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_MATMUL_OPS = {"dot", "convolution"}
+_MATMUL_TARGETS = ("matmul", "gemm", "cublas", "onednn$matmul")
+
+
+@dataclass
+class Instr:
+    name: str
+    shape: str
+    opcode: str
+    operands: list[str]
+    calls: list[str]
+    attrs: str
+
+
+def _matching(text: str, start: int, open_c: str, close_c: str) -> int:
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] == open_c:
+            depth += 1
+        elif text[i] == close_c:
+            depth -= 1
+            if depth == 0:
+                return i
+    raise ValueError(f"unbalanced {open_c}{close_c} in HLO line: {text[:120]}")
+
+
+_LINE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_CALLS = re.compile(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)|(?:branch_computations|called_computations)=\{([^}]*)\}")
+
+
+def _parse_instr(line: str) -> Instr | None:
+    m = _LINE.match(line)
+    if not m:
+        return None
+    name, rest = m.group(1), m.group(2)
+    if rest.startswith("("):
+        end = _matching(rest, 0, "(", ")")
+        shape, rest = rest[: end + 1], rest[end + 1 :].lstrip()
+    else:
+        shape, _, rest = rest.partition(" ")
+    paren = rest.find("(")
+    if paren < 0:
+        return None
+    opcode = rest[:paren].strip()
+    end = _matching(rest, paren, "(", ")")
+    operands = re.findall(r"%([\w.\-]+)", rest[paren : end + 1])
+    attrs = rest[end + 1 :]
+    calls = []
+    for a, b in _CALLS.findall(attrs):
+        calls += [a] if a else re.findall(r"%([\w.\-]+)", b)
+    return Instr(name, shape, opcode, operands, calls, attrs)
+
+
+def parse_hlo(text: str) -> tuple[dict[str, list[Instr]], str]:
+    """Computations of an HLO module text: name -> instructions (in order), and the entry's name."""
+    comps, entry, current = {}, None, None
+    for line in text.splitlines():
+        s = line.strip()
+        if s.endswith("{") and ("->" in s or s.startswith("ENTRY")) and " = " not in s.split("(")[0]:
+            header = s[len("ENTRY ") :] if s.startswith("ENTRY") else s
+            current = header.split()[0].lstrip("%")
+            comps[current] = []
+            if s.startswith("ENTRY"):
+                entry = current
+        elif s == "}":
+            current = None
+        elif current is not None:
+            ins = _parse_instr(s)
+            if ins is not None:
+                comps[current].append(ins)
+    if entry is None:
+        raise ValueError("no ENTRY computation in this HLO text")
+    return comps, entry
+
+
+def shape_bytes(shape: str) -> int:
+    total = 0
+    for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shape):
+        if dtype in _DTYPE_BYTES:
+            total += int(np.prod([int(d) for d in dims.split(",") if d] or [1])) * _DTYPE_BYTES[dtype]
+    return total
+
+
+def parse_replica_groups(attrs: str) -> list[tuple[int, ...]] | None:
+    m = re.search(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}", attrs)
+    if m:
+        return [tuple(int(x) for x in g.split(",") if x) for g in re.findall(r"\{([\d,]*)\}", m.group(1))]
+    m = re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", attrs)
+    if m:
+        out = [int(x) for x in m.group(1).split(",")]
+        dims = [int(x) for x in m.group(2).split(",")]
+        ids = np.arange(int(np.prod(dims))).reshape(dims)
+        if m.group(3):
+            ids = ids.transpose([int(x) for x in m.group(3).split(",")])
+        return [tuple(int(i) for i in row) for row in ids.reshape(out[0], -1)]
+    return None
+
+
+def mesh_axis_groups(mesh: Mesh) -> dict[str, set[tuple[int, ...]]]:
+    """Device-id groups of each mesh axis, to tell which axis a collective runs over."""
+    ids = np.vectorize(lambda d: d.id)(mesh.devices)
+    return {
+        "tensor": {tuple(sorted(row)) for row in ids.tolist()},
+        "data": {tuple(sorted(col)) for col in ids.T.tolist()},
+        "all": {tuple(sorted(ids.ravel().tolist()))},
+    }
+
+
+def is_matmul(ins: Instr, comps: dict, cache: dict) -> bool:
+    if ins.opcode in _MATMUL_OPS:
+        return True
+    # GPU and TPU strength-reduce a matrix-vector dot (decode at batch 1) into multiply + reduce;
+    # those ops keep the dot's op_name.
+    if ins.opcode in ("multiply", "reduce") and re.search(r'op_name="[^"]*dot_general"', ins.attrs):
+        return True
+    if ins.opcode == "custom-call" and any(t in ins.attrs.lower() for t in _MATMUL_TARGETS):
+        return True
+    if ins.opcode in ("fusion", "call"):
+        for c in ins.calls:
+            if c not in cache:
+                cache[c] = False
+                cache[c] = any(is_matmul(i, comps, cache) for i in comps.get(c, []))
+            if cache[c]:
+                return True
+    return False
+
+
+def collective_axis(attrs: str, groups: dict) -> str:
+    """The mesh axis ("tensor", "data", "other") a collective with these attributes runs over."""
+    rg = parse_replica_groups(attrs)
+    found = {tuple(sorted(g)) for g in rg} if rg else None
+    axis = next((name for name in ("tensor", "data", "all") if found == groups[name]), "other")
+    if axis == "all":  # a mesh with one of the two axes of size 1
+        axis = "tensor" if len(groups["data"]) == 1 else "data"
+    return axis
+
+

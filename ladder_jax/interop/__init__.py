@@ -1,0 +1,1 @@
+"""Other ecosystems' checkpoints in and out: Hugging Face Llama (hf)."""

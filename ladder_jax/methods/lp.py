@@ -1,0 +1,127 @@
+"""Layer Parallelism tools: how much perplexity does pairing layers cost, and where?
+
+    python -m ladder_jax lp sweep --checkpoint RUN [--max-delta D] [--budget 0.05] [--out DIR] [key=value ...]
+
+For Δ = 2, 4, 6, ... paired layers it finds the contiguous range where validation perplexity
+grows least (every start when the model has at most 16 layers, else by growing the best range
+two layers at a time), measures greedy-decode agreement with the original model on a fixed set
+of prompts, writes `lp_sweep.json` and `lp_sweep.png`, and suggests the largest Δ within the
+perplexity budget together with the fine-tuning command (`train.trainable=lp_pairs`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from ..checkpoint import Run
+from ..config import ConfigError, parse_plan
+from ..decode import generate
+from ..instruments.plots import pyplot
+from ..training import evaluate
+
+
+def lp_plan(base: str, n_layers: int, start: int, end: int) -> str:
+    """`base` everywhere but layers [start, end), which run as LP pairs."""
+    layers = parse_plan(base, n_layers)
+    if len(set(layers)) != 1:
+        raise ConfigError(f"model.plan='{base}' mixes schedules; LP sweeps start from a single-schedule model such as 'standard'")
+    plan = f"{layers[0]},lp@{start}:{end}"
+    parse_plan(plan, n_layers)
+    return plan
+
+
+class Evaluator:
+    """Validation perplexity and greedy continuations of one run's parameters under any plan."""
+
+    def __init__(self, run: Run, val_batches, prompts=(), gen_tokens: int = 0):
+        self.run, self.cfg = run, run.cfg
+        self.val, self.prompts, self.gen_tokens = val_batches, list(prompts), gen_tokens
+
+    def with_plan(self, plan: str):
+        return dataclasses.replace(self.cfg.model, plan=plan)
+
+    def perplexity(self, plan: str) -> float:
+        return evaluate(self.with_plan(plan), self.run.mesh, self.run.params, self.val)["val_ppl"]
+
+    def continuations(self, plan: str) -> list[list[int]]:
+        return list(generate(self.with_plan(plan), self.run.mesh, self.run.params, self.prompts, self.gen_tokens, eos_id=None).tokens)
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Fraction of generated positions where two greedy continuations give the same token."""
+    same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+    total = sum(max(len(ra), len(rb)) for ra, rb in zip(a, b))
+    return same / max(total, 1)
+
+
+def sweep(ev: Evaluator, max_delta: int, search: str = "auto", log=print) -> list[dict]:
+    n = ev.cfg.model.n_layers
+    base = ev.cfg.model.plan
+    base_ppl = ev.perplexity(base)
+    base_tokens = ev.continuations(base)
+    log(f"original ({base}): val ppl {base_ppl:.3f}")
+    exhaustive = search == "exhaustive" or (search == "auto" and n <= 16)
+    cache: dict[tuple[int, int], float] = {}
+
+    def ppl(start, end):
+        if (start, end) not in cache:
+            cache[(start, end)] = ev.perplexity(lp_plan(base, n, start, end))
+        return cache[(start, end)]
+
+    rows = [{"delta": 0, "start": None, "end": None, "plan": base, "val_ppl": base_ppl, "ppl_increase": 0.0, "agreement": 1.0}]
+    best = None
+    for delta in range(2, max_delta + 1, 2):
+        if exhaustive or best is None:
+            candidates = [(s, s + delta) for s in range(0, n - delta + 1)]
+        else:  # grow the previous best range by one pair, left or right
+            s, e = best
+            candidates = [(a, b) for a, b in ((s - 2, e), (s, e + 2)) if a >= 0 and b <= n]
+        best = min(candidates, key=lambda c: ppl(*c))
+        plan = lp_plan(base, n, *best)
+        value = ppl(*best)
+        agree = agreement(base_tokens, ev.continuations(plan))
+        rows.append({"delta": delta, "start": best[0], "end": best[1], "plan": plan, "val_ppl": value, "ppl_increase": value / base_ppl - 1, "agreement": agree})
+        log(f"Δ={delta}: layers {best[0]}..{best[1] - 1} paired, val ppl {value:.3f} ({value / base_ppl - 1:+.1%}), greedy agreement {agree:.1%}")
+    return rows
+
+
+def suggest(rows: list[dict], budget: float) -> dict:
+    ok = [r for r in rows if r["ppl_increase"] <= budget]
+    return max(ok, key=lambda r: r["delta"])
+
+
+def plot(rows: list[dict], out: Path, title: str) -> Path | None:
+    plt = pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["delta"] for r in rows], [r["val_ppl"] for r in rows], "o-", label="validation perplexity")
+    ax.set_xticks([r["delta"] for r in rows])  # only even Δ exist
+    ax.set_xlabel("Δ (layers paired)")
+    ax.set_ylabel("perplexity")
+    ax2 = ax.twinx()
+    ax2.plot([r["delta"] for r in rows], [r["agreement"] for r in rows], "s--", color="tab:orange", label="greedy agreement")
+    ax2.set_ylabel("greedy agreement with the original")
+    ax.set_title(title)
+    fig.legend(loc="center left", bbox_to_anchor=(0.13, 0.55), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def check_max_delta(max_delta: int | None, n_layers: int) -> int:
+    max_delta = max_delta or n_layers - n_layers % 2
+    if max_delta % 2 or not 2 <= max_delta <= n_layers:
+        raise ConfigError(f"--max-delta={max_delta} must be even and between 2 and the model's {n_layers} layers")
+    return max_delta
+
+
+def write_report(out: Path, checkpoint, budget: float, rows: list[dict], model_name: str) -> tuple[dict, Path, Path | None]:
+    """lp_sweep.json (rows and the suggested Δ) and lp_sweep.png in `out`; returns (suggestion, json, png)."""
+    pick = suggest(rows, budget)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "lp_sweep.json"
+    path.write_text(json.dumps({"checkpoint": str(checkpoint), "budget": budget, "rows": rows, "suggested": pick}, indent=1))
+    return pick, path, plot(rows, out / "lp_sweep.png", f"{model_name}: Layer Parallelism")
