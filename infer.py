@@ -13,6 +13,7 @@ every tensor size up to 8 runs. Decoding uses mesh.data=1 unless an override set
 of requests on one host gains nothing from being split over data, and padding the batch up to
 the data size would multiply the work.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,11 +26,12 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from ladder_jax import checkpoint, decode
 from ladder_jax import model as M
 from ladder_jax.checkpoint import CheckpointError
-from ladder_jax.config import ConfigError, load_config
+from ladder_jax.config import Config, ConfigError, load_config
 from ladder_jax.decode import DecodeError, check_request
 from ladder_jax.mesh import init_runtime, make_mesh
 from ladder_jax.tokenizer import get_tokenizer
@@ -42,16 +44,33 @@ class InputError(ValueError):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. mesh.tensor=8 model.plan=ladder")
-    ap.add_argument("--config", help="preset name or YAML path: whose latest run to decode with (default tiny), or what to benchmark")
-    ap.add_argument("--checkpoint", metavar="RUN_DIR", help="run directory made by train.py (default: the latest run of --config under --runs-dir)")
+    ap.add_argument(
+        "--config",
+        help="preset name or YAML path: whose latest run to decode with (default tiny), or what to benchmark",
+    )
+    ap.add_argument(
+        "--checkpoint",
+        metavar="RUN_DIR",
+        help="run directory made by train.py (default: the latest run of --config under --runs-dir)",
+    )
     ap.add_argument("--runs-dir", default="runs", help="where train.py puts runs (default: runs)")
     ap.add_argument("--prompt", help="text to continue")
-    ap.add_argument("--prompts-file", metavar="FILE", help="a batch of prompts: one per line, or JSONL (.jsonl) with a 'prompt' or 'text' field")
+    ap.add_argument(
+        "--prompts-file",
+        metavar="FILE",
+        help="a batch of prompts: one per line, or JSONL (.jsonl) with a 'prompt' or 'text' field",
+    )
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--cpu-devices", type=int, default=8, help="fake CPU devices when no accelerator is present (default 8)")
+    ap.add_argument(
+        "--cpu-devices", type=int, default=8, help="fake CPU devices when no accelerator is present (default 8)"
+    )
     bench = ap.add_argument_group("benchmark (random weights, as the Ladder Residual paper)")
     bench.add_argument("--benchmark", action="store_true", help="time prefill and decode per variant and batch size")
-    bench.add_argument("--variants", default="standard,ladder,parallel,desync", help="layer plans, comma-separated (use ';' between plans that contain commas)")
+    bench.add_argument(
+        "--variants",
+        default="standard,ladder,parallel,desync",
+        help="layer plans, comma-separated (use ';' between plans that contain commas)",
+    )
     bench.add_argument("--batch-sizes", default="1,4", help="comma-separated (default 1,4)")
     bench.add_argument("--prompt-len", type=int, default=1024)
     bench.add_argument("--gen-len", type=int, default=512)
@@ -88,7 +107,9 @@ def read_prompts_file(path: str | Path) -> list[str]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise InputError(f"{path} line {line}: byte 0x{raw[e.start]:02x} is not UTF-8; save the file as UTF-8") from None
+        raise InputError(
+            f"{path} line {line}: byte 0x{raw[e.start]:02x} is not UTF-8; save the file as UTF-8"
+        ) from None
     prompts = []
     for n, line in enumerate(text.splitlines(), 1):
         if path.suffix == ".jsonl":
@@ -128,7 +149,9 @@ class TextStream:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.bytes_to_text = codecs.getincrementaldecoder("utf-8")("replace") if hasattr(tokenizer, "decode_bytes") else None
+        self.bytes_to_text = (
+            codecs.getincrementaldecoder("utf-8")("replace") if hasattr(tokenizer, "decode_bytes") else None
+        )
         self.ids: list[int] = []
         self.written = 0
 
@@ -164,7 +187,9 @@ def resolve_run(args) -> Path:
     if args.config is not None:
         wanted = load_config(args.config).model.name
         if saved.model.name != wanted:
-            raise InputError(f"{run_dir} is a '{saved.model.name}' run, not '{wanted}'; drop --config or give a run of {wanted}")
+            raise InputError(
+                f"{run_dir} is a '{saved.model.name}' run, not '{wanted}'; drop --config or give a run of {wanted}"
+            )
     return run_dir
 
 
@@ -182,11 +207,24 @@ def infer(args) -> int:
     prompts = [[tokenizer.bos_id, *tokenizer.encode(t)] for t in texts]
     check_request(cfg.model, prompts, args.max_new_tokens)
     run = checkpoint.load_run(run_dir, overrides)
-    complete(run.cfg, run.mesh, run.params, tokenizer, texts, prompts, args.max_new_tokens, sys.stdout, log=sys.stderr, source=str(run_dir))
+    complete(
+        run.cfg,
+        run.mesh,
+        run.params,
+        tokenizer,
+        texts,
+        prompts,
+        args.max_new_tokens,
+        sys.stdout,
+        log=sys.stderr,
+        source=str(run_dir),
+    )
     return 0
 
 
-def complete(cfg, mesh, params, tokenizer, texts, prompts, max_new_tokens, out, log, source="") -> list[str]:
+def complete(
+    cfg: Config, mesh: Mesh, params, tokenizer, texts, prompts, max_new_tokens, out, log, source=""
+) -> list[str]:
     """Decode the prompts and return their completions. A single prompt streams to `out` as it
     is produced; a batch is written when done, one `[i] prompt completion` per prompt. Compile
     time, timings and the KV cache size go to `log`."""
@@ -208,7 +246,9 @@ def complete(cfg, mesh, params, tokenizer, texts, prompts, max_new_tokens, out, 
 
     if single:
         write(texts[0])
-    result = decode.generate(cfg.model, mesh, params, prompts, max_new_tokens, eos_id=tokenizer.eos_id, on_token=on_token)
+    result = decode.generate(
+        cfg.model, mesh, params, prompts, max_new_tokens, eos_id=tokenizer.eos_id, on_token=on_token
+    )
     for row, stream in enumerate(streams):
         pieces[row].append(stream.close())
     completions = ["".join(p) for p in pieces]
@@ -252,7 +292,9 @@ def benchmark(args) -> int:
     generations and report their medians. Tokens/s counts the generated tokens over the whole
     generation, prefill included, as the Ladder Residual paper does."""
     if args.checkpoint or args.prompt is not None or args.prompts_file:
-        raise InputError("--benchmark times random weights on random prompts; drop --checkpoint, --prompt and --prompts-file")
+        raise InputError(
+            "--benchmark times random weights on random prompts; drop --checkpoint, --prompt and --prompts-file"
+        )
     variants = split_variants(args.variants)
     batch_sizes = parse_batch_sizes(args.batch_sizes)
     if args.prompt_len < 1 or args.gen_len < 2 or args.runs < 1 or args.warmup < 0:
@@ -262,10 +304,12 @@ def benchmark(args) -> int:
     total_len = args.prompt_len + args.gen_len
     if base.model.max_seq_len < total_len:
         # Random weights: the context limit is only a shape here, so stretch it to the request.
-        print(f"note: model.max_seq_len raised from {base.model.max_seq_len} to {total_len} for prompt {args.prompt_len} + {args.gen_len} generated", file=sys.stderr)
+        print(
+            f"note: model.max_seq_len raised from {base.model.max_seq_len} to {total_len} for prompt {args.prompt_len} + {args.gen_len} generated",
+            file=sys.stderr,
+        )
         overrides = [*overrides, f"model.max_seq_len={total_len}"]
     configs = {v: load_config(args.config or "tiny", [*overrides, f"model.plan={v}"]) for v in variants}
-
 
     init_runtime(args.cpu_devices)
     mesh = make_mesh(base)

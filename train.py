@@ -1,5 +1,6 @@
 """Train a ladder_jax model. `python train.py` trains the tiny preset on the Python standard
 library's sources on whatever devices exist (8 fake CPU devices without an accelerator)."""
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,12 @@ def parse_args(argv=None):
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model.plan=ladder train.steps=100")
     ap.add_argument("--run-dir", help="run directory (default: train.out_dir/<preset>-<time>); an existing one resumes")
     ap.add_argument("--init-from", help="start from another run's (or a converted model's) parameters")
-    ap.add_argument("--cpu-devices", type=int, default=8, help="fake CPU devices when no accelerator is present (default 8)")
-    ap.add_argument("--coordinator", help="multi-host: coordinator host:port (TPU pods and SLURM are detected without it)")
+    ap.add_argument(
+        "--cpu-devices", type=int, default=8, help="fake CPU devices when no accelerator is present (default 8)"
+    )
+    ap.add_argument(
+        "--coordinator", help="multi-host: coordinator host:port (TPU pods and SLURM are detected without it)"
+    )
     ap.add_argument("--num-processes", type=int)
     ap.add_argument("--process-id", type=int)
     ap.add_argument("--sample-tokens", type=int, default=200, help="greedy sample length printed at the end (0: none)")
@@ -48,17 +53,29 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if jax.process_index() == 0:
-        print(f"step {result['step']}: loss {result.get('loss', float('nan')):.4f}" + (f", val_loss {result['val_loss']:.4f}, val_ppl {result['val_ppl']:.2f}" if "val_loss" in result else ""))
+        print(
+            f"step {result['step']}: loss {result.get('loss', float('nan')):.4f}"
+            + (f", val_loss {result['val_loss']:.4f}, val_ppl {result['val_ppl']:.2f}" if "val_loss" in result else "")
+        )
         if args.sample_tokens:
             print_sample(cfg, result, args.sample_tokens)
-        print(f"saved to {result['run_dir']}  (decode: python infer.py --checkpoint {result['run_dir']} --prompt 'def ')")
+        print(
+            f"saved to {result['run_dir']}  (decode: python infer.py --checkpoint {result['run_dir']} --prompt 'def ')"
+        )
     return 0
 
 
 def print_sample(cfg, result, n_tokens: int) -> None:
     tok = get_tokenizer(cfg, result["run_dir"])
     prompt = "def "
-    out = decode.generate(cfg, result["mesh"], result["params"], [[tok.bos_id, *tok.encode(prompt)]], max_new_tokens=n_tokens, eos_id=tok.eos_id)
+    out = decode.generate(
+        cfg,
+        result["mesh"],
+        result["params"],
+        [[tok.bos_id, *tok.encode(prompt)]],
+        max_new_tokens=n_tokens,
+        eos_id=tok.eos_id,
+    )
     print("sample:", prompt + tok.decode(out[0]))
 
 

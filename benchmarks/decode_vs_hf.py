@@ -10,6 +10,7 @@ compile time is reported apart. Each figure is the median of --runs runs after o
     pip install torch==2.13.0 transformers
     python benchmarks/decode_vs_hf.py --batch-sizes 1,4 --prompt-len 1024 --gen-len 512
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,7 +49,11 @@ def hf_llama(cfg, params) -> LlamaForCausalLM:
     )
     p = jax.tree.map(np.asarray, jax.device_get(params))
     d = m.d_model
-    state = {"model.embed_tokens.weight": p["embed"]["table"][:v], "model.norm.weight": p["final_norm"]["scale"], "lm_head.weight": p["lm_head"]["kernel"][:, :v].T}
+    state = {
+        "model.embed_tokens.weight": p["embed"]["table"][:v],
+        "model.norm.weight": p["final_norm"]["scale"],
+        "lm_head.weight": p["lm_head"]["kernel"][:, :v].T,
+    }
     for i, layer in p["layers"].items():
         a, f, pre = layer["attn"], layer["mlp"], f"model.layers.{i}."
         # Ours: q/k/v (d, heads, hd) and o (heads, hd, d); HF: Linear weights (out, in).
@@ -84,7 +89,14 @@ def time_hf(hf, prompts, gen_len, runs):
     ids = torch.tensor(prompts)
 
     def generate(n):
-        kwargs = {"attention_mask": torch.ones_like(ids), "max_new_tokens": n, "min_new_tokens": n, "do_sample": False, "num_beams": 1, "use_cache": True}
+        kwargs = {
+            "attention_mask": torch.ones_like(ids),
+            "max_new_tokens": n,
+            "min_new_tokens": n,
+            "do_sample": False,
+            "num_beams": 1,
+            "use_cache": True,
+        }
         start = time.perf_counter()
         out = hf.generate(ids, **kwargs)
         return time.perf_counter() - start, out
@@ -109,15 +121,23 @@ def main(argv=None) -> None:
 
     cfg = load_config("tiny", ["mesh.data=1", "mesh.tensor=1"])
     if cfg.model.max_seq_len < args.prompt_len + args.gen_len:  # random weights: the context limit is only a shape
-        cfg = load_config("tiny", ["mesh.data=1", "mesh.tensor=1", f"model.max_seq_len={args.prompt_len + args.gen_len}"])
+        cfg = load_config(
+            "tiny", ["mesh.data=1", "mesh.tensor=1", f"model.max_seq_len={args.prompt_len + args.gen_len}"]
+        )
     mesh = make_mesh(cfg, jax.devices()[:1])
     params = M.init_params(cfg.model, mesh, args.seed)
     hf = hf_llama(cfg, params)
     rng = np.random.default_rng(args.seed)
-    print(f"{M.describe(cfg)}\nCPU, {torch.get_num_threads()} torch threads; jax {jax.__version__}, torch {torch.__version__}")
+    print(
+        f"{M.describe(cfg)}\nCPU, {torch.get_num_threads()} torch threads; jax {jax.__version__}, torch {torch.__version__}"
+    )
     print(f"prompt {args.prompt_len}, generate {args.gen_len}, median of {args.runs} runs after 1 warm-up\n")
-    print("| batch | ours tok/s | HF tok/s | ours / HF | prefill ms ours / HF | decode ms/token ours / HF | our compile s | greedy tokens equal |")
-    print("|-------|------------|----------|-----------|----------------------|---------------------------|---------------|---------------------|")
+    print(
+        "| batch | ours tok/s | HF tok/s | ours / HF | prefill ms ours / HF | decode ms/token ours / HF | our compile s | greedy tokens equal |"
+    )
+    print(
+        "|-------|------------|----------|-----------|----------------------|---------------------------|---------------|---------------------|"
+    )
     for b in [int(x) for x in args.batch_sizes.split(",")]:
         prompts = rng.integers(0, cfg.model.vocab_size, (b, args.prompt_len)).tolist()
         ours_s, ours_prefill, compile_s, ours_tokens = time_ours(cfg, mesh, params, prompts, args.gen_len, args.runs)
@@ -126,7 +146,10 @@ def main(argv=None) -> None:
         # a sequence; the count of equal tokens up to the first difference checks the copy.
         first_diff = [int(np.argmax(o != h)) if (o != h).any() else len(o) for o, h in zip(ours_tokens, hf_tokens)]
         ours_rate, hf_rate = b * args.gen_len / ours_s, b * args.gen_len / hf_s
-        per_token = [(total - prefill) / (args.gen_len - 1) * 1e3 for total, prefill in ((ours_s, ours_prefill), (hf_s, hf_prefill))]
+        per_token = [
+            (total - prefill) / (args.gen_len - 1) * 1e3
+            for total, prefill in ((ours_s, ours_prefill), (hf_s, hf_prefill))
+        ]
         print(
             f"| {b} | {ours_rate:.1f} | {hf_rate:.1f} | {ours_rate / hf_rate:.2f}x | {ours_prefill * 1e3:.0f} / {hf_prefill * 1e3:.0f} "
             f"| {per_token[0]:.1f} / {per_token[1]:.1f} | {compile_s:.1f} | {sum(first_diff)}/{b * args.gen_len} |",

@@ -21,6 +21,7 @@ dispatch cancel. It reports per batch:
 On a CPU it runs too (use `--config tiny`), but the comparison is only meaningful on the hardware
 the profile describes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def shard_config(m, tensor: int, n_layers: int):
     """The model one device of a tensor axis computes: its heads, KV heads and FFN columns."""
     kv = max(1, m.n_kv_heads // tensor)  # fewer KV heads than devices: each device uses one (replicated)
-    return dataclasses.replace(m, n_layers=n_layers, n_heads=m.n_heads // tensor, n_kv_heads=kv, head_dim=m.hd,
-                               ffn_dim=m.ffn_dim // tensor, plan="standard")
+    return dataclasses.replace(
+        m,
+        n_layers=n_layers,
+        n_heads=m.n_heads // tensor,
+        n_kv_heads=kv,
+        head_dim=m.hd,
+        ffn_dim=m.ffn_dim // tensor,
+        plan="standard",
+    )
 
 
 def time_steps(cfg, mesh, batch: int, cache_len: int, runs: int, warmup: int) -> float:
@@ -91,8 +99,17 @@ def main(argv=None) -> int:
     ap.add_argument("--tensor", type=int, default=8, help="the tensor degree whose one-device share is measured")
     ap.add_argument("--hardware", default="h100-nvlink", help="latency-model profile to compare with")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
-    ap.add_argument("--cache-len", type=int, default=1536, help="KV cache positions (the paper's 1024 prompt + 512 generated)")
-    ap.add_argument("--layers", type=int, nargs=2, default=[2, 6], metavar=("L1", "L2"), help="the two layer counts whose difference is timed")
+    ap.add_argument(
+        "--cache-len", type=int, default=1536, help="KV cache positions (the paper's 1024 prompt + 512 generated)"
+    )
+    ap.add_argument(
+        "--layers",
+        type=int,
+        nargs=2,
+        default=[2, 6],
+        metavar=("L1", "L2"),
+        help="the two layer counts whose difference is timed",
+    )
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--probe-mib", type=int, default=1024, help="array size of the plain-read bandwidth probe")
@@ -126,38 +143,80 @@ def main(argv=None) -> int:
     costs = module_costs(dataclasses.replace(m, plan="standard"), args.tensor)
     from ladder_jax import model as M
 
-    layer_bytes = (M.bytes_per_device(shard_config(m, args.tensor, l2), 1) - M.bytes_per_device(shard_config(m, args.tensor, l1), 1)) // (l2 - l1)
+    layer_bytes = (
+        M.bytes_per_device(shard_config(m, args.tensor, l2), 1)
+        - M.bytes_per_device(shard_config(m, args.tensor, l1), 1)
+    ) // (l2 - l1)
     priced = costs["attention"].weight_bytes + costs["mlp"].weight_bytes
     assert layer_bytes == priced, f"the measured layer holds {layer_bytes} bytes, the latency model prices {priced}"
     ours = dataclasses.replace(hw, attention_expands_kv=False)  # our attention reads the cache once per KV head
     probe = read_bandwidth(args.probe_mib, args.runs)
     what = f"{m.name} at tensor={args.tensor} (one device: {m.n_heads // args.tensor} heads, {max(1, m.n_kv_heads // args.tensor)} KV heads, FFN {m.ffn_dim // args.tensor})"
-    print(f"{what}, {m.dtype}, KV cache {args.cache_len}, on {device.device_kind} ({device.platform}); model: {hw.name}")
-    print(f"plain read of {args.probe_mib} MiB: {probe / 1e9:.1f} GB/s ({probe / hw.hbm_bandwidth:.0%} of {hw.name}'s {hw.hbm_bandwidth / 1e9:.0f} GB/s)")
+    print(
+        f"{what}, {m.dtype}, KV cache {args.cache_len}, on {device.device_kind} ({device.platform}); model: {hw.name}"
+    )
+    print(
+        f"plain read of {args.probe_mib} MiB: {probe / 1e9:.1f} GB/s ({probe / hw.hbm_bandwidth:.0%} of {hw.name}'s {hw.hbm_bandwidth / 1e9:.0f} GB/s)"
+    )
     rows = []
-    header = f"{'batch':>5} {'ms/layer':>9} {'model ms':>9} {'model/meas':>10} {'MB read':>8} {'GB/s':>7} {'of spec':>7}"
+    header = (
+        f"{'batch':>5} {'ms/layer':>9} {'model ms':>9} {'model/meas':>10} {'MB read':>8} {'GB/s':>7} {'of spec':>7}"
+    )
     print(header)
     for b in args.batch:
-        t1, t2 = (time_steps(shard_config(m, args.tensor, n), mesh, b, args.cache_len, args.runs, args.warmup) for n in (l1, l2))
+        t1, t2 = (
+            time_steps(shard_config(m, args.tensor, n), mesh, b, args.cache_len, args.runs, args.warmup)
+            for n in (l1, l2)
+        )
         if t2 <= t1:  # the layers' time is below the timing noise: say so rather than print a rate
-            print(f"{b:>5} not measurable: {l2} layers took no longer than {l1} ({t2 * 1e3:.3f} vs {t1 * 1e3:.3f} ms); raise --layers L2 or --runs")
+            print(
+                f"{b:>5} not measurable: {l2} layers took no longer than {l1} ({t2 * 1e3:.3f} vs {t1 * 1e3:.3f} ms); raise --layers L2 or --runs"
+            )
             continue
         per_layer = (t2 - t1) / (l2 - l1)
-        nbytes = costs["attention"].weight_bytes + costs["mlp"].weight_bytes + b * args.cache_len * costs["attention"].kv_bytes_per_position
-        model_s = module_time(costs["attention"], "attention", ours, b, b, args.cache_len) + module_time(costs["mlp"], "mlp", ours, b, b, 0.0)
-        row = {"batch": b, "ms_per_layer": per_layer * 1e3, "model_ms_per_layer": model_s * 1e3, "bytes_per_layer": nbytes,
-               "achieved_gb_s": nbytes / per_layer / 1e9, "share_of_spec": nbytes / per_layer / hw.hbm_bandwidth,
-               "step_ms": {str(l1): t1 * 1e3, str(l2): t2 * 1e3}}
+        nbytes = (
+            costs["attention"].weight_bytes
+            + costs["mlp"].weight_bytes
+            + b * args.cache_len * costs["attention"].kv_bytes_per_position
+        )
+        model_s = module_time(costs["attention"], "attention", ours, b, b, args.cache_len) + module_time(
+            costs["mlp"], "mlp", ours, b, b, 0.0
+        )
+        row = {
+            "batch": b,
+            "ms_per_layer": per_layer * 1e3,
+            "model_ms_per_layer": model_s * 1e3,
+            "bytes_per_layer": nbytes,
+            "achieved_gb_s": nbytes / per_layer / 1e9,
+            "share_of_spec": nbytes / per_layer / hw.hbm_bandwidth,
+            "step_ms": {str(l1): t1 * 1e3, str(l2): t2 * 1e3},
+        }
         rows.append(row)
-        print(f"{b:>5} {row['ms_per_layer']:>9.4f} {row['model_ms_per_layer']:>9.4f} {model_s / per_layer:>10.2f} {nbytes / 1e6:>8.1f} "
-              f"{row['achieved_gb_s']:>7.1f} {row['share_of_spec']:>7.0%}")
+        print(
+            f"{b:>5} {row['ms_per_layer']:>9.4f} {row['model_ms_per_layer']:>9.4f} {model_s / per_layer:>10.2f} {nbytes / 1e6:>8.1f} "
+            f"{row['achieved_gb_s']:>7.1f} {row['share_of_spec']:>7.0%}"
+        )
     if args.json:
-        args.json.write_text(json.dumps({
-            "config": m.name, "tensor": args.tensor, "dtype": m.dtype, "cache_len": args.cache_len, "layers": [l1, l2],
-            "device": device.device_kind, "platform": device.platform, "hardware_profile": hw.name,
-            "profile_hbm_bandwidth": hw.hbm_bandwidth, "profile_hbm_efficiency": hw.hbm_efficiency,
-            "read_probe_gb_s": probe / 1e9, "rows": rows, "date": time.strftime("%Y-%m-%d"),
-        }, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "config": m.name,
+                    "tensor": args.tensor,
+                    "dtype": m.dtype,
+                    "cache_len": args.cache_len,
+                    "layers": [l1, l2],
+                    "device": device.device_kind,
+                    "platform": device.platform,
+                    "hardware_profile": hw.name,
+                    "profile_hbm_bandwidth": hw.hbm_bandwidth,
+                    "profile_hbm_efficiency": hw.hbm_efficiency,
+                    "read_probe_gb_s": probe / 1e9,
+                    "rows": rows,
+                    "date": time.strftime("%Y-%m-%d"),
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

@@ -9,6 +9,7 @@ N = 0..L drops the N least sensitive blocks' syncs, reporting perplexity on vali
 *after* the calibration ones: zero-shot, the SPD method (only sensitive and extremely sensitive
 blocks repaired) and every dropped block distilled. Writes spd_report.json and spd_report.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,9 @@ def main():
     ap.add_argument("--checkpoint", type=Path, required=True)
     ap.add_argument("--tensor", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--calibration", type=int, default=128)
-    ap.add_argument("--eval", type=int, default=128, help="validation sequences after the calibration ones to report on")
+    ap.add_argument(
+        "--eval", type=int, default=128, help="validation sequences after the calibration ones to report on"
+    )
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--lr", type=float)
     ap.add_argument("--sensitivity-dir", type=Path, help="reuse spd_sensitivity_t<T>.json from here")
@@ -33,7 +36,12 @@ def main():
     args = ap.parse_args()
 
     force_cpu_devices(max(args.tensor))
-    results = {"checkpoint": str(args.checkpoint), "date": time.strftime("%Y-%m-%d"), "machine": "CPU, fake devices", "tensor": {}}
+    results = {
+        "checkpoint": str(args.checkpoint),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": "CPU, fake devices",
+        "tensor": {},
+    }
     for t in args.tensor:
         run = spd.open_run(args.checkpoint, t)
         cfg, params = run.cfg, run.params
@@ -48,7 +56,13 @@ def main():
             report = spd.sensitivity(run, calib, 0.005, 0.05)
         lr = args.lr or cfg.train.lr / 10
         # Repair every block once; each repair only depends on the original model's activations.
-        every_block = dict(report, blocks=[dict(b, **{"class": "sensitive" if b["class"] == "insensitive" else b["class"]}) for b in report["blocks"]])
+        every_block = dict(
+            report,
+            blocks=[
+                dict(b, **{"class": "sensitive" if b["class"] == "insensitive" else b["class"]})
+                for b in report["blocks"]
+            ],
+        )
         n = cfg.model.n_layers
         repaired, log = spd.apply(run, calib, every_block, list(range(n)), args.steps, lr, held_out=16)
         order = [b["block"] for b in sorted(report["blocks"], key=lambda b: b["rank"])]
@@ -57,13 +71,29 @@ def main():
         for k in range(n + 1):
             chosen = sorted(order[:k])
             plan = spd.spd_plan(cfg.model.plan, n, chosen)
-            method = {**params, "layers": {i: repaired["layers"][i] if i in chosen and classes[i] != "insensitive" else params["layers"][i] for i in range(n)}}
-            distilled = {**params, "layers": {i: repaired["layers"][i] if i in chosen else params["layers"][i] for i in range(n)}}
-            row = {"dropped": k, "blocks": chosen, "zero_shot": spd.perplexity(run, plan, held),
-                   "spd_method": spd.perplexity(run, plan, held, params=method),
-                   "all_distilled": spd.perplexity(run, plan, held, params=distilled)}
+            method = {
+                **params,
+                "layers": {
+                    i: repaired["layers"][i] if i in chosen and classes[i] != "insensitive" else params["layers"][i]
+                    for i in range(n)
+                },
+            }
+            distilled = {
+                **params,
+                "layers": {i: repaired["layers"][i] if i in chosen else params["layers"][i] for i in range(n)},
+            }
+            row = {
+                "dropped": k,
+                "blocks": chosen,
+                "zero_shot": spd.perplexity(run, plan, held),
+                "spd_method": spd.perplexity(run, plan, held, params=method),
+                "all_distilled": spd.perplexity(run, plan, held, params=distilled),
+            }
             rows.append(row)
-            print(f"tensor={t} dropped={k} {chosen}: zero-shot {row['zero_shot']:.4f}, SPD {row['spd_method']:.4f}, all distilled {row['all_distilled']:.4f}", flush=True)
+            print(
+                f"tensor={t} dropped={k} {chosen}: zero-shot {row['zero_shot']:.4f}, SPD {row['spd_method']:.4f}, all distilled {row['all_distilled']:.4f}",
+                flush=True,
+            )
         results["tensor"][t] = {"sensitivity": report["blocks"], "repairs": log, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "spd_report.json").write_text(json.dumps(results, indent=1))
@@ -80,7 +110,11 @@ def plot(results: dict, out: Path) -> None:
     fig, axes = plt.subplots(1, len(results["tensor"]), figsize=(5 * len(results["tensor"]), 3.8), squeeze=False)
     for ax, (t, r) in zip(axes[0], results["tensor"].items()):
         k = [row["dropped"] for row in r["rows"]]
-        for key, label, style in (("zero_shot", "zero-shot", "o-"), ("spd_method", "SPD (sensitive blocks repaired)", "s-"), ("all_distilled", "every dropped block distilled", "^--")):
+        for key, label, style in (
+            ("zero_shot", "zero-shot", "o-"),
+            ("spd_method", "SPD (sensitive blocks repaired)", "s-"),
+            ("all_distilled", "every dropped block distilled", "^--"),
+        ):
             ax.plot(k, [row[key] for row in r["rows"]], style, label=label)
         ax.set_title(f"tensor = {t}")
         ax.set_xlabel("blocks without attention sync")

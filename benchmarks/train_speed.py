@@ -8,6 +8,7 @@ both alike.
 Needs the `bench` extra (torch, transformers): pip install -e '.[bench]' (torch==2.13.0 is the CPU
 build on this machine).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,12 @@ import time
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--devices", type=int, default=1, help="fake CPU devices for ladder_jax (1 = the fair single-process comparison)")
+    ap.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="fake CPU devices for ladder_jax (1 = the fair single-process comparison)",
+    )
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--runs", type=int, default=5, help="timed rounds; each times a few steps of both")
@@ -49,13 +55,22 @@ def main():
     state = trainer.init_state(M.init_params(m, mesh, 0))
     rng = np.random.RandomState(0)
     n = args.batch * (args.seq + 1) + 1
-    (batch,) = val_batches(PackedWindows(rng.randint(0, m.vocab_size, n).astype(np.int32), np.zeros(n, np.int32), args.seq), args.batch, 1)
+    (batch,) = val_batches(
+        PackedWindows(rng.randint(0, m.vocab_size, n).astype(np.int32), np.zeros(n, np.int32), args.seq), args.batch, 1
+    )
 
     torch.manual_seed(0)
     hf_cfg = LlamaConfig(
-        vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.ffn_dim, num_hidden_layers=m.n_layers,
-        num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads, max_position_embeddings=m.max_seq_len,
-        rope_theta=m.rope_theta, rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings,
+        vocab_size=m.vocab_size,
+        hidden_size=m.d_model,
+        intermediate_size=m.ffn_dim,
+        num_hidden_layers=m.n_layers,
+        num_attention_heads=m.n_heads,
+        num_key_value_heads=m.n_kv_heads,
+        max_position_embeddings=m.max_seq_len,
+        rope_theta=m.rope_theta,
+        rms_norm_eps=m.norm_eps,
+        tie_word_embeddings=m.tie_embeddings,
     )
     hf = LlamaForCausalLM(hf_cfg).train()
     opt = torch.optim.AdamW(hf.parameters(), lr=tr.lr, betas=(tr.b1, tr.b2), weight_decay=tr.weight_decay)
@@ -89,8 +104,13 @@ def main():
         "machine": f"{platform.machine()} {platform.processor() or ''} ({__import__('os').cpu_count()} cores)".strip(),
         "date": time.strftime("%Y-%m-%d"),
         "shape": f"{m.name}: d_model {m.d_model}, {m.n_layers} layers, {m.n_heads}/{m.n_kv_heads} heads, ffn {m.ffn_dim}, vocab {m.vocab_size}",
-        "batch": args.batch, "seq": args.seq, "devices": args.devices, "plan": m.plan,
-        "jax": jax.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "batch": args.batch,
+        "seq": args.seq,
+        "devices": args.devices,
+        "plan": m.plan,
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
         "compile_s": round(compile_s, 2),
     }
     for name, ts in times.items():

@@ -4,6 +4,7 @@ validation loss, the ratios to standard, and one loss-curve PNG.
 
     python benchmarks/variants_quality.py [--steps 300] [--out benchmarks/variants] [key=value ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,12 +31,23 @@ def main():
 
     rows, runs = {}, []
     for plan in args.plans.split(","):
-        over = [f"model.plan={plan}", f"train.steps={args.steps}", f"train.eval_every={max(args.steps // 6, 1)}", "train.eval_batches=16", *args.overrides]
+        over = [
+            f"model.plan={plan}",
+            f"train.steps={args.steps}",
+            f"train.eval_every={max(args.steps // 6, 1)}",
+            "train.eval_batches=16",
+            *args.overrides,
+        ]
         cfg = load_config("tiny", over)
         run = args.out / plan
         t0 = time.perf_counter()
         result = train(cfg, run, progress=True)
-        rows[plan] = {"val_loss": result["val_loss"], "val_ppl": result["val_ppl"], "train_loss": result["loss"], "minutes": (time.perf_counter() - t0) / 60}
+        rows[plan] = {
+            "val_loss": result["val_loss"],
+            "val_ppl": result["val_ppl"],
+            "train_loss": result["loss"],
+            "minutes": (time.perf_counter() - t0) / 60,
+        }
         runs.append(run)
     base = rows.get("standard", {}).get("val_loss")
     print(f"\n{'plan':10s} {'val loss':>9s} {'val ppl':>8s} {'vs standard':>12s}")
@@ -44,7 +56,12 @@ def main():
         ratio = f"{r['ratio_to_standard']:.4f}" if base else "-"
         print(f"{plan:10s} {r['val_loss']:9.4f} {r['val_ppl']:8.3f} {ratio:>12s}")
     png = plot_runs(runs, args.out / "loss.png", labels=list(rows))
-    (args.out / "results.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "steps": args.steps, "overrides": args.overrides, "results": rows}, indent=1))
+    (args.out / "results.json").write_text(
+        json.dumps(
+            {"date": time.strftime("%Y-%m-%d"), "steps": args.steps, "overrides": args.overrides, "results": rows},
+            indent=1,
+        )
+    )
     print(f"curves: {png}")
 
 

@@ -1,4 +1,5 @@
 """`python -m ladder_jax VERB ...`: see ladder_jax/cli.py."""
+
 import sys
 
 from .cli import main

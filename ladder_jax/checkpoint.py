@@ -6,6 +6,7 @@ A run directory holds `config.yaml` (the resolved config), `metrics.jsonl`, opti
 temporary directory and renames it when complete, so a save killed midway is never listed as a
 step; restoring always takes the latest complete one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,7 +45,9 @@ def load_run_config(run_dir: str | Path, overrides=()) -> Config:
     if not Path(run_dir).is_dir():
         raise CheckpointError(f"{run_dir} is not a directory; give a run directory made by train.py or convert")
     if not path.exists():
-        raise CheckpointError(f"{run_dir} has no config.yaml, so it is not a ladder_jax run; give a directory made by train.py or convert")
+        raise CheckpointError(
+            f"{run_dir} has no config.yaml, so it is not a ladder_jax run; give a directory made by train.py or convert"
+        )
     try:
         saved = from_dict(yaml.safe_load(path.read_text()))
     except ConfigError as e:
@@ -67,7 +70,9 @@ def check_same_shapes(expected: Config, found: Config, where: str) -> None:
         name = jax.tree_util.keystr(path)
         h = flat_have.get(path)
         if h is None:
-            raise CheckpointError(f"{where} has no parameter {name} (it is a {found.model.name} model with plan '{found.model.plan}'); use a checkpoint of the same shape")
+            raise CheckpointError(
+                f"{where} has no parameter {name} (it is a {found.model.name} model with plan '{found.model.plan}'); use a checkpoint of the same shape"
+            )
         if h.shape != w.shape:
             raise CheckpointError(
                 f"{where} holds {name} with shape {h.shape} but this model needs {w.shape} "
@@ -76,7 +81,9 @@ def check_same_shapes(expected: Config, found: Config, where: str) -> None:
     extra = set(flat_have) - set(flat_want)
     if extra:
         name = jax.tree_util.keystr(sorted(extra, key=str)[0])
-        raise CheckpointError(f"{where} has parameter {name} that this model does not; use a checkpoint of the same model shape and plan family")
+        raise CheckpointError(
+            f"{where} has parameter {name} that this model does not; use a checkpoint of the same model shape and plan family"
+        )
 
 
 def save_params(run_dir: str | Path, params: dict, step: int = 0) -> None:
@@ -109,9 +116,13 @@ def restore_params(run_dir: str | Path, cfg: Config, mesh: Mesh, step: int | Non
     check_same_shapes(cfg, load_run_config(run_dir), str(run_dir))
     step = latest_step(run_dir) if step is None else step
     if step is None:
-        raise CheckpointError(f"{run_dir} has no complete checkpoint; train it (python train.py) or convert a model into it")
+        raise CheckpointError(
+            f"{run_dir} has no complete checkpoint; train it (python train.py) or convert a model into it"
+        )
     target = abstract_with_sharding(M.abstract_params(cfg.model), M.param_shardings(cfg.model, mesh))
-    restored = manager(run_dir, create=False).restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+    restored = manager(run_dir, create=False).restore(
+        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
+    )
     return restored["params"]
 
 
@@ -129,9 +140,13 @@ class Run:
         (default train.eval_batches), the same at every call."""
         tr = self.cfg.train
         windows = build_datasets(tr, get_tokenizer(self.cfg, self.dir)).val
-        batches = val_batches(windows, tr.batch_size, n_batches or tr.eval_batches, jax.process_index(), jax.process_count())
+        batches = val_batches(
+            windows, tr.batch_size, n_batches or tr.eval_batches, jax.process_index(), jax.process_count()
+        )
         if not batches:
-            raise DataError(f"the validation split of {self.dir} has {len(windows)} windows, fewer than one batch of {tr.batch_size}; lower train.batch_size or raise train.val_fraction")
+            raise DataError(
+                f"the validation split of {self.dir} has {len(windows)} windows, fewer than one batch of {tr.batch_size}; lower train.batch_size or raise train.val_fraction"
+            )
         return batches
 
 
@@ -156,7 +171,9 @@ def latest_run(root: str | Path = "runs", preset: str = "tiny") -> Path:
         if name == preset and latest_step(run) is not None:
             candidates.append((cfg_path.stat().st_mtime, run))
     if not candidates:
-        raise CheckpointError(f"no trained '{preset}' run under {root}/; run `python train.py` first or pass --checkpoint RUN_DIR")
+        raise CheckpointError(
+            f"no trained '{preset}' run under {root}/; run `python train.py` first or pass --checkpoint RUN_DIR"
+        )
     return max(candidates)[1]
 
 
@@ -168,11 +185,14 @@ def check_writable(run_dir: Path, need_bytes: int = 0) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise CheckpointError(f"cannot write to {run_dir} ({e.strerror}); choose another train.out_dir or fix its permissions") from None
+        raise CheckpointError(
+            f"cannot write to {run_dir} ({e.strerror}); choose another train.out_dir or fix its permissions"
+        ) from None
     free = shutil.disk_usage(run_dir).free
     if need_bytes and free < need_bytes:
-        raise CheckpointError(f"{run_dir} has {free / 2**20:.0f} MiB free but a checkpoint needs about {need_bytes / 2**20:.0f} MiB; free space or choose another train.out_dir")
-
+        raise CheckpointError(
+            f"{run_dir} has {free / 2**20:.0f} MiB free but a checkpoint needs about {need_bytes / 2**20:.0f} MiB; free space or choose another train.out_dir"
+        )
 
 
 def check_new_directory(out: Path) -> None:

@@ -12,6 +12,7 @@ train.py and infer.py.
 Each verb parses its arguments here and calls the library. Input the library refuses prints one
 line, `error: ...`, on stderr, and the command exits with status 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,10 +22,11 @@ import sys
 from pathlib import Path
 
 import jax
+from jax.sharding import Mesh
 
 from . import checkpoint, model
 from .checkpoint import CheckpointError
-from .config import ConfigError, load_config, parse_plan
+from .config import Config, ConfigError, load_config, parse_plan
 from .data import DataError
 from .decode import DecodeError
 from .instruments import deviceless, plots, sync
@@ -35,8 +37,15 @@ from .methods import lp, spd
 
 # Errors that mean "this input cannot work": one line and exit status 2, never a traceback.
 USER_ERRORS = (
-    ConfigError, CheckpointError, DataError, DecodeError, hf.ConvertError, spd.SPDError, hardware.PerfModelError,
-    deviceless.TargetError, plots.PlotError,
+    ConfigError,
+    CheckpointError,
+    DataError,
+    DecodeError,
+    hf.ConvertError,
+    spd.SPDError,
+    hardware.PerfModelError,
+    deviceless.TargetError,
+    plots.PlotError,
 )
 
 
@@ -44,8 +53,16 @@ def _overrides(p: argparse.ArgumentParser, example: str = "model.n_layers=4") ->
     p.add_argument("overrides", nargs="*", help=f"key=value, e.g. {example}")
 
 
+def _verb_group(sub, name: str, help: str, description: str | None):
+    """A command with verbs of its own (`spd sensitivity`, `spd apply`); returns it and its verbs."""
+    p = sub.add_parser(name, help=help, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return p, p.add_subparsers(dest="verb", required=True)
+
+
 def _cpu_devices(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cpu-devices", type=int, default=8, help="fake CPU devices when no accelerator is present (default 8)")
+    p.add_argument(
+        "--cpu-devices", type=int, default=8, help="fake CPU devices when no accelerator is present (default 8)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,20 +86,34 @@ def run_describe(args) -> int:
 
 
 def add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="Hugging Face Llama checkpoints in and out", description=hf.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    verbs = p.add_subparsers(dest="verb", required=True)
+    p, verbs = _verb_group(sub, "convert", "Hugging Face Llama checkpoints in and out", hf.__doc__)
     a = verbs.add_parser("from-hf", help="HF Llama directory -> run directory")
     a.add_argument("hf_dir")
     a.add_argument("out_run")
-    a.add_argument("--plan", default="standard", help="layer plan of the run, e.g. standard,ladder@-16: (default standard)")
-    a.add_argument("--dtype", choices=list(hf.NUMPY_DTYPES), help="parameter and compute dtype (default: the checkpoint's)")
-    a.add_argument("--tensor", type=int, default=1, help="the run's mesh.tensor; the parameters are split over this many devices while converting (default 1)")
+    a.add_argument(
+        "--plan", default="standard", help="layer plan of the run, e.g. standard,ladder@-16: (default standard)"
+    )
+    a.add_argument(
+        "--dtype", choices=list(hf.NUMPY_DTYPES), help="parameter and compute dtype (default: the checkpoint's)"
+    )
+    a.add_argument(
+        "--tensor",
+        type=int,
+        default=1,
+        help="the run's mesh.tensor; the parameters are split over this many devices while converting (default 1)",
+    )
     b = verbs.add_parser("to-hf", help="standard-plan run -> HF Llama directory")
     b.add_argument("run")
     b.add_argument("out_dir")
-    b.add_argument("--dtype", choices=list(hf.NUMPY_DTYPES), help="dtype of the written tensors (default: the run's param_dtype)")
-    b.add_argument("--max-shard-mb", type=float, default=5000, help="largest safetensors file before splitting into shards (default 5000)")
+    b.add_argument(
+        "--dtype", choices=list(hf.NUMPY_DTYPES), help="dtype of the written tensors (default: the run's param_dtype)"
+    )
+    b.add_argument(
+        "--max-shard-mb",
+        type=float,
+        default=5000,
+        help="largest safetensors file before splitting into shards (default 5000)",
+    )
     for q in (a, b):
         _cpu_devices(q)
     p.set_defaults(handler=run_convert)
@@ -93,7 +124,9 @@ def run_convert(args) -> int:
     if args.verb == "from-hf":
         cfg = hf.from_hf(args.hf_dir, args.out_run, args.plan, args.dtype, args.tensor)
         print(f"wrote {args.out_run}: {cfg.model.n_layers} layers, plan '{cfg.model.plan}', {cfg.model.param_dtype}")
-        print(f"fine-tune: python train.py --init-from {args.out_run} --config {args.out_run}/config.yaml train.data=...")
+        print(
+            f"fine-tune: python train.py --init-from {args.out_run} --config {args.out_run}/config.yaml train.data=..."
+        )
     else:
         hf.to_hf_dir(args.run, args.out_dir, args.dtype, int(args.max_shard_mb * 10**6))
         print(f"wrote {args.out_dir}: LlamaForCausalLM.from_pretrained('{args.out_dir}') loads it")
@@ -105,29 +138,52 @@ def run_convert(args) -> int:
 
 
 def add_spd(sub) -> None:
-    p = sub.add_parser("spd", help="Sync-Point Drop: which blocks can skip their attention all-reduce", description=spd.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    verbs = p.add_subparsers(dest="verb", required=True)
+    p, verbs = _verb_group(sub, "spd", "Sync-Point Drop: which blocks can skip their attention all-reduce", spd.__doc__)
     for name in ("sensitivity", "apply"):
         q = verbs.add_parser(name)
-        q.add_argument("--checkpoint", required=True, type=Path, help="a run directory with a standard plan (trained or converted)")
-        q.add_argument("--tensor", type=int, help="tensor-parallel degree to measure at (sensitivity depends on it; default: the run's)")
-        q.add_argument("--calibration", type=int, default=128, help="calibration sequences from the run's validation data (default 128)")
+        q.add_argument(
+            "--checkpoint", required=True, type=Path, help="a run directory with a standard plan (trained or converted)"
+        )
+        q.add_argument(
+            "--tensor",
+            type=int,
+            help="tensor-parallel degree to measure at (sensitivity depends on it; default: the run's)",
+        )
+        q.add_argument(
+            "--calibration",
+            type=int,
+            default=128,
+            help="calibration sequences from the run's validation data (default 128)",
+        )
         _cpu_devices(q)
         _overrides(q, "train.batch_size=4")
     s = verbs.choices["sensitivity"]
-    s.add_argument("--sensitive", type=float, default=0.005, help="relative ppl increase from which a block is sensitive (default 0.005)")
+    s.add_argument(
+        "--sensitive",
+        type=float,
+        default=0.005,
+        help="relative ppl increase from which a block is sensitive (default 0.005)",
+    )
     s.add_argument("--extreme", type=float, default=0.05, help="... and extremely sensitive (default 0.05)")
-    s.add_argument("--out", type=Path, help="where spd_sensitivity_t<T>.json/png go (default: the checkpoint directory)")
+    s.add_argument(
+        "--out", type=Path, help="where spd_sensitivity_t<T>.json/png go (default: the checkpoint directory)"
+    )
     a = verbs.choices["apply"]
     a.add_argument("--sensitivity", required=True, help="the JSON written by `spd sensitivity`")
     budget = a.add_mutually_exclusive_group(required=True)
     budget.add_argument("--blocks", type=int, help="drop the sync of this many least sensitive blocks")
-    budget.add_argument("--max-increase", type=float, help="drop as many blocks as fit this relative perplexity increase, e.g. 0.01")
+    budget.add_argument(
+        "--max-increase", type=float, help="drop as many blocks as fit this relative perplexity increase, e.g. 0.01"
+    )
     budget.add_argument("--drop", help="drop exactly these blocks, e.g. 3,5")
     a.add_argument("--steps", type=int, default=200, help="distillation steps per repaired block (default 200)")
     a.add_argument("--lr", type=float, help="distillation peak learning rate (default: the run's train.lr / 10)")
-    a.add_argument("--held-out", type=int, default=16, help="calibration sequences kept out of distillation to check it (default 16)")
+    a.add_argument(
+        "--held-out",
+        type=int,
+        default=16,
+        help="calibration sequences kept out of distillation to check it (default 16)",
+    )
     a.add_argument("--out", required=True, type=Path, help="the new run directory (must not exist)")
     p.set_defaults(handler=run_spd)
 
@@ -170,13 +226,23 @@ def spd_apply(args) -> int:
     spd.check_sensitivity(report, run.cfg, run.cfg.mesh.tensor, args.sensitivity, spd.fingerprint(run.params))
     calib = spd.calibration_batches(run, args.calibration)
     base_ppl, zero_shot = spd.perplexity(run, run.cfg.model.plan, calib), spd.perplexity(run, plan, calib)
-    print(f"dropping the attention sync of blocks {chosen}: calibration ppl {base_ppl:.4f} -> {zero_shot:.4f} zero-shot")
+    print(
+        f"dropping the attention sync of blocks {chosen}: calibration ppl {base_ppl:.4f} -> {zero_shot:.4f} zero-shot"
+    )
     new, rows = spd.apply(run, calib, report, chosen, args.steps, args.lr or run.cfg.train.lr / 10, args.held_out)
     final = spd.perplexity(run, plan, calib, params=new)
     print(f"after repair: calibration ppl {final:.4f} ({final / base_ppl - 1:+.2%} over standard)")
     out_cfg = dataclasses.replace(run.cfg, model=dataclasses.replace(run.cfg.model, plan=plan))
-    extra = {"source": str(args.checkpoint), "sensitivity": str(args.sensitivity), "plan": plan, "tensor": run.cfg.mesh.tensor,
-             "ppl_standard": base_ppl, "ppl_zero_shot": zero_shot, "ppl_final": final, "blocks": rows}
+    extra = {
+        "source": str(args.checkpoint),
+        "sensitivity": str(args.sensitivity),
+        "plan": plan,
+        "tensor": run.cfg.mesh.tensor,
+        "ppl_standard": base_ppl,
+        "ppl_zero_shot": zero_shot,
+        "ppl_final": final,
+        "blocks": rows,
+    }
     spd.save_run(args.out, out_cfg, new, args.checkpoint, extra)
     print(f"wrote {args.out} (model.plan={plan}); decode it with: python infer.py --checkpoint {args.out}")
     return 0
@@ -187,16 +253,21 @@ def spd_apply(args) -> int:
 
 
 def add_lp(sub) -> None:
-    p = sub.add_parser("lp", help="Layer Parallelism: perplexity against the number of paired layers", description=lp.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    verbs = p.add_subparsers(dest="verb", required=True)
+    p, verbs = _verb_group(sub, "lp", "Layer Parallelism: perplexity against the number of paired layers", lp.__doc__)
     sw = verbs.add_parser("sweep", help="perplexity and greedy agreement against the number of paired layers")
     sw.add_argument("--checkpoint", required=True, type=Path, help="a run directory (trained or converted)")
     _overrides(sw, "mesh.tensor=2 train.eval_batches=16")
     sw.add_argument("--max-delta", type=int, help="largest number of paired layers (even; default: all)")
-    sw.add_argument("--budget", type=float, default=0.05, help="allowed relative perplexity increase for the suggestion (default 0.05)")
+    sw.add_argument(
+        "--budget",
+        type=float,
+        default=0.05,
+        help="allowed relative perplexity increase for the suggestion (default 0.05)",
+    )
     sw.add_argument("--search", choices=("auto", "exhaustive", "greedy"), default="auto")
-    sw.add_argument("--prompts", type=int, default=4, help="validation windows whose first 32 tokens prompt the agreement check")
+    sw.add_argument(
+        "--prompts", type=int, default=4, help="validation windows whose first 32 tokens prompt the agreement check"
+    )
     sw.add_argument("--gen-tokens", type=int, default=32)
     sw.add_argument("--out", type=Path, help="where lp_sweep.json/png go (default: the checkpoint directory)")
     _cpu_devices(sw)
@@ -217,9 +288,13 @@ def run_lp(args) -> int:
     if pick["delta"] == 0:
         print(f"no pairing stays within +{args.budget:.0%} perplexity")
     else:
-        print(f"suggested: Δ={pick['delta']} (model.plan={pick['plan']}), val ppl {pick['val_ppl']:.3f} ({pick['ppl_increase']:+.1%})")
-        print(f"fine-tune the pairs: python train.py --init-from {args.checkpoint} --config {Path(args.checkpoint) / 'config.yaml'} "
-              f"'model.plan={pick['plan']}' train.trainable=lp_pairs train.steps=100")
+        print(
+            f"suggested: Δ={pick['delta']} (model.plan={pick['plan']}), val ppl {pick['val_ppl']:.3f} ({pick['ppl_increase']:+.1%})"
+        )
+        print(
+            f"fine-tune the pairs: python train.py --init-from {args.checkpoint} --config {Path(args.checkpoint) / 'config.yaml'} "
+            f"'model.plan={pick['plan']}' train.trainable=lp_pairs train.steps=100"
+        )
     return 0
 
 
@@ -231,33 +306,56 @@ TARGETS = "h100-8, a100-8, h200-8 (needs ladder_jax[cuda]); v5e-8, v5p-8, v5p-N 
 
 
 def add_analysis(sub) -> None:
-    p = sub.add_parser("analysis", help="where the all-reduces are, which block, and what the GPU/TPU compilers make of them",
-                       description="Where the all-reduces are, and which of them block.")
-    verbs = p.add_subparsers(dest="verb", required=True)
-    s = verbs.add_parser("sync", help="all-reduces per decode step and forward, blocking or overlappable, from the compiled HLO")
+    help = "where the all-reduces are, which block, and what the GPU/TPU compilers make of them"
+    p, verbs = _verb_group(sub, "analysis", help, sync.__doc__)
+    s = verbs.add_parser(
+        "sync", help="all-reduces per decode step and forward, blocking or overlappable, from the compiled HLO"
+    )
     s.add_argument("--config", default="tiny", help="preset name or YAML path")
     _overrides(s)
-    s.add_argument("--tensor", type=int, default=8, help="tensor-parallel degree (fake CPU devices; nothing is allocated)")
-    s.add_argument("--variant", action="append", help="a plan to compare; repeat it (default: the config's plan), e.g. --variant standard --variant ladder")
+    s.add_argument(
+        "--tensor", type=int, default=8, help="tensor-parallel degree (fake CPU devices; nothing is allocated)"
+    )
+    s.add_argument(
+        "--variant",
+        action="append",
+        help="a plan to compare; repeat it (default: the config's plan), e.g. --variant standard --variant ladder",
+    )
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    c = verbs.add_parser("schedule", help="the decode step as XLA:GPU/TPU schedules it for a target (compiled here, deviceless): "
-                                          "which GEMMs run while each all-reduce is in flight")
+    c = verbs.add_parser(
+        "schedule",
+        help="the decode step as XLA:GPU/TPU schedules it for a target (compiled here, deviceless): "
+        "which GEMMs run while each all-reduce is in flight",
+    )
     c.add_argument("--config", default="tiny", help="preset name or YAML path")
     _overrides(c)
     c.add_argument("--target", required=True, help=TARGETS)
     c.add_argument("--tensor", type=int, help="tensor-parallel degree (default: every device of the target)")
     c.add_argument("--variant", action="append", help="a plan to compare; repeat it (default: the config's plan)")
     c.add_argument("--batch", type=int, default=1, help="decode rows per data shard (default 1)")
-    c.add_argument("--cache-len", type=int, default=1024, help="KV cache positions each row reads (default 1024, at most model.max_seq_len)")
-    c.add_argument("--dump", metavar="DIR", help="also write each variant's scheduled HLO text to DIR/<model>-<variant>.hlo.txt")
-    m = verbs.add_parser("memory", help="per-device memory of the train step compiled for a target (deviceless): does it fit?")
+    c.add_argument(
+        "--cache-len",
+        type=int,
+        default=1024,
+        help="KV cache positions each row reads (default 1024, at most model.max_seq_len)",
+    )
+    c.add_argument(
+        "--dump", metavar="DIR", help="also write each variant's scheduled HLO text to DIR/<model>-<variant>.hlo.txt"
+    )
+    m = verbs.add_parser(
+        "memory", help="per-device memory of the train step compiled for a target (deviceless): does it fit?"
+    )
     m.add_argument("--config", default="ladder-1b", help="preset name or YAML path")
     _overrides(m, "train.batch_size=256 train.seq_len=2048")
     m.add_argument("--target", required=True, help=TARGETS + "; any v5p-N slice")
     m.add_argument("--data", type=int, help="data-parallel degree (default: every device the tensor axis leaves over)")
     m.add_argument("--tensor", type=int, help="tensor-parallel degree (default: the config's mesh.tensor)")
     for q in (c, m):
-        q.add_argument("--no-xla-flags", action="store_true", help="compile without the library's libtpu flags (mesh.TPU_FLAGS), to see XLA's defaults")
+        q.add_argument(
+            "--no-xla-flags",
+            action="store_true",
+            help="compile without the library's libtpu flags (mesh.TPU_FLAGS), to see XLA's defaults",
+        )
         q.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=run_analysis)
 
@@ -270,13 +368,19 @@ def run_analysis(args) -> int:
     if not args.no_xla_flags:  # before the compiler plugin loads: libtpu reads its flags once
         apply_xla_flags()
     if args.verb == "schedule":
-        cfg = load_config(args.config, [*args.overrides, f"mesh.tensor={args.tensor or target.devices}", "mesh.data=-1"])
+        cfg = load_config(
+            args.config, [*args.overrides, f"mesh.tensor={args.tensor or target.devices}", "mesh.data=-1"]
+        )
     else:
         tensor = args.tensor or load_config(args.config, args.overrides).mesh.tensor
         cfg = load_config(args.config, [*args.overrides, f"mesh.tensor={tensor}", f"mesh.data={args.data or -1}"])
     mesh = deviceless.target_mesh(cfg, target)
     shape = f"data={mesh.shape['data']} x tensor={mesh.shape['tensor']}"
-    return analysis_memory(args, cfg, mesh, target, shape) if args.verb == "memory" else analysis_schedule(args, cfg, mesh, target, shape)
+    return (
+        analysis_memory(args, cfg, mesh, target, shape)
+        if args.verb == "memory"
+        else analysis_schedule(args, cfg, mesh, target, shape)
+    )
 
 
 def analysis_sync(args) -> int:
@@ -289,14 +393,18 @@ def analysis_sync(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{cfg.model.name}, {cfg.model.n_layers} layers, tensor={args.tensor}: all-reduces over 'tensor' in one decode step")
+    print(
+        f"{cfg.model.name}, {cfg.model.n_layers} layers, tensor={args.tensor}: all-reduces over 'tensor' in one decode step"
+    )
     print(f"{'variant':28s} {'all-reduces':>11s} {'blocking':>9s} {'overlap':>8s} {'bytes/token':>12s}")
     for r in rows:
-        print(f"{r['variant']:28s} {r['all_reduces']:11d} {r['blocking_all_reduces']:9d} {r['overlappable_all_reduces']:8d} {r['bytes_per_token']:12,d}")
+        print(
+            f"{r['variant']:28s} {r['all_reduces']:11d} {r['blocking_all_reduces']:9d} {r['overlappable_all_reduces']:8d} {r['bytes_per_token']:12,d}"
+        )
     return 0
 
 
-def analysis_memory(args, cfg, mesh, target, shape) -> int:
+def analysis_memory(args, cfg: Config, mesh: Mesh, target: deviceless.Target, shape: str) -> int:
     r = deviceless.train_memory(cfg, mesh, target.hbm_bytes)
     if args.json:
         print(json.dumps({"target": target.name, "mesh": dict(mesh.shape), **r}, indent=1))
@@ -307,37 +415,49 @@ def analysis_memory(args, cfg, mesh, target, shape) -> int:
     if "refused" in r:
         print(f"{what}: does NOT fit; the compiler refused it: {r['refused']}")
         return 0
-    print(f"{what}{f', grad_accum {tr.grad_accum}' if tr.grad_accum > 1 else ''}: per device arguments {gib(r['arguments'])}, "
-          f"outputs {gib(r['outputs'])} ({gib(r['aliased'])} of them over donated arguments), temporaries {gib(r['temporaries'])}, "
-          f"code {gib(r['code'])}; total {gib(r['total'])} of {gib(r['hbm'])} HBM: {'fits' if r['fits'] else 'does NOT fit'} ({r['total'] / r['hbm']:.0%})")
+    print(
+        f"{what}{f', grad_accum {tr.grad_accum}' if tr.grad_accum > 1 else ''}: per device arguments {gib(r['arguments'])}, "
+        f"outputs {gib(r['outputs'])} ({gib(r['aliased'])} of them over donated arguments), temporaries {gib(r['temporaries'])}, "
+        f"code {gib(r['code'])}; total {gib(r['total'])} of {gib(r['hbm'])} HBM: {'fits' if r['fits'] else 'does NOT fit'} ({r['total'] / r['hbm']:.0%})"
+    )
     return 0
 
 
-def analysis_schedule(args, cfg, mesh, target, shape) -> int:
+def analysis_schedule(args, cfg: Config, mesh: Mesh, target: deviceless.Target, shape: str) -> int:
     try:
-        rows = deviceless.schedule_rows(cfg.model, mesh, args.variant or [cfg.model.plan], args.batch, args.cache_len, dump=args.dump)
+        rows = deviceless.schedule_rows(
+            cfg.model, mesh, args.variant or [cfg.model.plan], args.batch, args.cache_len, dump=args.dump
+        )
     except Exception as e:
         if deviceless.refusal(e) is None:
             raise
-        raise deviceless.TargetError(f"the decode step does not fit {target.name} with {shape}: {deviceless.refusal(e)}; "
-                                     f"use more devices (--target, --tensor) or a smaller --batch/--cache-len") from None
+        raise deviceless.TargetError(
+            f"the decode step does not fit {target.name} with {shape}: {deviceless.refusal(e)}; "
+            f"use more devices (--target, --tensor) or a smaller --batch/--cache-len"
+        ) from None
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     m = cfg.model
     flags = "ladder_jax.mesh TPU_FLAGS" if target.platform == "tpu" and not args.no_xla_flags else "XLA defaults"
-    print(f"{m.name}, {m.n_layers} layers, {m.dtype}, one decode step on {target.name} ({shape}), batch {args.batch * mesh.shape['data']}, "
-          f"KV cache {min(args.cache_len, m.max_seq_len)}; XLA flags: {flags}")
+    print(
+        f"{m.name}, {m.n_layers} layers, {m.dtype}, one decode step on {target.name} ({shape}), batch {args.batch * mesh.shape['data']}, "
+        f"KV cache {min(args.cache_len, m.max_seq_len)}; XLA flags: {flags}"
+    )
     for r in rows:
-        print(f"\n{r['variant']}: {r['all_reduces']} all-reduces over 'tensor', {r['async']} async, {r['overlapped']} with GEMMs inside "
-              f"({r['overlap_next_module']} with the next module's), {r['merged']} merged; ladder acceptance: {'yes' if r['ladder_overlaps'] else 'no'}")
+        print(
+            f"\n{r['variant']}: {r['all_reduces']} all-reduces over 'tensor', {r['async']} async, {r['overlapped']} with GEMMs inside "
+            f"({r['overlap_next_module']} with the next module's), {r['merged']} merged; ladder acceptance: {'yes' if r['ladder_overlaps'] else 'no'}"
+        )
         shown = r["exposed"][:12] + ([f"... {len(r['exposed']) - 12} more"] if len(r["exposed"]) > 12 else [])
         print(f"  exposed ({len(r['exposed'])}): {', '.join(shown) or 'none'}")
         print(f"  {'#':>3s} {'all-reduce':26s} {'kind':5s} {'bytes':>9s} {'reduces':28s} GEMMs inside")
         for k, a in enumerate(r["all_reduce_list"]):
             kind = "async" if a["async_"] else "sync"
-            print(f"  {k:3d} {a['name'][:26]:26s} {kind:5s} {a['bytes']:9,d} {'+'.join(a['reduces'])[:28]:28s} "
-                  f"{len(a['gemms_inside'])}: {_gemm_names(a['gemms_inside'])}")
+            print(
+                f"  {k:3d} {a['name'][:26]:26s} {kind:5s} {a['bytes']:9,d} {'+'.join(a['reduces'])[:28]:28s} "
+                f"{len(a['gemms_inside'])}: {_gemm_names(a['gemms_inside'])}"
+            )
     return 0
 
 
@@ -355,19 +475,26 @@ def _gemm_names(labels: list[str]) -> str:
 
 
 def add_perfmodel(sub) -> None:
-    p = sub.add_parser("perfmodel", help="latency model of tensor-parallel decoding per variant", description=cost.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    verbs = p.add_subparsers(dest="verb", required=True)
+    p, verbs = _verb_group(sub, "perfmodel", "latency model of tensor-parallel decoding per variant", cost.__doc__)
     q = verbs.add_parser("predict", help="per-token latency, tokens/s and speed-up over standard (the default verb)")
     q.add_argument("--config", default="llama-2-70b", help="preset name or YAML path")
     _overrides(q, "model.n_layers=40")
     q.add_argument("--tensor", type=int, default=8, help="tensor-parallel degree")
-    q.add_argument("--hardware", default="h100-nvlink", help=f"profile name ({', '.join(hardware.known_hardware())}) or YAML path")
+    q.add_argument(
+        "--hardware", default="h100-nvlink", help=f"profile name ({', '.join(hardware.known_hardware())}) or YAML path"
+    )
     q.add_argument("--batch", type=int, nargs="+", default=[1, 4, 64], help="batch sizes")
-    q.add_argument("--variant", action="append", help=f"a layer plan; repeat it (default: {' '.join(cost.DEFAULT_VARIANTS)})")
+    q.add_argument(
+        "--variant", action="append", help=f"a layer plan; repeat it (default: {' '.join(cost.DEFAULT_VARIANTS)})"
+    )
     q.add_argument("--prompt", type=int, default=1024, help="prompt tokens per sequence")
     q.add_argument("--gen", type=int, default=512, help="generated tokens per sequence")
-    q.add_argument("--sweep-batch", type=int, default=None, help="batch of the tensor-size sweep in the plot (default: the first --batch)")
+    q.add_argument(
+        "--sweep-batch",
+        type=int,
+        default=None,
+        help="batch of the tensor-size sweep in the plot (default: the first --batch)",
+    )
     q.add_argument("--json", action="store_true", help="print JSON instead of a table")
     q.add_argument("--out", type=Path, help="write perfmodel.json and perfmodel.png here")
     c = verbs.add_parser("calibrate", help="fit a profile's calibrated constants to the published 70B TP8 table")
@@ -380,8 +507,10 @@ def run_perfmodel(args) -> int:
     hw = hardware.load_hardware(args.hardware)
     if args.verb == "calibrate":
         if hw.name != "h100-nvlink" and not args.hardware.endswith((".yaml", ".yml")):
-            raise hardware.PerfModelError(f"the published table was measured on 8xH100 with NVLink; calibrate h100-nvlink (or a .yaml of that machine), "
-                                          f"not '{hw.name}', whose software constants it inherits")
+            raise hardware.PerfModelError(
+                f"the published table was measured on 8xH100 with NVLink; calibrate h100-nvlink (or a .yaml of that machine), "
+                f"not '{hw.name}', whose software constants it inherits"
+            )
         force_cpu_devices(calibrate.ANCHOR_SHAPE["tensor"])
         fitted, errors = calibrate.calibrate(hw)
         print(f"fitted constants of {hw.name} ({hw.source}):")
@@ -403,19 +532,37 @@ def run_perfmodel(args) -> int:
     force_cpu_devices(max(cost.TP_SWEEP) if args.out else args.tensor)
     rows = cost.predict(m, hw, args.tensor, variants, args.batch, args.prompt, args.gen)
     sweep = cost.tp_sweep(m, hw, variants, args.sweep_batch or args.batch[0], args.prompt, args.gen) if args.out else []
-    result = {"config": m.name, "hardware": hw.name, "tensor": args.tensor, "prompt": args.prompt, "gen": args.gen,
-              "constants": {k: v for k, v in dataclasses.asdict(hw).items() if k != "source"}, "rows": rows, "tp_sweep": sweep}
+    result = {
+        "config": m.name,
+        "hardware": hw.name,
+        "tensor": args.tensor,
+        "prompt": args.prompt,
+        "gen": args.gen,
+        "constants": {k: v for k, v in dataclasses.asdict(hw).items() if k != "source"},
+        "rows": rows,
+        "tp_sweep": sweep,
+    }
     if args.json:
         print(json.dumps(result, indent=1))
     else:
-        print(f"{m.name} on {hw.name}, tensor={args.tensor}, prompt {args.prompt}, {args.gen} generated (model, not measured)")
+        print(
+            f"{m.name} on {hw.name}, tensor={args.tensor}, prompt {args.prompt}, {args.gen} generated (model, not measured)"
+        )
         print(cost.format_table(rows))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "perfmodel.json").write_text(json.dumps(result, indent=1))
-        png = cost.plot(rows, sweep, args.out / "perfmodel.png", f"{m.name} on {hw.name} (latency model)",
-                        calibrate.published_speedups(m, hw, args.tensor, args.prompt, args.gen))
-        print(f"wrote {args.out / 'perfmodel.json'}" + (f" and {png}" if png else " (matplotlib missing: no plot)"), file=sys.stderr)
+        png = cost.plot(
+            rows,
+            sweep,
+            args.out / "perfmodel.png",
+            f"{m.name} on {hw.name} (latency model)",
+            calibrate.published_speedups(m, hw, args.tensor, args.prompt, args.gen),
+        )
+        print(
+            f"wrote {args.out / 'perfmodel.json'}" + (f" and {png}" if png else " (matplotlib missing: no plot)"),
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -442,7 +589,9 @@ VERBS = (add_describe, add_convert, add_spd, add_lp, add_analysis, add_perfmodel
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m ladder_jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m ladder_jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="command", required=True, metavar="VERB")
     for add in VERBS:
         add(sub)

@@ -3,6 +3,7 @@
 Every check here runs before anything is traced or compiled, and every error names the key
 and the fix in one line.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -124,7 +125,9 @@ def _parse_range(text: str, n_layers: int, segment: str) -> range:
         if s == "":
             return default
         if not re.fullmatch(r"-?\d+", s):
-            raise ConfigError(f"model.plan: '{segment}' has a bad layer index '{s}'; write SCHEDULE@START:END, e.g. ladder@-16:")
+            raise ConfigError(
+                f"model.plan: '{segment}' has a bad layer index '{s}'; write SCHEDULE@START:END, e.g. ladder@-16:"
+            )
         i = int(s)
         return i + n_layers if i < 0 else i
 
@@ -161,7 +164,9 @@ def parse_plan(plan: str, n_layers: int) -> tuple[str, ...]:
             raise ConfigError(f"model.plan: unknown schedule '{name}' in '{seg}'; choose from {', '.join(SCHEDULES)}")
         if not where:
             if base is not None:
-                raise ConfigError(f"model.plan: two default schedules ('{base}' and '{name}'); give all but one a layer range")
+                raise ConfigError(
+                    f"model.plan: two default schedules ('{base}' and '{name}'); give all but one a layer range"
+                )
             base = name
             continue
         for i in _parse_range(where, n_layers, seg):
@@ -298,7 +303,9 @@ def resolve_preset(name_or_path: str | Path) -> Path:
         return p
     preset = PRESET_DIR / f"{name_or_path}.yaml"
     if not preset.exists():
-        raise ConfigError(f"no preset named '{name_or_path}'; choose from {', '.join(list_presets())} or give a .yaml path")
+        raise ConfigError(
+            f"no preset named '{name_or_path}'; choose from {', '.join(list_presets())} or give a .yaml path"
+        )
     return preset
 
 
@@ -348,22 +355,32 @@ def validate(cfg: Config, n_devices: int | None = None) -> None:
     if cfg.mesh.data == 0 or cfg.mesh.data < -1:
         raise ConfigError(f"mesh.data must be positive or -1 (all remaining devices), got {cfg.mesh.data}")
     if m.head_dim == 0 and m.d_model % m.n_heads:
-        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; set model.head_dim explicitly")
+        raise ConfigError(
+            f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; set model.head_dim explicitly"
+        )
     if m.hd % 2:
         raise ConfigError(f"head dimension {m.hd} is odd; rotary embedding needs an even model.head_dim")
     if m.n_heads % m.n_kv_heads:
-        raise ConfigError(f"model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads={m.n_kv_heads}; grouped-query attention needs whole groups")
+        raise ConfigError(
+            f"model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads={m.n_kv_heads}; grouped-query attention needs whole groups"
+        )
     if m.n_heads % t:
-        raise ConfigError(f"model.n_heads={m.n_heads} does not split over mesh.tensor={t}; choose a tensor size that divides it")
+        raise ConfigError(
+            f"model.n_heads={m.n_heads} does not split over mesh.tensor={t}; choose a tensor size that divides it"
+        )
     if m.n_kv_heads % t and t % m.n_kv_heads:
         raise ConfigError(
             f"model.n_kv_heads={m.n_kv_heads} can be neither split nor replicated over mesh.tensor={t}; "
             f"use a tensor size that divides it or that it divides"
         )
     if m.ffn_dim % t:
-        raise ConfigError(f"model.ffn_dim={m.ffn_dim} does not split over mesh.tensor={t}; choose a tensor size that divides it")
+        raise ConfigError(
+            f"model.ffn_dim={m.ffn_dim} does not split over mesh.tensor={t}; choose a tensor size that divides it"
+        )
     if m.padded_vocab % t:
-        raise ConfigError(f"the padded vocabulary ({m.padded_vocab}) does not split over mesh.tensor={t}; use a power-of-two tensor size")
+        raise ConfigError(
+            f"the padded vocabulary ({m.padded_vocab}) does not split over mesh.tensor={t}; use a power-of-two tensor size"
+        )
     for key in ("dtype", "param_dtype"):
         if getattr(m, key) not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"model.{key}={getattr(m, key)!r} is not supported; use float32, bfloat16 or float16")
@@ -374,13 +391,27 @@ def validate(cfg: Config, n_devices: int | None = None) -> None:
             raise ConfigError(f"model.{key}={getattr(m, key)} is outside the vocabulary (size {m.vocab_size})")
     parse_plan(m.plan, m.n_layers)
     tr = cfg.train
-    for key in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "save_every", "keep", "log_every"):
+    for key in (
+        "steps",
+        "batch_size",
+        "seq_len",
+        "grad_accum",
+        "eval_every",
+        "eval_batches",
+        "save_every",
+        "keep",
+        "log_every",
+    ):
         if getattr(tr, key) <= 0:
             raise ConfigError(f"train.{key} must be positive, got {getattr(tr, key)}")
     if tr.seq_len > m.max_seq_len:
-        raise ConfigError(f"train.seq_len={tr.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower train.seq_len or raise model.max_seq_len")
+        raise ConfigError(
+            f"train.seq_len={tr.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower train.seq_len or raise model.max_seq_len"
+        )
     if tr.batch_size % tr.grad_accum:
-        raise ConfigError(f"train.batch_size={tr.batch_size} does not divide into train.grad_accum={tr.grad_accum} micro-batches")
+        raise ConfigError(
+            f"train.batch_size={tr.batch_size} does not divide into train.grad_accum={tr.grad_accum} micro-batches"
+        )
     if not 0 <= tr.val_fraction < 1:
         raise ConfigError(f"train.val_fraction={tr.val_fraction} must be in [0, 1)")
     if n_devices is not None:
@@ -391,10 +422,14 @@ def mesh_shape(mesh: MeshConfig, n_devices: int) -> tuple[int, int]:
     """(data, tensor) for this many devices, or a ConfigError saying what to change."""
     t = mesh.tensor
     if n_devices % t:
-        raise ConfigError(f"mesh.tensor={t} does not divide the {n_devices} available devices; pick a divisor of {n_devices}")
+        raise ConfigError(
+            f"mesh.tensor={t} does not divide the {n_devices} available devices; pick a divisor of {n_devices}"
+        )
     d = n_devices // t if mesh.data == -1 else mesh.data
     if d * t > n_devices:
-        raise ConfigError(f"mesh data={d} x tensor={t} needs {d * t} devices but {n_devices} are available; lower mesh.data or mesh.tensor")
+        raise ConfigError(
+            f"mesh data={d} x tensor={t} needs {d * t} devices but {n_devices} are available; lower mesh.data or mesh.tensor"
+        )
     return d, t
 
 
@@ -409,5 +444,3 @@ def replace(cfg: Config, **sections) -> Config:
         new = dataclasses.replace(new, **{section: dataclasses.replace(getattr(new, section), **changes)})
     validate(new)
     return new
-
-

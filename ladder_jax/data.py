@@ -6,6 +6,7 @@ a document boundary), per-document positions (restart at 0 where a document star
 window cuts into one), and a loss mask that drops the one prediction per boundary whose target is
 the next document's BOS.
 """
+
 from __future__ import annotations
 
 import glob
@@ -56,7 +57,9 @@ def file_documents(spec: str, text_field: str = "text") -> list[Document]:
                     except json.JSONDecodeError as e:
                         raise DataError(f"{path}:{n} is not valid JSON ({e.msg}); fix the line or remove it") from None
                     if not isinstance(record, dict) or text_field not in record:
-                        raise DataError(f"{path}:{n} has no '{text_field}' field; set train.text_field to the field holding the text")
+                        raise DataError(
+                            f"{path}:{n} has no '{text_field}' field; set train.text_field to the field holding the text"
+                        )
                     docs.append(Document(f"{path}:{n}", str(record[text_field])))
         else:
             docs.append(Document(path, Path(path).read_text("utf-8", errors="replace")))
@@ -152,7 +155,9 @@ def train_iterator(windows: PackedWindows, batch_size: int, seed: int, process_i
     return iter(ds.batch(batch_size // process_count, drop_remainder=True).to_iter_dataset())
 
 
-def val_batches(windows: PackedWindows, batch_size: int, n_batches: int, process_index: int = 0, process_count: int = 1) -> list[dict]:
+def val_batches(
+    windows: PackedWindows, batch_size: int, n_batches: int, process_index: int = 0, process_count: int = 1
+) -> list[dict]:
     """A fixed list of validation batches (the same at every evaluation)."""
     per_host = batch_size // process_count
     n = min(n_batches, len(windows) // batch_size)

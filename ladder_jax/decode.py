@@ -15,6 +15,7 @@ never gathered.
 Every schedule of the layer plan decodes, because the model's forward carries each schedule's
 pending outputs (ladder's late all-reduces) through the layers within one call.
 """
+
 from __future__ import annotations
 
 import collections
@@ -87,7 +88,9 @@ def check_request(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_to
             raise DecodeError(f"prompt {i} is empty; give it at least one token (a BOS token will do)")
         bad = [t for t in p if not 0 <= t < cfg.vocab_size]
         if bad:
-            raise DecodeError(f"prompt {i} has token id {bad[0]} outside the vocabulary 0..{cfg.vocab_size - 1}; check the tokenizer matches the model")
+            raise DecodeError(
+                f"prompt {i} has token id {bad[0]} outside the vocabulary 0..{cfg.vocab_size - 1}; check the tokenizer matches the model"
+            )
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > cfg.max_seq_len:
         room = cfg.max_seq_len - longest
@@ -104,7 +107,11 @@ def decode_shape(cfg: ModelConfig, mesh: Mesh, prompts: Sequence[Sequence[int]],
     longest = max(len(p) for p in prompts)
     data = mesh.shape["data"]
     bucket = bucket_length(longest, cfg.max_seq_len)
-    return DecodeShape(batch=-(-len(prompts) // data) * data, prompt_len=bucket, cache_len=min(cfg.max_seq_len, bucket + max_new_tokens))
+    return DecodeShape(
+        batch=-(-len(prompts) // data) * data,
+        prompt_len=bucket,
+        cache_len=min(cfg.max_seq_len, bucket + max_new_tokens),
+    )
 
 
 def cache_bytes(cfg: ModelConfig, mesh: Mesh, shape: DecodeShape) -> int:
@@ -196,9 +203,15 @@ def abstract_step_args(cfg: ModelConfig, mesh: Mesh, batch: int, cache_len: int)
     step compiles for, with nothing allocated."""
     per_row = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=NamedSharding(mesh, ROWS))
     kv = jax.ShapeDtypeStruct(
-        M.cache_shape(cfg, mesh.shape[TENSOR], batch, cache_len), dtype_of(cfg.dtype), sharding=NamedSharding(mesh, M.CACHE_SPEC)
+        M.cache_shape(cfg, mesh.shape[TENSOR], batch, cache_len),
+        dtype_of(cfg.dtype),
+        sharding=NamedSharding(mesh, M.CACHE_SPEC),
     )
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), M.abstract_params(cfg), M.param_shardings(cfg, mesh))
+    params = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        M.abstract_params(cfg),
+        M.param_shardings(cfg, mesh),
+    )
     return params, per_row, per_row, [(kv, kv)] * cfg.n_layers
 
 
@@ -263,7 +276,9 @@ def generate(
 
     start = time.perf_counter()
     lengths_dev = jax.device_put(lengths, NamedSharding(mesh, ROWS))
-    next_tokens, cache = prefill_fn(cfg, mesh, shape.cache_len)(params, jax.device_put(tokens, NamedSharding(mesh, ROWS_BY_SEQ)), lengths_dev)
+    next_tokens, cache = prefill_fn(cfg, mesh, shape.cache_len)(
+        params, jax.device_put(tokens, NamedSharding(mesh, ROWS_BY_SEQ)), lengths_dev
+    )
     emit(np.asarray(next_tokens))
     prefill_seconds = time.perf_counter() - start
 

@@ -6,6 +6,7 @@ outputs, vocab-shard logits) that the schedules reduce. With tensor = 1 these ar
 Llama modules. Every parameter carries logical axis names (`axes=`); `mesh.sharding_rules`
 turns them into partition specs.
 """
+
 from __future__ import annotations
 
 import math
@@ -165,7 +166,9 @@ class Embed(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.dtype = dtype_of(cfg.dtype)
-        self.table = _param(rngs, (cfg.padded_vocab, cfg.d_model), ("vocab", "embed"), cfg.init_std, dtype_of(cfg.param_dtype))
+        self.table = _param(
+            rngs, (cfg.padded_vocab, cfg.d_model), ("vocab", "embed"), cfg.init_std, dtype_of(cfg.param_dtype)
+        )
 
     def __call__(self, tokens, offset):
         """Partial embedding: rows this device does not hold are zero, so a sum over devices completes it."""
@@ -185,7 +188,9 @@ class LMHead(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.dtype = dtype_of(cfg.dtype)
-        self.kernel = _param(rngs, (cfg.d_model, cfg.padded_vocab), ("embed", "vocab"), cfg.init_std, dtype_of(cfg.param_dtype))
+        self.kernel = _param(
+            rngs, (cfg.d_model, cfg.padded_vocab), ("embed", "vocab"), cfg.init_std, dtype_of(cfg.param_dtype)
+        )
 
     def __call__(self, h):
         return jnp.einsum("bsd,dv->bsv", h, self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)

@@ -3,6 +3,7 @@
 Parameters carry logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `mlp`, ...); this
 module alone decides which mesh axis each name is split over.
 """
+
 from __future__ import annotations
 
 import glob
@@ -25,7 +26,9 @@ def force_cpu_devices(n: int = 8) -> None:
         jax.config.update("jax_num_cpu_devices", n)
     except RuntimeError:  # the backends have started: too late to change the count
         if jax.device_count() < n:
-            raise RuntimeError(f"JAX already started with {jax.device_count()} devices; call force_cpu_devices({n}) before any JAX work") from None
+            raise RuntimeError(
+                f"JAX already started with {jax.device_count()} devices; call force_cpu_devices({n}) before any JAX work"
+            ) from None
 
 
 def make_mesh(cfg: Config, devices=None) -> Mesh:
@@ -43,7 +46,9 @@ def sharding_rules(model: ModelConfig, tensor: int) -> dict[str, str | None]:
     """Logical axis -> mesh axis. KV heads split when they can, else every device keeps them all."""
     kv_split = model.n_kv_heads % tensor == 0
     if not kv_split and tensor % model.n_kv_heads:
-        raise ConfigError(f"model.n_kv_heads={model.n_kv_heads} can be neither split nor replicated over tensor={tensor}")
+        raise ConfigError(
+            f"model.n_kv_heads={model.n_kv_heads} can be neither split nor replicated over tensor={tensor}"
+        )
     return {
         "batch": "data",
         "vocab": "tensor",
@@ -96,7 +101,12 @@ def apply_xla_flags() -> None:
     os.environ["LIBTPU_INIT_ARGS"] = _merged_flags(os.environ.get("LIBTPU_INIT_ARGS", ""), TPU_FLAGS)
 
 
-def init_runtime(cpu_devices: int = 8, coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> None:
+def init_runtime(
+    cpu_devices: int = 8,
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
     """Start JAX for a command-line run: multi-host when launched so, fake CPU devices otherwise.
 
     Multi-host: with --coordinator (any platform, gloo collectives on CPU), or on a TPU pod / SLURM
@@ -104,7 +114,9 @@ def init_runtime(cpu_devices: int = 8, coordinator: str | None = None, num_proce
     (`apply_xla_flags`) first.
     """
     apply_xla_flags()
-    multi = coordinator is not None or int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ
+    multi = (
+        coordinator is not None or int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ
+    )
     if os.environ.get("JAX_PLATFORMS", "") in ("", "cpu") and not _accelerator_present():
         force_cpu_devices(cpu_devices)
     if multi:

@@ -5,6 +5,7 @@ over the mesh by the logical-axis rules in `mesh.py`. Inside the shard_map each 
 the NNX modules around its local shards (`nnx.merge`) and runs `Transformer.__call__`, where the
 schedules place every all-reduce of a layer.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -83,14 +84,18 @@ class Transformer(nnx.Module):
         return jnp.where(vocab_ids < self.cfg.vocab_size, logits, -jnp.inf)
 
 
-def layer_context(cfg: ModelConfig, attn: Attention, rope, positions, segment_ids=None, cache=None, new_cache=None) -> LayerContext:
+def layer_context(
+    cfg: ModelConfig, attn: Attention, rope, positions, segment_ids=None, cache=None, new_cache=None
+) -> LayerContext:
     """What every schedule calls: the psum over `tensor`, and attention with this call's rope,
     positions and document segments. With a cache, layer i reads cache[i] and its updated (k, v)
     lands in new_cache[i]."""
     kv_head = local_kv_head(cfg, attn)
 
     def attend(i, attn, h):
-        out, c = attn(h, rope, positions, kv_head=kv_head, cache=None if cache is None else cache[i], segment_ids=segment_ids)
+        out, c = attn(
+            h, rope, positions, kv_head=kv_head, cache=None if cache is None else cache[i], segment_ids=segment_ids
+        )
         if new_cache is not None:
             new_cache[i] = c
         return out
@@ -135,7 +140,9 @@ def logical_axes(cfg: ModelConfig) -> dict:
 def param_specs(cfg: ModelConfig, tensor: int) -> dict:
     """PartitionSpec of every parameter for a tensor axis of this size."""
     rules = sharding_rules(cfg, tensor)
-    return jax.tree.map(lambda axes: logical_to_spec(axes, rules), logical_axes(cfg), is_leaf=lambda a: isinstance(a, tuple))
+    return jax.tree.map(
+        lambda axes: logical_to_spec(axes, rules), logical_axes(cfg), is_leaf=lambda a: isinstance(a, tuple)
+    )
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh) -> dict:
@@ -238,7 +245,9 @@ def default_positions(tokens):
 def _check_batch(tokens, mesh: Mesh):
     data = mesh.shape["data"]
     if tokens.ndim != 2 or tokens.shape[0] % data:
-        raise ValueError(f"tokens of shape {tuple(tokens.shape)} do not split over mesh data={data}; give (batch, seq) with batch a multiple of {data}")
+        raise ValueError(
+            f"tokens of shape {tuple(tokens.shape)} do not split over mesh data={data}; give (batch, seq) with batch a multiple of {data}"
+        )
 
 
 @functools.lru_cache(maxsize=32)
@@ -291,7 +300,9 @@ def block_fn(cfg: ModelConfig, mesh: Mesh, schedule: str):
         return SCHEDULES[schedule]([block], [0], Stream(x), ctx).settled()[None]
 
     batch = P("data", None)
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(specs, P("data"), batch, batch), out_specs=P(TENSOR, "data"))  # copies, see hidden_states_fn
+    fn = jax.shard_map(
+        local, mesh=mesh, in_specs=(specs, P("data"), batch, batch), out_specs=P(TENSOR, "data")
+    )  # copies, see hidden_states_fn
     return jax.jit(lambda *args: fn(*args)[0])
 
 

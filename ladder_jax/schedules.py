@@ -12,6 +12,7 @@ of the hybrid Llama conversion.
 
 `ctx.all_reduce` is the psum over the tensor axis; it is the only collective a layer issues.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace

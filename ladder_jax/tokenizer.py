@@ -1,4 +1,5 @@
 """Tokenizers: byte-level (the default, no files needed) or a Hugging Face `tokenizer.json`."""
+
 from __future__ import annotations
 
 from pathlib import Path

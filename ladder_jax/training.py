@@ -5,6 +5,7 @@ split over `tensor` by the logical rules, replicated over `data`; batches split 
 donates it. Gradients flow through the model's shard_map, whose transpose sums the replicated
 parameters' gradients over `data`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -35,7 +36,17 @@ from .tokenizer import get_tokenizer
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "mask")
 
 # bf16 dense peak TFLOP/s per device, for model-FLOPs utilisation.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6": 918.0}
+PEAK_TFLOPS = {
+    "H100": 989.0,
+    "H200": 989.0,
+    "A100": 312.0,
+    "L4": 121.0,
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5e": 197.0,
+    "TPU v5p": 459.0,
+    "TPU v6": 918.0,
+}
 
 
 class TrainingError(RuntimeError):
@@ -58,7 +69,7 @@ def vocab_parallel_nll(logits, targets):
 
 
 @functools.lru_cache(maxsize=16)
-def loss_sums_fn(cfg, mesh):
+def loss_sums_fn(cfg: ModelConfig, mesh: Mesh):
     """(params, batch) -> (sum of masked token NLL, number of masked tokens), over the whole mesh."""
 
     def body(model, batch):
@@ -77,16 +88,23 @@ def global_batch(mesh: Mesh, host_batch: dict, accum: int | None = None) -> dict
     for k in BATCH_KEYS:
         x = np.asarray(host_batch[k])
         if accum is None:
-            out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data", None)), x, (x.shape[0] * jax.process_count(), *x.shape[1:]))
+            out[k] = jax.make_array_from_process_local_data(
+                NamedSharding(mesh, P("data", None)), x, (x.shape[0] * jax.process_count(), *x.shape[1:])
+            )
         else:
             x = x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
-            out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, P(None, "data", None)), x, (accum, x.shape[1] * jax.process_count(), *x.shape[2:]))
+            out[k] = jax.make_array_from_process_local_data(
+                NamedSharding(mesh, P(None, "data", None)), x, (accum, x.shape[1] * jax.process_count(), *x.shape[2:])
+            )
     return out
 
 
 @functools.lru_cache(maxsize=16)
 def eval_fn(cfg: ModelConfig, mesh: Mesh):
-    return jax.jit(loss_sums_fn(cfg, mesh), in_shardings=(M.param_shardings(cfg, mesh), {k: NamedSharding(mesh, P("data", None)) for k in BATCH_KEYS}))
+    return jax.jit(
+        loss_sums_fn(cfg, mesh),
+        in_shardings=(M.param_shardings(cfg, mesh), {k: NamedSharding(mesh, P("data", None)) for k in BATCH_KEYS}),
+    )
 
 
 def evaluate(cfg: ModelConfig, mesh: Mesh, params, host_batches) -> dict:
@@ -119,7 +137,9 @@ def trainable_mask(cfg: Config, params) -> dict:
     if spec == "lp_pairs":
         layers = {i for i, s in enumerate(cfg.model.layer_schedules) if s == "lp"}
         if not layers:
-            raise ConfigError("train.trainable=lp_pairs but model.plan pairs no layers; add an lp range such as model.plan=lp@4:8")
+            raise ConfigError(
+                "train.trainable=lp_pairs but model.plan pairs no layers; add an lp range such as model.plan=lp@4:8"
+            )
     elif spec.startswith("layers:"):
         layers = set()
         for part in spec[len("layers:") :].split(","):
@@ -131,7 +151,9 @@ def trainable_mask(cfg: Config, params) -> dict:
         try:
             pattern = re.compile(spec)
         except re.error as e:
-            raise ConfigError(f"train.trainable='{spec}' is not a valid regex ({e}); use all, lp_pairs, layers:3,5-7 or a regex") from None
+            raise ConfigError(
+                f"train.trainable='{spec}' is not a valid regex ({e}); use all, lp_pairs, layers:3,5-7 or a regex"
+            ) from None
         mask = jax.tree.map(lambda n: bool(pattern.fullmatch(n)), names)
         if not any(jax.tree.leaves(mask)):
             raise ConfigError(f"train.trainable='{spec}' matches no parameter; names look like layers/3/attn/q_proj")
@@ -184,7 +206,12 @@ class Trainer:
         abstract_opt = jax.eval_shape(self.tx.init, abstract)
         frozen = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731 (no state for frozen parameters)
         opt_shardings = optax.tree_map_params(
-            self.tx, lambda x, s: x if frozen(x) else s, abstract_opt, self.param_shardings, transform_non_params=lambda _: replicated, is_leaf=frozen
+            self.tx,
+            lambda x, s: x if frozen(x) else s,
+            abstract_opt,
+            self.param_shardings,
+            transform_non_params=lambda _: replicated,
+            is_leaf=frozen,
         )
         self.state_shardings = {"params": self.param_shardings, "opt_state": opt_shardings}
         self.batch_sharding = {k: NamedSharding(mesh, P(None, "data", None)) for k in BATCH_KEYS}
@@ -203,7 +230,12 @@ class Trainer:
             updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
             params = optax.apply_updates(state["params"], updates)
             finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(params)]))
-            metrics = {"loss": nll / count, "grad_norm": optax.tree.norm(grads), "tokens": count, "params_finite": finite}
+            metrics = {
+                "loss": nll / count,
+                "grad_norm": optax.tree.norm(grads),
+                "tokens": count,
+                "params_finite": finite,
+            }
             return {"params": params, "opt_state": opt_state}, metrics
 
         self._step = jax.jit(
@@ -219,7 +251,9 @@ class Trainer:
 
     def abstract_state(self) -> dict:
         abstract = M.abstract_params(self.cfg.model)
-        return ckpt.abstract_with_sharding({"params": abstract, "opt_state": jax.eval_shape(self.tx.init, abstract)}, self.state_shardings)
+        return ckpt.abstract_with_sharding(
+            {"params": abstract, "opt_state": jax.eval_shape(self.tx.init, abstract)}, self.state_shardings
+        )
 
     def step(self, state, host_batch):
         return self._step(state, global_batch(self.mesh, host_batch, self.cfg.train.grad_accum))
@@ -258,7 +292,6 @@ def append_jsonl(path: Path, record: dict) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-
 # ---------------------------------------------------------------------------------------------
 # The loop
 
@@ -270,7 +303,14 @@ def run_directory(cfg: Config, run_dir: str | Path | None = None) -> Path:
     return Path(cfg.train.out_dir) / name
 
 
-def train(cfg: Config, run_dir: str | Path | None = None, init_from: str | Path | None = None, progress: bool = True, log=print, stop_at: int | None = None) -> dict:
+def train(
+    cfg: Config,
+    run_dir: str | Path | None = None,
+    init_from: str | Path | None = None,
+    progress: bool = True,
+    log=print,
+    stop_at: int | None = None,
+) -> dict:
     """Train (or resume) a run; returns {'run_dir', 'step', 'loss', 'val_loss', 'params', 'mesh'}.
 
     `stop_at` ends this call after that step (as an interruption would), leaving the schedule
@@ -293,7 +333,11 @@ def train(cfg: Config, run_dir: str | Path | None = None, init_from: str | Path 
 
     if jax.process_index() == 0:
         ckpt.save_config(run_dir, cfg)
-        if init_from is not None and (Path(init_from) / "tokenizer.json").exists() and not (run_dir / "tokenizer.json").exists():
+        if (
+            init_from is not None
+            and (Path(init_from) / "tokenizer.json").exists()
+            and not (run_dir / "tokenizer.json").exists()
+        ):
             (run_dir / "tokenizer.json").write_bytes((Path(init_from) / "tokenizer.json").read_bytes())
     pid, pcount = jax.process_index(), jax.process_count()
     it = train_iterator(datasets.train, tr.batch_size, tr.seed, pid, pcount)
@@ -315,11 +359,17 @@ def train(cfg: Config, run_dir: str | Path | None = None, init_from: str | Path 
         log(f"resumed {run_dir} at step {start}")
     else:
         start = 0
-        params = ckpt.restore_params(init_from, cfg, mesh) if init_from is not None else M.init_params(cfg.model, mesh, tr.seed)
+        params = (
+            ckpt.restore_params(init_from, cfg, mesh)
+            if init_from is not None
+            else M.init_params(cfg.model, mesh, tr.seed)
+        )
         state = trainer.init_state(params)
 
     def save(step: int) -> None:
-        items = {k: ocp.args.StandardSave(v) for k, v in state.items()}  # params and opt_state apart: inference reads params only
+        items = {
+            k: ocp.args.StandardSave(v) for k, v in state.items()
+        }  # params and opt_state apart: inference reads params only
         mngr.save(step, args=ocp.args.Composite(**items, data=grain.checkpoint.CheckpointSave(it)), force=True)
 
     metrics_path = run_dir / "metrics.jsonl"
@@ -336,9 +386,15 @@ def train(cfg: Config, run_dir: str | Path | None = None, init_from: str | Path 
             # rendezvous deadlocks otherwise, docs/architecture.md) and lets us stop at the first NaN.
             loss = float(metrics["loss"])
             if not (math.isfinite(loss) and bool(metrics["params_finite"])):
-                kept = f"the last good checkpoint is step {last_good} in {run_dir}" if last_good else "no checkpoint was written"
+                kept = (
+                    f"the last good checkpoint is step {last_good} in {run_dir}"
+                    if last_good
+                    else "no checkpoint was written"
+                )
                 what = f"loss became {loss}" if not math.isfinite(loss) else "parameters became non-finite"
-                raise TrainingError(f"{what} at step {step}; stopped without saving ({kept}); lower train.lr or raise train.warmup_steps")
+                raise TrainingError(
+                    f"{what} at step {step}; stopped without saving ({kept}); lower train.lr or raise train.warmup_steps"
+                )
             tokens_since += float(metrics["tokens"])
             summary.update(step=step, loss=loss)
             if step % tr.log_every == 0 or step == tr.steps:

@@ -1,4 +1,5 @@
 """Every test runs on 8 fake CPU devices (set before JAX starts)."""
+
 from ladder_jax.mesh import force_cpu_devices
 
 force_cpu_devices(8)
@@ -10,7 +11,15 @@ from ladder_jax.config import load_config  # noqa: E402
 
 # A small GQA model: 8 query heads over 2 KV heads, so tensor=2 splits the KV heads and
 # tensor=4, 8 replicate them; vocab 259 exercises the padded vocab-parallel head.
-SMALL = ["model.d_model=64", "model.n_layers=4", "model.n_heads=8", "model.n_kv_heads=2", "model.ffn_dim=128", "model.max_seq_len=64", "train.seq_len=32"]
+SMALL = [
+    "model.d_model=64",
+    "model.n_layers=4",
+    "model.n_heads=8",
+    "model.n_kv_heads=2",
+    "model.ffn_dim=128",
+    "model.max_seq_len=64",
+    "train.seq_len=32",
+]
 
 
 def small_config(plan="standard", data=1, tensor=1, **extra):
@@ -35,8 +44,17 @@ def save_small_run(directory, n_layers=3, tensor=2, **extra):
 
     rng = np.random.RandomState(0)
     (directory / "text.txt").write_text("".join(rng.choice(list("abcdefgh ij\n"), 20_000)))
-    cfg = small_config("standard", 1, tensor, model__n_layers=n_layers, model__init_std=0.1, train__data=str(directory / "text.txt"),
-                       train__batch_size=4, train__val_fraction=0.2, **extra)
+    cfg = small_config(
+        "standard",
+        1,
+        tensor,
+        model__n_layers=n_layers,
+        model__init_std=0.1,
+        train__data=str(directory / "text.txt"),
+        train__batch_size=4,
+        train__val_fraction=0.2,
+        **extra,
+    )
     run = directory / "run"
     ckpt.check_writable(run)
     ckpt.save_config(run, cfg)

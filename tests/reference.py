@@ -1,5 +1,6 @@
 """An independent NumPy (float64) Llama with the residual recurrences of docs/architecture.md, written from
 the formulas, module by module. It shares nothing with ladder_jax but the parameter names."""
+
 from __future__ import annotations
 
 import math
@@ -74,7 +75,11 @@ def spd_block(L, x, cfg, tensor):
         own[d * heads : (d + 1) * heads] = 1  # o_proj of this device's heads only
         y = attention(dict(L["attn"], o_proj=L["attn"]["o_proj"] * own), h, cfg)
         c = slice(d * cols, (d + 1) * cols)
-        m = {"gate_proj": L["mlp"]["gate_proj"][:, c], "up_proj": L["mlp"]["up_proj"][:, c], "down_proj": L["mlp"]["down_proj"][c]}
+        m = {
+            "gate_proj": L["mlp"]["gate_proj"][:, c],
+            "up_proj": L["mlp"]["up_proj"][:, c],
+            "down_proj": L["mlp"]["down_proj"][c],
+        }
         total = total + y + mlp(m, rms_norm(x + y, L["mlp_norm"]["scale"], eps))
     return x + total
 
@@ -94,7 +99,10 @@ def forward(params, tokens, cfg, layer_schedules, tensor=1):
         kind = layer_schedules[i]
         L = layers[i]
         if kind in ("standard", "ladder"):
-            for f, norm in ((lambda h, L=L: attention(L["attn"], h, cfg), "attn_norm"), (lambda h, L=L: mlp(L["mlp"], h), "mlp_norm")):
+            for f, norm in (
+                (lambda h, L=L: attention(L["attn"], h, cfg), "attn_norm"),
+                (lambda h, L=L: mlp(L["mlp"], h), "mlp_norm"),
+            ):
                 read = xs[j - 1] if kind == "ladder" else xs[j]
                 xs[j + 1] = xs[j] + f(rms_norm(read, L[norm]["scale"], eps))
                 j += 1
@@ -107,8 +115,16 @@ def forward(params, tokens, cfg, layer_schedules, tensor=1):
         elif kind == "lp":
             A, B = layers[i], layers[i + 1]
             h = xs[j]
-            h1 = h + attention(A["attn"], rms_norm(h, A["attn_norm"]["scale"], eps), cfg) + attention(B["attn"], rms_norm(h, B["attn_norm"]["scale"], eps), cfg)
-            out = h1 + mlp(A["mlp"], rms_norm(h1, A["mlp_norm"]["scale"], eps)) + mlp(B["mlp"], rms_norm(h1, B["mlp_norm"]["scale"], eps))
+            h1 = (
+                h
+                + attention(A["attn"], rms_norm(h, A["attn_norm"]["scale"], eps), cfg)
+                + attention(B["attn"], rms_norm(h, B["attn_norm"]["scale"], eps), cfg)
+            )
+            out = (
+                h1
+                + mlp(A["mlp"], rms_norm(h1, A["mlp_norm"]["scale"], eps))
+                + mlp(B["mlp"], rms_norm(h1, B["mlp_norm"]["scale"], eps))
+            )
             xs[j + 1], xs[j + 2] = h1, out  # two modules: the attention pair, the MLP pair
             j += 2
             i += 2

@@ -5,7 +5,18 @@ from ladder_jax.model import count_params
 
 
 def test_every_preset_loads_and_validates():
-    assert {"tiny", "ladder-1b", "ladder-3b", "llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b", "llama-2-7b", "llama-2-70b", "llama-3.2-1b", "llama-3.2-3b"} <= set(list_presets())
+    assert {
+        "tiny",
+        "ladder-1b",
+        "ladder-3b",
+        "llama-3.1-8b",
+        "llama-3.1-70b",
+        "llama-3.1-405b",
+        "llama-2-7b",
+        "llama-2-70b",
+        "llama-3.2-1b",
+        "llama-3.2-3b",
+    } <= set(list_presets())
     for name in list_presets():
         cfg = load_config(name)
         assert cfg.model.name == name
@@ -25,7 +36,16 @@ def test_large_presets_have_the_published_parameter_count_without_allocating(pre
 
 
 def test_dotted_overrides_are_typed():
-    cfg = load_config("tiny", ["model.n_layers=3", "model.norm_eps=1e-6", "model.tie_embeddings=true", "mesh.tensor=2", "model.plan=ladder@-2:"])
+    cfg = load_config(
+        "tiny",
+        [
+            "model.n_layers=3",
+            "model.norm_eps=1e-6",
+            "model.tie_embeddings=true",
+            "mesh.tensor=2",
+            "model.plan=ladder@-2:",
+        ],
+    )
     assert cfg.model.n_layers == 3 and cfg.model.norm_eps == 1e-6 and cfg.model.tie_embeddings is True
     assert cfg.mesh.tensor == 2
     assert cfg.model.layer_schedules == ("standard", "ladder", "ladder")
@@ -45,8 +65,14 @@ def test_rope_scaling_override_builds_the_nested_section():
         (["model.n_layers=four"], "model.n_layers must be int"),
         (["model.tie_embeddings=3"], "model.tie_embeddings must be bool"),
         (["mesh.tensor=3"], "model.n_heads=8 does not split over mesh.tensor=3"),
-        (["model.n_kv_heads=8", "model.n_heads=24", "model.d_model=240", "mesh.tensor=16"], "does not split over mesh.tensor=16"),
-        (["model.n_heads=12", "model.n_kv_heads=6", "model.d_model=240", "mesh.tensor=4"], "can be neither split nor replicated over mesh.tensor=4"),
+        (
+            ["model.n_kv_heads=8", "model.n_heads=24", "model.d_model=240", "mesh.tensor=16"],
+            "does not split over mesh.tensor=16",
+        ),
+        (
+            ["model.n_heads=12", "model.n_kv_heads=6", "model.d_model=240", "mesh.tensor=4"],
+            "can be neither split nor replicated over mesh.tensor=4",
+        ),
         (["model.ffn_dim=100", "mesh.tensor=8"], "model.ffn_dim=100 does not split"),
         (["model.n_heads=6", "model.n_kv_heads=4", "model.head_dim=32"], "not a multiple of model.n_kv_heads"),
         (["model.plan=ladder@40"], "outside 0..5"),

@@ -1,5 +1,6 @@
 """Hugging Face Llama checkpoints in and out, checked against transformers itself: tiny random
 LlamaForCausalLMs saved with save_pretrained, imported, run on 8 fake CPU devices and exported."""
+
 import dataclasses
 import json
 import pickle
@@ -17,10 +18,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ladder_jax import checkpoint as ckpt
 from ladder_jax import decode
-from ladder_jax.cli import main
-from ladder_jax.interop import hf as convert
 from ladder_jax import model as M
+from ladder_jax.cli import main
 from ladder_jax.config import load_config
+from ladder_jax.interop import hf as convert
 from ladder_jax.mesh import make_mesh
 from ladder_jax.tokenizer import HFTokenizer, get_tokenizer
 
@@ -28,14 +29,35 @@ from ladder_jax.tokenizer import HFTokenizer, get_tokenizer
 # Llama-3 rope scaling whose bands all occur: with theta 10000 and head_dim 16 the wavelengths are
 # 6.3 (< 64/4: kept), 20 and 63 (between: smoothed) and 200.. (> 64: divided by the factor).
 LLAMA3 = dict(
-    vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-    head_dim=16, max_position_embeddings=128, rope_theta=10000.0, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    rope_scaling={
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
 )
 TIED = dict(LLAMA3, num_hidden_layers=2, tie_word_embeddings=True, rope_scaling=None, max_position_embeddings=256)
 HF_CONFIGS = {"llama3-rope-untied": LLAMA3, "tied": TIED}
 TOKENS = np.random.RandomState(0).randint(3, 300, (4, 24))
-TEXTS = ["def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n", "the quick brown fox jumps over the lazy dog. " * 3, "import os\nprint(os.getcwd())\n"]
+TEXTS = [
+    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
+    "the quick brown fox jumps over the lazy dog. " * 3,
+    "import os\nprint(os.getcwd())\n",
+]
 
 
 def byte_level_tokenizer(path: Path) -> None:
@@ -45,7 +67,9 @@ def byte_level_tokenizer(path: Path) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(TEXTS * 20, trainer)
     tok.save(str(path))
 
@@ -101,7 +125,14 @@ def test_imported_logits_equal_transformers(hf, name, mesh_shape, devices):
 def test_imported_config_says_what_config_json_says(hf, name):
     cfg = ckpt.load_run_config(hf[name].run)
     m = cfg.model
-    assert (m.vocab_size, m.d_model, m.n_heads, m.n_kv_heads, m.hd, m.n_layers) == (300, 64, 8, 2, 16, HF_CONFIGS[name]["num_hidden_layers"])
+    assert (m.vocab_size, m.d_model, m.n_heads, m.n_kv_heads, m.hd, m.n_layers) == (
+        300,
+        64,
+        8,
+        2,
+        16,
+        HF_CONFIGS[name]["num_hidden_layers"],
+    )
     assert m.tie_embeddings == (name == "tied") and (m.rope_scaling is not None) == (name != "tied")
     assert (m.bos_id, m.eos_id, m.pad_id) == (1, 2, 0)
     assert isinstance(get_tokenizer(cfg, hf[name].run), HFTokenizer)
@@ -114,7 +145,12 @@ def test_greedy_generation_equals_transformers_generate(hf, name, devices):
     ours = decode.generate(cfg, mesh, params, prompts, max_new_tokens=16, eos_id=cfg.model.eos_id)
     for prompt, got in zip(prompts, ours):
         with torch.no_grad():
-            out = hf[name].model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=16, do_sample=False)
+            out = hf[name].model.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=16,
+                do_sample=False,
+            )
         want = out[0, len(prompt) :].tolist()
         want = want[: want.index(2)] if 2 in want else want  # ours stops before EOS, transformers keeps it
         assert list(got) == want
@@ -153,7 +189,9 @@ def test_bfloat16_checkpoints_convert_both_ways(hf, tmp_path, devices):
         assert torch.equal(v, original.model.state_dict()[k].to(torch.bfloat16)), k
     # Importing reads BF16 tensors and keeps the checkpoint's dtype.
     assert convert.from_hf(out, tmp_path / "run").model.param_dtype == "bfloat16"
-    for got, want in zip(jax.tree.leaves(on_mesh(tmp_path / "run", 1, 1)[2]), jax.tree.leaves(on_mesh(original.run, 1, 1)[2])):
+    for got, want in zip(
+        jax.tree.leaves(on_mesh(tmp_path / "run", 1, 1)[2]), jax.tree.leaves(on_mesh(original.run, 1, 1)[2])
+    ):
         assert got.dtype == jnp.bfloat16
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want).astype(jnp.bfloat16))
 
@@ -161,19 +199,25 @@ def test_bfloat16_checkpoints_convert_both_ways(hf, tmp_path, devices):
 def test_hybrid_ladder_import_changes_only_the_ladder_layers(hf, tmp_path, devices, capsys):
     original = hf[LLAMA3_NAME]
     out = tmp_path / "hybrid"
-    assert main(["convert", "from-hf", str(original.dir), str(out), "--plan", "standard,ladder@-2:", "--tensor", "4"]) == 0
+    assert (
+        main(["convert", "from-hf", str(original.dir), str(out), "--plan", "standard,ladder@-2:", "--tensor", "4"]) == 0
+    )
     assert "python train.py --init-from" in capsys.readouterr().out
     cfg, mesh, params = on_mesh(out, 2, 4)
     assert cfg.model.layer_schedules == ("standard", "standard", "ladder", "ladder")
 
     def hidden(model_cfg):  # the residual after each layer
         tokens = jnp.asarray(TOKENS)
-        return np.asarray(M.hidden_states_fn(model_cfg, mesh)(params, tokens, M.default_positions(tokens), jnp.zeros_like(tokens)))[1:]
+        return np.asarray(
+            M.hidden_states_fn(model_cfg, mesh)(params, tokens, M.default_positions(tokens), jnp.zeros_like(tokens))
+        )[1:]
 
     h_std, h_hyb = hidden(dataclasses.replace(cfg.model, plan="standard")), hidden(cfg.model)
     np.testing.assert_allclose(h_hyb[:2], h_std[:2], atol=1e-5)  # layers 0, 1: the imported Llama's own
     with torch.no_grad():
-        hf_hidden = original.model(torch.tensor(TOKENS), output_hidden_states=True).hidden_states  # (embedding, layer 0, ...)
+        hf_hidden = original.model(
+            torch.tensor(TOKENS), output_hidden_states=True
+        ).hidden_states  # (embedding, layer 0, ...)
     # Residuals reach |25| here, so float32 sums taken in another order differ by a few 1e-4.
     np.testing.assert_allclose(h_hyb[:2], np.stack([h.numpy() for h in hf_hidden[1:3]]), atol=1e-3, rtol=1e-4)
     assert np.abs(h_hyb[3] - h_std[3]).max() > 1e-2  # the ladder layers: a different function
@@ -192,8 +236,17 @@ def test_fine_tuning_a_converted_run_uses_its_tokenizer(hf, tmp_path, devices):
 
     run = hf["tied"].run
     (tmp_path / "data.txt").write_text("".join(TEXTS) * 20)
-    over = [f"train.data={tmp_path / 'data.txt'}", "train.steps=2", "train.batch_size=8", "train.seq_len=32", "train.val_fraction=0", "mesh.tensor=2"]
-    result = train(load_config(run / "config.yaml", over), tmp_path / "tuned", init_from=run, progress=False, log=lambda *_: None)
+    over = [
+        f"train.data={tmp_path / 'data.txt'}",
+        "train.steps=2",
+        "train.batch_size=8",
+        "train.seq_len=32",
+        "train.val_fraction=0",
+        "mesh.tensor=2",
+    ]
+    result = train(
+        load_config(run / "config.yaml", over), tmp_path / "tuned", init_from=run, progress=False, log=lambda *_: None
+    )
     assert result["step"] == 2 and np.isfinite(result["loss"])
     assert (tmp_path / "tuned" / "tokenizer.json").read_bytes() == (run / "tokenizer.json").read_bytes()
 
@@ -234,15 +287,31 @@ def pickle_only(hf_dir: Path) -> None:
 
 
 BAD_INPUTS = {
-    "missing tensor": (lambda d: rewrite_tensors(d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight")), r"no tensor model\.layers\.1\.mlp\.up_proj\.weight"),
+    "missing tensor": (
+        lambda d: rewrite_tensors(d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight")),
+        r"no tensor model\.layers\.1\.mlp\.up_proj\.weight",
+    ),
     "wrong shape": (
-        lambda d: rewrite_tensors(d, lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": np.zeros((16, 64), np.float32)})),
+        lambda d: rewrite_tensors(
+            d, lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": np.zeros((16, 64), np.float32)})
+        ),
         r"tensor model\.layers\.0\.self_attn\.k_proj\.weight has shape \(16, 64\) but config\.json implies \(32, 64\)",
     ),
-    "extra tensor": (lambda d: rewrite_tensors(d, lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": np.zeros(128, np.float32)})), r"q_proj\.bias, which a plain Llama does not"),
-    "not llama": (lambda d: edit_config(d, model_type="mistral", architectures=["MistralForCausalLM"]), r"'mistral'.*only Llama checkpoints"),
+    "extra tensor": (
+        lambda d: rewrite_tensors(
+            d, lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": np.zeros(128, np.float32)})
+        ),
+        r"q_proj\.bias, which a plain Llama does not",
+    ),
+    "not llama": (
+        lambda d: edit_config(d, model_type="mistral", architectures=["MistralForCausalLM"]),
+        r"'mistral'.*only Llama checkpoints",
+    ),
     "biases": (lambda d: edit_config(d, attention_bias=True), r"attention_bias is true"),
-    "other rope scaling": (lambda d: edit_config(d, rope_scaling={"rope_type": "yarn", "factor": 4.0}), r"rope scaling 'yarn' is not supported"),
+    "other rope scaling": (
+        lambda d: edit_config(d, rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+        r"rope scaling 'yarn' is not supported",
+    ),
     "truncated": (truncate, r"model\.safetensors is truncated.*download it again"),
     "pickle only": (pickle_only, r"pytorch_model\.bin, a PyTorch pickle.*never read.*Convert it to safetensors"),
     "no config.json": (lambda d: (d / "config.json").unlink(), r"has no config\.json"),

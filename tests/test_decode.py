@@ -1,6 +1,7 @@
 """The greedy decoder on 8 fake CPU devices: for every schedule its cached tokens are the argmax
 of full forwards, batching does not change a prompt's tokens, the decode step compiles once per
 shape, and bad requests fail with one line saying what to change."""
+
 import functools
 import io
 import json
@@ -23,7 +24,9 @@ from .conftest import SMALL, small_config
 # Three layers keep compiles short and still give the hybrid a standard layer before two ladder
 # ones, and lp a pair followed by an unpaired layer.
 TEST_MODEL = {"model__n_layers": 3, "model__init_std": 0.1}
-CASES = [(plan, (2, 4)) for plan in ("standard", "parallel", "ladder", "standard,ladder@-2:", "spd", "lp@0:2", "desync")]
+CASES = [
+    (plan, (2, 4)) for plan in ("standard", "parallel", "ladder", "standard,ladder@-2:", "spd", "lp@0:2", "desync")
+]
 CASES += [(plan, (1, 8)) for plan in ("standard", "ladder")]
 PROMPTS = [[256, *b"Hello"], [256, *range(40, 52)]]  # 6 and 13 tokens: different lengths, one bucket (16)
 NEW = 16
@@ -42,7 +45,10 @@ def model_on(plan, data, tensor):
     cfg = small_config(plan, data, tensor, **TEST_MODEL)
     params = host_params()
     if plan == "parallel":  # a parallel layer has one norm: the standard parameters minus mlp_norm
-        params = {**params, "layers": {i: {k: v for k, v in layer.items() if k != "mlp_norm"} for i, layer in params["layers"].items()}}
+        params = {
+            **params,
+            "layers": {i: {k: v for k, v in layer.items() if k != "mlp_norm"} for i, layer in params["layers"].items()},
+        }
     mesh = make_mesh(cfg)
     return cfg, mesh, jax.device_put(params, M.param_shardings(cfg.model, mesh))
 
@@ -114,7 +120,9 @@ def test_a_row_stops_at_eos_and_the_callback_streams_every_token_in_order(device
     eos = full[0][5]
     want = [t[: t.index(eos)] if eos in t else t for t in full]
     streamed = [[], []]
-    got = decode.generate(cfg.model, mesh, params, PROMPTS, NEW, eos_id=eos, on_token=lambda row, t: streamed[row].append(t)).tokens
+    got = decode.generate(
+        cfg.model, mesh, params, PROMPTS, NEW, eos_id=eos, on_token=lambda row, t: streamed[row].append(t)
+    ).tokens
     assert got == want == streamed
     assert len(got[0]) <= 5
 
@@ -151,7 +159,9 @@ def test_a_cache_larger_than_the_free_device_memory_is_refused(devices):
     cfg, mesh, _ = model_on("standard", 2, 4)
     shape = decode.decode_shape(cfg.model, mesh, PROMPTS, NEW)
     need = decode.cache_bytes(cfg.model, mesh, shape)
-    assert need == 2 * 3 * (2 // 2) * 32 * 1 * 8 * 4  # k and v, 3 layers, 1 row, 32 positions, 1 kv slot, head_dim 8, float32
+    assert (
+        need == 2 * 3 * (2 // 2) * 32 * 1 * 8 * 4
+    )  # k and v, 3 layers, 1 row, 32 positions, 1 kv slot, head_dim 8, float32
 
     class Device:
         def __init__(self, free):
@@ -164,7 +174,9 @@ def test_a_cache_larger_than_the_free_device_memory_is_refused(devices):
             return "gpu:0"
 
     assert decode.check_cache_fits(cfg.model, mesh, shape, Device(need)) == need
-    with pytest.raises(decode.DecodeError, match=r"KV cache needs 0.00 GiB per device \(batch 2 x 32 positions\) but gpu:0 has") as e:
+    with pytest.raises(
+        decode.DecodeError, match=r"KV cache needs 0.00 GiB per device \(batch 2 x 32 positions\) but gpu:0 has"
+    ) as e:
         decode.check_cache_fits(cfg.model, mesh, shape, Device(need - 1))
     one_line(e)
 
@@ -223,8 +235,14 @@ def test_infer_refuses_bad_requests_in_one_line(tmp_path, tiny_run, capsys, devi
     cases = [
         (["--checkpoint", str(tiny_run), "--prompt", ""], "error: --prompt is empty"),
         (["--checkpoint", str(tmp_path / "missing"), "--prompt", "x"], "missing is not a directory"),
-        (["--checkpoint", str(other), "--config", "tiny", "--prompt", "x"], "is a 'ladder-1b' run, not 'tiny'; drop --config or give a run of tiny"),
-        (["--checkpoint", str(tiny_run), "--prompt", "x" * 500, "--max-new-tokens", "64"], "is 565, above model.max_seq_len=512"),
+        (
+            ["--checkpoint", str(other), "--config", "tiny", "--prompt", "x"],
+            "is a 'ladder-1b' run, not 'tiny'; drop --config or give a run of tiny",
+        ),
+        (
+            ["--checkpoint", str(tiny_run), "--prompt", "x" * 500, "--max-new-tokens", "64"],
+            "is 565, above model.max_seq_len=512",
+        ),
         (["--runs-dir", str(tmp_path / "none"), "--prompt", "x"], "no trained 'tiny' run under"),
         (["--benchmark", "--batch-sizes", "1,x"], "--batch-sizes '1,x' is not a comma-separated list"),
     ]
@@ -264,7 +282,12 @@ def test_infer_decodes_a_prompts_file_with_a_saved_run(tmp_path, capsys, devices
         saver.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
     texts = ["Hello", "naïve"]
     (tmp_path / "prompts.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
-    assert infer.main(["--checkpoint", str(run), "--prompts-file", str(tmp_path / "prompts.txt"), "--max-new-tokens", str(NEW)]) == 0
+    assert (
+        infer.main(
+            ["--checkpoint", str(run), "--prompts-file", str(tmp_path / "prompts.txt"), "--max-new-tokens", str(NEW)]
+        )
+        == 0
+    )
     # Two prompts of 6 and 7 tokens with BOS: the shapes the first test compiled on this mesh.
     tokens = decode.generate(cfg, mesh, params, [[256, *t.encode()] for t in texts], NEW, eos_id=257).tokens
     completions = [bytes(t for t in row if t < 256).decode("utf-8", errors="replace") for row in tokens]
@@ -276,7 +299,18 @@ def test_benchmark_prints_a_table_and_writes_json(tmp_path, capsys, devices):
     # test compiled, so this one only runs them.
     overrides = [*SMALL, "model.n_layers=3", "model.init_std=0.1", "mesh.tensor=8"]
     argv = ["--benchmark", *overrides, "--variants", "standard;ladder", "--batch-sizes", "2"]
-    argv += ["--prompt-len", "8", "--gen-len", str(NEW), "--runs", "2", "--warmup", "0", "--json", str(tmp_path / "b.json")]
+    argv += [
+        "--prompt-len",
+        "8",
+        "--gen-len",
+        str(NEW),
+        "--runs",
+        "2",
+        "--warmup",
+        "0",
+        "--json",
+        str(tmp_path / "b.json"),
+    ]
     assert infer.main(argv) == 0
     table = capsys.readouterr().out
     assert "| ladder   | 2     |" in table and "decode ms/token" in table

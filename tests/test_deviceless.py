@@ -4,14 +4,22 @@ it, and the train step's memory on a pod slice, compiled here without an acceler
 The compiles need the cuda or tpu extra (marker `deviceless`; they skip without it). The HLO
 reading, the targets, the flags and the one-line errors are checked always, cheaply.
 """
+
 import importlib.util
 
 import pytest
 
 from ladder_jax.cli import main
-from ladder_jax.instruments import deviceless
-from ladder_jax.instruments.deviceless import TargetError, get_target, ladder_overlaps, schedule_rows, scheduled_all_reduces, target_mesh
 from ladder_jax.config import load_config
+from ladder_jax.instruments import deviceless
+from ladder_jax.instruments.deviceless import (
+    TargetError,
+    get_target,
+    ladder_overlaps,
+    schedule_rows,
+    scheduled_all_reduces,
+    target_mesh,
+)
 from ladder_jax.mesh import apply_xla_flags, tpu_flags
 
 from .conftest import SMALL
@@ -54,14 +62,16 @@ def test_gpu_async_all_reduce_reports_the_gemms_scheduled_inside():
 def test_tpu_async_collective_fusion_counts_the_compute_fused_with_its_steps():
     # XLA:TPU's form: fusions async-collective-start ... -done, each with one step of the
     # all-reduce (same chain_id); the steps in between are fused into compute kernels.
-    step = lambda n, extra="": f"""%{n} (p: f32[1,8], w: f32[8,8]) -> f32[1,8] {{
+    step = lambda n, extra="": (
+        f"""%{n} (p: f32[1,8], w: f32[8,8]) -> f32[1,8] {{
   %p = f32[1,8]{{1,0}} parameter(0)
   %w = f32[8,8]{{1,0}} parameter(1)
   %ar.{n} = f32[1,8]{{1,0}} all-reduce(%p), {GROUPS}, frontend_attributes={{chain_id="0"}}
 {extra}  ROOT %t = f32[1,8]{{1,0}} add(%ar.{n}, %p)
 }}
 """
-    conv = '  %c = f32[1,8]{1,0} convolution(%p, %w), dim_labels=bf_io->bf\n'
+    )
+    conv = "  %c = f32[1,8]{1,0} convolution(%p, %w), dim_labels=bf_io->bf\n"
     hlo = f"""HloModule m, is_scheduled=true
 {ADD}{step("s")}{step("mid", conv)}{step("d")}ENTRY %main (x: f32[1,8], wo: f32[8,8], wu: f32[8,8]) -> f32[1,8] {{
 {PARAMS}  %o = f32[1,8]{{1,0}} dot(%x, %wo), lhs_contracting_dims={{1}}, rhs_contracting_dims={{0}}
@@ -71,7 +81,12 @@ def test_tpu_async_collective_fusion_counts_the_compute_fused_with_its_steps():
 }}
 """
     (ar,) = scheduled_all_reduces(hlo, FakeMesh())
-    assert ar.async_ and ar.reduces == ["layers.0.attn"] and ar.gemms_inside == ["layers.0.mlp.up_proj"] and ar.overlaps_next
+    assert (
+        ar.async_
+        and ar.reduces == ["layers.0.attn"]
+        and ar.gemms_inside == ["layers.0.mlp.up_proj"]
+        and ar.overlaps_next
+    )
 
 
 def test_targets_and_their_one_line_errors():
@@ -102,7 +117,10 @@ def test_xla_flags_are_added_without_overriding_the_users(monkeypatch):
     import os
 
     tpu = os.environ["LIBTPU_INIT_ARGS"].split()
-    assert tpu[:2] == ["--xla_enable_async_all_reduce=false", "--foo=1"] and "--xla_tpu_enable_async_collective_fusion_fuse_all_reduce=true" in tpu
+    assert (
+        tpu[:2] == ["--xla_enable_async_all_reduce=false", "--foo=1"]
+        and "--xla_tpu_enable_async_collective_fusion_fuse_all_reduce=true" in tpu
+    )
     assert sum(f.startswith("--xla_enable_async_all_reduce") for f in tpu) == 1
     assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"  # XLA:GPU needs none
     monkeypatch.setenv("LADDER_JAX_XLA_FLAGS", "0")
@@ -120,7 +138,12 @@ LAYERS = 3
 
 def _rows(target, plans, batch, options):
     cfg = load_config("tiny", [f"model.n_layers={LAYERS}", f"mesh.tensor={get_target(target).devices}"])
-    return {r["variant"]: r for r in schedule_rows(cfg.model, target_mesh(cfg, get_target(target)), plans, batch=batch, compiler_options=options)}
+    return {
+        r["variant"]: r
+        for r in schedule_rows(
+            cfg.model, target_mesh(cfg, get_target(target)), plans, batch=batch, compiler_options=options
+        )
+    }
 
 
 @pytest.mark.deviceless
@@ -145,7 +168,9 @@ def test_tpu_flags_make_the_ladder_all_reduces_async_and_overlapped():
     assert default["merged"] == 0 and default["async"] == 0  # a chain nothing merges, but synchronous
     rows = _rows("v5e-8", ["standard", "ladder"], 8, tpu_flags())
     assert rows["ladder"]["merged"] == 0 and rows["ladder"]["all_reduces"] == 1 + 2 * LAYERS + 2
-    assert rows["ladder"]["overlap_next_module"] == 2 * LAYERS - 1 and rows["ladder"]["ladder_overlaps"]  # all but the last MLP's
+    assert (
+        rows["ladder"]["overlap_next_module"] == 2 * LAYERS - 1 and rows["ladder"]["ladder_overlaps"]
+    )  # all but the last MLP's
     assert rows["standard"]["overlapped"] == 0
 
 
@@ -159,7 +184,9 @@ def test_train_step_memory_on_a_tpu_slice():
 
 
 def test_ladder_acceptance_needs_the_next_modules_gemms():
-    mk = lambda module, nxt: deviceless.ScheduledAllReduce("a", "tensor", True, 8, [module], [nxt] if nxt else [], bool(nxt))  # noqa: E731
+    mk = lambda module, nxt: deviceless.ScheduledAllReduce(
+        "a", "tensor", True, 8, [module], [nxt] if nxt else [], bool(nxt)
+    )  # noqa: E731
     ars = [mk("embed", None), mk("layers.0.attn", "layers.0.mlp.up_proj"), mk("layers.0.mlp", None)]
     assert ladder_overlaps(ars)
     assert not ladder_overlaps([ars[0], mk("layers.0.attn", None), ars[2]])

@@ -1,11 +1,12 @@
 """The Layer Parallelism sweep on a small saved model."""
+
 import json
 
 import pytest
 
 from ladder_jax.cli import main
-from ladder_jax.methods import lp
 from ladder_jax.config import ConfigError
+from ladder_jax.methods import lp
 
 from .conftest import save_small_run
 
@@ -16,7 +17,25 @@ def run(tmp_path_factory, devices):
 
 
 def test_sweep_writes_perplexity_agreement_and_a_suggestion(run, capsys):
-    assert main(["lp", "sweep", "--checkpoint", str(run), "--max-delta", "2", "--prompts", "2", "--gen-tokens", "8", "--budget", "1e9"]) == 0
+    assert (
+        main(
+            [
+                "lp",
+                "sweep",
+                "--checkpoint",
+                str(run),
+                "--max-delta",
+                "2",
+                "--prompts",
+                "2",
+                "--gen-tokens",
+                "8",
+                "--budget",
+                "1e9",
+            ]
+        )
+        == 0
+    )
     report = json.loads((run / "lp_sweep.json").read_text())
     rows = report["rows"]
     assert [r["delta"] for r in rows] == [0, 2]

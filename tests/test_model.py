@@ -1,5 +1,6 @@
 """The model on 8 fake CPU devices: every valid schedule is mesh-independent, ladder is the
 recurrence of docs/architecture.md, and the KV-cache path computes the same function as the full forward."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,7 +64,9 @@ def test_hybrid_ladder_keeps_the_standard_layers_hidden_states(devices):
 
     def hidden(c):  # the residual after each layer
         tokens = jnp.asarray(TOKENS)
-        return np.asarray(M.hidden_states_fn(c, mesh)(params, tokens, M.default_positions(tokens), jnp.zeros_like(tokens)))[1:]
+        return np.asarray(
+            M.hidden_states_fn(c, mesh)(params, tokens, M.default_positions(tokens), jnp.zeros_like(tokens))
+        )[1:]
 
     h_std, h_hyb = hidden(cfg), hidden(hybrid_cfg)
     np.testing.assert_allclose(h_hyb[:2], h_std[:2], atol=1e-6)  # the standard layers: unchanged
@@ -85,7 +88,9 @@ def test_spd_blocks_match_the_numpy_reference_of_their_tensor_degree(plan, mesh_
     cfg, _, params = build(plan)
     ref = reference_forward(jax.device_get(params), TOKENS, cfg, cfg.layer_schedules, tensor=mesh_shape[1])
     np.testing.assert_allclose(run(plan, *mesh_shape, params), ref, atol=2e-5, rtol=1e-4)
-    assert np.abs(ref - reference_forward(jax.device_get(params), TOKENS, cfg, cfg.layer_schedules, tensor=1)).max() > 1e-3
+    assert (
+        np.abs(ref - reference_forward(jax.device_get(params), TOKENS, cfg, cfg.layer_schedules, tensor=1)).max() > 1e-3
+    )
 
 
 def test_tied_embeddings_match_the_reference_when_sharded(devices):
@@ -113,7 +118,13 @@ def test_kv_cache_prefill_then_steps_equal_the_full_forward(plan, mesh_shape, de
     params = jax.device_put(params, M.param_shardings(c.model, mesh))
     batch = P("data", None)
     step = jax.jit(
-        M.sharded(c.model, mesh, lambda model, t, pos, cache: model(t, pos, cache=cache), (batch, batch, M.cache_specs(c.model)), (P("data", None, "tensor"), M.cache_specs(c.model)))
+        M.sharded(
+            c.model,
+            mesh,
+            lambda model, t, pos, cache: model(t, pos, cache=cache),
+            (batch, batch, M.cache_specs(c.model)),
+            (P("data", None, "tensor"), M.cache_specs(c.model)),
+        )
     )
     cache = M.init_cache(c.model, mesh, TOKENS.shape[0], 16)
     tokens = jnp.asarray(TOKENS)
@@ -148,6 +159,8 @@ def test_packed_documents_attend_only_within_themselves(devices):
     positions = jnp.asarray(np.r_[np.arange(100), np.arange(156)].astype(np.int32)[None])
     body = lambda model, t, p, s: model(t, p, segment_ids=s)[0]  # noqa: E731
     spec = P("data", None)
-    packed = np.asarray(jax.jit(M.sharded(cfg, mesh, body, (spec,) * 3, P("data", None, "tensor")))(params, tokens, positions, segments))
+    packed = np.asarray(
+        jax.jit(M.sharded(cfg, mesh, body, (spec,) * 3, P("data", None, "tensor")))(params, tokens, positions, segments)
+    )
     np.testing.assert_allclose(packed[0, :100, :259], np.asarray(M.logits(cfg, mesh, params, a[None]))[0], atol=2e-5)
     np.testing.assert_allclose(packed[0, 100:, :259], np.asarray(M.logits(cfg, mesh, params, b[None]))[0], atol=2e-5)

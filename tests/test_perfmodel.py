@@ -1,6 +1,7 @@
 """The latency model: all-reduce costs, structure from the sync analysis, composition, the fit to
 the published 70B TP8 table, and one-line errors. The sync analysis compiles each plan once (a
 few seconds each on fake CPU devices), shared by every test through the module fixture."""
+
 import dataclasses
 import itertools
 import json
@@ -16,6 +17,7 @@ TENSOR = 8
 
 def perfmodel_main(argv):
     return main(["perfmodel", *argv])
+
 
 VARIANTS = ("standard", "ladder", "parallel", "desync")
 
@@ -107,7 +109,9 @@ def test_calibration_reproduces_the_published_table(anchor):
     assert len(errors) == 8
     assert math.sqrt(sum(e["error_pct"] ** 2 for e in errors) / 8) < 6
     assert max(abs(e["error_pct"]) for e in errors) < 10
-    start = dataclasses.replace(hw, hbm_efficiency=0.85, kernel_overhead_s=3e-6, allreduce_latency_s=8e-6, overlap_contention=0.1)
+    start = dataclasses.replace(
+        hw, hbm_efficiency=0.85, kernel_overhead_s=3e-6, allreduce_latency_s=8e-6, overlap_contention=0.1
+    )
     fitted, refit = calibrate.calibrate(start, iterations=12)
     assert math.sqrt(sum(e["error_pct"] ** 2 for e in refit) / 8) < 6
     for key, (lo, hi) in calibrate.FIT_BOUNDS.items():
@@ -137,7 +141,12 @@ def test_profiles_are_data_with_inherited_software_constants(tmp_path):
 
 def test_predict_command_prints_json_and_table(anchor, capsys):
     half = ["model.dtype=float16", "model.param_dtype=float16"]  # the fixture's compiled model: no new compile
-    assert perfmodel_main(["--config", "llama-2-70b", *half, "--tensor", "8", "--batch", "1", "64", "--variant", "ladder", "--json"]) == 0
+    assert (
+        perfmodel_main(
+            ["--config", "llama-2-70b", *half, "--tensor", "8", "--batch", "1", "64", "--variant", "ladder", "--json"]
+        )
+        == 0
+    )
     rows = {(r["variant"], r["batch"]): r for r in json.loads(capsys.readouterr().out)["rows"]}
     assert set(rows) == {("standard", 1), ("standard", 64), ("ladder", 1), ("ladder", 64)}
     assert rows[("standard", 1)]["speedup"] == 1.0 and rows[("ladder", 1)]["speedup"] > 1.1
@@ -149,7 +158,11 @@ def test_predict_command_prints_json_and_table(anchor, capsys):
 
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
-    rows = [{"variant": v, "batch": b, "tensor": 8, "speedup": s, "hardware": "h"} for v, s in (("standard", 1.0), ("ladder", 1.3)) for b in (1, 4)]
+    rows = [
+        {"variant": v, "batch": b, "tensor": 8, "speedup": s, "hardware": "h"}
+        for v, s in (("standard", 1.0), ("ladder", 1.3))
+        for b in (1, 4)
+    ]
     sweep = [dict(r, tensor=t, batch=1) for r in rows[::2] for t in (2, 4, 8)]
     assert cost.plot(rows, sweep, tmp_path / "p.png", "t", {"ladder": [(1, 1.31)]}).stat().st_size > 1000
 

@@ -1,4 +1,5 @@
 """Sync-Point Drop tools: sensitivity, head regrouping, block-to-block distillation, apply."""
+
 import dataclasses
 import json
 
@@ -9,9 +10,9 @@ import pytest
 from ladder_jax import checkpoint as ckpt
 from ladder_jax import model as M
 from ladder_jax.cli import main
-from ladder_jax.methods import spd
 from ladder_jax.config import ConfigError
 from ladder_jax.mesh import make_mesh
+from ladder_jax.methods import spd
 
 from .conftest import save_small_run, small_config
 
@@ -47,7 +48,23 @@ def test_apply_writes_a_run_that_loads_with_the_spd_plan(sensitivity, run, tmp_p
         b["class"] = c
     (tmp_path / "sens.json").write_text(json.dumps(report))
     out = tmp_path / "spd-run"
-    args = ["apply", "--checkpoint", str(run), "--sensitivity", str(tmp_path / "sens.json"), "--drop", "0,1,2", "--steps", "3", "--held-out", "4", "--calibration", "12", "--out", str(out)]
+    args = [
+        "apply",
+        "--checkpoint",
+        str(run),
+        "--sensitivity",
+        str(tmp_path / "sens.json"),
+        "--drop",
+        "0,1,2",
+        "--steps",
+        "3",
+        "--held-out",
+        "4",
+        "--calibration",
+        "12",
+        "--out",
+        str(out),
+    ]
     assert main(["spd", *args]) == 0
     done = json.loads((out / "spd_apply.json").read_text())
     assert done["plan"] == "standard,spd@0,spd@1,spd@2"
@@ -67,7 +84,10 @@ def _calibration(cfg, n=8, seq=32, seed=0):
     rng = np.random.RandomState(seed)
     tokens = rng.randint(0, cfg.model.vocab_size, (n, seq)).astype(np.int32)
     pos = np.broadcast_to(np.arange(seq, dtype=np.int32), (n, seq)).copy()
-    return [{"inputs": tokens[i : i + 4], "positions": pos[i : i + 4], "segment_ids": np.zeros((4, seq), np.int32)} for i in range(0, n, 4)]
+    return [
+        {"inputs": tokens[i : i + 4], "positions": pos[i : i + 4], "segment_ids": np.zeros((4, seq), np.int32)}
+        for i in range(0, n, 4)
+    ]
 
 
 @pytest.mark.parametrize("tensor", [2, 4])  # 2: whole KV groups move; 4: heads move within a KV group
@@ -76,7 +96,9 @@ def test_head_regrouping_leaves_the_standard_models_logits_unchanged(tensor, dev
     mesh = make_mesh(cfg, devices)
     params = M.init_params(cfg.model, mesh, 1)
     data = spd.block_data(cfg.model, mesh, params, _calibration(cfg), [1])[1]
-    perm_q, perm_kv = spd.regroup_heads(cfg.model, params["layers"][1], data.x, data.positions, data.segment_ids, tensor)
+    perm_q, perm_kv = spd.regroup_heads(
+        cfg.model, params["layers"][1], data.x, data.positions, data.segment_ids, tensor
+    )
     group = cfg.model.n_heads // cfg.model.n_kv_heads
     assert sorted(perm_q) == list(range(8)) and sorted(perm_kv) == [0, 1]
     assert all(perm_kv[p // group] == h // group for p, h in enumerate(perm_q))  # every query head keeps its KV head
@@ -88,8 +110,12 @@ def test_head_regrouping_leaves_the_standard_models_logits_unchanged(tensor, dev
         moved = dict(params, layers={**params["layers"], 1: spd.permute_heads(params["layers"][1], pq, pkv)})
         np.testing.assert_allclose(np.asarray(M.logits(cfg.model, mesh, moved, tokens)), want, rtol=1e-5, atol=1e-5)
     spd_cfg = dataclasses.replace(cfg.model, plan="standard,spd@1")
-    bad = dict(params, layers={**params["layers"], 1: spd.permute_heads(params["layers"][1], list(range(8))[::-1], [0, 1])})
-    assert not np.allclose(np.asarray(M.logits(cfg.model, mesh, bad, tokens)), want, atol=1e-4)  # an invalid one does change it
+    bad = dict(
+        params, layers={**params["layers"], 1: spd.permute_heads(params["layers"][1], list(range(8))[::-1], [0, 1])}
+    )
+    assert not np.allclose(
+        np.asarray(M.logits(cfg.model, mesh, bad, tokens)), want, atol=1e-4
+    )  # an invalid one does change it
     assert not np.allclose(np.asarray(M.logits(spd_cfg, mesh, params, tokens)), want, atol=1e-4)
 
 
@@ -107,7 +133,10 @@ def test_distillation_lowers_the_blocks_output_mse_on_held_out_data(devices):
 
 
 def _report(**change):
-    blocks = [{"block": i, "delta": d, "rank": r, "class": "insensitive"} for i, (d, r) in enumerate([(0.03, 2), (0.001, 0), (0.01, 1)])]
+    blocks = [
+        {"block": i, "delta": d, "rank": r, "class": "insensitive"}
+        for i, (d, r) in enumerate([(0.03, 2), (0.001, 0), (0.01, 1)])
+    ]
     return {"model": "tiny", "n_layers": 3, "d_model": 64, "tensor": 4, "fingerprint": 1.0, "blocks": blocks, **change}
 
 
@@ -130,7 +159,23 @@ def test_budgets_pick_the_least_sensitive_blocks_and_refuse_what_no_plan_meets()
 def test_a_sensitivity_file_for_another_model_is_refused_before_loading(run, tmp_path, capsys):
     (tmp_path / "other.json").write_text(json.dumps(_report(model="ladder-1b", n_layers=40, d_model=1536)))
     out = tmp_path / "never"
-    assert main(["spd", "apply", "--checkpoint", str(run), "--sensitivity", str(tmp_path / "other.json"), "--blocks", "1", "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "spd",
+                "apply",
+                "--checkpoint",
+                str(run),
+                "--sensitivity",
+                str(tmp_path / "other.json"),
+                "--blocks",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "was measured on {'model': 'ladder-1b'" in capsys.readouterr().err
     cfg = ckpt.load_run_config(run)
     with pytest.raises(spd.SPDError, match="other weights"):

@@ -1,5 +1,6 @@
 """The compiled forward holds exactly the all-reduces each schedule promises, and ladder's can
 overlap: read from the optimised HLO by ladder_jax.instruments.sync."""
+
 import pytest
 
 from ladder_jax.cli import main
@@ -79,7 +80,22 @@ ENTRY %main (p: f32[4,4]) -> f32[4,4] {
 
 
 def test_sync_command_reports_the_decode_step_per_variant(capsys, devices):
-    main(["analysis", "sync", "--config", "tiny", "model.n_layers=2", "--tensor", "4", "--variant", "standard", "--variant", "ladder", "--json"])
+    main(
+        [
+            "analysis",
+            "sync",
+            "--config",
+            "tiny",
+            "model.n_layers=2",
+            "--tensor",
+            "4",
+            "--variant",
+            "standard",
+            "--variant",
+            "ladder",
+            "--json",
+        ]
+    )
     import json
 
     rows = {r["variant"]: r for r in json.loads(capsys.readouterr().out)}

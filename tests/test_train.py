@@ -1,5 +1,6 @@
 """Training on 8 fake CPU devices: the loss falls, resume is exact, a killed save is skipped,
 gradients do not depend on the mesh, and bad input stops before anything compiles."""
+
 import json
 import os
 import re
@@ -17,12 +18,19 @@ from ladder_jax import model as M
 from ladder_jax.config import ConfigError
 from ladder_jax.data import DataError, PackedWindows, val_batches
 from ladder_jax.mesh import make_mesh
-from ladder_jax.training import Trainer, TrainingError, global_batch, loss_sums_fn, train
+from ladder_jax.training import TrainingError, global_batch, loss_sums_fn, train
 
 from .conftest import small_config
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN = ["train.seq_len=32", "train.batch_size=8", "train.warmup_steps=2", "train.lr=1e-2", "train.log_every=1", "train.eval_batches=2"]
+TRAIN = [
+    "train.seq_len=32",
+    "train.batch_size=8",
+    "train.warmup_steps=2",
+    "train.lr=1e-2",
+    "train.log_every=1",
+    "train.eval_batches=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +93,9 @@ def test_a_save_killed_midway_is_never_restored(corpus, tmp_path, devices):
 
 @pytest.mark.parametrize("plan", ["standard", "parallel", "ladder", "standard,ladder@-2:", "lp@0:2"])
 def test_gradients_equal_a_tensor_1_run(plan, corpus, devices):
-    windows = PackedWindows(np.random.RandomState(1).randint(0, 259, 8 * 33 + 1).astype(np.int32), np.zeros(8 * 33 + 1, np.int32), 32)
+    windows = PackedWindows(
+        np.random.RandomState(1).randint(0, 259, 8 * 33 + 1).astype(np.int32), np.zeros(8 * 33 + 1, np.int32), 32
+    )
     (batch,) = val_batches(windows, 8, 1)
 
     params = M.init_params(small_config(plan, model__init_std=0.1).model, make_mesh(small_config(plan)), 0)
@@ -103,7 +113,15 @@ def test_gradients_equal_a_tensor_1_run(plan, corpus, devices):
 
 
 def test_trainable_filter_freezes_everything_else(corpus, tmp_path, devices):
-    cfg = config(corpus, "train.steps=2", "train.save_every=2", "train.eval_every=8", "train.trainable=layers:1", data=1, tensor=8)
+    cfg = config(
+        corpus,
+        "train.steps=2",
+        "train.save_every=2",
+        "train.eval_every=8",
+        "train.trainable=layers:1",
+        data=1,
+        tensor=8,
+    )
     cfg0 = small_config("standard", 1, 8)
     before = jax.device_get(M.init_params(cfg0.model, make_mesh(cfg0), 0))
     after = jax.device_get(train(cfg, tmp_path / "r", progress=False, log=lambda *_: None)["params"])
@@ -115,8 +133,12 @@ def test_trainable_filter_freezes_everything_else(corpus, tmp_path, devices):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, devices):
     run = tmp_path / "run"
-    blowup = config(corpus, "train.steps=8", "train.save_every=1", "train.eval_every=8", "train.lr=1e30", "train.warmup_steps=0")
-    with pytest.raises(TrainingError, match=r"at step (\d+); stopped without saving \(the last good checkpoint is step (\d+)") as err:
+    blowup = config(
+        corpus, "train.steps=8", "train.save_every=1", "train.eval_every=8", "train.lr=1e30", "train.warmup_steps=0"
+    )
+    with pytest.raises(
+        TrainingError, match=r"at step (\d+); stopped without saving \(the last good checkpoint is step (\d+)"
+    ) as err:
         train(blowup, run, progress=False, log=lambda *_: None)
     bad_step, good_step = map(int, re.search(r"at step (\d+).*step (\d+) in", str(err.value)).groups())
     assert good_step == bad_step - 1 and ckpt.latest_step(run) == good_step
@@ -157,10 +179,42 @@ def test_read_only_run_directory_is_refused(tmp_path, monkeypatch):
 
 def test_two_processes_train_together(corpus, tmp_path):
     port = 20000 + os.getpid() % 20000
-    cmd = [sys.executable, str(ROOT / "train.py"), "--no-progress", "--sample-tokens", "0", "--cpu-devices", "4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
-    over = [*TRAIN, f"train.data={corpus}", "train.steps=2", "train.save_every=2", "train.eval_every=2", "mesh.tensor=4", "model.d_model=64", "model.n_layers=2", "model.ffn_dim=128", "model.max_seq_len=64"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--no-progress",
+        "--sample-tokens",
+        "0",
+        "--cpu-devices",
+        "4",
+        "--coordinator",
+        f"127.0.0.1:{port}",
+        "--num-processes",
+        "2",
+    ]
+    over = [
+        *TRAIN,
+        f"train.data={corpus}",
+        "train.steps=2",
+        "train.save_every=2",
+        "train.eval_every=2",
+        "mesh.tensor=4",
+        "model.d_model=64",
+        "model.n_layers=2",
+        "model.ffn_dim=128",
+        "model.max_seq_len=64",
+    ]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    procs = [subprocess.Popen([*cmd, "--process-id", str(i), "--run-dir", str(tmp_path / "run"), *over], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [*cmd, "--process-id", str(i), "--run-dir", str(tmp_path / "run"), *over],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "step 2: loss" in outs[0]
@@ -172,12 +226,17 @@ def test_plot_draws_several_runs_into_one_png(tmp_path):
 
     for name, losses in (("a", [3.0, 2.5, 2.0]), ("b", [3.1, 2.7, 2.4])):
         (tmp_path / name).mkdir()
-        rows = [{"step": i + 1, "loss": v} for i, v in enumerate(losses)] + [{"step": 3, "val_loss": losses[-1] + 0.1, "val_ppl": 9.0}]
+        rows = [{"step": i + 1, "loss": v} for i, v in enumerate(losses)] + [
+            {"step": 3, "val_loss": losses[-1] + 0.1, "val_ppl": 9.0}
+        ]
         (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     out = plot_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "loss.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 
 
 def test_a_full_disk_is_refused_with_the_numbers(tmp_path):
-    with pytest.raises(ckpt.CheckpointError, match=r"MiB free but a checkpoint needs about .* MiB; free space or choose another train.out_dir"):
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=r"MiB free but a checkpoint needs about .* MiB; free space or choose another train.out_dir",
+    ):
         ckpt.check_writable(tmp_path / "run", need_bytes=1 << 60)

@@ -7,6 +7,7 @@ pair there, and what the scheduler put between them runs while the reduction is 
 not the data dependencies (`sync.analyze`), decides whether ladder overlaps (`schedule_rows`).
 The same deviceless compile of the train step says whether it fits a pod slice (`train_memory`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,7 +34,19 @@ GPU_TARGETS = {"h100-8": "h100_sxm.txtpb", "a100-8": "a100_sxm.txtpb", "h200-8":
 # Slice shapes (chips) as Cloud TPU names them; HBM per chip (Cloud TPU system architecture pages:
 # v5e 16 GiB, v5p 95 GiB). A v5p chip's two TensorCores are one JAX device (megacore).
 V5E_SHAPES = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
-V5P_SHAPES = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
+V5P_SHAPES = {
+    4: "2x2x1",
+    8: "2x2x2",
+    16: "2x2x4",
+    32: "2x4x4",
+    64: "4x4x4",
+    128: "4x4x8",
+    256: "4x8x8",
+    512: "8x8x8",
+    1024: "8x8x16",
+    2048: "8x16x16",
+    4096: "16x16x16",
+}
 TPU_HBM = {"v5e": 16 * 2**30, "v5p": 95 * 2**30}
 
 
@@ -74,7 +87,9 @@ def check_extra(target: Target) -> None:
     """The compiler plugin this target needs, or TargetError saying how to install it."""
     module, extra, what = EXTRA[target.platform]
     if importlib.util.find_spec(module) is None:
-        raise TargetError(f"--target {target.name} compiles with {what}, which is not installed; install it with: pip install 'ladder_jax[{extra}]'")
+        raise TargetError(
+            f"--target {target.name} compiles with {what}, which is not installed; install it with: pip install 'ladder_jax[{extra}]'"
+        )
 
 
 def target_devices(target: Target) -> list:
@@ -90,7 +105,9 @@ def target_devices(target: Target) -> list:
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         os.environ.setdefault("TPU_ACCELERATOR_TYPE", target.name.replace("v5e-", "v5litepod-"))
     if target.platform == "cuda":
-        return topologies.get_topology_desc(platform="cuda", target_config=target.gpu_config, topology=target.topology).devices
+        return topologies.get_topology_desc(
+            platform="cuda", target_config=target.gpu_config, topology=target.topology
+        ).devices
     return topologies.get_topology_desc(target.topology, "tpu").devices
 
 
@@ -170,7 +187,10 @@ def _gemm_label(name: str, index: dict, is_gemm) -> str:
 def _reduced_modules(name: str, index: dict, is_gemm) -> list[str]:
     """The modules whose outputs an all-reduce sums: the nearest GEMMs (or weights) behind it."""
     hit = lambda ins: is_gemm(ins) or _is_weight(ins)  # noqa: E731
-    labels = [_param_label(i) if _is_weight(i) else _gemm_label(i.name, index, is_gemm) for i in _nearest(name, index, hit, hit)]
+    labels = [
+        _param_label(i) if _is_weight(i) else _gemm_label(i.name, index, is_gemm)
+        for i in _nearest(name, index, hit, hit)
+    ]
     return list(dict.fromkeys(module_of(x) for x in labels))
 
 
@@ -256,7 +276,17 @@ def scheduled_all_reduces(text: str, mesh: Mesh) -> list[ScheduledAllReduce]:
         reduces = _reduced_modules(ins.name, index, is_gemm)
         nexts = {_next_module(r) for r in reduces} - {""}
         overlaps = any(module_of(g) in nexts for g in gemms)
-        out.append(ScheduledAllReduce(ins.name, collective_axis(ar.attrs, groups), is_done is not None, shape_bytes(ar.shape), reduces, gemms, overlaps))
+        out.append(
+            ScheduledAllReduce(
+                ins.name,
+                collective_axis(ar.attrs, groups),
+                is_done is not None,
+                shape_bytes(ar.shape),
+                reduces,
+                gemms,
+                overlaps,
+            )
+        )
     return out
 
 
@@ -280,7 +310,9 @@ def ladder_overlaps(ars: list[ScheduledAllReduce]) -> bool:
     return bool(layer) and all(a.overlaps_next for a in layer[:-1])
 
 
-def decode_step_hlo(cfg: ModelConfig, mesh: Mesh, batch: int | None = None, max_len: int = 64, compiler_options: dict | None = None) -> str:
+def decode_step_hlo(
+    cfg: ModelConfig, mesh: Mesh, batch: int | None = None, max_len: int = 64, compiler_options: dict | None = None
+) -> str:
     """Scheduled HLO of one decode step, compiled for the mesh's devices (abstract arguments)."""
     args = decode.abstract_step_args(cfg, mesh, batch or mesh.shape["data"], max_len)
     return decode.step_fn(cfg, mesh).lower(*args).compile(compiler_options=compiler_options).as_text()
@@ -298,13 +330,25 @@ def target_mesh(cfg: Config, target: Target) -> Mesh:
     means every device the tensor axis leaves over)."""
     t, d = cfg.mesh.tensor, cfg.mesh.data
     if target.devices % t:
-        raise TargetError(f"--tensor {t} does not divide the {target.devices} devices of {target.name}; pick a divisor of {target.devices}")
+        raise TargetError(
+            f"--tensor {t} does not divide the {target.devices} devices of {target.name}; pick a divisor of {target.devices}"
+        )
     if d != -1 and d * t > target.devices:
-        raise TargetError(f"--data {d} x --tensor {t} needs {d * t} devices but {target.name} has {target.devices}; lower --data or --tensor")
+        raise TargetError(
+            f"--data {d} x --tensor {t} needs {d * t} devices but {target.name} has {target.devices}; lower --data or --tensor"
+        )
     return make_mesh(cfg, target_devices(target))
 
 
-def schedule_rows(cfg: ModelConfig, mesh: Mesh, variants: list[str], batch: int = 1, cache_len: int = 1024, compiler_options: dict | None = None, dump: str | None = None) -> list[dict]:
+def schedule_rows(
+    cfg: ModelConfig,
+    mesh: Mesh,
+    variants: list[str],
+    batch: int = 1,
+    cache_len: int = 1024,
+    compiler_options: dict | None = None,
+    dump: str | None = None,
+) -> list[dict]:
     """One row per variant (a plan): the decode step's all-reduces as the target schedules them.
     `batch` rows per data shard, each reading a KV cache of `cache_len` positions. With `dump`
     (a folder), each variant's scheduled HLO is written there too."""
@@ -318,7 +362,15 @@ def schedule_rows(cfg: ModelConfig, mesh: Mesh, variants: list[str], batch: int 
             safe = re.sub(r"[^\w@:,.-]", "_", plan)
             (Path(dump) / f"{c.name}-{safe}.hlo.txt").write_text(text)
         ars = scheduled_all_reduces(text, mesh)
-        rows.append({"variant": plan, "layers": c.n_layers, **schedule_summary(ars), "ladder_overlaps": ladder_overlaps(ars), "all_reduce_list": [{**asdict(a), "overlapped": a.overlapped} for a in ars]})
+        rows.append(
+            {
+                "variant": plan,
+                "layers": c.n_layers,
+                **schedule_summary(ars),
+                "ladder_overlaps": ladder_overlaps(ars),
+                "all_reduce_list": [{**asdict(a), "overlapped": a.overlapped} for a in ars],
+            }
+        )
     return rows
 
 
@@ -328,7 +380,10 @@ def train_memory(cfg: Config, mesh: Mesh, hbm_bytes: int) -> dict:
     trainer = get_trainer(cfg, mesh)
     tr = cfg.train
     shape = (tr.grad_accum, tr.batch_size // tr.grad_accum, tr.seq_len)
-    batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "mask" else jnp.int32, sharding=trainer.batch_sharding[k]) for k in BATCH_KEYS}
+    batch = {
+        k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "mask" else jnp.int32, sharding=trainer.batch_sharding[k])
+        for k in BATCH_KEYS
+    }
     lowered = trainer._step.lower(trainer.abstract_state(), batch)
     try:
         m = lowered.compile().memory_analysis()

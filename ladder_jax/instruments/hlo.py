@@ -1,5 +1,6 @@
 """HLO text: parse a compiled module, and the facts both analyses read from it (bytes, replica
 groups, which mesh axis a collective runs over, which instructions are matmuls)."""
+
 from __future__ import annotations
 
 import re
@@ -8,7 +9,21 @@ from dataclasses import dataclass
 import numpy as np
 from jax.sharding import Mesh
 
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_DTYPE_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+}
 _MATMUL_OPS = {"dot", "convolution"}
 _MATMUL_TARGETS = ("matmul", "gemm", "cublas", "onednn$matmul")
 
@@ -36,7 +51,9 @@ def _matching(text: str, start: int, open_c: str, close_c: str) -> int:
 
 
 _LINE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
-_CALLS = re.compile(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)|(?:branch_computations|called_computations)=\{([^}]*)\}")
+_CALLS = re.compile(
+    r"(?:calls|to_apply|body|condition)=%([\w.\-]+)|(?:branch_computations|called_computations)=\{([^}]*)\}"
+)
 
 
 def _parse_instr(line: str) -> Instr | None:
@@ -144,5 +161,3 @@ def collective_axis(attrs: str, groups: dict) -> str:
     if axis == "all":  # a mesh with one of the two axes of size 1
         axis = "tensor" if len(groups["data"]) == 1 else "data"
     return axis
-
-

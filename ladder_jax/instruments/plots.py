@@ -1,5 +1,6 @@
 """Training and validation loss of several runs in one figure (`python -m ladder_jax plot RUN...`;
 needs matplotlib: pip install -e '.[plot]')."""
+
 from __future__ import annotations
 
 import json

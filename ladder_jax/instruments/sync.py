@@ -12,6 +12,7 @@ merging costs it nothing). That would hide exactly the structure we want to see,
 compile here disables its combiner; a merged all-reduce that remains is reported as one
 collective with several operands.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,6 +28,8 @@ from ..config import ModelConfig, parse_plan
 from .hlo import collective_axis, is_matmul, mesh_axis_groups, parse_hlo, shape_bytes
 
 NO_COMBINER = {"xla_disable_hlo_passes": "cpu-all-reduce-combiner"}
+
+
 @dataclass
 class AllReduce:
     name: str
@@ -95,7 +98,11 @@ def analyze(text: str, mesh: Mesh) -> SyncReport:
         axis = collective_axis(ins.attrs, groups)
         blocking = (above[k] | below[done] | bit.get(k, 0)) == every
         op_name = re.search(r'op_name="([^"]*)"', ins.attrs)
-        report.all_reduces.append(AllReduce(ins.name, axis, len(ins.operands), shape_bytes(ins.shape), blocking, op_name.group(1) if op_name else ""))
+        report.all_reduces.append(
+            AllReduce(
+                ins.name, axis, len(ins.operands), shape_bytes(ins.shape), blocking, op_name.group(1) if op_name else ""
+            )
+        )
     return report
 
 
@@ -118,7 +125,9 @@ def forward_report(cfg: ModelConfig, mesh: Mesh, batch: int | None = None, seq: 
     return analyze(compiled_text(fn, model.abstract_params(cfg), tokens, tokens), mesh)
 
 
-def decode_report(cfg: ModelConfig, mesh: Mesh, batch: int | None = None, max_len: int = 64, options: dict | None = None) -> SyncReport:
+def decode_report(
+    cfg: ModelConfig, mesh: Mesh, batch: int | None = None, max_len: int = 64, options: dict | None = None
+) -> SyncReport:
     """Sync report of one decode step (one new token per row, reading a KV cache of `max_len`);
     `options`: extra compiler options."""
     args = decode.abstract_step_args(cfg, mesh, batch or mesh.shape["data"], max_len)

@@ -26,6 +26,7 @@ o_proj (heads, hd, d) <- W.T reshaped; MLP matrices <- W.T; the embedding and th
 zero rows/columns up to the padded vocabulary. HF stores q and k already in the half-split
 ("rotate_half") rotary layout our `apply_rope` uses, so no permutation is needed.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,7 +42,7 @@ import numpy as np
 from .. import checkpoint
 from .. import model as M
 from ..checkpoint import building, check_new_directory
-from ..config import Config, ConfigError, ModelConfig, TrainConfig, from_dict, replace
+from ..config import Config, ModelConfig, TrainConfig, from_dict, replace
 from ..mesh import make_mesh
 
 DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16)}
@@ -89,13 +90,19 @@ def read_safetensors_header(path: Path) -> dict[str, StoredTensor]:
     tensors = {}
     for name, info in header.items():
         if info["dtype"] not in DTYPES:
-            raise ConvertError(f"{path}: tensor {name} is {info['dtype']}; only float32, float16 and bfloat16 checkpoints convert (not quantized ones)")
+            raise ConvertError(
+                f"{path}: tensor {name} is {info['dtype']}; only float32, float16 and bfloat16 checkpoints convert (not quantized ones)"
+            )
         dtype, shape = DTYPES[info["dtype"]], tuple(info["shape"])
         begin, end = info["data_offsets"]
         if end - begin != math.prod(shape) * dtype.itemsize:
-            raise ConvertError(f"{path}: tensor {name} claims shape {shape} but holds {end - begin} bytes; the file is corrupt")
+            raise ConvertError(
+                f"{path}: tensor {name} claims shape {shape} but holds {end - begin} bytes; the file is corrupt"
+            )
         if end > data_len:
-            raise ConvertError(f"{path} is truncated: tensor {name} ends at byte {data_start + end} but the file has {size} bytes; download it again")
+            raise ConvertError(
+                f"{path} is truncated: tensor {name} ends at byte {data_start + end} but the file has {size} bytes; download it again"
+            )
         tensors[name] = StoredTensor(path, data_start + begin, dtype, shape)
     return tensors
 
@@ -207,14 +214,20 @@ def hf_model_config(hf_dir: Path, plan: str, dtype: str | None) -> Config:
         raise ConvertError(f"{hf_dir} is not a directory; give a local Hugging Face model directory")
     path = hf_dir / "config.json"
     if not path.exists():
-        raise ConvertError(f"{hf_dir} has no config.json; give a Hugging Face model directory (config.json and *.safetensors)")
+        raise ConvertError(
+            f"{hf_dir} has no config.json; give a Hugging Face model directory (config.json and *.safetensors)"
+        )
     hf = read_json(path)
     arch = hf.get("architectures") or []
     if hf.get("model_type") != "llama" or any(a != "LlamaForCausalLM" for a in arch):
-        raise ConvertError(f"{path}: model_type {hf.get('model_type')!r}, architectures {arch}; only Llama checkpoints (LlamaForCausalLM) convert")
+        raise ConvertError(
+            f"{path}: model_type {hf.get('model_type')!r}, architectures {arch}; only Llama checkpoints (LlamaForCausalLM) convert"
+        )
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key):
-            raise ConvertError(f"{path}: {key} is true; our Llama has no biases, so this checkpoint cannot be converted")
+            raise ConvertError(
+                f"{path}: {key} is true; our Llama has no biases, so this checkpoint cannot be converted"
+            )
     if hf.get("hidden_act", "silu") != "silu":
         raise ConvertError(f"{path}: hidden_act is {hf['hidden_act']!r}; only SwiGLU (silu) Llamas convert")
     if hf.get("quantization_config"):
@@ -238,7 +251,9 @@ def hf_model_config(hf_dir: Path, plan: str, dtype: str | None) -> Config:
     elif rope_type == "default":
         scaling = None
     else:
-        raise ConvertError(f"{path}: rope scaling '{rope_type}' is not supported; only Llama-3 ('llama3') scaling or none")
+        raise ConvertError(
+            f"{path}: rope scaling '{rope_type}' is not supported; only Llama-3 ('llama3') scaling or none"
+        )
 
     d, heads = need("hidden_size"), need("num_attention_heads")
     head_dim = hf.get("head_dim") or d // heads
@@ -274,7 +289,9 @@ def hf_model_config(hf_dir: Path, plan: str, dtype: str | None) -> Config:
     }
     cfg = from_dict({"model": model, "train": {"seq_len": min(TrainConfig.seq_len, max_len)}})
     if "parallel" in cfg.model.layer_schedules:
-        raise ConvertError(f"--plan '{plan}': a parallel layer has one norm where Llama has two, so it cannot take Llama weights; use standard, ladder, spd, lp or desync")
+        raise ConvertError(
+            f"--plan '{plan}': a parallel layer has one norm where Llama has two, so it cannot take Llama weights; use standard, ladder, spd, lp or desync"
+        )
     return cfg
 
 
@@ -292,7 +309,9 @@ def hf_tensors(hf_dir: Path) -> dict[str, StoredTensor]:
                 f"{hf_dir} holds {pickles[0]}, a PyTorch pickle, and no safetensors; pickles can run code when loaded, so they are never read here. "
                 f"Convert it to safetensors first, in an environment you trust: LlamaForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)"
             )
-        raise ConvertError(f"{hf_dir} has neither model.safetensors nor model.safetensors.index.json; give a directory saved with safetensors")
+        raise ConvertError(
+            f"{hf_dir} has neither model.safetensors nor model.safetensors.index.json; give a directory saved with safetensors"
+        )
     tensors = {}
     for name in files:
         if not (hf_dir / name).exists():
@@ -306,16 +325,22 @@ def check_tensors(m: ModelConfig, stored: dict[str, StoredTensor]) -> list[Tenso
     wanted = tensor_map(m)
     for t in wanted:
         if t.hf_name not in stored:
-            raise ConvertError(f"the checkpoint has no tensor {t.hf_name}; the download is incomplete or it is not a {m.n_layers}-layer Llama")
+            raise ConvertError(
+                f"the checkpoint has no tensor {t.hf_name}; the download is incomplete or it is not a {m.n_layers}-layer Llama"
+            )
         found = stored[t.hf_name]
         if found.shape != t.hf_shape:
-            raise ConvertError(f"{found.file.name}: tensor {t.hf_name} has shape {found.shape} but config.json implies {t.hf_shape}; the weights and config.json disagree")
+            raise ConvertError(
+                f"{found.file.name}: tensor {t.hf_name} has shape {found.shape} but config.json implies {t.hf_shape}; the weights and config.json disagree"
+            )
     names = {t.hf_name for t in wanted}
     # A tied model may also store lm_head.weight; old checkpoints keep rotary inv_freq buffers.
     ignorable = ("lm_head.weight", "rotary_emb.inv_freq") if m.tie_embeddings else ("rotary_emb.inv_freq",)
     extra = sorted(n for n in stored if n not in names and not n.endswith(ignorable))
     if extra:
-        raise ConvertError(f"the checkpoint has tensor {extra[0]}, which a plain Llama does not; it is another architecture or has extra parts")
+        raise ConvertError(
+            f"the checkpoint has tensor {extra[0]}, which a plain Llama does not; it is another architecture or has extra parts"
+        )
     return wanted
 
 
@@ -323,7 +348,9 @@ def check_tensors(m: ModelConfig, stored: dict[str, StoredTensor]) -> list[Tenso
 # from-hf
 
 
-def from_hf(hf_dir: str | Path, out_run: str | Path, plan: str = "standard", dtype: str | None = None, tensor: int = 1) -> Config:
+def from_hf(
+    hf_dir: str | Path, out_run: str | Path, plan: str = "standard", dtype: str | None = None, tensor: int = 1
+) -> Config:
     """Convert a local HF Llama directory into a run directory; returns the run's config.
 
     `tensor`: the run's mesh.tensor, and the devices the parameters are spread over while
@@ -414,7 +441,9 @@ def shard_groups(specs: list, max_bytes: int) -> list[list]:
     return groups
 
 
-def to_hf_dir(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None, max_shard_bytes: int = 5 * 10**9) -> Path:
+def to_hf_dir(
+    run_dir: str | Path, out_dir: str | Path, dtype: str | None = None, max_shard_bytes: int = 5 * 10**9
+) -> Path:
     """Write a standard-plan run as a transformers-loadable directory; returns `out_dir`."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     saved = checkpoint.load_run_config(run_dir)
@@ -446,9 +475,20 @@ def to_hf_dir(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None
                 write_safetensors(tmp / file, group, produce)
                 weight_map.update({name: file for name, _, _ in group})
             total = sum(math.prod(s) * d.itemsize for _, s, d in specs)
-            (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+            )
         (tmp / "config.json").write_text(json.dumps(hf_config_json(saved.model, dtype), indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": saved.model.bos_id, "eos_token_id": saved.model.eos_id, "pad_token_id": saved.model.pad_id}, indent=2))
+        (tmp / "generation_config.json").write_text(
+            json.dumps(
+                {
+                    "bos_token_id": saved.model.bos_id,
+                    "eos_token_id": saved.model.eos_id,
+                    "pad_token_id": saved.model.pad_id,
+                },
+                indent=2,
+            )
+        )
         if (run_dir / "tokenizer.json").exists():
             shutil.copyfile(run_dir / "tokenizer.json", tmp / "tokenizer.json")
     return out_dir

@@ -8,6 +8,7 @@ two layers at a time), measures greedy-decode agreement with the original model 
 of prompts, writes `lp_sweep.json` and `lp_sweep.png`, and suggests the largest Δ within the
 perplexity budget together with the fine-tuning command (`train.trainable=lp_pairs`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,7 +26,9 @@ def lp_plan(base: str, n_layers: int, start: int, end: int) -> str:
     """`base` everywhere but layers [start, end), which run as LP pairs."""
     layers = parse_plan(base, n_layers)
     if len(set(layers)) != 1:
-        raise ConfigError(f"model.plan='{base}' mixes schedules; LP sweeps start from a single-schedule model such as 'standard'")
+        raise ConfigError(
+            f"model.plan='{base}' mixes schedules; LP sweeps start from a single-schedule model such as 'standard'"
+        )
     plan = f"{layers[0]},lp@{start}:{end}"
     parse_plan(plan, n_layers)
     return plan
@@ -45,7 +48,11 @@ class Evaluator:
         return evaluate(self.with_plan(plan), self.run.mesh, self.run.params, self.val)["val_ppl"]
 
     def continuations(self, plan: str) -> list[list[int]]:
-        return list(generate(self.with_plan(plan), self.run.mesh, self.run.params, self.prompts, self.gen_tokens, eos_id=None).tokens)
+        return list(
+            generate(
+                self.with_plan(plan), self.run.mesh, self.run.params, self.prompts, self.gen_tokens, eos_id=None
+            ).tokens
+        )
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
@@ -69,7 +76,17 @@ def sweep(ev: Evaluator, max_delta: int, search: str = "auto", log=print) -> lis
             cache[(start, end)] = ev.perplexity(lp_plan(base, n, start, end))
         return cache[(start, end)]
 
-    rows = [{"delta": 0, "start": None, "end": None, "plan": base, "val_ppl": base_ppl, "ppl_increase": 0.0, "agreement": 1.0}]
+    rows = [
+        {
+            "delta": 0,
+            "start": None,
+            "end": None,
+            "plan": base,
+            "val_ppl": base_ppl,
+            "ppl_increase": 0.0,
+            "agreement": 1.0,
+        }
+    ]
     best = None
     for delta in range(2, max_delta + 1, 2):
         if exhaustive or best is None:
@@ -81,8 +98,20 @@ def sweep(ev: Evaluator, max_delta: int, search: str = "auto", log=print) -> lis
         plan = lp_plan(base, n, *best)
         value = ppl(*best)
         agree = agreement(base_tokens, ev.continuations(plan))
-        rows.append({"delta": delta, "start": best[0], "end": best[1], "plan": plan, "val_ppl": value, "ppl_increase": value / base_ppl - 1, "agreement": agree})
-        log(f"Δ={delta}: layers {best[0]}..{best[1] - 1} paired, val ppl {value:.3f} ({value / base_ppl - 1:+.1%}), greedy agreement {agree:.1%}")
+        rows.append(
+            {
+                "delta": delta,
+                "start": best[0],
+                "end": best[1],
+                "plan": plan,
+                "val_ppl": value,
+                "ppl_increase": value / base_ppl - 1,
+                "agreement": agree,
+            }
+        )
+        log(
+            f"Δ={delta}: layers {best[0]}..{best[1] - 1} paired, val ppl {value:.3f} ({value / base_ppl - 1:+.1%}), greedy agreement {agree:.1%}"
+        )
     return rows
 
 
@@ -101,7 +130,9 @@ def plot(rows: list[dict], out: Path, title: str) -> Path | None:
     ax.set_xlabel("Δ (layers paired)")
     ax.set_ylabel("perplexity")
     ax2 = ax.twinx()
-    ax2.plot([r["delta"] for r in rows], [r["agreement"] for r in rows], "s--", color="tab:orange", label="greedy agreement")
+    ax2.plot(
+        [r["delta"] for r in rows], [r["agreement"] for r in rows], "s--", color="tab:orange", label="greedy agreement"
+    )
     ax2.set_ylabel("greedy agreement with the original")
     ax.set_title(title)
     fig.legend(loc="center left", bbox_to_anchor=(0.13, 0.55), fontsize=8)
@@ -118,10 +149,14 @@ def check_max_delta(max_delta: int | None, n_layers: int) -> int:
     return max_delta
 
 
-def write_report(out: Path, checkpoint, budget: float, rows: list[dict], model_name: str) -> tuple[dict, Path, Path | None]:
+def write_report(
+    out: Path, checkpoint, budget: float, rows: list[dict], model_name: str
+) -> tuple[dict, Path, Path | None]:
     """lp_sweep.json (rows and the suggested Δ) and lp_sweep.png in `out`; returns (suggestion, json, png)."""
     pick = suggest(rows, budget)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "lp_sweep.json"
-    path.write_text(json.dumps({"checkpoint": str(checkpoint), "budget": budget, "rows": rows, "suggested": pick}, indent=1))
+    path.write_text(
+        json.dumps({"checkpoint": str(checkpoint), "budget": budget, "rows": rows, "suggested": pick}, indent=1)
+    )
     return pick, path, plot(rows, out / "lp_sweep.png", f"{model_name}: Layer Parallelism")

@@ -14,6 +14,7 @@ Distillation uses the original model's activations: block i's input is the resid
 model feeds it, the teacher is the original block's output, the student the same block run as an
 SPD block; only that block's parameters train (optax, the trainer's optimizer settings).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,11 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from .. import checkpoint as C
 from .. import model as M
 from ..checkpoint import Run
-from ..config import ConfigError, parse_plan
+from ..config import Config, ConfigError, ModelConfig, parse_plan
 from ..instruments.plots import pyplot
 from ..layers import Attention, RMSNorm, rope_frequencies, rope_tables
 from ..training import evaluate, make_optimizer
@@ -98,11 +100,17 @@ def check_sensitivity(report: dict, cfg, tensor: int, path, fp: float | None = N
     want = {"model": m.name, "n_layers": m.n_layers, "d_model": m.d_model}
     have = {k: report.get(k) for k in want}
     if have != want:
-        raise SPDError(f"{path} was measured on {have} but this checkpoint is {want}; run `spd sensitivity` on this checkpoint")
+        raise SPDError(
+            f"{path} was measured on {have} but this checkpoint is {want}; run `spd sensitivity` on this checkpoint"
+        )
     if report.get("tensor") != tensor:
-        raise SPDError(f"{path} was measured at tensor={report.get('tensor')}, this run uses tensor={tensor}; measure at the tensor degree you deploy")
+        raise SPDError(
+            f"{path} was measured at tensor={report.get('tensor')}, this run uses tensor={tensor}; measure at the tensor degree you deploy"
+        )
     if fp is not None and not math.isclose(report.get("fingerprint", -1.0), fp, rel_tol=1e-6):
-        raise SPDError(f"{path} was measured on other weights than this checkpoint's; run `spd sensitivity` on this checkpoint")
+        raise SPDError(
+            f"{path} was measured on other weights than this checkpoint's; run `spd sensitivity` on this checkpoint"
+        )
 
 
 def choose_blocks(report: dict, blocks: int | None = None, max_increase: float | None = None, drop=None) -> list[int]:
@@ -171,11 +179,18 @@ def diverse_groups(sim: np.ndarray, n_groups: int) -> list[list[int]]:
     return [sorted(g) for g in groups]
 
 
-def _mlp_shard_error(cfg, layer: dict, x: np.ndarray, y_full: np.ndarray, y_parts: list[np.ndarray], tensor: int) -> np.ndarray:
+def _mlp_shard_error(
+    cfg, layer: dict, x: np.ndarray, y_full: np.ndarray, y_parts: list[np.ndarray], tensor: int
+) -> np.ndarray:
     """cost[g, d]: mean squared change of MLP shard d's output when it reads x + y_parts[g] instead of x + y_full."""
+
     def norm(v):
         v = v.astype(np.float64)
-        return v / np.sqrt(np.mean(v * v, -1, keepdims=True) + cfg.norm_eps) * np.asarray(layer["mlp_norm"]["scale"], np.float64)
+        return (
+            v
+            / np.sqrt(np.mean(v * v, -1, keepdims=True) + cfg.norm_eps)
+            * np.asarray(layer["mlp_norm"]["scale"], np.float64)
+        )
 
     gate, up, down = (np.asarray(layer["mlp"][k], np.float64) for k in ("gate_proj", "up_proj", "down_proj"))
     f = cfg.ffn_dim // tensor
@@ -201,7 +216,9 @@ def _best_assignment(cost: np.ndarray) -> list[int]:
     return assign
 
 
-def regroup_heads(cfg, layer: dict, x: np.ndarray, positions: np.ndarray, segment_ids: np.ndarray, tensor: int) -> tuple[list[int], list[int]]:
+def regroup_heads(
+    cfg, layer: dict, x: np.ndarray, positions: np.ndarray, segment_ids: np.ndarray, tensor: int
+) -> tuple[list[int], list[int]]:
     """(query-head permutation, kv-head permutation) that places heads which differ most on the same
     device, and each device's heads next to the MLP shard that tolerates their partial sum best.
 
@@ -234,7 +251,9 @@ def regroup_heads(cfg, layer: dict, x: np.ndarray, positions: np.ndarray, segmen
     for k in range(n_kv):
         heads = list(range(k * group, (k + 1) * group))
         groups = [[heads[i] for i in g] for g in diverse_groups(cosine(outs[heads]), span)]
-        cost = _mlp_shard_error(cfg, layer, x_flat, outs.sum(0), [outs[g].sum(0) for g in groups], tensor)[:, k * span : (k + 1) * span]
+        cost = _mlp_shard_error(cfg, layer, x_flat, outs.sum(0), [outs[g].sum(0) for g in groups], tensor)[
+            :, k * span : (k + 1) * span
+        ]
         assign = _best_assignment(cost)
         perm_q += [h for d in range(span) for h in groups[assign[d]]]
     return perm_q, list(range(n_kv))
@@ -266,10 +285,13 @@ class BlockData:
 
     def split(self, held_out: int) -> tuple["BlockData", "BlockData"]:
         cut = len(self.x) - held_out
-        return (BlockData(*(a[:cut] for a in dataclasses.astuple(self))), BlockData(*(a[cut:] for a in dataclasses.astuple(self))))
+        return (
+            BlockData(*(a[:cut] for a in dataclasses.astuple(self))),
+            BlockData(*(a[cut:] for a in dataclasses.astuple(self))),
+        )
 
 
-def block_data(cfg, mesh, params, batches: list[dict], layers: list[int]) -> dict[int, BlockData]:
+def block_data(cfg: ModelConfig, mesh: Mesh, params, batches: list[dict], layers: list[int]) -> dict[int, BlockData]:
     """Inputs and original outputs of these layers on the calibration batches (standard plan)."""
     std = dataclasses.replace(cfg, plan="standard")
     inputs_fn = M.block_inputs_fn(std, mesh, tuple(layers))
@@ -285,17 +307,19 @@ def block_data(cfg, mesh, params, batches: list[dict], layers: list[int]) -> dic
     return {i: BlockData(np.concatenate(xs), np.concatenate(ys), pos, seg) for i, (xs, ys) in out.items()}
 
 
-def block_mse(cfg, mesh, layer: dict, data: BlockData, batch: int) -> float:
+def block_mse(cfg: ModelConfig, mesh: Mesh, layer: dict, data: BlockData, batch: int) -> float:
     """Mean squared difference between the SPD block's output and the original block's output."""
     student = M.block_fn(dataclasses.replace(cfg, plan="standard"), mesh, "spd")
     total = 0.0
     for a in range(0, len(data.x), batch):
         s = slice(a, a + batch)
-        total += float(np.sum((np.asarray(student(layer, data.x[s], data.positions[s], data.segment_ids[s])) - data.y[s]) ** 2))
+        total += float(
+            np.sum((np.asarray(student(layer, data.x[s], data.positions[s], data.segment_ids[s])) - data.y[s]) ** 2)
+        )
     return total / data.y.size
 
 
-def distill(cfg, mesh, layer: dict, train: BlockData, steps: int, lr: float, log=None) -> dict:
+def distill(cfg: Config, mesh: Mesh, layer: dict, train: BlockData, steps: int, lr: float, log=None) -> dict:
     """Train one SPD block to reproduce the original block's output (MSE); returns the new layer params."""
     student = M.block_fn(dataclasses.replace(cfg.model, plan="standard"), mesh, "spd")
     schedule = dataclasses.replace(cfg.train, trainable="all", lr=lr, steps=steps, warmup_steps=max(1, steps // 10))
@@ -315,12 +339,12 @@ def distill(cfg, mesh, layer: dict, train: BlockData, steps: int, lr: float, log
     rng = np.random.default_rng(cfg.train.seed)
     for k in range(steps):
         rows = rng.choice(n, size=min(batch, n), replace=False)
-        layer, opt_state, value = step(layer, opt_state, train.x[rows], train.y[rows], train.positions[rows], train.segment_ids[rows])
+        layer, opt_state, value = step(
+            layer, opt_state, train.x[rows], train.y[rows], train.positions[rows], train.segment_ids[rows]
+        )
         if log and (k + 1) % max(1, steps // 4) == 0:
             log(f"    step {k + 1}/{steps}: train MSE {float(value):.3e}")
     return layer
-
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +356,9 @@ def open_run(checkpoint: Path, tensor: int | None, overrides=()) -> Run:
     saved = C.load_run_config(checkpoint)
     spd_plan(saved.model.plan, saved.model.n_layers, [])
     tensor = tensor or saved.mesh.tensor
-    return C.load_run(checkpoint, [*overrides, f"mesh.tensor={tensor}", f"mesh.data={max(1, jax.device_count() // tensor)}"])
+    return C.load_run(
+        checkpoint, [*overrides, f"mesh.tensor={tensor}", f"mesh.data={max(1, jax.device_count() // tensor)}"]
+    )
 
 
 def calibration_batches(run: Run, sequences: int) -> list[dict]:
@@ -347,8 +373,13 @@ def sensitivity_report(run: Run, calib: list[dict], sensitive: float, extreme: f
         raise SPDError(f"--sensitive={sensitive} must be at least 0 and at most --extreme={extreme}")
     m = run.cfg.model
     report = {
-        "checkpoint": str(run.dir), "model": m.name, "n_layers": m.n_layers, "d_model": m.d_model, "tensor": run.cfg.mesh.tensor,
-        "fingerprint": fingerprint(run.params), "calibration_sequences": sum(len(b["inputs"]) for b in calib),
+        "checkpoint": str(run.dir),
+        "model": m.name,
+        "n_layers": m.n_layers,
+        "d_model": m.d_model,
+        "tensor": run.cfg.mesh.tensor,
+        "fingerprint": fingerprint(run.params),
+        "calibration_sequences": sum(len(b["inputs"]) for b in calib),
     }
     return {**report, **sensitivity(run, calib, sensitive, extreme, log)}
 
@@ -369,8 +400,9 @@ def plot_sensitivity(report: dict, out: Path) -> Path | None:
     colors = {"insensitive": "tab:green", "sensitive": "tab:orange", "extremely sensitive": "tab:red"}
     fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(blocks) + 2), 3.5))
     ax.bar([b["block"] for b in blocks], [100 * b["delta"] for b in blocks], color=[colors[b["class"]] for b in blocks])
-    legend = [plt.Rectangle((0, 0), 1, 1, color=c, label=name) for name, c in colors.items()]  # empty bars would all draw blue
-    for key, value in report["thresholds"].items():
+    # Legend entries of their own: empty bars would all draw in the default blue.
+    legend = [plt.Rectangle((0, 0), 1, 1, color=c, label=name) for name, c in colors.items()]
+    for value in report["thresholds"].values():
         ax.axhline(100 * value, color="gray", lw=0.8, ls="--")
     ax.set_xlabel("block")
     ax.set_ylabel("perplexity increase (%)")
@@ -388,7 +420,9 @@ def read_sensitivity(path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def apply(run: Run, calib: list[dict], report: dict, chosen: list[int], steps: int, lr: float, held_out: int, log=print) -> tuple[dict, list[dict]]:
+def apply(
+    run: Run, calib: list[dict], report: dict, chosen: list[int], steps: int, lr: float, held_out: int, log=print
+) -> tuple[dict, list[dict]]:
     """Drop the sync of `chosen` blocks, regrouping and distilling them by their class; returns (params, per-block log)."""
     cfg, mesh = run.cfg, run.mesh
     classes = {b["block"]: b["class"] for b in report["blocks"]}
@@ -402,19 +436,29 @@ def apply(run: Run, calib: list[dict], report: dict, chosen: list[int], steps: i
             d = data[i]
             layer = params["layers"][i]
             if classes[i] == "extremely sensitive":
-                perm_q, perm_kv = regroup_heads(cfg.model, layer, d.x[:batch], d.positions[:batch], d.segment_ids[:batch], cfg.mesh.tensor)
+                perm_q, perm_kv = regroup_heads(
+                    cfg.model, layer, d.x[:batch], d.positions[:batch], d.segment_ids[:batch], cfg.mesh.tensor
+                )
                 layer = permute_heads(layer, perm_q, perm_kv)
                 row.update(regrouped=True, head_order=perm_q)
             train, held = d.split(min(held_out, len(d.x) // 2))
             before = block_mse(cfg.model, mesh, params["layers"][i], held, batch)
             regrouped = block_mse(cfg.model, mesh, layer, held, batch)
-            log(f"block {i} ({classes[i]}): held-out MSE {before:.3e}" + (f", after head regrouping {regrouped:.3e}" if row["regrouped"] else ""))
+            log(
+                f"block {i} ({classes[i]}): held-out MSE {before:.3e}"
+                + (f", after head regrouping {regrouped:.3e}" if row["regrouped"] else "")
+            )
             trained = distill(cfg, mesh, layer, train, steps, lr, log)
             after = block_mse(cfg.model, mesh, trained, held, batch)
             log(f"block {i}: held-out MSE after distillation {after:.3e}")
             best = min((before, params["layers"][i]), (regrouped, layer), (after, trained), key=lambda t: t[0])
             params["layers"][i] = best[1]
-            row.update(mse_before=before, mse_regrouped=regrouped, mse_after=after, kept=["original", "regrouped", "distilled"][[before, regrouped, after].index(best[0])])
+            row.update(
+                mse_before=before,
+                mse_regrouped=regrouped,
+                mse_after=after,
+                kept=["original", "regrouped", "distilled"][[before, regrouped, after].index(best[0])],
+            )
         rows.append(row)
     return params, rows
 

@@ -1,5 +1,6 @@
 """Calibration of a hardware profile against the published Ladder Residual table: least squares on
 log tokens/s over its eight points (70B, TP8, 8xH100 NVLink) for the constants in FIT_BOUNDS."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,16 +12,20 @@ from ...config import ModelConfig, load_config
 from .cost import decode_structure, predict_one
 from .hardware import Hardware
 
-
 # The published anchor (Ladder Residual, Zhang et al. 2025; docs/architecture.md, "Published anchors"): Llama-2-70B
 # shape with vocab 32000, fp16 random weights, TP8 on 8xH100 NVLink, prompt 1024, 512 generated,
 # total tokens/s over the whole generate call, prefill included.
 ANCHOR_CONFIG = ("llama-2-70b", ("model.dtype=float16", "model.param_dtype=float16"))
 ANCHOR_SHAPE = {"tensor": 8, "prompt": 1024, "gen": 512}
 ANCHORS = [  # (variant, batch, tokens/s)
-    ("standard", 1, 77.39), ("ladder", 1, 101.23), ("parallel", 1, 94.22), ("desync", 1, 110.59),
-    ("standard", 4, 258.56), ("ladder", 4, 331.47),
-    ("standard", 64, 1940.99), ("ladder", 64, 2241.84),
+    ("standard", 1, 77.39),
+    ("ladder", 1, 101.23),
+    ("parallel", 1, 94.22),
+    ("desync", 1, 110.59),
+    ("standard", 4, 258.56),
+    ("ladder", 4, 331.47),
+    ("standard", 64, 1940.99),
+    ("ladder", 64, 2241.84),
 ]
 # The constants `calibrate` fits, and the physically plausible range it keeps each in.
 FIT_BOUNDS = {
@@ -39,9 +44,25 @@ def anchor_model() -> ModelConfig:
 def fit_errors(hw: Hardware, m: ModelConfig, structures: dict) -> list[dict]:
     out = []
     for variant, batch, published in ANCHORS:
-        r = predict_one(m, hw, ANCHOR_SHAPE["tensor"], variant, batch, ANCHOR_SHAPE["prompt"], ANCHOR_SHAPE["gen"], structures[variant])
-        out.append({"variant": variant, "batch": batch, "published": published, "predicted": r["tokens_per_s"],
-                    "error_pct": 100 * (r["tokens_per_s"] / published - 1)})
+        r = predict_one(
+            m,
+            hw,
+            ANCHOR_SHAPE["tensor"],
+            variant,
+            batch,
+            ANCHOR_SHAPE["prompt"],
+            ANCHOR_SHAPE["gen"],
+            structures[variant],
+        )
+        out.append(
+            {
+                "variant": variant,
+                "batch": batch,
+                "published": published,
+                "predicted": r["tokens_per_s"],
+                "error_pct": 100 * (r["tokens_per_s"] / published - 1),
+            }
+        )
     return out
 
 
@@ -87,8 +108,6 @@ def calibrate(hw: Hardware, iterations: int = 40) -> tuple[Hardware, list[dict]]
     return best, fit_errors(best, m, structures)
 
 
-
-
 def published_speedups(m: ModelConfig, hw: Hardware, tensor: int, prompt: int, gen: int) -> dict:
     """{variant: [(batch, speed-up)]} of the anchor table when this is the anchor's setting."""
     if (m.name, hw.name, tensor, prompt, gen) != (ANCHOR_CONFIG[0], "h100-nvlink", *ANCHOR_SHAPE.values()):
@@ -103,7 +122,9 @@ def published_speedups(m: ModelConfig, hw: Hardware, tensor: int, prompt: int, g
 def format_fit(errors: list[dict]) -> str:
     lines = [f"{'variant':10s} {'batch':>5s} {'published':>10s} {'predicted':>10s} {'error':>8s}"]
     for e in errors:
-        lines.append(f"{e['variant']:10s} {e['batch']:5d} {e['published']:10.2f} {e['predicted']:10.2f} {e['error_pct']:+7.1f}%")
+        lines.append(
+            f"{e['variant']:10s} {e['batch']:5d} {e['published']:10.2f} {e['predicted']:10.2f} {e['error_pct']:+7.1f}%"
+        )
     rms = math.sqrt(sum(e["error_pct"] ** 2 for e in errors) / len(errors))
     lines.append(f"rms error {rms:.1f}%, max {max(abs(e['error_pct']) for e in errors):.1f}%")
     return "\n".join(lines)

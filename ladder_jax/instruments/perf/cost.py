@@ -27,6 +27,7 @@ is not hidden: the head reads the settled residual.
 Hardware profiles are YAML data in `perf/profiles/` (`hardware.py`): spec-sheet numbers plus a few
 calibrated constants, fitted (`calibrate.py`) to the published Ladder Residual 70B TP8 H100 table.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,7 +72,10 @@ def allreduce_time(nbytes: float, n: int, hw: Hardware) -> tuple[float, str]:
     bw = hw.link_bandwidth * hw.link_efficiency
     g = min(n, hw.devices_per_node)
     if n <= g:
-        options = {"ring": _ring(nbytes, n, bw, hw.link_hop_latency_s), "tree": _tree(nbytes, n, bw, hw.link_hop_latency_s)}
+        options = {
+            "ring": _ring(nbytes, n, bw, hw.link_hop_latency_s),
+            "tree": _tree(nbytes, n, bw, hw.link_hop_latency_s),
+        }
     else:
         # hierarchical: reduce-scatter inside each node, all-reduce the 1/g shards across nodes
         # (each device over its own NIC), all-gather inside the node
@@ -105,14 +109,25 @@ def module_costs(m: ModelConfig, tensor: int) -> dict[str, Module]:
     one = dataclasses.replace(m, n_layers=1, plan="standard")
     params, specs = model.abstract_params(one), model.param_specs(one, tensor)
     local: dict[str, list[int]] = {}
-    flat_specs = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))[0]
+    flat_specs = jax.tree_util.tree_flatten_with_path(
+        specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec)
+    )[0]
     for (path, x), (_, spec) in zip(jax.tree_util.tree_flatten_with_path(params)[0], flat_specs):
         keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
-        group = {"attn": "attention", "attn_norm": "attention", "mlp": "mlp", "mlp_norm": "mlp",
-                 "final_norm": "head", "lm_head": "head", "embed": "embed"}[keys[2] if keys[0] == "layers" else keys[0]]
+        group = {
+            "attn": "attention",
+            "attn_norm": "attention",
+            "mlp": "mlp",
+            "mlp_norm": "mlp",
+            "final_norm": "head",
+            "lm_head": "head",
+            "embed": "embed",
+        }[keys[2] if keys[0] == "layers" else keys[0]]
         n = math.prod(d // tensor if a == model.TENSOR else d for d, a in zip(x.shape, tuple(spec) + (None,) * x.ndim))
         if keys[-1] in ("k_proj", "v_proj") and model.TENSOR not in tuple(spec):
-            n //= m.n_kv_heads  # KV heads replicated (fewer than devices): each device reads only the one its queries use
+            n //= (
+                m.n_kv_heads
+            )  # KV heads replicated (fewer than devices): each device reads only the one its queries use
         local.setdefault(group, [0, 0])
         local[group][0] += n * np.dtype(x.dtype).itemsize
         local[group][1] += n
@@ -123,14 +138,18 @@ def module_costs(m: ModelConfig, tensor: int) -> dict[str, Module]:
     heads_local = m.n_heads // tensor
     out = {g: Module(b, 2.0 * n) for g, (b, n) in local.items()}
     out["attention"] = dataclasses.replace(
-        out["attention"], kv_bytes_per_position=2 * (slots // tensor) * hd * act, kv_bytes_per_query_head=2 * heads_local * hd * act,
-        attn_flops_per_position=4.0 * heads_local * hd
+        out["attention"],
+        kv_bytes_per_position=2 * (slots // tensor) * hd * act,
+        kv_bytes_per_query_head=2 * heads_local * hd * act,
+        attn_flops_per_position=4.0 * heads_local * hd,
     )
     out["embed"] = Module(m.d_model * act, 0.0)  # a row gather: one row's bytes per token, not the table
     return out
 
 
-def module_time(mod: Module, kind: str, hw: Hardware, tokens: int, rows: int, kv_len: float, kernels_saved: int = 0) -> float:
+def module_time(
+    mod: Module, kind: str, hw: Hardware, tokens: int, rows: int, kv_len: float, kernels_saved: int = 0
+) -> float:
     """Seconds of one module on one device for `tokens` tokens in `rows` sequences that attend
     over `kv_len` cached positions each (decode: tokens == rows).
 
@@ -208,7 +227,9 @@ def _all_reduces(m: ModelConfig, tensor: int, plan: str, n_layers: int) -> list[
         # LLVM code generation at -O0: the report reads the HLO after XLA's passes, which the
         # backend level does not touch (same all-reduces; about 40% less compile time on CPU).
         report = decode_report(c, mesh, batch=1, max_len=c.max_seq_len, options={"xla_backend_optimization_level": 0})
-        _STRUCTURE_CACHE[key] = [(a.bytes // a.operands, a.blocking) for a in report.on("tensor") for _ in range(a.operands)]
+        _STRUCTURE_CACHE[key] = [
+            (a.bytes // a.operands, a.blocking) for a in report.on("tensor") for _ in range(a.operands)
+        ]
     return _STRUCTURE_CACHE[key]
 
 
@@ -254,7 +275,9 @@ def decode_structure(m: ModelConfig, tensor: int, plan: str | None = None) -> li
             uplan, un, usteps = compress_plan(name, 3 * size)
             per_step[name] = sum(1 for a in _all_reduces(m, t, uplan, un)[1:] if a[0] == residual) // len(usteps)
     if sum(per_step[s[0]] for s in steps) != len(layer_ars):
-        raise PerfModelError(f"plan '{plan}': could not attribute the {len(layer_ars)} layer all-reduces of the sync analysis to its steps")
+        raise PerfModelError(
+            f"plan '{plan}': could not attribute the {len(layer_ars)} layer all-reduces of the sync analysis to its steps"
+        )
 
     def norms_saved(name: str) -> int:  # a layer whose MLP has no norm of its own (parallel) launches one kernel less
         layer = model.abstract_params(_reduced(m, name, 2 if name == "lp" else 1))["layers"][0]
@@ -266,8 +289,12 @@ def decode_structure(m: ModelConfig, tensor: int, plan: str | None = None) -> li
         modules = ["attention"] * size + ["mlp"] * size  # an lp pair runs both attentions, then both MLPs
         k, saved = per_step[name], norms_saved(name)
         if k > len(modules):
-            raise PerfModelError(f"plan '{plan}': a {name} step has {k} all-reduces for its {len(modules)} modules; the model places at most one after each")
-        after = {round((r + 1) * len(modules) / k) - 1 for r in range(k)}  # k spread evenly, the last after the last module
+            raise PerfModelError(
+                f"plan '{plan}': a {name} step has {k} all-reduces for its {len(modules)} modules; the model places at most one after each"
+            )
+        after = {
+            round((r + 1) * len(modules) / k) - 1 for r in range(k)
+        }  # k spread evenly, the last after the last module
         step: list[Event] = []
         for j, mod in enumerate(modules):
             step.append(Event("compute", mod, kernels_saved=saved if mod == "mlp" else 0))
@@ -294,14 +321,24 @@ def summarize(events: list[Event]) -> dict:
 # Composition
 
 
-def step_time(events: list[Event], costs: dict[str, Module], hw: Hardware, tensor: int, rows: int, tokens_per_row: int, kv_len: float,
-              prefill: bool = False) -> dict:
+def step_time(
+    events: list[Event],
+    costs: dict[str, Module],
+    hw: Hardware,
+    tensor: int,
+    rows: int,
+    tokens_per_row: int,
+    kv_len: float,
+    prefill: bool = False,
+) -> dict:
     """Seconds of one pass over `events` (a decode step, or a prefill with tokens_per_row > 1)."""
     tokens = rows * tokens_per_row
 
     @functools.cache
     def compute_time(module: str, saved: int) -> float:
-        n = rows if (prefill and module == "head") else tokens  # the prefill runs the head on each row's last position only
+        n = (
+            rows if (prefill and module == "head") else tokens
+        )  # the prefill runs the head on each row's last position only
         return module_time(costs[module], module, hw, n, rows, kv_len if module == "attention" else 0.0, saved)
 
     @functools.cache
@@ -323,13 +360,17 @@ def step_time(events: list[Event], costs: dict[str, Module], hw: Hardware, tenso
     return {"seconds": compute + comm, "compute": compute, "exposed_comm": comm}
 
 
-def predict_one(m: ModelConfig, hw: Hardware, tensor: int, plan: str, batch: int, prompt: int, gen: int, events=None) -> dict:
+def predict_one(
+    m: ModelConfig, hw: Hardware, tensor: int, plan: str, batch: int, prompt: int, gen: int, events=None
+) -> dict:
     """Latency and throughput of one generate call: prefill of `prompt` tokens, then `gen` tokens."""
     events = events if events is not None else decode_structure(m, tensor, plan)
     costs = module_costs(dataclasses.replace(m, plan="standard"), tensor)
     pre = step_time(events, costs, hw, tensor, batch, prompt, prompt / 2, prefill=True)
     # decode: the cache grows from prompt to prompt + gen positions; see attention_reads_allocated_cache
-    dec = step_time(events, costs, hw, tensor, batch, 1, prompt + gen if hw.attention_reads_allocated_cache else prompt + gen / 2)
+    dec = step_time(
+        events, costs, hw, tensor, batch, 1, prompt + gen if hw.attention_reads_allocated_cache else prompt + gen / 2
+    )
     total = pre["seconds"] + (gen - 1) * dec["seconds"]  # the prefill emits the first token
     weights = model.bytes_per_device(_reduced(m, "standard", 1), tensor)
     weights += (m.n_layers - 1) * (costs["attention"].weight_bytes + costs["mlp"].weight_bytes)
@@ -354,10 +395,16 @@ def check_tensor(m: ModelConfig, hw: Hardware, tensor: int) -> None:
     if tensor < 1:
         raise PerfModelError(f"--tensor must be positive, got {tensor}")
     if tensor > hw.max_devices:
-        raise PerfModelError(f"--tensor={tensor} exceeds the {hw.max_devices} devices hardware '{hw.name}' describes; use at most {hw.max_devices}")
+        raise PerfModelError(
+            f"--tensor={tensor} exceeds the {hw.max_devices} devices hardware '{hw.name}' describes; use at most {hw.max_devices}"
+        )
     if m.n_heads % tensor:
-        raise PerfModelError(f"--tensor={tensor} does not divide model.n_heads={m.n_heads}; choose a tensor size that divides it")
-    validate(Config(model=m, mesh=MeshConfig(data=1, tensor=tensor), train=TrainConfig(seq_len=min(256, m.max_seq_len))))
+        raise PerfModelError(
+            f"--tensor={tensor} does not divide model.n_heads={m.n_heads}; choose a tensor size that divides it"
+        )
+    validate(
+        Config(model=m, mesh=MeshConfig(data=1, tensor=tensor), train=TrainConfig(seq_len=min(256, m.max_seq_len)))
+    )
 
 
 def predict(m: ModelConfig, hw: Hardware, tensor: int, variants, batches, prompt: int, gen: int) -> list[dict]:
@@ -436,5 +483,3 @@ def plot(rows: list[dict], sweep: list[dict], out: Path, title: str, published: 
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
-
-

@@ -2,6 +2,7 @@
 constants fitted by `calibrate`), loaded into `Hardware`. A profile may name a `base` whose keys it
 inherits (a new GPU keeps the calibrated software constants of the machine they were fitted on).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -68,7 +69,9 @@ def hardware_path(name: str) -> Path:
         return p
     p = PROFILES_DIR / f"{name}.yaml"
     if not p.exists():
-        raise PerfModelError(f"unknown hardware '{name}'; choose from {', '.join(known_hardware())} or give a .yaml path")
+        raise PerfModelError(
+            f"unknown hardware '{name}'; choose from {', '.join(known_hardware())} or give a .yaml path"
+        )
     return p
 
 
@@ -93,8 +96,13 @@ def load_hardware(name: str) -> Hardware:
     raw["kernels"] = tuple({**dict(Hardware.kernels), **raw.get("kernels", {})}.items())
     raw.setdefault("name", path.stem)
     try:
-        return Hardware(**{k: (float(v) if isinstance(v, str) and k not in ("name", "scale_out", "base") else v) for k, v in raw.items()},
-                        source=str(path))
+        return Hardware(
+            **{
+                k: (float(v) if isinstance(v, str) and k not in ("name", "scale_out", "base") else v)
+                for k, v in raw.items()
+            },
+            source=str(path),
+        )
     except (TypeError, ValueError) as e:
         raise PerfModelError(f"{path}: {e}") from None
 
