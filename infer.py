@@ -33,6 +33,7 @@ from ladder_jax import model as M
 from ladder_jax.checkpoint import CheckpointError
 from ladder_jax.config import Config, ConfigError, load_config
 from ladder_jax.decode import DecodeError, check_request
+from ladder_jax.memory import MemoryCheckError, check_init_fits
 from ladder_jax.mesh import init_runtime, make_mesh
 from ladder_jax.tokenizer import get_tokenizer
 
@@ -78,14 +79,14 @@ def parse_args(argv=None):
     bench.add_argument("--warmup", type=int, default=1, help="untimed runs after compiling (default 1)")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)  # key=value overrides may come before, between or after options
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return benchmark(args) if args.benchmark else infer(args)
-    except (InputError, ConfigError, CheckpointError, DecodeError) as e:
+    except (InputError, ConfigError, CheckpointError, DecodeError, MemoryCheckError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -321,8 +322,15 @@ def benchmark(args) -> int:
         f"prompt {args.prompt_len}, generate {args.gen_len}, median of {args.runs} runs after {args.warmup} warm-up",
         file=sys.stderr,
     )
+    if device.platform == "cpu":
+        print(
+            "note: XLA:CPU all-reduces are synchronous, so CPU timings cannot show what ladder or SPD gain "
+            "(python -m ladder_jax perfmodel predict estimates it for GPUs and TPUs)",
+            file=sys.stderr,
+        )
     rows = []
     for variant, cfg in configs.items():
+        check_init_fits(cfg.model, mesh)
         params = M.init_params(cfg.model, mesh, args.seed)
         for b in batch_sizes:
             shape = decode.decode_shape(cfg.model, mesh, prompts[b], args.gen_len)

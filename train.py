@@ -13,6 +13,7 @@ from ladder_jax import decode
 from ladder_jax.checkpoint import CheckpointError
 from ladder_jax.config import ConfigError, load_config
 from ladder_jax.data import DataError
+from ladder_jax.memory import MemoryCheckError
 from ladder_jax.mesh import init_runtime
 from ladder_jax.tokenizer import get_tokenizer
 from ladder_jax.training import TrainingError, train
@@ -34,7 +35,7 @@ def parse_args(argv=None):
     ap.add_argument("--process-id", type=int)
     ap.add_argument("--sample-tokens", type=int, default=200, help="greedy sample length printed at the end (0: none)")
     ap.add_argument("--no-progress", action="store_true")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)  # key=value overrides may come before, between or after options
 
 
 def main(argv=None) -> int:
@@ -49,14 +50,24 @@ def main(argv=None) -> int:
 
     try:
         result = train(cfg, run_dir=args.run_dir, init_from=args.init_from, progress=not args.no_progress)
-    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingError, MemoryCheckError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if jax.process_index() == 0:
-        print(
-            f"step {result['step']}: loss {result.get('loss', float('nan')):.4f}"
-            + (f", val_loss {result['val_loss']:.4f}, val_ppl {result['val_ppl']:.2f}" if "val_loss" in result else "")
-        )
+        if "loss" not in result:  # resumed at train.steps: no step ran
+            print(
+                f"step {result['step']}: {result['run_dir']} has already trained train.steps={cfg.train.steps}; "
+                f"nothing to do (raise train.steps to continue it)"
+            )
+        else:
+            print(
+                f"step {result['step']}: loss {result['loss']:.4f}"
+                + (
+                    f", val_loss {result['val_loss']:.4f}, val_ppl {result['val_ppl']:.2f}"
+                    if "val_loss" in result
+                    else ""
+                )
+            )
         if args.sample_tokens:
             print_sample(cfg, result, args.sample_tokens)
         print(

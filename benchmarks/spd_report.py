@@ -17,6 +17,7 @@ import json
 import time
 from pathlib import Path
 
+from ladder_jax.instruments.plots import pyplot
 from ladder_jax.mesh import force_cpu_devices
 from ladder_jax.methods import spd
 
@@ -97,32 +98,34 @@ def main():
         results["tensor"][t] = {"sensitivity": report["blocks"], "repairs": log, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "spd_report.json").write_text(json.dumps(results, indent=1))
-    plot(results, args.out / "spd_report.png")
-    print(f"wrote {args.out / 'spd_report.json'} and {args.out / 'spd_report.png'}")
+    drawn = plot(results, args.out / "spd_report.png")
+    print(f"wrote {args.out / 'spd_report.json'}" + (f" and {args.out / 'spd_report.png'}" if drawn else ""))
 
 
-def plot(results: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(results: dict, out: Path) -> bool:
+    plt = pyplot()
+    if plt is None:
+        print("matplotlib missing: no plot (pip install -e '.[plot]')")
+        return False
     fig, axes = plt.subplots(1, len(results["tensor"]), figsize=(5 * len(results["tensor"]), 3.8), squeeze=False)
     for ax, (t, r) in zip(axes[0], results["tensor"].items()):
         k = [row["dropped"] for row in r["rows"]]
-        for key, label, style in (
-            ("zero_shot", "zero-shot", "o-"),
-            ("spd_method", "SPD (sensitive blocks repaired)", "s-"),
-            ("all_distilled", "every dropped block distilled", "^--"),
+        for key, label, style, extra in (
+            # Hollow and larger: where no block needed repair, zero-shot and SPD are the same points.
+            ("zero_shot", "zero-shot", "o-", {"markersize": 9, "markerfacecolor": "none"}),
+            ("spd_method", "SPD (sensitive blocks repaired)", "s-", {}),
+            ("all_distilled", "every dropped block distilled", "^--", {}),
         ):
-            ax.plot(k, [row[key] for row in r["rows"]], style, label=label)
+            ax.plot(k, [row[key] for row in r["rows"]], style, label=label, **extra)
         ax.set_title(f"tensor = {t}")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # whole blocks only
         ax.set_xlabel("blocks without attention sync")
         ax.set_ylabel("validation perplexity")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":

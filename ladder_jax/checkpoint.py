@@ -10,14 +10,17 @@ step; restoring always takes the latest complete one.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 import yaml
 from jax.sharding import Mesh
@@ -25,6 +28,7 @@ from jax.sharding import Mesh
 from . import model as M
 from .config import Config, ConfigError, from_dict, load_config, to_dict
 from .data import DataError, build_datasets, val_batches
+from .memory import check_params_fit
 from .mesh import make_mesh
 from .tokenizer import get_tokenizer
 
@@ -119,6 +123,7 @@ def restore_params(run_dir: str | Path, cfg: Config, mesh: Mesh, step: int | Non
         raise CheckpointError(
             f"{run_dir} has no complete checkpoint; train it (python train.py) or convert a model into it"
         )
+    check_params_fit(cfg.model, mesh, f"the parameters of {run_dir} ({cfg.model.param_dtype})")
     target = abstract_with_sharding(M.abstract_params(cfg.model), M.param_shardings(cfg.model, mesh))
     restored = manager(run_dir, create=False).restore(
         step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
@@ -199,6 +204,144 @@ def check_new_directory(out: Path) -> None:
     """Refuse to write into a directory that holds anything: a user's files are never touched."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out} already exists and is not empty; give a new directory")
+
+
+# ---------------------------------------------------------------------------------------------
+# One trainer per run directory
+
+LOCK_NAME = "train.lock"
+
+
+def _process_start(pid: int) -> int | None:
+    """When a process started (clock ticks since boot, Linux), to tell a live pid from a reused one."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(holder: dict) -> bool:
+    """Whether the process a lock names still runs. Only answerable on its own host; a lock from
+    another host counts as held."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, under another user
+    start = _process_start(pid)
+    return start is None or holder.get("start") is None or start == holder["start"]
+
+
+def _read_lock(path: Path) -> dict | None:
+    try:
+        holder = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _create_lock(path: Path, record: dict) -> bool:
+    """Create `path` holding `record` atomically: a complete file or none. False if it exists."""
+    tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}")
+    tmp.write_text(json.dumps(record))
+    try:
+        os.link(tmp, path)  # fails if `path` exists, on NFS too
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # a file system without hard links
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(record))
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _acquire(run_dir: Path) -> dict:
+    path = run_dir / LOCK_NAME
+    record = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "start": _process_start(os.getpid()),
+        "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    for _ in range(5):
+        if _create_lock(path, record):
+            return record
+        holder = _read_lock(path)
+        if holder is None:  # released meanwhile
+            continue
+        if holder and _alive(holder):
+            raise CheckpointError(
+                f"{run_dir} is being trained by pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')} "
+                f"({path}); wait for it to end or give another --run-dir (delete {path} only if that process is gone)"
+            )
+        # Stale (its process died): move it aside, and take over only if it is still the one judged dead.
+        aside = path.with_name(f"{path.name}.stale-{secrets.token_hex(4)}")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            continue
+        if _read_lock(aside) != holder:  # another trainer took over in between: put its lock back
+            with contextlib.suppress(OSError):
+                os.link(aside, path)
+        aside.unlink(missing_ok=True)
+    raise CheckpointError(f"could not take {path} (other trainers keep taking it); try again")
+
+
+def _release(run_dir: Path, record: dict) -> None:
+    path = run_dir / LOCK_NAME
+    if _read_lock(path) == record:  # never remove a lock that is not ours
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path):
+    """Hold `run_dir/train.lock` while the block runs: a second trainer into the same directory
+    is refused in one line (CheckpointError); readers (infer.py, convert, spd, lp) never look at
+    it. A lock whose process died on this host (pid gone, or reused by a process that started
+    later) is taken over. Multi-host: process 0 alone holds it and tells the others its verdict,
+    so every process of a job refuses or proceeds together."""
+    run_dir = Path(run_dir)
+    created = not run_dir.exists()
+    record, error = None, ""
+    if jax.process_index() == 0:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            record = _acquire(run_dir)
+        except CheckpointError as e:
+            error = str(e)
+        except OSError as e:
+            error = f"cannot write to {run_dir} ({e.strerror}); choose another train.out_dir or fix its permissions"
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        taken = bool(multihost_utils.broadcast_one_to_all(np.int32(error == "")))
+        if not taken and not error:
+            error = f"{run_dir} is locked by another run (see process 0's message); give another --run-dir"
+    if error:
+        raise CheckpointError(error)
+    try:
+        yield
+    finally:
+        if record is not None:
+            _release(run_dir, record)
+            if created:  # a run refused before it wrote anything leaves no directory behind
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()
 
 
 @contextlib.contextmanager

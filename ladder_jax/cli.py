@@ -4,7 +4,7 @@ train.py and infer.py.
     describe     a preset's size and plan, nothing allocated
     convert      Hugging Face Llama directories in (from-hf) and out (to-hf)
     spd          Sync-Point Drop: sensitivity per block, apply a budget to a new run
-    lp           Layer Parallelism: sweep the number of paired layers
+    lp           Layer Parallelism: sweep the number of paired layers; effective depth; transform layer ranges
     analysis     where the all-reduces are: sync (CPU), schedule and memory (deviceless GPU/TPU)
     perfmodel    latency model of TP decoding: predict, calibrate
     plot         loss curves of runs
@@ -32,8 +32,9 @@ from .decode import DecodeError
 from .instruments import deviceless, plots, sync
 from .instruments.perf import calibrate, cost, hardware
 from .interop import hf
+from .memory import MemoryCheckError
 from .mesh import apply_xla_flags, force_cpu_devices, init_runtime, make_mesh
-from .methods import lp, spd
+from .methods import depth, lp, spd
 
 # Errors that mean "this input cannot work": one line and exit status 2, never a traceback.
 USER_ERRORS = (
@@ -46,6 +47,7 @@ USER_ERRORS = (
     hardware.PerfModelError,
     deviceless.TargetError,
     plots.PlotError,
+    MemoryCheckError,
 )
 
 
@@ -152,8 +154,8 @@ def add_spd(sub) -> None:
         q.add_argument(
             "--calibration",
             type=int,
-            default=128,
-            help="calibration sequences from the run's validation data (default 128)",
+            help="calibration sequences: the first N of the run's validation windows (sensitivity: default 128; "
+            "apply: default the sequences the sensitivity file was measured on)",
         )
         _cpu_devices(q)
         _overrides(q, "train.batch_size=4")
@@ -197,7 +199,7 @@ def spd_sensitivity(args) -> int:
         raise spd.SPDError(f"--sensitive={args.sensitive} must be at least 0 and at most --extreme={args.extreme}")
     init_runtime(args.cpu_devices)
     run = spd.open_run(args.checkpoint, args.tensor, args.overrides)
-    calib = spd.calibration_batches(run, args.calibration)
+    calib = spd.calibration_batches(run, args.calibration or 128)
     report = spd.sensitivity_report(run, calib, args.sensitive, args.extreme)
     path, png = spd.write_sensitivity(report, args.out or args.checkpoint)
     counts = {c: sum(b["class"] == c for b in report["blocks"]) for c in spd.CLASSES}
@@ -221,17 +223,25 @@ def spd_apply(args) -> int:
     spd.check_sensitivity(report, saved, tensor, args.sensitivity)
     chosen = spd.choose_blocks(report, args.blocks, args.max_increase, drop)
     plan = spd.spd_plan(saved.model.plan, saved.model.n_layers, chosen)
+    recorded = spd.report_calibration(report)
     init_runtime(args.cpu_devices)
-    run = spd.open_run(args.checkpoint, tensor, args.overrides)
+    # The sensitivity run's batch size (and so its sequences) unless an override says otherwise.
+    batch = [f"train.batch_size={recorded['batch_size']}"] if recorded else []
+    run = spd.open_run(args.checkpoint, tensor, [*batch, *args.overrides])
     spd.check_sensitivity(report, run.cfg, run.cfg.mesh.tensor, args.sensitivity, spd.fingerprint(run.params))
-    calib = spd.calibration_batches(run, args.calibration)
+    calib = spd.calibration_batches(run, args.calibration or (recorded["windows"] if recorded else 128))
+    print(spd.compare_calibration(report, spd.calibration_record(run, calib), args.sensitivity))
     base_ppl, zero_shot = spd.perplexity(run, run.cfg.model.plan, calib), spd.perplexity(run, plan, calib)
+    print(f"standard (every block synced): calibration ppl {base_ppl:.4f}")
     print(
-        f"dropping the attention sync of blocks {chosen}: calibration ppl {base_ppl:.4f} -> {zero_shot:.4f} zero-shot"
+        f"dropping the attention sync of blocks {chosen}: calibration ppl {base_ppl:.4f} -> {zero_shot:.4f} zero-shot "
+        f"({zero_shot / base_ppl - 1:+.2%})"
     )
     new, rows = spd.apply(run, calib, report, chosen, args.steps, args.lr or run.cfg.train.lr / 10, args.held_out)
     final = spd.perplexity(run, plan, calib, params=new)
-    print(f"after repair: calibration ppl {final:.4f} ({final / base_ppl - 1:+.2%} over standard)")
+    print(
+        f"after repair: calibration ppl {final:.4f} ({final / base_ppl - 1:+.2%} over standard's {base_ppl:.4f}, same sequences)"
+    )
     out_cfg = dataclasses.replace(run.cfg, model=dataclasses.replace(run.cfg.model, plan=plan))
     extra = {
         "source": str(args.checkpoint),
@@ -241,6 +251,7 @@ def spd_apply(args) -> int:
         "ppl_standard": base_ppl,
         "ppl_zero_shot": zero_shot,
         "ppl_final": final,
+        "calibration": spd.calibration_record(run, calib),
         "blocks": rows,
     }
     spd.save_run(args.out, out_cfg, new, args.checkpoint, extra)
@@ -271,10 +282,52 @@ def add_lp(sub) -> None:
     sw.add_argument("--gen-tokens", type=int, default=32)
     sw.add_argument("--out", type=Path, help="where lp_sweep.json/png go (default: the checkpoint directory)")
     _cpu_devices(sw)
+    fmt = argparse.RawDescriptionHelpFormatter
+    d = verbs.add_parser(
+        "depth",
+        help="effective depth: perplexity after shuffling, merging, pruning or pairing Δ middle layers",
+        description=depth.__doc__,
+        formatter_class=fmt,
+    )
+    d.add_argument("--checkpoint", required=True, type=Path, help="a run directory (trained or converted)")
+    _overrides(d, "mesh.tensor=2 train.eval_batches=16")
+    d.add_argument(
+        "--transform", default=",".join(depth.TRANSFORMS), help="comma-separated, default shuffle,merge,prune,parallel"
+    )
+    d.add_argument("--delta", help="range lengths Δ, comma-separated (default 2,4,... up to the number of layers)")
+    d.add_argument("--seeds", type=int, default=5, help="random orders averaged for shuffle (default 5)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the shuffle orders (default 0)")
+    d.add_argument("--start", type=int, help="first layer of every range (default: each range centred, (n - Δ) // 2)")
+    d.add_argument("--out", type=Path, help="where lp_depth.json/png go (default: the checkpoint directory)")
+    _cpu_devices(d)
+    t = verbs.add_parser(
+        "transform",
+        help="write a new run with a layer range pruned, merged, shuffled or paired",
+        description=depth.__doc__,
+        formatter_class=fmt,
+    )
+    t.add_argument("--checkpoint", required=True, type=Path, help="a run directory (trained or converted)")
+    kind = t.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--prune", metavar="A:B", help="drop layers A..B-1 (from the end: --prune=-2:)")
+    kind.add_argument(
+        "--merge", metavar="A:B", help="average layers A..B-1 in consecutive groups (--group, default pairs)"
+    )
+    kind.add_argument(
+        "--shuffle", metavar="A:B", help="run layers A..B-1 in another order (--order, or random by --seed)"
+    )
+    kind.add_argument("--parallel", metavar="A:B", help="pair layers A..B-1 side by side (plan lp@A:B)")
+    t.add_argument("--order", help="--shuffle: the range's layers in their new order, e.g. 5,4,3,2")
+    t.add_argument("--seed", type=int, default=0, help="--shuffle without --order: seed of the random order")
+    t.add_argument("--group", type=int, default=2, help="--merge: layers averaged into one (default 2)")
+    t.add_argument("--out", required=True, type=Path, help="the new run directory (must not exist)")
+    _overrides(t, "mesh.tensor=2")
+    _cpu_devices(t)
     p.set_defaults(handler=run_lp)
 
 
 def run_lp(args) -> int:
+    if args.verb in ("depth", "transform"):
+        return lp_depth(args) if args.verb == "depth" else lp_transform(args)
     cfg = checkpoint.load_run_config(args.checkpoint, args.overrides)
     max_delta = lp.check_max_delta(args.max_delta, cfg.model.n_layers)
     lp.lp_plan(cfg.model.plan, cfg.model.n_layers, 0, 2)
@@ -295,6 +348,58 @@ def run_lp(args) -> int:
             f"fine-tune the pairs: python train.py --init-from {args.checkpoint} --config {Path(args.checkpoint) / 'config.yaml'} "
             f"'model.plan={pick['plan']}' train.trainable=lp_pairs train.steps=100"
         )
+    return 0
+
+
+def lp_depth(args) -> int:
+    # Every range, order and Δ is checked against the saved config before the run loads.
+    cfg = checkpoint.load_run_config(args.checkpoint, args.overrides)
+    kinds = depth.parse_transforms(args.transform)
+    deltas = depth.parse_deltas(args.delta, cfg.model.n_layers, kinds)
+    if args.seeds < 1:
+        raise depth.DepthError(f"--seeds {args.seeds}: give at least one shuffle order")
+    cells = depth.plan_study(cfg.model, kinds, deltas, args.seeds, args.start, args.seed)
+    init_runtime(args.cpu_devices)
+    run = checkpoint.load_run(args.checkpoint, args.overrides)
+    val = run.validation_batches()
+    result = depth.study(run, val, cells)
+    settings = {
+        "transforms": kinds,
+        "deltas": deltas,
+        "seeds": args.seeds,
+        "seed": args.seed,
+        "start": args.start,
+        "eval_windows": sum(len(b["inputs"]) for b in val),
+        "seq_len": run.cfg.train.seq_len,
+    }
+    path, png = depth.write_report(args.out or args.checkpoint, run, result, settings)
+    print(depth.format_table(result))
+    print(f"wrote {path}" + (f" and {png}" if png else ""))
+    return 0
+
+
+def lp_transform(args) -> int:
+    checkpoint.check_new_directory(args.out)  # everything that can be refused is refused before the run loads
+    cfg = checkpoint.load_run_config(args.checkpoint, args.overrides)
+    kind = next(k for k in depth.TRANSFORMS if getattr(args, k) is not None)
+    t = depth.make_transform(kind, getattr(args, kind), cfg.model.n_layers, args.order, args.seed, args.group)
+    new_cfg = depth.transformed_run_config(cfg, t)
+    init_runtime(args.cpu_devices)
+    run = checkpoint.load_run(args.checkpoint, args.overrides)
+    model_cfg, params = depth.apply(t, run.cfg.model, run.params, run.mesh)
+    record = {
+        "source": str(args.checkpoint),
+        "transform": dataclasses.asdict(t),
+        "layers": [list(g) for g in depth.recipe(t, cfg.model.n_layers)],
+        "n_layers": model_cfg.n_layers,
+        "plan": model_cfg.plan,
+    }
+    depth.save_run(args.out, new_cfg, params, Path(args.checkpoint), record)
+    print(f"{t}: {cfg.model.n_layers} -> {model_cfg.n_layers} layers, model.plan={model_cfg.plan}")
+    print(f"wrote {args.out}; decode: python infer.py --checkpoint {args.out}")
+    print(
+        f"fine-tune: python train.py --init-from {args.out} --config {Path(args.out) / 'config.yaml'} train.steps=100"
+    )
     return 0
 
 
@@ -375,7 +480,7 @@ def run_analysis(args) -> int:
         tensor = args.tensor or load_config(args.config, args.overrides).mesh.tensor
         cfg = load_config(args.config, [*args.overrides, f"mesh.tensor={tensor}", f"mesh.data={args.data or -1}"])
     mesh = deviceless.target_mesh(cfg, target)
-    shape = f"data={mesh.shape['data']} x tensor={mesh.shape['tensor']}"
+    shape = " x ".join(f"{a}={n}" for a, n in mesh.shape.items())
     return (
         analysis_memory(args, cfg, mesh, target, shape)
         if args.verb == "memory"
@@ -579,7 +684,7 @@ def add_plot(sub) -> None:
 
 
 def run_plot(args) -> int:
-    print(plots.plot_runs(args.runs, args.out, args.labels.split(",") if args.labels else None))
+    print(f"wrote {plots.plot_runs(args.runs, args.out, args.labels.split(',') if args.labels else None)}")
     return 0
 
 

@@ -13,12 +13,19 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import yaml
 
 from .schedules import SCHEDULES
 
 PRESET_DIR = Path(__file__).parent / "configs"
+# What the backward pass may keep of a layer step (jax.checkpoint policies); "none": no remat.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 VOCAB_PAD = 128  # vocab rows are padded to a multiple of this so any power-of-two tensor axis splits them
 
 
@@ -75,7 +82,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class MeshConfig:
-    data: int = -1  # -1: every device the tensor axis leaves over
+    data: int = -1  # -1: every device fsdp x tensor leave over
+    fsdp: int = 1  # parameters and optimizer state are split over it (ZeRO-3); the batch splits over data x fsdp
     tensor: int = 1
 
 
@@ -107,6 +115,10 @@ class TrainConfig:
     out_dir: str = "runs"
     run_name: str = ""  # default: <preset>-<date>-<time>
     peak_tflops: float = 0.0  # per-device peak for MFU; 0: look the device up (unknown on CPU)
+    # Activation rematerialisation per layer step (REMAT_POLICIES): "none" keeps every activation
+    # for the backward pass, "full" recomputes the layer, "save_dots" keeps only matmul outputs.
+    remat: str = "none"
+    scan_layers: bool = False  # runs of identical layer steps as one jax.lax.scan (compiles the layer once)
 
 
 @dataclass(frozen=True)
@@ -352,6 +364,12 @@ def validate(cfg: Config, n_devices: int | None = None) -> None:
             raise ConfigError(f"model.{key} must be positive, got {getattr(m, key)}")
     if t <= 0:
         raise ConfigError(f"mesh.tensor must be positive, got {t}")
+    if cfg.mesh.fsdp <= 0:
+        raise ConfigError(f"mesh.fsdp must be positive, got {cfg.mesh.fsdp}")
+    if m.d_model % cfg.mesh.fsdp:
+        raise ConfigError(
+            f"model.d_model={m.d_model} does not split over mesh.fsdp={cfg.mesh.fsdp}; choose an fsdp size that divides it"
+        )
     if cfg.mesh.data == 0 or cfg.mesh.data < -1:
         raise ConfigError(f"mesh.data must be positive or -1 (all remaining devices), got {cfg.mesh.data}")
     if m.head_dim == 0 and m.d_model % m.n_heads:
@@ -414,23 +432,27 @@ def validate(cfg: Config, n_devices: int | None = None) -> None:
         )
     if not 0 <= tr.val_fraction < 1:
         raise ConfigError(f"train.val_fraction={tr.val_fraction} must be in [0, 1)")
+    if tr.remat not in REMAT_POLICIES:
+        raise ConfigError(f"train.remat={tr.remat!r} is not a policy; choose from {', '.join(REMAT_POLICIES)}")
     if n_devices is not None:
         mesh_shape(cfg.mesh, n_devices)
 
 
-def mesh_shape(mesh: MeshConfig, n_devices: int) -> tuple[int, int]:
-    """(data, tensor) for this many devices, or a ConfigError saying what to change."""
-    t = mesh.tensor
-    if n_devices % t:
+def mesh_shape(mesh: MeshConfig, n_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) for this many devices, or a ConfigError saying what to change."""
+    f, t = mesh.fsdp, mesh.tensor
+    if n_devices % (f * t):
         raise ConfigError(
-            f"mesh.tensor={t} does not divide the {n_devices} available devices; pick a divisor of {n_devices}"
+            f"mesh fsdp={f} x tensor={t} does not divide the {n_devices} available devices; "
+            f"pick sizes whose product divides {n_devices}"
         )
-    d = n_devices // t if mesh.data == -1 else mesh.data
-    if d * t > n_devices:
+    d = n_devices // (f * t) if mesh.data == -1 else mesh.data
+    if d * f * t > n_devices:
         raise ConfigError(
-            f"mesh data={d} x tensor={t} needs {d * t} devices but {n_devices} are available; lower mesh.data or mesh.tensor"
+            f"mesh data={d} x fsdp={f} x tensor={t} needs {d * f * t} devices but {n_devices} are available; "
+            f"lower mesh.data, mesh.fsdp or mesh.tensor"
         )
-    return d, t
+    return d, f, t
 
 
 def dtype_of(name: str):

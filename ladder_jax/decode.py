@@ -32,11 +32,13 @@ from jax.sharding import PartitionSpec as P
 
 from . import model as M
 from .config import Config, ModelConfig, dtype_of
+from .memory import free_device_bytes
+from .mesh import BATCH, batch_shards
 
 TENSOR = M.TENSOR
 MIN_BUCKET = 16
-ROWS = P("data")
-ROWS_BY_SEQ = P("data", None)
+ROWS = P(BATCH)
+ROWS_BY_SEQ = P(BATCH, None)
 
 
 class DecodeError(ValueError):
@@ -47,7 +49,7 @@ class DecodeError(ValueError):
 class DecodeShape:
     """The shapes a request compiles for. Requests with equal shapes reuse the same executables."""
 
-    batch: int  # rows, padded up to a multiple of the mesh's data size
+    batch: int  # rows, padded up to a multiple of the mesh's data x fsdp size
     prompt_len: int  # the power-of-two bucket every prompt is right-padded to
     cache_len: int  # positions the KV cache holds: prompt bucket + max_new_tokens, at most max_seq_len
 
@@ -105,7 +107,7 @@ def decode_shape(cfg: ModelConfig, mesh: Mesh, prompts: Sequence[Sequence[int]],
     """Check a request (see `check_request`) and return the shapes it runs with."""
     check_request(cfg, prompts, max_new_tokens)
     longest = max(len(p) for p in prompts)
-    data = mesh.shape["data"]
+    data = batch_shards(mesh)
     bucket = bucket_length(longest, cfg.max_seq_len)
     return DecodeShape(
         batch=-(-len(prompts) // data) * data,
@@ -116,15 +118,7 @@ def decode_shape(cfg: ModelConfig, mesh: Mesh, prompts: Sequence[Sequence[int]],
 
 def cache_bytes(cfg: ModelConfig, mesh: Mesh, shape: DecodeShape) -> int:
     """KV cache bytes one device holds for this request."""
-    return M.cache_bytes_per_device(cfg, (mesh.shape["data"], mesh.shape[TENSOR]), shape.batch, shape.cache_len)
-
-
-def free_device_bytes(device) -> int | None:
-    """Bytes the device can still allocate, or None where the runtime does not say (XLA:CPU)."""
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if not stats or "bytes_limit" not in stats:
-        return None
-    return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    return M.cache_bytes_per_device(cfg, (batch_shards(mesh), mesh.shape[TENSOR]), shape.batch, shape.cache_len)
 
 
 def check_cache_fits(cfg: ModelConfig, mesh: Mesh, shape: DecodeShape, device=None) -> int:

@@ -1,4 +1,4 @@
-"""The one mesh: axes ("data", "tensor"), and the logical-axis -> mesh-axis rules in one place.
+"""The one mesh: axes ("data", "fsdp", "tensor"), and the logical-axis -> mesh-axis rules in one place.
 
 Parameters carry logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `mlp`, ...); this
 module alone decides which mesh axis each name is split over.
@@ -15,7 +15,14 @@ from jax.sharding import PartitionSpec as P
 
 from .config import Config, ConfigError, ModelConfig, mesh_shape
 
-AXES = ("data", "tensor")
+AXES = ("data", "fsdp", "tensor")
+FSDP = "fsdp"
+BATCH = ("data", FSDP)  # the batch splits over both; parameters are replicated over data, split over fsdp
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """Into how many parts a batch splits: data x fsdp."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
 def force_cpu_devices(n: int = 8) -> None:
@@ -32,30 +39,33 @@ def force_cpu_devices(n: int = 8) -> None:
 
 
 def make_mesh(cfg: Config, devices=None) -> Mesh:
-    """The (data, tensor) mesh for this config on these devices (default: all of them).
+    """The (data, fsdp, tensor) mesh for this config on these devices (default: all of them).
 
     Axis types are Auto: the model runs as one shard_map with its own collectives, so jit may
     move inputs onto the specs the shard_map asks for instead of refusing them.
     """
     devices = list(jax.devices() if devices is None else devices)
-    data, tensor = mesh_shape(cfg.mesh, len(devices))
-    return jax.make_mesh((data, tensor), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices[: data * tensor])
+    shape = mesh_shape(cfg.mesh, len(devices))
+    n = shape[0] * shape[1] * shape[2]
+    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices[:n])
 
 
-def sharding_rules(model: ModelConfig, tensor: int) -> dict[str, str | None]:
-    """Logical axis -> mesh axis. KV heads split when they can, else every device keeps them all."""
+def sharding_rules(model: ModelConfig, tensor: int, fsdp: int = 1) -> dict[str, str | tuple | None]:
+    """Logical axis -> mesh axis. KV heads split when they can, else every device keeps them all.
+    With fsdp > 1 every parameter's `embed` dimension splits over fsdp; the model gathers a
+    layer's weights just before it uses them (model.fsdp_gather)."""
     kv_split = model.n_kv_heads % tensor == 0
     if not kv_split and tensor % model.n_kv_heads:
         raise ConfigError(
             f"model.n_kv_heads={model.n_kv_heads} can be neither split nor replicated over tensor={tensor}"
         )
     return {
-        "batch": "data",
+        "batch": BATCH,
         "vocab": "tensor",
         "heads": "tensor",
         "kv_heads": "tensor" if kv_split else None,
         "mlp": "tensor",
-        "embed": None,
+        "embed": FSDP if fsdp > 1 else None,
         "head_dim": None,
         "seq": None,
     }

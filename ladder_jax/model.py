@@ -3,7 +3,12 @@
 Parameters live outside the modules as a plain nested dict of global arrays (`params`), sharded
 over the mesh by the logical-axis rules in `mesh.py`. Inside the shard_map each device rebuilds
 the NNX modules around its local shards (`nnx.merge`) and runs `Transformer.__call__`, where the
-schedules place every all-reduce of a layer.
+schedules place every all-reduce of a layer. With an fsdp axis a module's weights arrive split
+over it too and are gathered just before the module runs (`fsdp_gather`).
+
+Training can rematerialise each layer step (`jax.checkpoint`, a policy from config.REMAT_POLICIES)
+and scan runs of identical steps (`jax.lax.scan` over the run's weights stacked on a new leading
+axis, carrying the schedules' Stream, ladder's pending output included). Decoding runs unrolled.
 """
 
 from __future__ import annotations
@@ -20,9 +25,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from .config import Config, ModelConfig, plan_steps
+from .config import REMAT_POLICIES, Config, ModelConfig, plan_steps
 from .layers import MLP, Attention, Embed, LMHead, RMSNorm, rope_frequencies, rope_tables
-from .mesh import logical_to_spec, sharding_rules
+from .mesh import BATCH, FSDP, batch_shards, logical_to_spec, sharding_rules
 from .schedules import SCHEDULES, LayerContext, Stream
 
 TENSOR = "tensor"
@@ -46,13 +51,24 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(cfg, rngs=rngs)
         self.lm_head = None if cfg.tie_embeddings else LMHead(cfg, rngs=rngs)
 
-    def __call__(self, tokens, positions, *, cache=None, segment_ids=None, hidden_out: list | None = None):
-        """Local-view forward; must run under a shard_map with a `tensor` axis.
+    def __call__(
+        self,
+        tokens,
+        positions,
+        *,
+        cache=None,
+        segment_ids=None,
+        hidden_out: list | None = None,
+        remat="none",
+        scan=False,
+    ):
+        """Local-view forward; must run under a shard_map with `fsdp` and `tensor` axes.
 
         tokens, positions: (B, S) int32. cache: optional list of per-layer (k, v) local shards.
         Returns (logits for this device's vocab shard (B, S, V/T) float32 with padding columns at
         -inf, updated cache or None). `hidden_out`, if given, collects the embedding and then the
-        residual after each step of the plan.
+        residual after each step of the plan. `remat` (a config.REMAT_POLICIES name) and `scan`
+        change how the layers are compiled, never what they compute; neither applies with a cache.
         """
         cfg = self.cfg
         rope = rope_tables(positions, rope_frequencies(cfg))
@@ -62,26 +78,85 @@ class Transformer(nnx.Module):
         stream = Stream(x)
         if hidden_out is not None:
             hidden_out.append(x)
-        for name, layers in plan_steps(cfg.layer_schedules):
-            stream = SCHEDULES[name]([self.layers[i] for i in layers], layers, stream, ctx)
+        steps = plan_steps(cfg.layer_schedules)
+        if cache is not None or hidden_out is not None:
+            remat, scan = "none", False
+        for run in scan_runs(steps) if scan else [[step] for step in steps]:
+            stream = self.run_steps(run, stream, ctx, remat)
             if hidden_out is not None:
                 hidden_out.append(stream.settled())
         return self.head(stream.settled()), new_cache
 
+    def run_steps(self, run: list, stream: Stream, ctx: LayerContext, remat: str = "none") -> Stream:
+        """Steps of the plan that share a schedule: one after another, or (more than one) as a scan
+        over their weights stacked on a leading axis. Each step's weights are gathered over fsdp
+        inside it, and with a remat policy the step is recomputed in the backward pass."""
+        name, layers = run[0]
+        gdefs = [nnx.graphdef(self.layers[i]) for i in layers]
+
+        def step(weights, stream):
+            blocks = [fsdp_gather(nnx.merge(g, w)) for g, w in zip(gdefs, weights)]
+            return SCHEDULES[name](blocks, layers, stream, ctx)
+
+        if REMAT_POLICIES[remat] is not None:
+            step = jax.checkpoint(step, policy=REMAT_POLICIES[remat])
+        weights = [[nnx.to_pure_dict(nnx.state(self.layers[i], nnx.Param)) for i in ls] for _, ls in run]
+        if len(run) == 1:
+            return step(weights[0], stream)
+        # The scan's carry must keep one structure: a stream fresh from the embedding has nothing
+        # pending yet, every step leaves one output pending, so the first step runs on its own.
+        if not stream.pending:
+            stream, weights = step(weights[0], stream), weights[1:]
+        stacked = jax.tree.map(lambda *w: jnp.stack(w), *weights)
+        # A ladder step ties the residual to device-local values (the barriers of
+        # Stream.settle_after), so JAX types its output as varying over `tensor`; the carry is
+        # typed so from the start and after every step, whatever the schedule.
+        vary = lambda st: jax.tree.map(_tensor_varying, st)
+        stream, _ = jax.lax.scan(lambda st, w: (vary(step(w, st)), None), vary(stream), stacked)
+        return stream
+
     def embed_tokens(self, tokens):
         """The embedding, complete on every device: each holds a vocab shard, one all-reduce sums them."""
-        offset = jax.lax.axis_index(TENSOR) * self.embed.table.shape[0]
-        return jax.lax.psum(self.embed(tokens, offset), TENSOR)
+        embed = fsdp_gather(self.embed)
+        offset = jax.lax.axis_index(TENSOR) * embed.table.shape[0]
+        return jax.lax.psum(embed(tokens, offset), TENSOR)
 
     def head(self, h):
         """Final norm and this device's vocab shard of the logits (float32, padding columns at -inf).
 
         Separate from `__call__` so a decoder can apply it to the one position per row it samples from.
         """
-        h = self.final_norm(h)
-        logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
+        h = fsdp_gather(self.final_norm)(h)
+        logits = fsdp_gather(self.embed).attend(h) if self.lm_head is None else fsdp_gather(self.lm_head)(h)
         vocab_ids = jax.lax.axis_index(TENSOR) * logits.shape[-1] + jnp.arange(logits.shape[-1])
         return jnp.where(vocab_ids < self.cfg.vocab_size, logits, -jnp.inf)
+
+
+def _tensor_varying(x):
+    return x if TENSOR in jax.typeof(x).manual_axis_type.varying else jax.lax.pcast(x, (TENSOR,), to="varying")
+
+
+def scan_runs(steps: list[tuple[str, tuple[int, ...]]]) -> list[list]:
+    """The plan's steps grouped into runs of equal schedule (one scan each)."""
+    runs: list[list] = []
+    for step in steps:
+        if runs and runs[-1][0][0] == step[0]:
+            runs[-1].append(step)
+        else:
+            runs.append([step])
+    return runs
+
+
+def fsdp_gather(module: nnx.Module) -> nnx.Module:
+    """`module` with whole weights. With an fsdp axis each parameter's `embed` dimension arrives
+    split over it (mesh.sharding_rules); gathering here, where the module runs, keeps a layer's
+    weights whole only while it computes, and autodiff turns the gather into a reduce-scatter of
+    their gradients."""
+    if jax.lax.axis_size(FSDP) == 1:
+        return module
+    gdef, state = nnx.split(module, nnx.Param)
+    gather = lambda v: jax.lax.all_gather(v[...], FSDP, axis=v.axes.index("embed"), tiled=True)
+    return nnx.merge(gdef, jax.tree.map(gather, state, is_leaf=lambda v: isinstance(v, nnx.Variable)))
 
 
 def layer_context(
@@ -137,16 +212,20 @@ def logical_axes(cfg: ModelConfig) -> dict:
     return nnx.to_pure_dict(jax.tree.map(lambda v: v.axes, _abstract(cfg)[1], is_leaf=is_var))
 
 
-def param_specs(cfg: ModelConfig, tensor: int) -> dict:
-    """PartitionSpec of every parameter for a tensor axis of this size."""
-    rules = sharding_rules(cfg, tensor)
+def param_specs(cfg: ModelConfig, tensor: int, fsdp: int = 1) -> dict:
+    """PartitionSpec of every parameter for tensor and fsdp axes of these sizes."""
+    rules = sharding_rules(cfg, tensor, fsdp)
     return jax.tree.map(
         lambda axes: logical_to_spec(axes, rules), logical_axes(cfg), is_leaf=lambda a: isinstance(a, tuple)
     )
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh) -> dict:
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(cfg, mesh.shape[TENSOR]))
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), mesh_param_specs(cfg, mesh))
+
+
+def mesh_param_specs(cfg: ModelConfig, mesh: Mesh) -> dict:
+    return param_specs(cfg, mesh.shape[TENSOR], mesh.shape[FSDP])
 
 
 def init_params(cfg: ModelConfig, mesh: Mesh, seed: int = 0) -> dict:
@@ -183,11 +262,11 @@ def count_params(cfg: ModelConfig) -> int:
     return total - pad * cfg.d_model * (1 if cfg.tie_embeddings else 2)
 
 
-def bytes_per_device(cfg: ModelConfig, tensor: int) -> int:
-    """Parameter bytes one device holds on a mesh with this tensor size (replicated over data)."""
+def bytes_per_device(cfg: ModelConfig, tensor: int, fsdp: int = 1) -> int:
+    """Parameter bytes one device holds on a mesh with these tensor and fsdp sizes (replicated over data)."""
     total = 0
-    for x, spec in zip(jax.tree.leaves(abstract_params(cfg)), jax.tree.leaves(param_specs(cfg, tensor))):
-        split = tensor if TENSOR in tuple(spec) else 1
+    for x, spec in zip(jax.tree.leaves(abstract_params(cfg)), jax.tree.leaves(param_specs(cfg, tensor, fsdp))):
+        split = (tensor if TENSOR in tuple(spec) else 1) * (fsdp if FSDP in tuple(spec) else 1)
         total += math.prod(x.shape) // split * np.dtype(x.dtype).itemsize
     return total
 
@@ -197,7 +276,7 @@ def bytes_per_device(cfg: ModelConfig, tensor: int) -> int:
 # kv slots over `tensor`. kv_slots is n_kv_heads when they split over the tensor axis; with fewer
 # KV heads than devices each device caches only the one head its queries use (kv_slots = tensor).
 
-CACHE_SPEC = P("data", None, TENSOR, None)
+CACHE_SPEC = P(BATCH, None, TENSOR, None)
 
 
 def cache_shape(cfg: ModelConfig, tensor: int, batch: int, max_len: int) -> tuple[int, ...]:
@@ -206,6 +285,7 @@ def cache_shape(cfg: ModelConfig, tensor: int, batch: int, max_len: int) -> tupl
 
 
 def cache_bytes_per_device(cfg: ModelConfig, mesh_shape: tuple[int, int], batch: int, max_len: int) -> int:
+    """KV cache bytes per device; mesh_shape: (batch shards (data x fsdp), tensor)."""
     data, tensor = mesh_shape
     b, t, slots, hd = cache_shape(cfg, tensor, batch, max_len)
     itemsize = np.dtype(jnp.dtype(cfg.dtype)).itemsize
@@ -230,7 +310,7 @@ def cache_specs(cfg: ModelConfig) -> list:
 def sharded(cfg: ModelConfig, mesh: Mesh, body: Callable, in_specs: tuple, out_specs):
     """shard_map `body(model, *args)` over the mesh, with the model rebuilt from local param shards."""
     gdef = graphdef(cfg)
-    specs = param_specs(cfg, mesh.shape[TENSOR])
+    specs = mesh_param_specs(cfg, mesh)
 
     def local(params, *args):
         return body(nnx.merge(gdef, params), *args)
@@ -243,10 +323,11 @@ def default_positions(tokens):
 
 
 def _check_batch(tokens, mesh: Mesh):
-    data = mesh.shape["data"]
-    if tokens.ndim != 2 or tokens.shape[0] % data:
+    rows = batch_shards(mesh)
+    if tokens.ndim != 2 or tokens.shape[0] % rows:
         raise ValueError(
-            f"tokens of shape {tuple(tokens.shape)} do not split over mesh data={data}; give (batch, seq) with batch a multiple of {data}"
+            f"tokens of shape {tuple(tokens.shape)} do not split over mesh data x fsdp={rows}; "
+            f"give (batch, seq) with batch a multiple of {rows}"
         )
 
 
@@ -257,8 +338,8 @@ def forward_fn(cfg: ModelConfig, mesh: Mesh):
     def body(model, tokens, positions):
         return model(tokens, positions)[0]
 
-    batch = P("data", None)
-    return jax.jit(sharded(cfg, mesh, body, (batch, batch), P("data", None, TENSOR)))
+    batch = P(BATCH, None)
+    return jax.jit(sharded(cfg, mesh, body, (batch, batch), P(BATCH, None, TENSOR)))
 
 
 @functools.lru_cache(maxsize=16)
@@ -271,11 +352,11 @@ def hidden_states_fn(cfg: ModelConfig, mesh: Mesh):
         model(tokens, positions, segment_ids=segment_ids, hidden_out=hidden)
         return jnp.stack(hidden)[None]
 
-    batch = P("data", None)
+    batch = P(BATCH, None)
     # A residual is equal on every tensor device, but after a ladder layer JAX cannot prove it (the
     # barriers that order its late adds tie it to device-local values, schedules.Stream.settle_after):
     # each device returns its copy along a leading tensor axis and the first is kept.
-    fn = sharded(cfg, mesh, body, (batch, batch, batch), P(TENSOR, None, "data"))
+    fn = sharded(cfg, mesh, body, (batch, batch, batch), P(TENSOR, None, BATCH))
     return jax.jit(lambda *args: fn(*args)[0])
 
 
@@ -289,19 +370,19 @@ def block_inputs_fn(cfg: ModelConfig, mesh: Mesh, layers: tuple[int, ...]):
 @functools.lru_cache(maxsize=16)
 def block_fn(cfg: ModelConfig, mesh: Mesh, schedule: str):
     """jit(layer_params, x, positions, segment_ids) -> the residual after one layer run under
-    `schedule` (x: (B, S, D) residual entering it, batch over `data`). For block-level distillation."""
+    `schedule` (x: (B, S, D) residual entering it, batch over data x fsdp). For block-level distillation."""
     gdef, _ = nnx.split(nnx.eval_shape(lambda: Block(cfg, schedule, rngs=nnx.Rngs(0))), nnx.Param)
-    specs = param_specs(cfg, mesh.shape[TENSOR])["layers"][0]
+    specs = mesh_param_specs(cfg, mesh)["layers"][0]
     rope_freq = rope_frequencies(cfg)
 
     def local(p, x, positions, segment_ids):
-        block = nnx.merge(gdef, p)
+        block = fsdp_gather(nnx.merge(gdef, p))
         ctx = layer_context(cfg, block.attn, rope_tables(positions, rope_freq), positions, segment_ids)
         return SCHEDULES[schedule]([block], [0], Stream(x), ctx).settled()[None]
 
-    batch = P("data", None)
+    batch = P(BATCH, None)
     fn = jax.shard_map(
-        local, mesh=mesh, in_specs=(specs, P("data"), batch, batch), out_specs=P(TENSOR, "data")
+        local, mesh=mesh, in_specs=(specs, P(BATCH), batch, batch), out_specs=P(TENSOR, BATCH)
     )  # copies, see hidden_states_fn
     return jax.jit(lambda *args: fn(*args)[0])
 
@@ -316,13 +397,14 @@ def logits(cfg: ModelConfig, mesh: Mesh, params, tokens, positions=None):
 
 def describe(cfg: Config) -> str:
     """One line: parameter count, plan, shape and parameter bytes per device."""
-    m = cfg.model
-    t = cfg.mesh.tensor
+    m, t, f = cfg.model, cfg.mesh.tensor, cfg.mesh.fsdp
     n = count_params(m)
-    gib = bytes_per_device(m, t) / 2**30
+    size = bytes_per_device(m, t, f)
+    size = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
     plan = ",".join(f"{name}:{m.layer_schedules.count(name)}" for name in dict.fromkeys(m.layer_schedules))
+    where = f"tensor={t}" + (f" x fsdp={f}" if f > 1 else "")
     return (
         f"{m.name}: {n / 1e9:.3f}B parameters ({n:,}), {m.n_layers} layers [{plan}], "
         f"d_model {m.d_model}, heads {m.n_heads}/{m.n_kv_heads} kv, ffn {m.ffn_dim}, vocab {m.vocab_size}; "
-        f"parameters per device at tensor={t}: {gib:.2f} GiB ({m.param_dtype})"
+        f"parameters per device at {where}: {size} ({m.param_dtype})"
     )

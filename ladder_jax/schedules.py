@@ -21,6 +21,7 @@ from typing import Callable
 import jax
 
 
+@jax.tree_util.register_dataclass  # a pytree: the carry of a scan over layers, an input of a remat
 @dataclass(frozen=True)
 class Stream:
     x: jax.Array

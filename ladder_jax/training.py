@@ -1,9 +1,10 @@
 """Training: vocab-parallel loss, optax, one jitted step on the mesh, evaluation, the loop.
 
 The step takes the whole state (params, optimizer state) with explicit shardings — parameters
-split over `tensor` by the logical rules, replicated over `data`; batches split over `data` — and
-donates it. Gradients flow through the model's shard_map, whose transpose sums the replicated
-parameters' gradients over `data`.
+and their optimizer state split over `tensor` and `fsdp` by the logical rules, replicated over
+`data`; batches split over data x fsdp — and donates it. Gradients flow through the model's
+shard_map: the transpose of each layer's fsdp all-gather reduce-scatters its gradient, and the
+shard_map's own transpose sums the gradients of what is replicated over `data`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from . import checkpoint as ckpt
 from . import model as M
 from .config import Config, ConfigError, ModelConfig
 from .data import build_datasets, train_iterator, val_batches
-from .mesh import make_mesh
+from .memory import check_training_fits
+from .mesh import BATCH, batch_shards, make_mesh
 from .tokenizer import get_tokenizer
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "mask")
@@ -69,32 +71,33 @@ def vocab_parallel_nll(logits, targets):
 
 
 @functools.lru_cache(maxsize=16)
-def loss_sums_fn(cfg: ModelConfig, mesh: Mesh):
-    """(params, batch) -> (sum of masked token NLL, number of masked tokens), over the whole mesh."""
+def loss_sums_fn(cfg: ModelConfig, mesh: Mesh, remat: str = "none", scan: bool = False):
+    """(params, batch) -> (sum of masked token NLL, number of masked tokens), over the whole mesh.
+    `remat` and `scan`: how the layers compile (Transformer.__call__), not what they compute."""
 
     def body(model, batch):
-        logits, _ = model(batch["inputs"], batch["positions"], segment_ids=batch["segment_ids"])
+        logits, _ = model(batch["inputs"], batch["positions"], segment_ids=batch["segment_ids"], remat=remat, scan=scan)
         nll = vocab_parallel_nll(logits, batch["targets"]) * batch["mask"]
-        return jax.lax.psum(nll.sum(), "data"), jax.lax.psum(batch["mask"].sum(), "data")
+        return jax.lax.psum(nll.sum(), BATCH), jax.lax.psum(batch["mask"].sum(), BATCH)
 
-    spec = {k: P("data", None) for k in BATCH_KEYS}
+    spec = {k: P(BATCH, None) for k in BATCH_KEYS}
     return M.sharded(cfg, mesh, body, (spec,), (P(), P()))
 
 
 def global_batch(mesh: Mesh, host_batch: dict, accum: int | None = None) -> dict:
-    """Host-local numpy rows -> global arrays on the mesh, rows over `data`: (B, S), or
+    """Host-local numpy rows -> global arrays on the mesh, rows over data x fsdp: (B, S), or
     (accum, B/accum, S) micro-batches for the train step."""
     out = {}
     for k in BATCH_KEYS:
         x = np.asarray(host_batch[k])
         if accum is None:
             out[k] = jax.make_array_from_process_local_data(
-                NamedSharding(mesh, P("data", None)), x, (x.shape[0] * jax.process_count(), *x.shape[1:])
+                NamedSharding(mesh, P(BATCH, None)), x, (x.shape[0] * jax.process_count(), *x.shape[1:])
             )
         else:
             x = x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
             out[k] = jax.make_array_from_process_local_data(
-                NamedSharding(mesh, P(None, "data", None)), x, (accum, x.shape[1] * jax.process_count(), *x.shape[2:])
+                NamedSharding(mesh, P(None, BATCH, None)), x, (accum, x.shape[1] * jax.process_count(), *x.shape[2:])
             )
     return out
 
@@ -103,7 +106,7 @@ def global_batch(mesh: Mesh, host_batch: dict, accum: int | None = None) -> dict
 def eval_fn(cfg: ModelConfig, mesh: Mesh):
     return jax.jit(
         loss_sums_fn(cfg, mesh),
-        in_shardings=(M.param_shardings(cfg, mesh), {k: NamedSharding(mesh, P("data", None)) for k in BATCH_KEYS}),
+        in_shardings=(M.param_shardings(cfg, mesh), {k: NamedSharding(mesh, P(BATCH, None)) for k in BATCH_KEYS}),
     )
 
 
@@ -192,12 +195,12 @@ class Trainer:
 
     def __post_init__(self):
         cfg, mesh = self.cfg, self.mesh
-        data = mesh.shape["data"]
+        rows = batch_shards(mesh)
         micro = cfg.train.batch_size // cfg.train.grad_accum
-        if micro % data:
+        if micro % rows:
             raise ConfigError(
-                f"a micro-batch of {micro} sequences (train.batch_size / train.grad_accum) does not split over mesh data={data}; "
-                f"make it a multiple of {data}"
+                f"a micro-batch of {micro} sequences (train.batch_size / train.grad_accum) does not split over "
+                f"mesh data x fsdp={rows}; make it a multiple of {rows}"
             )
         abstract = M.abstract_params(cfg.model)
         self.tx = make_optimizer(cfg, abstract)
@@ -214,8 +217,8 @@ class Trainer:
             is_leaf=frozen,
         )
         self.state_shardings = {"params": self.param_shardings, "opt_state": opt_shardings}
-        self.batch_sharding = {k: NamedSharding(mesh, P(None, "data", None)) for k in BATCH_KEYS}
-        loss_sums = loss_sums_fn(cfg.model, mesh)
+        self.batch_sharding = {k: NamedSharding(mesh, P(None, BATCH, None)) for k in BATCH_KEYS}
+        loss_sums = loss_sums_fn(cfg.model, mesh, cfg.train.remat, cfg.train.scan_layers)
 
         def step(state, batch):
             def micro_step(carry, mb):
@@ -311,6 +314,20 @@ def train(
     log=print,
     stop_at: int | None = None,
 ) -> dict:
+    """`_train` holding the run directory's lock (checkpoint.run_lock): one trainer per directory."""
+    run_dir = run_directory(cfg, run_dir)
+    with ckpt.run_lock(run_dir):
+        return _train(cfg, run_dir, init_from, progress, log, stop_at)
+
+
+def _train(
+    cfg: Config,
+    run_dir: str | Path | None = None,
+    init_from: str | Path | None = None,
+    progress: bool = True,
+    log=print,
+    stop_at: int | None = None,
+) -> dict:
     """Train (or resume) a run; returns {'run_dir', 'step', 'loss', 'val_loss', 'params', 'mesh'}.
 
     `stop_at` ends this call after that step (as an interruption would), leaving the schedule
@@ -330,6 +347,8 @@ def train(
     datasets = build_datasets(tr, tokenizer)
     mesh = make_mesh(cfg)
     trainer = get_trainer(cfg, mesh)
+    fresh = init_from is None and ckpt.latest_step(run_dir) is None  # random parameters: XLA's temporaries count
+    check_training_fits(cfg.model, mesh, trainer.abstract_state(), fresh)
 
     if jax.process_index() == 0:
         ckpt.save_config(run_dir, cfg)
@@ -379,13 +398,17 @@ def train(
     t0, tokens_since = time.perf_counter(), 0.0
     summary = {"run_dir": str(run_dir), "step": start}
     step = start
-    try:
-        for step in range(start + 1, tr.steps + 1):
-            state, metrics = trainer.step(state, next(it))
-            # Reading the loss waits for the step: it bounds the steps in flight (XLA:CPU's
-            # rendezvous deadlocks otherwise, docs/architecture.md) and lets us stop at the first NaN.
-            loss = float(metrics["loss"])
-            if not (math.isfinite(loss) and bool(metrics["params_finite"])):
+    # Metrics stay on the device until a log, eval or save step (or, on XLA:CPU, every step: its
+    # rendezvous deadlocks with many steps in flight, docs/architecture.md), so the host never
+    # holds the next step back. Every step's loss is still checked, so a NaN stops before a save.
+    read_every = 1 if mesh.devices.flat[0].platform == "cpu" else tr.log_every
+    unread: list[tuple[int, dict]] = []
+
+    def read_metrics() -> dict:
+        nonlocal tokens_since
+        for k, m in unread:
+            loss = float(m["loss"])
+            if not (math.isfinite(loss) and bool(m["params_finite"])):
                 kept = (
                     f"the last good checkpoint is step {last_good} in {run_dir}"
                     if last_good
@@ -393,26 +416,41 @@ def train(
                 )
                 what = f"loss became {loss}" if not math.isfinite(loss) else "parameters became non-finite"
                 raise TrainingError(
-                    f"{what} at step {step}; stopped without saving ({kept}); lower train.lr or raise train.warmup_steps"
+                    f"{what} at step {k}; stopped without saving ({kept}); lower train.lr or raise train.warmup_steps"
                 )
-            tokens_since += float(metrics["tokens"])
-            summary.update(step=step, loss=loss)
-            if step % tr.log_every == 0 or step == tr.steps:
+            tokens_since += float(m["tokens"])
+            summary.update(step=k, loss=loss)
+        unread.clear()
+        return m
+
+    try:
+        for step in range(start + 1, tr.steps + 1):
+            state, metrics = trainer.step(state, next(it))
+            unread.append((step, metrics))
+            logging, evaluating = (
+                step % tr.log_every == 0 or step == tr.steps,
+                step % tr.eval_every == 0 or step == tr.steps,
+            )
+            saving = step % tr.save_every == 0 or step == tr.steps or step == stop_at
+            if len(unread) >= read_every or logging or evaluating or saving:
+                metrics = read_metrics()
+            if logging:
                 dt = time.perf_counter() - t0
                 tps = tokens_since / dt
+                loss = summary["loss"]
                 record = {"step": step, "loss": loss, "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tps}
                 if peak:
                     record["mfu"] = tps * fpt / (peak * jax.device_count())
                 append_jsonl(metrics_path, record)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{record['mfu']:.1%}" if peak else "n/a")
                 t0, tokens_since = time.perf_counter(), 0.0
-            if step % tr.eval_every == 0 or step == tr.steps:
+            if evaluating:
                 ev = trainer.evaluate(state["params"], val)
                 if ev:
                     append_jsonl(metrics_path, {"step": step, **ev})
                     summary.update(ev)
                     bar.write(f"step {step}: val_loss {ev['val_loss']:.4f}  val_ppl {ev['val_ppl']:.2f}")
-            if step % tr.save_every == 0 or step == tr.steps or step == stop_at:
+            if saving:
                 save(step)
                 last_good = step
             bar.update(1)

@@ -1,13 +1,12 @@
-"""Every test runs on 8 fake CPU devices (set before JAX starts)."""
+"""Every test runs on 8 fake CPU devices (asked for before JAX starts its backends)."""
 
+import jax
+import pytest
+
+from ladder_jax.config import load_config
 from ladder_jax.mesh import force_cpu_devices
 
 force_cpu_devices(8)
-
-import jax  # noqa: E402
-import pytest  # noqa: E402
-
-from ladder_jax.config import load_config  # noqa: E402
 
 # A small GQA model: 8 query heads over 2 KV heads, so tensor=2 splits the KV heads and
 # tensor=4, 8 replicate them; vocab 259 exercises the padded vocab-parallel head.

@@ -65,6 +65,9 @@ def test_rope_scaling_override_builds_the_nested_section():
         (["model.n_layers=four"], "model.n_layers must be int"),
         (["model.tie_embeddings=3"], "model.tie_embeddings must be bool"),
         (["mesh.tensor=3"], "model.n_heads=8 does not split over mesh.tensor=3"),
+        (["mesh.fsdp=3"], "model.d_model=256 does not split over mesh.fsdp=3"),
+        (["mesh.fsdp=0"], "mesh.fsdp must be positive"),
+        (["train.remat=some"], "train.remat='some' is not a policy; choose from none, full, save_dots"),
         (
             ["model.n_kv_heads=8", "model.n_heads=24", "model.d_model=240", "mesh.tensor=16"],
             "does not split over mesh.tensor=16",
@@ -106,3 +109,16 @@ def test_plan_grammar():
     assert parse_plan("spd@0,spd@2", 4) == ("spd", "standard", "spd", "standard")
     assert parse_plan("ladder,lp@1:3", 4) == ("ladder", "lp", "lp", "ladder")
     assert plan_steps(parse_plan("lp@0:4,ladder@4:", 5)) == [("lp", (0, 1)), ("lp", (2, 3)), ("ladder", (4,))]
+
+
+def test_fsdp_sizes_that_do_not_fit_the_devices_or_the_batch_are_refused(devices):
+    from ladder_jax.config import mesh_shape
+    from ladder_jax.mesh import make_mesh
+    from ladder_jax.training import Trainer
+
+    cfg = load_config("tiny", ["mesh.fsdp=16"])
+    with pytest.raises(ConfigError, match="mesh fsdp=16 x tensor=1 does not divide the 8 available devices"):
+        mesh_shape(cfg.mesh, 8)
+    cfg = load_config("tiny", ["mesh.fsdp=4", "mesh.tensor=2", "train.batch_size=6", "train.grad_accum=1"])
+    with pytest.raises(ConfigError, match="does not split over mesh data x fsdp=4; make it a multiple of 4"):
+        Trainer(cfg, make_mesh(cfg))

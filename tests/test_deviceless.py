@@ -25,10 +25,11 @@ from ladder_jax.mesh import apply_xla_flags, tpu_flags
 from .conftest import SMALL
 
 
-class FakeMesh:  # 1 x 8 mesh of device ids 0..7: every collective here runs over `tensor`
+class FakeMesh:  # 1 x 1 x 8 mesh of device ids 0..7: every collective here runs over `tensor`
     import numpy as np
 
-    devices = np.array([[type("D", (), {"id": i})() for i in range(8)]])
+    axis_names = ("data", "fsdp", "tensor")
+    devices = np.array([[[type("D", (), {"id": i})() for i in range(8)]]])
 
 
 GROUPS = "replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%add"

@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from ladder_jax import model as M
 from ladder_jax.layers import rope_frequencies
-from ladder_jax.mesh import make_mesh
+from ladder_jax.mesh import BATCH, make_mesh
 
 from .conftest import small_config
 from .reference import forward as reference_forward
@@ -116,14 +116,14 @@ def test_kv_cache_prefill_then_steps_equal_the_full_forward(plan, mesh_shape, de
     c = small_config(plan, *mesh_shape, model__init_std=0.1)
     mesh = make_mesh(c)
     params = jax.device_put(params, M.param_shardings(c.model, mesh))
-    batch = P("data", None)
+    batch = P(BATCH, None)
     step = jax.jit(
         M.sharded(
             c.model,
             mesh,
             lambda model, t, pos, cache: model(t, pos, cache=cache),
             (batch, batch, M.cache_specs(c.model)),
-            (P("data", None, "tensor"), M.cache_specs(c.model)),
+            (P(BATCH, None, "tensor"), M.cache_specs(c.model)),
         )
     )
     cache = M.init_cache(c.model, mesh, TOKENS.shape[0], 16)
@@ -139,7 +139,7 @@ def test_kv_cache_prefill_then_steps_equal_the_full_forward(plan, mesh_shape, de
 
 def test_batch_that_does_not_split_over_data_is_refused(devices):
     cfg, mesh, params = build("standard", data=4, tensor=2)
-    with pytest.raises(ValueError, match="do not split over mesh data=4"):
+    with pytest.raises(ValueError, match="do not split over mesh data x fsdp=4"):
         M.logits(cfg, mesh, params, TOKENS[:2])
 
 
@@ -158,9 +158,9 @@ def test_packed_documents_attend_only_within_themselves(devices):
     segments = jnp.asarray(np.r_[np.zeros(100), np.ones(156)].astype(np.int32)[None])
     positions = jnp.asarray(np.r_[np.arange(100), np.arange(156)].astype(np.int32)[None])
     body = lambda model, t, p, s: model(t, p, segment_ids=s)[0]  # noqa: E731
-    spec = P("data", None)
+    spec = P(BATCH, None)
     packed = np.asarray(
-        jax.jit(M.sharded(cfg, mesh, body, (spec,) * 3, P("data", None, "tensor")))(params, tokens, positions, segments)
+        jax.jit(M.sharded(cfg, mesh, body, (spec,) * 3, P(BATCH, None, "tensor")))(params, tokens, positions, segments)
     )
     np.testing.assert_allclose(packed[0, :100, :259], np.asarray(M.logits(cfg, mesh, params, a[None]))[0], atol=2e-5)
     np.testing.assert_allclose(packed[0, 100:, :259], np.asarray(M.logits(cfg, mesh, params, b[None]))[0], atol=2e-5)

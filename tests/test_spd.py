@@ -183,3 +183,24 @@ def test_a_sensitivity_file_for_another_model_is_refused_before_loading(run, tmp
     with pytest.raises(spd.SPDError, match="measured at tensor=4, this run uses tensor=8"):
         spd.check_sensitivity(_report(), cfg, 8, "f.json")
     assert not out.exists()
+
+
+def test_apply_measures_the_standard_model_on_the_sequences_sensitivity_used(sensitivity, run, tmp_path, capsys):
+    # Sensitivity ran on 8 calibration sequences; apply, without --calibration, reuses exactly those.
+    assert sensitivity["calibration"]["windows"] == 8 and sensitivity["calibration"]["batch_size"] == 4
+    capsys.readouterr()
+    argv = ["spd", "apply", "--checkpoint", str(run), "--sensitivity", str(run / "spd_sensitivity_t4.json")]
+    assert main([*argv, "--drop", "2", "--steps", "1", "--held-out", "4", "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "calibration: the first 8 validation windows of 32 tokens, the sequences" in out
+    assert f"standard (every block synced): calibration ppl {sensitivity['base_ppl']:.4f}" in out
+    done = json.loads((tmp_path / "o" / "spd_apply.json").read_text())
+    assert done["calibration"] == sensitivity["calibration"]
+    assert done["ppl_standard"] == pytest.approx(sensitivity["base_ppl"], rel=1e-6)
+    # Other sequences (--calibration 12) are named as such, next to the file's own baseline.
+    other = dict(sensitivity["calibration"], windows=12, tokens_sha1="0")
+    line = spd.compare_calibration(sensitivity, other, "s.json")
+    assert (
+        "the first 12 validation windows" in line
+        and "NOT the first 8 validation windows of 32 tokens that s.json" in line
+    )

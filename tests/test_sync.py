@@ -53,10 +53,11 @@ def test_hlo_helpers_read_both_replica_group_forms_and_tuple_shapes():
 
 
 def test_analysis_counts_a_merged_all_reduce_by_operands():
-    class FakeMesh:  # 1 x 2 mesh of device ids 0, 1
+    class FakeMesh:  # 1 x 1 x 2 mesh of device ids 0, 1
         import numpy as np
 
-        devices = np.array([[type("D", (), {"id": 0})(), type("D", (), {"id": 1})()]])
+        axis_names = ("data", "fsdp", "tensor")
+        devices = np.array([[[type("D", (), {"id": 0})(), type("D", (), {"id": 1})()]]])
 
     hlo = """HloModule m
 %add (a: f32[], b: f32[]) -> f32[] {

@@ -15,10 +15,10 @@ import pytest
 
 from ladder_jax import checkpoint as ckpt
 from ladder_jax import model as M
-from ladder_jax.config import ConfigError
+from ladder_jax.config import ConfigError, replace
 from ladder_jax.data import DataError, PackedWindows, val_batches
 from ladder_jax.mesh import make_mesh
-from ladder_jax.training import TrainingError, global_batch, loss_sums_fn, train
+from ladder_jax.training import Trainer, TrainingError, global_batch, loss_sums_fn, train
 
 from .conftest import small_config
 
@@ -91,23 +91,58 @@ def test_a_save_killed_midway_is_never_restored(corpus, tmp_path, devices):
     assert notes == [f"resumed {run} at step 2"] and ckpt.latest_step(run) == 3
 
 
-@pytest.mark.parametrize("plan", ["standard", "parallel", "ladder", "standard,ladder@-2:", "lp@0:2"])
-def test_gradients_equal_a_tensor_1_run(plan, corpus, devices):
+# (plan, (data, fsdp, tensor), remat, scan): every mesh shape, plan, remat policy and scan setting
+# appears at least once without compiling the whole product.
+GRADIENT_CASES = [
+    ("standard", (2, 2, 2), "full", True),
+    ("ladder", (1, 4, 2), "save_dots", True),
+    ("standard,ladder@-2:", (1, 2, 4), "none", True),
+    ("ladder", (1, 8, 1), "full", False),
+    ("spd", (1, 2, 4), "save_dots", False),
+    ("lp@0:2", (2, 2, 2), "none", True),
+    ("parallel", (2, 1, 4), "full", True),
+]
+
+
+def _batch():
     windows = PackedWindows(
         np.random.RandomState(1).randint(0, 259, 8 * 33 + 1).astype(np.int32), np.zeros(8 * 33 + 1, np.int32), 32
     )
-    (batch,) = val_batches(windows, 8, 1)
+    return val_batches(windows, 8, 1)[0]
 
-    params = M.init_params(small_config(plan, model__init_std=0.1).model, make_mesh(small_config(plan)), 0)
 
-    def grads(data, tensor):
-        cfg = small_config(plan, data, tensor, model__init_std=0.1)
-        mesh = make_mesh(cfg)
-        loss = lambda p, b: (lambda s, c: s / c)(*loss_sums_fn(cfg.model, mesh)(p, b))  # noqa: E731
-        p = jax.device_put(params, M.param_shardings(cfg.model, mesh))
-        return jax.device_get(jax.jit(jax.grad(loss))(p, global_batch(mesh, batch)))
+def _grads(plan, shape, remat="none", scan=False):
+    data, fsdp, tensor = shape
+    cfg = small_config(plan, data, tensor, mesh__fsdp=fsdp, model__init_std=0.1)
+    mesh = make_mesh(cfg)
+    params = M.init_params(cfg.model, mesh, 0)  # the same values on every mesh
+    loss = lambda p, b: (lambda s, c: s / c)(*loss_sums_fn(cfg.model, mesh, remat, scan)(p, b))  # noqa: E731
+    return jax.device_get(jax.jit(jax.grad(loss))(params, global_batch(mesh, _batch())))
 
-    want, got = grads(1, 1), grads(2, 4)
+
+@pytest.mark.parametrize("plan, shape, remat, scan", GRADIENT_CASES, ids=lambda c: str(c).replace(" ", ""))
+def test_gradients_equal_a_tensor_1_run(plan, shape, remat, scan, devices):
+    # SPD at tensor > 1 is another function by design: its reference keeps the tensor size.
+    reference = (1, 1, shape[2] if plan == "spd" else 1)
+    want, got = _grads(plan, reference), _grads(plan, shape, remat, scan)
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(g, w, atol=2e-6, rtol=2e-4)
+
+
+def test_an_optimizer_step_on_data_fsdp_tensor_equals_one_device(corpus, devices):
+    def stepped(data, fsdp, tensor, *extra):
+        cfg = config(corpus, "train.steps=4", *extra, plan="ladder", data=data, tensor=tensor)
+        cfg = replace(cfg, mesh={"fsdp": fsdp, "data": data})
+        trainer = Trainer(cfg, make_mesh(cfg))
+        state = trainer.init_state(M.init_params(cfg.model, trainer.mesh, 0))
+        state, metrics = trainer.step(state, _batch())
+        return jax.device_get(state["params"]), float(metrics["loss"])
+
+    (want, want_loss), (got, got_loss) = (
+        stepped(1, 1, 1),
+        stepped(2, 2, 2, "train.remat=full", "train.scan_layers=true"),
+    )
+    assert got_loss == pytest.approx(want_loss, rel=1e-5)
     for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
         np.testing.assert_allclose(g, w, atol=2e-6, rtol=2e-4)
 
@@ -177,7 +212,7 @@ def test_read_only_run_directory_is_refused(tmp_path, monkeypatch):
         ckpt.check_writable(tmp_path / "run")
 
 
-def test_two_processes_train_together(corpus, tmp_path):
+def test_two_processes_train_together_with_fsdp_across_both(corpus, tmp_path):
     port = 20000 + os.getpid() % 20000
     cmd = [
         sys.executable,
@@ -198,7 +233,8 @@ def test_two_processes_train_together(corpus, tmp_path):
         "train.steps=2",
         "train.save_every=2",
         "train.eval_every=2",
-        "mesh.tensor=4",
+        "mesh.fsdp=4",  # devices 0-3 are process 0's, 4-7 process 1's: fsdp groups span both
+        "mesh.tensor=2",
         "model.d_model=64",
         "model.n_layers=2",
         "model.ffn_dim=128",
@@ -219,6 +255,21 @@ def test_two_processes_train_together(corpus, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "step 2: loss" in outs[0]
     assert ckpt.latest_step(tmp_path / "run") == 2
+
+
+def test_a_checkpoint_restores_and_resumes_on_another_mesh(corpus, tmp_path, devices):
+    cfg = config(corpus, "train.steps=2", "train.save_every=2", "train.eval_every=8", plan="ladder", data=1, tensor=2)
+    cfg = replace(cfg, mesh={"fsdp": 4})
+    trained = train(cfg, tmp_path / "run", progress=False, log=lambda *_: None)
+    for data, fsdp, tensor in [(1, 8, 1), (2, 1, 4)]:
+        other = replace(cfg, mesh={"data": data, "fsdp": fsdp, "tensor": tensor})
+        params = ckpt.restore_params(tmp_path / "run", other, make_mesh(other))
+        for a, b in zip(jax.tree.leaves(jax.device_get(params)), jax.tree.leaves(jax.device_get(trained["params"]))):
+            np.testing.assert_array_equal(a, b)
+    notes = []
+    moved = replace(cfg, train={"steps": 3}, mesh={"fsdp": 8, "tensor": 1})
+    resumed = train(moved, tmp_path / "run", progress=False, log=notes.append)
+    assert notes == [f"resumed {tmp_path / 'run'} at step 2"] and resumed["step"] == 3 and np.isfinite(resumed["loss"])
 
 
 def test_plot_draws_several_runs_into_one_png(tmp_path):

@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 
 from .. import decode
 from ..config import Config, ModelConfig, parse_plan
-from ..mesh import make_mesh
+from ..mesh import batch_shards, make_mesh
 from ..training import BATCH_KEYS, get_trainer
 from .hlo import Instr, collective_axis, is_matmul, mesh_axis_groups, parse_hlo, shape_bytes
 
@@ -314,7 +314,7 @@ def decode_step_hlo(
     cfg: ModelConfig, mesh: Mesh, batch: int | None = None, max_len: int = 64, compiler_options: dict | None = None
 ) -> str:
     """Scheduled HLO of one decode step, compiled for the mesh's devices (abstract arguments)."""
-    args = decode.abstract_step_args(cfg, mesh, batch or mesh.shape["data"], max_len)
+    args = decode.abstract_step_args(cfg, mesh, batch or batch_shards(mesh), max_len)
     return decode.step_fn(cfg, mesh).lower(*args).compile(compiler_options=compiler_options).as_text()
 
 
@@ -356,7 +356,7 @@ def schedule_rows(
     for plan in variants:
         parse_plan(plan, cfg.n_layers)
         c = dataclasses.replace(cfg, plan=plan)
-        text = decode_step_hlo(c, mesh, batch * mesh.shape["data"], min(cache_len, c.max_seq_len), compiler_options)
+        text = decode_step_hlo(c, mesh, batch * batch_shards(mesh), min(cache_len, c.max_seq_len), compiler_options)
         if dump:
             Path(dump).mkdir(parents=True, exist_ok=True)
             safe = re.sub(r"[^\w@:,.-]", "_", plan)

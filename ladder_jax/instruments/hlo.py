@@ -3,6 +3,7 @@ groups, which mesh axis a collective runs over, which instructions are matmuls).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -125,13 +126,21 @@ def parse_replica_groups(attrs: str) -> list[tuple[int, ...]] | None:
 
 
 def mesh_axis_groups(mesh: Mesh) -> dict[str, set[tuple[int, ...]]]:
-    """Device-id groups of each mesh axis, to tell which axis a collective runs over."""
+    """Device-id groups of each mesh axis, of the batch (data x fsdp) and of all devices: what a
+    collective's replica groups are compared with to tell which axis it runs over."""
     ids = np.vectorize(lambda d: d.id)(mesh.devices)
-    return {
-        "tensor": {tuple(sorted(row)) for row in ids.tolist()},
-        "data": {tuple(sorted(col)) for col in ids.T.tolist()},
-        "all": {tuple(sorted(ids.ravel().tolist()))},
-    }
+    names = list(mesh.axis_names)
+
+    def along(*axes):
+        keep = [names.index(a) for a in axes]
+        moved = np.moveaxis(ids, keep, range(ids.ndim - len(keep), ids.ndim))
+        return {tuple(sorted(g)) for g in moved.reshape(-1, math.prod(ids.shape[k] for k in keep)).tolist()}
+
+    groups = {a: along(a) for a in names}
+    if {"data", "fsdp"} <= set(names):
+        groups["batch"] = along("data", "fsdp")
+    groups["all"] = along(*names)
+    return groups
 
 
 def is_matmul(ins: Instr, comps: dict, cache: dict) -> bool:
@@ -153,11 +162,13 @@ def is_matmul(ins: Instr, comps: dict, cache: dict) -> bool:
     return False
 
 
+# Where axes of size 1 make several names describe the same groups, the first one wins.
+AXIS_ORDER = ("tensor", "fsdp", "data", "batch", "all")
+
+
 def collective_axis(attrs: str, groups: dict) -> str:
-    """The mesh axis ("tensor", "data", "other") a collective with these attributes runs over."""
+    """The mesh axis ("tensor", "fsdp", "data", "batch", "all" or "other") a collective with these
+    attributes runs over."""
     rg = parse_replica_groups(attrs)
     found = {tuple(sorted(g)) for g in rg} if rg else None
-    axis = next((name for name in ("tensor", "data", "all") if found == groups[name]), "other")
-    if axis == "all":  # a mesh with one of the two axes of size 1
-        axis = "tensor" if len(groups["data"]) == 1 else "data"
-    return axis
+    return next((name for name in AXIS_ORDER if name in groups and found == groups[name]), "other")

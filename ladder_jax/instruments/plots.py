@@ -39,13 +39,18 @@ def read_metrics(run_dir: Path) -> tuple[list, list]:
 
 
 def plot_runs(run_dirs, out: Path, labels=None) -> Path:
+    if labels and len(labels) != len(run_dirs):
+        raise PlotError(f"--labels gives {len(labels)} labels for {len(run_dirs)} runs; give one label per run")
+    runs = [(Path(run), read_metrics(Path(run))) for run in run_dirs]  # every run is checked before drawing
     plt = pyplot()
     if plt is None:
         raise PlotError("plotting needs matplotlib: pip install -e '.[plot]'")
+    names = [run.name for run, _ in runs]
+    if not labels and len(set(names)) < len(names):  # runs/a/run, runs/b/run: name them by their parents too
+        names = [f"{run.parent.name}/{run.name}" for run, _ in runs]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for k, run in enumerate(run_dirs):
-        label = labels[k] if labels else Path(run).name
-        train, val = read_metrics(Path(run))
+    for k, (_, (train, val)) in enumerate(runs):
+        label = labels[k] if labels else names[k]
         line = None
         if train:
             (line,) = ax.plot(*zip(*train), lw=1, alpha=0.8, label=f"{label} train")

@@ -25,15 +25,17 @@ from jax.sharding import Mesh
 
 from .. import decode, model
 from ..config import ModelConfig, parse_plan
+from ..mesh import batch_shards
 from .hlo import collective_axis, is_matmul, mesh_axis_groups, parse_hlo, shape_bytes
 
 NO_COMBINER = {"xla_disable_hlo_passes": "cpu-all-reduce-combiner"}
+OTHER_COLLECTIVES = ("all-gather", "all-gather-start", "reduce-scatter", "all-to-all", "collective-permute")
 
 
 @dataclass
 class AllReduce:
     name: str
-    axis: str  # "tensor", "data", "all" or "other"
+    axis: str  # "tensor", "fsdp", "data", "batch", "all" or "other" (hlo.collective_axis)
     operands: int  # > 1 when XLA merged several all-reduces into one
     bytes: int
     blocking: bool
@@ -43,6 +45,9 @@ class AllReduce:
 @dataclass
 class SyncReport:
     all_reduces: list[AllReduce] = field(default_factory=list)
+    # Every other collective, counted by kind and mesh axis, e.g. {"all-gather@fsdp": 14}: with an
+    # fsdp axis, the weight gathers (reported apart so the tensor all-reduce counts stay exact).
+    other_collectives: dict[str, int] = field(default_factory=dict)
 
     def on(self, axis: str) -> list[AllReduce]:
         return [a for a in self.all_reduces if a.axis == axis]
@@ -57,7 +62,7 @@ class SyncReport:
         }
 
     def to_json(self) -> dict:
-        return {"all_reduces": [asdict(a) for a in self.all_reduces]}
+        return {"all_reduces": [asdict(a) for a in self.all_reduces], "other_collectives": self.other_collectives}
 
 
 def analyze(text: str, mesh: Mesh) -> SyncReport:
@@ -90,6 +95,9 @@ def analyze(text: str, mesh: Mesh) -> SyncReport:
     groups = mesh_axis_groups(mesh)
     report = SyncReport()
     for k, ins in enumerate(body):
+        if ins.opcode in OTHER_COLLECTIVES:
+            key = f"{ins.opcode.removesuffix('-start')}@{collective_axis(ins.attrs, groups)}"
+            report.other_collectives[key] = report.other_collectives.get(key, 0) + 1
         if ins.opcode not in ("all-reduce", "all-reduce-start"):
             continue
         done = k
@@ -120,7 +128,7 @@ def cpu_analysis_config(cfg: ModelConfig) -> ModelConfig:
 
 def forward_report(cfg: ModelConfig, mesh: Mesh, batch: int | None = None, seq: int = 16) -> SyncReport:
     """Sync report of one causal forward of this model config on this mesh (abstract parameters)."""
-    tokens = jax.ShapeDtypeStruct((batch or mesh.shape["data"], seq), jnp.int32)
+    tokens = jax.ShapeDtypeStruct((batch or batch_shards(mesh), seq), jnp.int32)
     fn = model.forward_fn(cfg, mesh)
     return analyze(compiled_text(fn, model.abstract_params(cfg), tokens, tokens), mesh)
 
@@ -130,7 +138,7 @@ def decode_report(
 ) -> SyncReport:
     """Sync report of one decode step (one new token per row, reading a KV cache of `max_len`);
     `options`: extra compiler options."""
-    args = decode.abstract_step_args(cfg, mesh, batch or mesh.shape["data"], max_len)
+    args = decode.abstract_step_args(cfg, mesh, batch or batch_shards(mesh), max_len)
     return analyze(compiled_text(decode.step_fn(cfg, mesh), *args, options=options), mesh)
 
 
@@ -140,8 +148,8 @@ def sync_rows(cfg: ModelConfig, mesh: Mesh, variants: list[str], batch: int = 1,
     for plan in variants:
         parse_plan(plan, cfg.n_layers)
         c = cpu_analysis_config(dataclasses.replace(cfg, plan=plan))
-        fwd = forward_report(c, mesh, batch=batch * mesh.shape["data"], seq=seq)
-        step = decode_report(c, mesh, batch=batch * mesh.shape["data"])
+        fwd = forward_report(c, mesh, batch=batch * batch_shards(mesh), seq=seq)
+        step = decode_report(c, mesh, batch=batch * batch_shards(mesh))
         s, f = step.summary(), fwd.summary()
         rows.append(
             {
@@ -151,8 +159,9 @@ def sync_rows(cfg: ModelConfig, mesh: Mesh, variants: list[str], batch: int = 1,
                 "all_reduces": s["all_reduces"],
                 "blocking_all_reduces": s["blocking_all_reduces"],
                 "overlappable_all_reduces": s["overlappable_all_reduces"],
-                "bytes_per_token": s["bytes"] // (batch * mesh.shape["data"]),
-                "forward": {**f, "bytes_per_token": f["bytes"] // (batch * mesh.shape["data"] * seq)},
+                "bytes_per_token": s["bytes"] // (batch * batch_shards(mesh)),
+                "forward": {**f, "bytes_per_token": f["bytes"] // (batch * batch_shards(mesh) * seq)},
+                "other_collectives": step.other_collectives,
             }
         )
     return rows

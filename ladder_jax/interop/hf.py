@@ -43,6 +43,7 @@ from .. import checkpoint
 from .. import model as M
 from ..checkpoint import building, check_new_directory
 from ..config import Config, ModelConfig, TrainConfig, from_dict, replace
+from ..memory import check_params_fit
 from ..mesh import make_mesh
 
 DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16)}
@@ -363,6 +364,7 @@ def from_hf(
     check_new_directory(out_run)
     # Everything above only read JSON and headers; now the weights, one tensor at a time.
     mesh = make_mesh(replace(cfg, mesh={"data": 1}))  # one copy of the parameters, split over `tensor`
+    check_params_fit(cfg.model, mesh, f"the parameters of {hf_dir} ({cfg.model.param_dtype})")
     shapes, shardings = M.abstract_params(cfg.model), M.param_shardings(cfg.model, mesh)
     with building(out_run) as tmp:
         params = {}

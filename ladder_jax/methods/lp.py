@@ -134,9 +134,11 @@ def plot(rows: list[dict], out: Path, title: str) -> Path | None:
         [r["delta"] for r in rows], [r["agreement"] for r in rows], "s--", color="tab:orange", label="greedy agreement"
     )
     ax2.set_ylabel("greedy agreement with the original")
+    ax2.set_ylim(-0.03, 1.03)
     ax.set_title(title)
-    fig.legend(loc="center left", bbox_to_anchor=(0.13, 0.55), fontsize=8)
-    fig.tight_layout()
+    # Below the axes: inside them it covers one curve or the other, wherever it goes.
+    fig.legend(loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out

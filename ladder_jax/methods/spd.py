@@ -18,6 +18,7 @@ SPD block; only that block's parameters train (optax, the trainer's optimizer se
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -79,7 +80,7 @@ def sensitivity(run: Run, calib: list[dict], sensitive: float, extreme: float, l
     """Per block, from the last backwards: perplexity with and without its sync on top of the later drops."""
     n, base = run.cfg.model.n_layers, run.cfg.model.plan
     base_ppl = perplexity(run, spd_plan(base, n, []), calib)
-    log(f"standard: calibration ppl {base_ppl:.4f}")
+    log(f"standard (every block synced): calibration ppl {base_ppl:.4f}")
     blocks, without = [], base_ppl
     for i in reversed(range(n)):
         with_drop = perplexity(run, spd_plan(base, n, range(i, n)), calib)
@@ -362,8 +363,53 @@ def open_run(checkpoint: Path, tensor: int | None, overrides=()) -> Run:
 
 
 def calibration_batches(run: Run, sequences: int) -> list[dict]:
-    """At least `sequences` of the run's validation windows, in whole batches."""
+    """At least `sequences` of the run's validation windows, in whole batches (fewer when the
+    validation split is shorter): always the first ones, so equal requests give equal sequences."""
     return run.validation_batches(-(-sequences // run.cfg.train.batch_size))
+
+
+def calibration_record(run: Run, calib: list[dict]) -> dict:
+    """Which sequences `calib` is: the first `windows` validation windows of the run, in batches,
+    and a digest of their tokens (equal digests: the same sequences)."""
+    digest = hashlib.sha1()
+    for b in calib:
+        digest.update(np.ascontiguousarray(b["inputs"], np.int32).tobytes())
+    return {
+        "windows": sum(len(b["inputs"]) for b in calib) * jax.process_count(),
+        "batches": len(calib),
+        "batch_size": run.cfg.train.batch_size,
+        "seq_len": run.cfg.train.seq_len,
+        "tokens_sha1": digest.hexdigest(),
+    }
+
+
+def describe_calibration(record: dict) -> str:
+    return f"the first {record['windows']} validation windows of {record['seq_len']} tokens"
+
+
+def report_calibration(report: dict) -> dict | None:
+    """The calibration a sensitivity file was measured on (None for files that do not say)."""
+    rec = report.get("calibration")
+    return rec if isinstance(rec, dict) and {"batches", "batch_size", "windows", "seq_len"} <= set(rec) else None
+
+
+def compare_calibration(report: dict, used: dict, path) -> str:
+    """One line saying which sequences `spd apply` measures on, and whether the sensitivity file's
+    numbers were measured on the same ones."""
+    recorded = report_calibration(report)
+    here = f"calibration: {describe_calibration(used)}"
+    if recorded is None:
+        return f"{here}; {path} does not record its calibration sequences, so its standard ppl {report.get('base_ppl', float('nan')):.4f} may be on others"
+    same = recorded.get("tokens_sha1", used["tokens_sha1"]) == used["tokens_sha1"] and all(
+        recorded[k] == used[k] for k in ("windows", "seq_len")
+    )
+    if same:
+        return f"{here}, the sequences {path} was measured on (its standard ppl {report['base_ppl']:.4f})"
+    return (
+        f"{here}, NOT {describe_calibration(recorded)} that {path} was measured on: its standard ppl "
+        f"{report['base_ppl']:.4f} and block sensitivities are on those, the perplexities below on these "
+        f"(drop --calibration and train.* overrides to measure on the same)"
+    )
 
 
 def sensitivity_report(run: Run, calib: list[dict], sensitive: float, extreme: float, log=print) -> dict:
@@ -379,8 +425,10 @@ def sensitivity_report(run: Run, calib: list[dict], sensitive: float, extreme: f
         "d_model": m.d_model,
         "tensor": run.cfg.mesh.tensor,
         "fingerprint": fingerprint(run.params),
-        "calibration_sequences": sum(len(b["inputs"]) for b in calib),
+        "calibration_sequences": sum(len(b["inputs"]) for b in calib) * jax.process_count(),
+        "calibration": calibration_record(run, calib),
     }
+    log(f"calibration: {describe_calibration(report['calibration'])} of {run.dir}")
     return {**report, **sensitivity(run, calib, sensitive, extreme, log)}
 
 
@@ -404,11 +452,14 @@ def plot_sensitivity(report: dict, out: Path) -> Path | None:
     legend = [plt.Rectangle((0, 0), 1, 1, color=c, label=name) for name, c in colors.items()]
     for value in report["thresholds"].values():
         ax.axhline(100 * value, color="gray", lw=0.8, ls="--")
+    limits = " / ".join(f"{100 * v:g}%" for v in report["thresholds"].values())
+    legend.append(plt.Line2D([], [], color="gray", lw=0.8, ls="--", label=f"thresholds ({limits})"))
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # blocks are whole numbers
     ax.set_xlabel("block")
     ax.set_ylabel("perplexity increase (%)")
     ax.set_title(f"{report['model']}: SPD sensitivity at tensor={report['tensor']}")
-    ax.legend(handles=legend, fontsize=8)
-    fig.tight_layout()
+    fig.legend(handles=legend, loc="lower center", ncol=2, fontsize=8, frameon=False)  # below: bars reach any corner
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out

@@ -476,9 +476,11 @@ def plot(rows: list[dict], sweep: list[dict], out: Path, title: str, published: 
     b.set_title(f"batch {sweep[0]['batch']}" + "".join(f"; TP{t} on {h}" for t, h in nodes) if sweep else "")
     if published:
         a.plot([], [], "x", color="black", markersize=9, label="published (Ladder Residual)")
-    a.legend(fontsize=8)
+    # One legend for both panels, below them: inside a panel it covers the curves.
+    handles, labels = a.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)

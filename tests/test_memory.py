@@ -1,0 +1,75 @@
+"""Parameters that would not fit stop with one line before they are created or loaded (the
+available memory is monkeypatched; nothing large is ever allocated)."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import infer
+import train as train_script
+from ladder_jax import checkpoint as ckpt
+from ladder_jax import memory
+from ladder_jax import model as M
+from ladder_jax.mesh import make_mesh
+
+from .conftest import SMALL, save_small_run, small_config
+
+
+def host_ram(monkeypatch, nbytes):
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: nbytes)
+
+
+def test_params_that_do_not_fit_stop_in_one_line_before_they_are_created_or_loaded(
+    tmp_path, monkeypatch, capsys, devices
+):
+    # The measured numbers: parameter bytes of the 8 CPU devices, sharing one host's RAM.
+    cfg = small_config(tensor=8)
+    mesh = make_mesh(cfg)
+    per_device = memory.param_bytes_per_device(cfg.model, mesh)
+    assert per_device == M.bytes_per_device(cfg.model, 8)
+    memory.check_fits("x", per_device, mesh, available=lambda d: 8 * per_device)  # exactly enough
+    with pytest.raises(memory.MemoryCheckError, match=r"x need .* GiB of RAM on this host \(8 CPU devices x"):
+        memory.check_fits("x", per_device, mesh, available=lambda d: 8 * per_device - 1)
+    # Random initialisation counts XLA's temporaries too.
+    assert memory.init_bytes_per_device(cfg.model, mesh) >= per_device
+
+    run = save_small_run(tmp_path)
+    host_ram(monkeypatch, 1000)
+    monkeypatch.setattr(M, "init_params", lambda *a, **k: pytest.fail("random parameters were created"))
+    monkeypatch.setattr(ckpt.ocp.CheckpointManager, "restore", lambda *a, **k: pytest.fail("a checkpoint was loaded"))
+    small = [*SMALL, f"train.data={tmp_path / 'text.txt'}", "train.batch_size=8"]
+    commands = [
+        (infer.main, ["--benchmark", "mesh.tensor=8", "--variants", "standard", "--batch-sizes", "1"], 2),
+        (infer.main, ["--checkpoint", str(run), "--prompt", "ab", "--max-new-tokens", "4"], 2),
+        (train_script.main, ["--run-dir", str(tmp_path / "new"), "--no-progress", *small, "train.steps=1"], 1),
+    ]
+    for main, argv, status in commands:
+        assert main(argv) == status, argv
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("error: ") and "GiB of RAM on this host" in err, err
+        assert "but 0.00 GiB is available; use a smaller preset" in err and "or an accelerator" in err, err
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_accelerator_compares_one_devices_share_with_its_free_memory():
+    class Device:
+        platform, process_index = "gpu", 0
+
+        def __init__(self, free):
+            self.free = free
+
+        def memory_stats(self):
+            return {"bytes_limit": self.free + 10, "bytes_in_use": 10}
+
+        def __str__(self):
+            return "cuda:0"
+
+    mesh = SimpleNamespace(devices=np.array([Device(2**30), Device(3 * 2**30)]), shape={"data": 1, M.TENSOR: 2})
+    memory.check_fits("the parameters", 2**30, mesh)
+    with pytest.raises(
+        memory.MemoryCheckError,
+        match=r"the parameters need 1.50 GiB per device \(mesh data=1 x tensor=2\) but cuda:0 has 1.00 GiB free; "
+        r"use a smaller preset or more tensor devices \(mesh.tensor=4\)",
+    ):
+        memory.check_fits("the parameters", 3 * 2**29, mesh)
