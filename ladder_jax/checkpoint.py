@@ -206,6 +206,17 @@ def check_new_directory(out: Path) -> None:
         raise CheckpointError(f"{out} already exists and is not empty; give a new directory")
 
 
+def save_run(out: Path, cfg: Config, params: dict, source: Path, report: tuple[str, dict]) -> None:
+    """A new run directory made from `source` (config.yaml, orbax step 0, the source's tokenizer
+    and a JSON report of how it was made, `report` = (file name, record)), written atomically."""
+    with building(out) as tmp:
+        save_config(tmp, cfg)
+        save_params(tmp, params)
+        if (Path(source) / "tokenizer.json").exists():
+            shutil.copyfile(Path(source) / "tokenizer.json", tmp / "tokenizer.json")
+        (tmp / report[0]).write_text(json.dumps(report[1], indent=1))
+
+
 # ---------------------------------------------------------------------------------------------
 # One trainer per run directory
 

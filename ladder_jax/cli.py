@@ -254,7 +254,7 @@ def spd_apply(args) -> int:
         "calibration": spd.calibration_record(run, calib),
         "blocks": rows,
     }
-    spd.save_run(args.out, out_cfg, new, args.checkpoint, extra)
+    checkpoint.save_run(args.out, out_cfg, new, args.checkpoint, ("spd_apply.json", extra))
     print(f"wrote {args.out} (model.plan={plan}); decode it with: python infer.py --checkpoint {args.out}")
     return 0
 
@@ -394,7 +394,7 @@ def lp_transform(args) -> int:
         "n_layers": model_cfg.n_layers,
         "plan": model_cfg.plan,
     }
-    depth.save_run(args.out, new_cfg, params, Path(args.checkpoint), record)
+    checkpoint.save_run(args.out, new_cfg, params, args.checkpoint, ("lp_transform.json", record))
     print(f"{t}: {cfg.model.n_layers} -> {model_cfg.n_layers} layers, model.plan={model_cfg.plan}")
     print(f"wrote {args.out}; decode: python infer.py --checkpoint {args.out}")
     print(

@@ -314,25 +314,18 @@ def train(
     log=print,
     stop_at: int | None = None,
 ) -> dict:
-    """`_train` holding the run directory's lock (checkpoint.run_lock): one trainer per directory."""
+    """Train (or resume) a run; returns {'run_dir', 'step', 'loss', 'val_loss', 'params', 'mesh'}.
+
+    `stop_at` ends this call after that step (as an interruption would), leaving the schedule
+    of `train.steps` intact for a later resume. The run directory's lock (checkpoint.run_lock) is
+    held throughout: one trainer per directory.
+    """
     run_dir = run_directory(cfg, run_dir)
     with ckpt.run_lock(run_dir):
         return _train(cfg, run_dir, init_from, progress, log, stop_at)
 
 
-def _train(
-    cfg: Config,
-    run_dir: str | Path | None = None,
-    init_from: str | Path | None = None,
-    progress: bool = True,
-    log=print,
-    stop_at: int | None = None,
-) -> dict:
-    """Train (or resume) a run; returns {'run_dir', 'step', 'loss', 'val_loss', 'params', 'mesh'}.
-
-    `stop_at` ends this call after that step (as an interruption would), leaving the schedule
-    of `train.steps` intact for a later resume.
-    """
+def _train(cfg: Config, run_dir: Path, init_from, progress: bool, log, stop_at: int | None) -> dict:
     tr = cfg.train
     run_dir = run_directory(cfg, run_dir)
     # Everything that can be refused is refused before the first compile.

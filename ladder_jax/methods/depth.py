@@ -13,7 +13,7 @@ The four transformations of layers [A, B) (Δ = B - A layers):
     parallel  the `lp` plan on the range: pairs side by side, weights unchanged: n layers
 
 They are functions of a config and its parameters (`apply`), so they serve outside the study: the
-new model is a new run directory (`save_run`) that `infer.py --checkpoint` and `train.py
+new model is a new run directory (`checkpoint.save_run`) that `infer.py --checkpoint` and `train.py
 --init-from` load. A layer keeps its schedule when it moves (the plan is rebuilt from the
 per-layer schedules that remain); ranges that cut into an `lp` pair are refused, merging needs one
 schedule per group, and `parallel` cannot pair a `parallel`-schedule layer (it has one norm).
@@ -29,14 +29,12 @@ import dataclasses
 import datetime
 import json
 import math
-import shutil
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import checkpoint as C
 from .. import model as M
 from ..checkpoint import Run
 from ..config import Config, ConfigError, ModelConfig, parse_plan, replace
@@ -210,16 +208,6 @@ def transformed_run_config(cfg: Config, t: Transform) -> Config:
     of layers (or lp_pairs) named the original model's layers."""
     model = transformed_config(t, cfg.model)
     return replace(cfg, model={"n_layers": model.n_layers, "plan": model.plan}, train={"trainable": "all"})
-
-
-def save_run(out: Path, cfg: Config, params: dict, source: Path, record: dict) -> None:
-    """A new run directory (config.yaml, orbax step 0, the source's tokenizer, lp_transform.json), written atomically."""
-    with C.building(out) as tmp:
-        C.save_config(tmp, cfg)
-        C.save_params(tmp, params)
-        if (source / "tokenizer.json").exists():
-            shutil.copyfile(source / "tokenizer.json", tmp / "tokenizer.json")
-        (tmp / "lp_transform.json").write_text(json.dumps(record, indent=1))
 
 
 # ---------------------------------------------------------------------------------------------

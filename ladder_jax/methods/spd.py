@@ -22,7 +22,6 @@ import hashlib
 import itertools
 import json
 import math
-import shutil
 from pathlib import Path
 
 import jax
@@ -512,13 +511,3 @@ def apply(
             )
         rows.append(row)
     return params, rows
-
-
-def save_run(out: Path, cfg, params, checkpoint: Path, extra: dict) -> None:
-    """A new run directory (config.yaml, orbax step 0, tokenizer, spd_apply.json), written atomically."""
-    with C.building(out) as tmp:
-        C.save_config(tmp, cfg)
-        C.save_params(tmp, params)
-        if (checkpoint / "tokenizer.json").exists():
-            shutil.copyfile(checkpoint / "tokenizer.json", tmp / "tokenizer.json")
-        (tmp / "spd_apply.json").write_text(json.dumps(extra, indent=1))
