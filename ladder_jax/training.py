@@ -227,8 +227,13 @@ class Trainer:
                 # value_and_grad differentiates the first output; the count rides along as aux.
                 return (jax.tree.map(jnp.add, grads, g), nll + s, count + c), None
 
-            zero = jax.tree.map(jnp.zeros_like, state["params"])
-            (grads, nll, count), _ = jax.lax.scan(micro_step, (zero, 0.0, 0.0), batch)
+            if cfg.train.grad_accum == 1:  # no loop and no zero-filled gradient buffer to add into
+                (nll, count), grads = jax.value_and_grad(loss_sums, has_aux=True)(
+                    state["params"], jax.tree.map(lambda x: x[0], batch)
+                )
+            else:
+                zero = jax.tree.map(jnp.zeros_like, state["params"])
+                (grads, nll, count), _ = jax.lax.scan(micro_step, (zero, 0.0, 0.0), batch)
             grads = jax.tree.map(lambda g: g / count, grads)
             updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
             params = optax.apply_updates(state["params"], updates)
