@@ -74,10 +74,7 @@ def init_bytes_per_device(cfg, mesh: Mesh) -> int:
     """Peak bytes per device while `model.init_params` creates random parameters: XLA's count for
     the compiled program (compiled here, and cached for init_params), else the parameter bytes."""
     params = param_bytes_per_device(cfg, mesh)
-    init_fn, structure = getattr(M, "_init_fn", None), getattr(M, "_param_structure", None)
-    if init_fn is None or structure is None:
-        return params
-    analysis = init_fn(structure(cfg), mesh).memory_analysis()
+    analysis = M.init_program(cfg, mesh).memory_analysis()
     if analysis is None:
         return params
     peak = analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes

@@ -234,7 +234,13 @@ def init_params(cfg: ModelConfig, mesh: Mesh, seed: int = 0) -> dict:
     The values depend on the seed and the parameter shapes only, not on the mesh or on which
     of the shape-compatible schedules the plan names (standard, ladder, spd, lp, desync).
     """
-    return _init_fn(_param_structure(cfg), mesh)(jnp.int32(seed))
+    return init_program(cfg, mesh)(jnp.int32(seed))
+
+
+def init_program(cfg: ModelConfig, mesh: Mesh):
+    """The compiled program that creates the parameters (seed -> params), cached: its
+    memory_analysis() is what creating them costs (memory.init_bytes_per_device)."""
+    return _init_fn(_param_structure(cfg), mesh)
 
 
 def _param_structure(cfg: ModelConfig) -> ModelConfig:
