@@ -26,6 +26,8 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+# Self-attention implementations (ladder_jax.attention says what each is).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn", "triton")
 VOCAB_PAD = 128  # vocab rows are padded to a multiple of this so any power-of-two tensor axis splits them
 
 
@@ -63,6 +65,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     # Residual schedule per layer, see `parse_plan`: "ladder", "standard,ladder@-16:", "lp@4:8", ...
     plan: str = "standard"
+    attention: str = "auto"  # one of ATTENTION_IMPLEMENTATIONS
     bos_id: int = 256
     eos_id: int = 257
     pad_id: int = 258
@@ -369,6 +372,10 @@ def validate(cfg: Config, n_devices: int | None = None) -> None:
     if m.d_model % cfg.mesh.fsdp:
         raise ConfigError(
             f"model.d_model={m.d_model} does not split over mesh.fsdp={cfg.mesh.fsdp}; choose an fsdp size that divides it"
+        )
+    if m.attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(
+            f"model.attention={m.attention!r} is not one of {', '.join(ATTENTION_IMPLEMENTATIONS)}; auto picks the platform's kernel"
         )
     if cfg.mesh.data == 0 or cfg.mesh.data < -1:
         raise ConfigError(f"mesh.data must be positive or -1 (all remaining devices), got {cfg.mesh.data}")

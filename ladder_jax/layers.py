@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from . import attention
 from .config import ModelConfig, dtype_of
 
 
@@ -70,6 +71,7 @@ class Attention(nnx.Module):
         d, h, kv, hd, pd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.hd, dtype_of(cfg.param_dtype)
         std = cfg.init_std
         self.dtype = dtype_of(cfg.dtype)
+        self.implementation = cfg.attention  # see ladder_jax.attention
         self.q_proj = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), std, pd)
         self.k_proj = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), std, pd)
         self.v_proj = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), std, pd)
@@ -81,8 +83,9 @@ class Attention(nnx.Module):
 
         kv_head: when every device holds all KV heads (fewer KV heads than devices), the index of
         the one this device's query heads use. cache: optional (k, v) of shape (B, T, kv_local, hd);
-        the new keys and values are written at `positions` and attention reads the whole cache,
-        masked causally by position. Returns (partial output (B, S, D), updated cache or None).
+        the new keys and values are written at `positions`; a decode step (one token) reads the
+        cache up to each row's position. Attention runs `model.attention` (ladder_jax.attention).
+        Returns (partial output (B, S, D), updated cache or None).
         """
         dt = self.dtype
         x = x.astype(dt)
@@ -96,9 +99,10 @@ class Attention(nnx.Module):
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
+        b, s, hl, hd = q.shape
+        q = q.reshape(b, s, k.shape[2], hl // k.shape[2], hd)  # grouped: (B, S, K, G, hd)
         if cache is None:
-            keys, values, key_pos = k, v, positions
-            key_seg = segment_ids
+            out = attention.self_attention(self.implementation, q, k, v, positions, segment_ids, dt)
         else:
             ck, cv = cache
             # An indexed scatter writes only the new rows; a vmapped dynamic_update_slice
@@ -107,41 +111,17 @@ class Attention(nnx.Module):
             ck = ck.at[rows, positions].set(k.astype(ck.dtype))
             cv = cv.at[rows, positions].set(v.astype(cv.dtype))
             cache = (ck, cv)
-            keys, values = ck.astype(dt), cv.astype(dt)
-            key_pos = jnp.broadcast_to(jnp.arange(ck.shape[1])[None], ck.shape[:2])
-            key_seg = None
-
-        b, s, hl, hd = q.shape
-        kvl = keys.shape[2]
-        q = q.reshape(b, s, kvl, hl // kvl, hd)
-        mask = key_pos[:, None, :] <= positions[:, :, None]  # (B, S, T)
-        if segment_ids is not None and key_seg is not None:
-            mask &= segment_ids[:, :, None] == key_seg[:, None, :]
-        t = keys.shape[1]
-        if t == s and s > ATTENTION_BLOCK and s % ATTENTION_BLOCK == 0:
-            # Self-attention over one sequence (training, prefill): a query block never sees a
-            # later key, so it reads keys only up to its own end. Half the work of the full
-            # square, in blocks that stay in cache: 3-5x faster prefill on CPU.
-            blocks = []
-            for a in range(0, s, ATTENTION_BLOCK):
-                e = a + ATTENTION_BLOCK
-                blocks.append(_attend(q[:, a:e], keys[:, :e], values[:, :e], mask[:, a:e, :e], dt))
-            out = jnp.concatenate(blocks, axis=1)
-        else:
-            out = _attend(q, keys, values, mask, dt)
+            if s == 1:  # a decode step reads the keys written so far
+                out = attention.decode_attention(q, ck, cv, positions[:, 0], dt)
+            elif ck.shape[1] == s:  # prefill: the cache is as long as the prompt
+                out = attention.self_attention(
+                    self.implementation, q, ck.astype(dt), cv.astype(dt), positions, None, dt
+                )
+            else:  # several new tokens over a longer cache: mask by position
+                key_pos = jnp.broadcast_to(jnp.arange(ck.shape[1])[None], ck.shape[:2])
+                out = attention.xla_attention(q, ck.astype(dt), cv.astype(dt), positions, None, dt, key_pos)
         out = out.reshape(b, s, hl, hd)
         return jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(dt)), cache
-
-
-ATTENTION_BLOCK = 128  # query block of the blocked self-attention
-
-
-def _attend(q, keys, values, mask, dt):
-    """Softmax attention of grouped queries (B, S, K, G, hd) over keys/values (B, T, K, hd)."""
-    scores = jnp.einsum("bskgd,btkd->bkgst", q, keys, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    return jnp.einsum("bkgst,btkd->bskgd", probs, values)
 
 
 class MLP(nnx.Module):

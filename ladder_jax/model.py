@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from . import attention
 from .config import REMAT_POLICIES, Config, ModelConfig, plan_steps
 from .layers import MLP, Attention, Embed, LMHead, RMSNorm, rope_frequencies, rope_tables
 from .mesh import BATCH, FSDP, batch_shards, logical_to_spec, sharding_rules
@@ -317,9 +318,12 @@ def sharded(cfg: ModelConfig, mesh: Mesh, body: Callable, in_specs: tuple, out_s
     """shard_map `body(model, *args)` over the mesh, with the model rebuilt from local param shards."""
     gdef = graphdef(cfg)
     specs = mesh_param_specs(cfg, mesh)
+    platform = mesh.devices.flat[0].platform
+    attention.check_platform(cfg.attention, platform)
 
     def local(params, *args):
-        return body(nnx.merge(gdef, params), *args)
+        with attention.compiling_for(platform):  # kernels for the mesh's platform, not the host's
+            return body(nnx.merge(gdef, params), *args)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(specs, *in_specs), out_specs=out_specs)
 

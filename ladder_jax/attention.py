@@ -1,0 +1,332 @@
+"""Attention kernels: which one runs, and each one's call on this device's heads.
+
+`model.attention` names the implementation of self-attention over a sequence (training, SPD/LP
+evaluation, prefill):
+
+    auto     the fused kernel of the platform: splash on TPU; on GPU cudnn without document
+             segments (prefill) and triton with them (packed training); xla on CPU
+    xla      plain XLA: the (query x key) scores of each local head, in 128-query blocks
+    splash   JAX's Pallas TPU splash attention (causal + segment ids, grouped heads, fused backward)
+    cudnn    cuDNN flash attention through jax.nn.dot_product_attention (causal, grouped heads;
+             bfloat16/float16 only; no document segments: it would take them as a dense bias)
+    triton   JAX's Pallas GPU flash attention (causal + segment ids; key heads repeated per group)
+
+Why these: all three kernels ship with JAX itself (jax.experimental.pallas.ops, jax.nn), are
+maintained with the compiler they run on, and are what MaxText and jax-llm-examples call; the
+`tokamax` package collects the same kernels but is still at 0.0.x. On CPU, `splash` and `triton`
+named explicitly run in Pallas interpret mode: slow, there to check their numerics.
+
+Every kernel masks by index (query i sees keys 0..i of its own segment). That is the position
+mask of the xla path whenever positions count from the start of each document, which is what
+training windows and prefill pass. A kernel the shapes or dtype do not suit falls back to xla
+with one warning line under `auto`, and stops with one line (AttentionError) when asked by name.
+
+Decoding (one new token per row over a KV cache) always uses `decode_attention`: an online
+softmax over key blocks up to the furthest row's position, so a step reads the keys written so
+far, not the whole allocation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax._src import config as jax_config
+from jax.experimental.pallas.ops.gpu import attention as triton_attention
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+from .config import ConfigError
+
+KERNEL_PLATFORM = {"splash": "tpu", "cudnn": "gpu", "triton": "gpu"}
+XLA_QUERY_BLOCK = 128  # query block of the xla path's blocked causal attention
+DECODE_KEY_BLOCK = 256  # keys read per iteration of the decode attention
+
+
+class AttentionError(ConfigError):
+    """model.attention names a kernel that cannot run these shapes on this platform."""
+
+
+# The platform the program is compiled for. model.sharded sets it from the mesh while it traces,
+# so a deviceless TPU compile on a CPU host picks the TPU kernel.
+_platform = contextvars.ContextVar("attention_platform", default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+    token = _platform.set(normalize_platform(platform))
+    try:
+        yield
+    finally:
+        _platform.reset(token)
+
+
+def normalize_platform(platform: str) -> str:
+    return "gpu" if platform in ("cuda", "rocm", "gpu") else platform
+
+
+def current_platform() -> str:
+    return _platform.get() or normalize_platform(jax.default_backend())
+
+
+def unsupported(name: str, platform: str, seq: int, head_dim: int, dtype, segments: bool) -> str | None:
+    """Why kernel `name` cannot run this call on `platform` (None: it can). CPU runs splash and
+    triton interpreted."""
+    want = KERNEL_PLATFORM[name]
+    if platform != want and not (platform == "cpu" and name != "cudnn"):
+        return f"it runs on {want.upper()}, this program is compiled for {platform.upper()}"
+    if name in ("splash", "triton") and seq % 128:
+        return f"{name} needs a sequence length that is a multiple of 128, got {seq}"
+    if name == "cudnn":
+        if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+            return f"cudnn needs bfloat16 or float16 compute (model.dtype), got {jnp.dtype(dtype).name}"
+        if head_dim > 128 or head_dim % 8:
+            return f"cudnn needs a head dimension that is a multiple of 8 up to 128, got {head_dim}"
+        if segments:
+            return "cudnn cannot keep packed documents apart without a (sequence x sequence) bias; use triton"
+    if name == "triton" and head_dim & (head_dim - 1):
+        return f"triton needs a power-of-two head dimension, got {head_dim}"
+    return None
+
+
+_warned: set[str] = set()
+
+
+def choose(requested: str, seq: int, head_dim: int, dtype, segments: bool) -> str:
+    """The implementation that runs a self-attention call of these shapes."""
+    platform = current_platform()
+    if requested == "xla":
+        return "xla"
+    if requested == "auto":
+        name = {"tpu": "splash", "gpu": "triton" if segments else "cudnn"}.get(platform)
+        if name is None:
+            return "xla"
+        reason = unsupported(name, platform, seq, head_dim, dtype, segments)
+        if reason is not None:
+            if reason not in _warned:
+                _warned.add(reason)
+                warnings.warn(f"model.attention=auto uses xla here: {reason}", stacklevel=2)
+            return "xla"
+        return name
+    reason = unsupported(requested, platform, seq, head_dim, dtype, segments)
+    if reason is not None:
+        raise AttentionError(f"model.attention={requested}: {reason}; set model.attention=auto or xla")
+    return requested
+
+
+def check_platform(requested: str, platform: str) -> None:
+    """Refuse a kernel named in the config on a platform it does not run on, before anything is
+    traced (shape checks follow when the program is traced, still before it compiles)."""
+    want = KERNEL_PLATFORM.get(requested)
+    platform = normalize_platform(platform)
+    if want is not None and platform != want and not (platform == "cpu" and requested != "cudnn"):
+        raise AttentionError(
+            f"model.attention={requested}: it runs on {want.upper()}, this mesh is {platform.upper()}; "
+            "set model.attention=auto or xla"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-attention over a sequence. q: (B, S, K, G, hd) grouped queries; k, v: (B, S, K, hd);
+# segment_ids: (B, S) or None. Returns (B, S, K, G, hd).
+
+
+def self_attention(requested: str, q, k, v, positions, segment_ids, dtype):
+    name = choose(requested, q.shape[1], q.shape[-1], dtype, segment_ids is not None)
+    if name == "xla":
+        return xla_attention(q, k, v, positions, segment_ids, dtype)
+    interpret = current_platform() == "cpu"
+    if name == "splash":
+        kernel = lambda q, k, v, *seg: splash_attention(q, k, v, *seg or [None], interpret=interpret)
+    elif name == "triton":
+        kernel = lambda q, k, v, *seg: triton_flash_attention(q, k, v, *seg or [None], interpret=interpret)
+    else:
+        kernel = lambda q, k, v: cudnn_attention(q, k, v)
+    return local_kernel(kernel, q, k, v, *([] if segment_ids is None else [segment_ids]))
+
+
+def _varying(x) -> frozenset:
+    return frozenset(jax.typeof(x).manual_axis_type.varying)
+
+
+def _cast_varying(x, axes: frozenset):
+    missing = tuple(sorted(axes - _varying(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def local_kernel(kernel, *args):
+    """`kernel(*args)` with its gradient, on this device's arrays inside the model's shard_map.
+
+    The Pallas kernels JAX ships declare their outputs without shard_map's varying-axes types
+    (jax 0.10: "manual_axis_type must not be None"), so they run here as an island: inputs and
+    cotangents enter with those types dropped (an add of 0 traced with the check off), and
+    outputs and gradients leave typed as varying over the axes the inputs varied over. The
+    kernels are local (no collectives), so the types change nothing but the check.
+    """
+    arg_axes = [_varying(a) for a in args]
+    out_axes = frozenset().union(*arg_axes)
+    untyped = lambda xs: [x + 0 for x in xs]
+
+    @jax.custom_vjp
+    def call(*args):
+        with jax_config._check_vma(False):
+            out = kernel(*untyped(args))
+        return _cast_varying(out, out_axes)
+
+    def forward(*args):
+        with jax_config._check_vma(False):
+            out, vjp = jax.vjp(kernel, *untyped(args))
+        return _cast_varying(out, out_axes), vjp
+
+    def backward(vjp, cotangent):
+        with jax_config._check_vma(False):
+            grads = vjp(cotangent + 0)
+        return tuple(
+            _cast_varying(g, axes) if jnp.issubdtype(g.dtype, jnp.floating) else None
+            for g, axes in zip(grads, arg_axes)
+        )
+
+    call.defvjp(forward, backward)
+    return call(*args)
+
+
+def _scores_softmax_values(q, keys, values, mask, dtype):
+    """Softmax attention of grouped queries (B, S, K, G, hd) over keys/values (B, T, K, hd)."""
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, keys, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    return jnp.einsum("bkgst,btkd->bskgd", probs, values)
+
+
+def xla_attention(q, keys, values, positions, segment_ids, dtype, key_positions=None):
+    """Plain XLA, masked by position (key position <= query position) and document segment."""
+    key_positions = positions if key_positions is None else key_positions
+    mask = key_positions[:, None, :] <= positions[:, :, None]  # (B, S, T)
+    if segment_ids is not None:
+        mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+    s, t = q.shape[1], keys.shape[1]
+    if t == s and s > XLA_QUERY_BLOCK and s % XLA_QUERY_BLOCK == 0:
+        # A query block never sees a later key, so it reads keys only up to its own end: half
+        # the work of the full square, in blocks that stay in cache (3-5x faster prefill on CPU).
+        blocks = []
+        for a in range(0, s, XLA_QUERY_BLOCK):
+            e = a + XLA_QUERY_BLOCK
+            blocks.append(_scores_softmax_values(q[:, a:e], keys[:, :e], values[:, :e], mask[:, a:e, :e], dtype))
+        return jnp.concatenate(blocks, axis=1)
+    return _scores_softmax_values(q, keys, values, mask, dtype)
+
+
+def _block(seq: int) -> int:
+    return next(b for b in (512, 256, 128) if seq % b == 0)
+
+
+def _splash_kernel(heads: int, seq: int, interpret: bool):
+    b = _block(seq)
+    sizes = splash.BlockSizes(
+        block_q=b,
+        block_kv=b,
+        block_kv_compute=b,
+        block_q_dkv=b,
+        block_kv_dkv=b,
+        block_kv_dkv_compute=b,
+        block_q_dq=b,
+        block_kv_dq=b,
+    )
+    # Built per trace: the kernel holds its block-sparsity tables as arrays of the trace.
+    mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((seq, seq))] * heads)
+    return splash.make_splash_mha_single_device(mask, block_sizes=sizes, interpret=interpret)
+
+
+def splash_attention(q, k, v, segment_ids, interpret: bool = False):
+    """Pallas TPU splash attention; the kernel takes (heads, S, hd) per row and does not scale."""
+    b, s, kv, g, hd = q.shape
+    kernel = _splash_kernel(kv * g, s, interpret)
+    qh = (q * (1.0 / math.sqrt(hd))).astype(q.dtype).reshape(b, s, kv * g, hd).transpose(0, 2, 1, 3)
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    if segment_ids is None:
+        out = jax.vmap(kernel)(qh, kh, vh)
+    else:
+        seg = splash.SegmentIds(q=segment_ids, kv=segment_ids)
+        out = jax.vmap(lambda q, k, v, seg: kernel(q, k, v, segment_ids=seg))(qh, kh, vh, seg)
+    return out.transpose(0, 2, 1, 3).reshape(b, s, kv, g, hd)
+
+
+def triton_flash_attention(q, k, v, segment_ids, interpret: bool = False):
+    """Pallas GPU flash attention (one key head per query head, so keys repeat per group)."""
+    b, s, kv, g, hd = q.shape
+    block = min(128, s)
+    sizes = triton_attention.BlockSizes(
+        block_q=block, block_k=block, block_q_dkv=block, block_kv_dkv=block, block_q_dq=block, block_kv_dq=block
+    )
+    out = triton_attention.mha(
+        q.reshape(b, s, kv * g, hd),
+        jnp.repeat(k, g, axis=2),
+        jnp.repeat(v, g, axis=2),
+        segment_ids,
+        sm_scale=1.0 / math.sqrt(hd),
+        causal=True,
+        block_sizes=sizes,
+        interpret=interpret,
+    )
+    return out.reshape(b, s, kv, g, hd)
+
+
+def cudnn_attention(q, k, v, implementation: str = "cudnn"):
+    """cuDNN flash attention (jax.nn.dot_product_attention takes grouped heads as they are).
+    `implementation="xla"` runs the same call without cuDNN: how CPU tests check the wiring."""
+    b, s, kv, g, hd = q.shape
+    out = jax.nn.dot_product_attention(q.reshape(b, s, kv * g, hd), k, v, is_causal=True, implementation=implementation)
+    return out.reshape(b, s, kv, g, hd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def decode_attention(q, cache_k, cache_v, positions, dtype, block: int = DECODE_KEY_BLOCK):
+    """One query per row over its KV cache, reading keys only up to the furthest row's position.
+
+    q: (B, 1, K, G, hd); cache_k/v: (B, T, K, hd); positions: (B,) of the new token (its key is
+    already written). Keys are read in blocks in a loop whose trip count is ceil((max position
+    + 1) / block), with an online softmax, so the cost of a step grows with the tokens so far.
+    """
+    bsz, _, kv, g, hd = q.shape
+    t = cache_k.shape[1]
+    block = min(block, t)
+    qf = q[:, 0].astype(jnp.float32) / math.sqrt(hd)  # (B, K, G, hd)
+    n_blocks = (jnp.max(positions) + block) // block
+
+    def body(i, carry):
+        m, total, acc = carry
+        # The last block may start earlier than i * block (the slice stays inside the cache);
+        # keys before i * block were counted by the previous block and are masked here.
+        first = i * block
+        start = jnp.minimum(first, t - block)
+        kb = jax.lax.dynamic_slice_in_dim(cache_k, start, block, axis=1).astype(jnp.float32)
+        vb = jax.lax.dynamic_slice_in_dim(cache_v, start, block, axis=1).astype(jnp.float32)
+        idx = start + jnp.arange(block)
+        valid = (idx[None] >= first) & (idx[None] <= positions[:, None])  # (B, block)
+        s = jnp.einsum("bkgd,btkd->bkgt", qf, kb)
+        s = jnp.where(valid[:, None, None], s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(s - m_safe[..., None])
+        scale = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
+        total = total * scale + p.sum(axis=-1)
+        acc = acc * scale[..., None] + jnp.einsum("bkgt,btkd->bkgd", p, vb)
+        return m_new, total, acc
+
+    init = (
+        jnp.full((bsz, kv, g), -jnp.inf, jnp.float32),
+        jnp.zeros((bsz, kv, g), jnp.float32),
+        jnp.zeros((bsz, kv, g, hd), jnp.float32),
+    )
+    # Under shard_map the loop carry must vary over the mesh axes its updates vary over.
+    axes = frozenset().union(*(_varying(x) for x in (q, cache_k, positions)))
+    init = jax.tree.map(lambda x: _cast_varying(x, axes), init)
+    _, total, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    return (acc / total[..., None]).astype(dtype)[:, None]

@@ -1,0 +1,114 @@
+"""Attention kernels against the plain-XLA path: forward and gradients, causal, packed documents
+and grouped-query heads. The TPU (splash) and GPU (triton) Pallas kernels run in interpret mode
+on CPU; cuDNN has no CPU mode, so its call is checked with jax.nn's XLA implementation."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from ladder_jax import attention as A
+from ladder_jax import model as M
+from ladder_jax.config import ConfigError
+from ladder_jax.mesh import BATCH, make_mesh
+
+from .conftest import small_config
+
+INTERPRETED = {
+    "splash": lambda q, k, v, seg: A.splash_attention(q, k, v, seg, interpret=True),
+    "triton": lambda q, k, v, seg: A.triton_flash_attention(q, k, v, seg, interpret=True),
+}
+
+
+def grouped_inputs(seed=0, b=1, s=256, kv=2, g=2, hd=32):
+    r = np.random.default_rng(seed)
+    q = jnp.asarray(r.normal(size=(b, s, kv, g, hd)), jnp.float32)
+    k, v = (jnp.asarray(r.normal(size=(b, s, kv, hd)), jnp.float32) for _ in range(2))
+    return q, k, v
+
+
+# Three documents of a packed window; positions restart with each one, as training windows do.
+LENGTHS = [100, 60, 96]
+SEGMENTS = jnp.asarray(np.repeat(np.arange(3), LENGTHS)[None], jnp.int32)
+POSITIONS = jnp.asarray(np.concatenate([np.arange(n) for n in LENGTHS])[None], jnp.int32)
+
+
+def squared_sum(f):
+    return lambda q, k, v: (f(q, k, v) ** 2).sum()
+
+
+@pytest.mark.parametrize("kernel", sorted(INTERPRETED))
+def test_kernel_matches_xla_and_its_gradients_on_packed_documents_with_grouped_heads(kernel):
+    q, k, v = grouped_inputs()
+    ref = lambda q, k, v: A.xla_attention(q, k, v, POSITIONS, SEGMENTS, jnp.float32)
+    fused = lambda q, k, v: INTERPRETED[kernel](q, k, v, SEGMENTS)
+    np.testing.assert_allclose(jax.jit(fused)(q, k, v), jax.jit(ref)(q, k, v), atol=1e-5)
+    grads = jax.jit(jax.grad(squared_sum(fused), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.jit(jax.grad(squared_sum(ref), argnums=(0, 1, 2)))(q, k, v)
+    for got, exp in zip(grads, want):
+        np.testing.assert_allclose(got, exp, atol=1e-4, rtol=1e-4)
+
+
+def test_kernels_match_xla_on_causal_sequences_without_segments():
+    q, k, v = grouped_inputs(seed=1, b=2, s=128, kv=1, g=4)
+    positions = jnp.broadcast_to(jnp.arange(128)[None], (2, 128))
+    ref = A.xla_attention(q, k, v, positions, None, jnp.float32)
+    for name, f in INTERPRETED.items():
+        np.testing.assert_allclose(jax.jit(f)(q, k, v, None), ref, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(A.cudnn_attention(q, k, v, implementation="xla"), ref, atol=1e-5)
+
+
+def test_decode_attention_reads_each_row_up_to_its_position():
+    r = np.random.default_rng(2)
+    b, t, kv, g, hd = 3, 300, 2, 2, 16  # 300 is not a multiple of the block: the last block overlaps
+    q = jnp.asarray(r.normal(size=(b, 1, kv, g, hd)), jnp.float32)
+    ck, cv = (jnp.asarray(r.normal(size=(b, t, kv, hd)), jnp.float32) for _ in range(2))
+    positions = jnp.array([0, 140, 299])
+    # Keys after a row's position hold another request's leftovers: they must not count.
+    stale = jnp.arange(t)[None, :, None, None] > positions[:, None, None, None]
+    ck_stale, cv_stale = jnp.where(stale, 1e4, ck), jnp.where(stale, -1e4, cv)
+    got = jax.jit(A.decode_attention, static_argnums=(4, 5))(q, ck_stale, cv_stale, positions, jnp.float32, 128)
+    # NumPy reference: softmax over keys 0..position of each row.
+    qn, kn, vn = (np.asarray(x, np.float64) for x in (q[:, 0], ck, cv))
+    for row, p in enumerate(np.asarray(positions)):
+        s = np.einsum("kgd,tkd->kgt", qn[row], kn[row, : p + 1]) / np.sqrt(hd)
+        w = np.exp(s - s.max(-1, keepdims=True))
+        want = np.einsum("kgt,tkd->kgd", w / w.sum(-1, keepdims=True), vn[row, : p + 1])
+        np.testing.assert_allclose(np.asarray(got)[row, 0], want, atol=1e-5)
+
+
+def test_model_with_the_splash_kernel_matches_xla_and_its_gradients_over_a_tensor_axis(devices):
+    cfg = small_config(tensor=2, model__n_layers=1, model__max_seq_len=256, model__init_std=0.1).model
+    mesh = make_mesh(small_config(tensor=2))
+    params = M.init_params(cfg, mesh, 0)
+    tokens = jnp.asarray(np.random.RandomState(3).randint(0, 259, (1, 256)), jnp.int32)
+
+    def loss(cfg):
+        body = lambda model, t, p, s: model(t, p, segment_ids=s)[0]
+        spec = P(BATCH, None)
+        fwd = M.sharded(cfg, mesh, body, (spec,) * 3, P(BATCH, None, "tensor"))
+        return jax.jit(jax.value_and_grad(lambda w: (fwd(w, tokens, POSITIONS, SEGMENTS) ** 2).mean()))
+
+    value, grads = loss(dataclasses.replace(cfg, attention="splash"))(params)
+    want_value, want_grads = loss(dataclasses.replace(cfg, attention="xla"))(params)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), grads, want_grads)
+
+
+def test_attention_settings_that_cannot_run_fail_in_one_line(devices):
+    with pytest.raises(ConfigError, match="model.attention='flash' is not one of auto, xla"):
+        small_config(model__attention="flash")
+    cfg = small_config(model__attention="cudnn")
+    with pytest.raises(A.AttentionError, match="runs on GPU, this mesh is CPU; set model.attention=auto or xla"):
+        M.sharded(cfg.model, make_mesh(cfg), lambda model, t: t, (P(),), P())
+    q, k, v = grouped_inputs(s=100)
+    positions = jnp.arange(100)[None]
+    with pytest.raises(A.AttentionError, match="splash needs a sequence length that is a multiple of 128, got 100"):
+        A.self_attention("splash", q, k, v, positions, None, jnp.float32)
+    # auto on a TPU program falls back to xla with one warning naming the reason.
+    with A.compiling_for("tpu"), pytest.warns(UserWarning, match="auto uses xla here: splash needs a sequence"):
+        out = A.self_attention("auto", q, k, v, positions, None, jnp.float32)
+    np.testing.assert_allclose(out, A.xla_attention(q, k, v, positions, None, jnp.float32))
