@@ -171,6 +171,7 @@ def add_spd(sub) -> None:
     s.add_argument(
         "--out", type=Path, help="where spd_sensitivity_t<T>.json/png go (default: the checkpoint directory)"
     )
+    _metric_option(s, "--sensitive and --extreme")
     a = verbs.choices["apply"]
     a.add_argument("--sensitivity", required=True, help="the JSON written by `spd sensitivity`")
     budget = a.add_mutually_exclusive_group(required=True)
@@ -198,10 +199,12 @@ def run_spd(args) -> int:
 def spd_sensitivity(args) -> int:
     if not 0 <= args.sensitive <= args.extreme:  # before anything loads
         raise spd.SPDError(f"--sensitive={args.sensitive} must be at least 0 and at most --extreme={args.extreme}")
+    tm = _metric_tasks(args)  # an unknown task is refused before the run loads
     init_runtime(args.cpu_devices)
     run = spd.open_run(args.checkpoint, args.tensor, args.overrides)
-    calib = spd.calibration_batches(run, args.calibration or 128)
-    report = spd.sensitivity_report(run, calib, args.sensitive, args.extreme)
+    measure = _evaluation().task_measure(run, args.metric, tm, args.limit) if tm else None
+    calib = spd.calibration_batches(run, args.calibration or 128) if measure is None else []
+    report = spd.sensitivity_report(run, calib, args.sensitive, args.extreme, measure=measure)
     path, png = spd.write_sensitivity(report, args.out or args.checkpoint)
     counts = {c: sum(b["class"] == c for b in report["blocks"]) for c in spd.CLASSES}
     print(f"wrote {path}" + (f" and {png}" if png else ""))
@@ -282,6 +285,7 @@ def add_lp(sub) -> None:
     )
     sw.add_argument("--gen-tokens", type=int, default=32)
     sw.add_argument("--out", type=Path, help="where lp_sweep.json/png go (default: the checkpoint directory)")
+    _metric_option(sw, "--budget")
     _cpu_devices(sw)
     fmt = argparse.RawDescriptionHelpFormatter
     d = verbs.add_parser(
@@ -332,24 +336,53 @@ def run_lp(args) -> int:
     cfg = checkpoint.load_run_config(args.checkpoint, args.overrides)
     max_delta = lp.check_max_delta(args.max_delta, cfg.model.n_layers)
     lp.lp_plan(cfg.model.plan, cfg.model.n_layers, 0, 2)
+    tm = _metric_tasks(args)  # an unknown task is refused before the run loads
     init_runtime(args.cpu_devices)
     run = checkpoint.load_run(args.checkpoint, args.overrides)
     val = run.validation_batches()
     prompts = [[int(t) for t in b["inputs"][r][:32]] for b in val for r in range(len(b["inputs"]))][: args.prompts]
-    rows = lp.sweep(lp.Evaluator(run, val, prompts, args.gen_tokens), max_delta, args.search)
+    measure = _evaluation().task_measure(run, args.metric, tm, args.limit) if tm else None
+    rows = lp.sweep(lp.Evaluator(run, val, prompts, args.gen_tokens, measure), max_delta, args.search)
     pick, path, png = lp.write_report(args.out or args.checkpoint, args.checkpoint, args.budget, rows, cfg.model.name)
     print(f"wrote {path}" + (f" and {png}" if png else ""))
+    what = "perplexity" if measure is None else measure[0]
     if pick["delta"] == 0:
-        print(f"no pairing stays within +{args.budget:.0%} perplexity")
-    else:
         print(
-            f"suggested: Δ={pick['delta']} (model.plan={pick['plan']}), val ppl {pick['val_ppl']:.3f} ({pick['ppl_increase']:+.1%})"
+            f"no pairing stays within the budget ({args.budget} {'relative' if measure is None else 'absolute'} {what} cost)"
+        )
+    else:
+        value = pick.get("val_ppl", pick.get("score"))
+        print(
+            f"suggested: Δ={pick['delta']} (model.plan={pick['plan']}), {what} {value:.3f} (cost {pick['cost']:+.1%})"
         )
         print(
             f"fine-tune the pairs: python train.py --init-from {args.checkpoint} --config {Path(args.checkpoint) / 'config.yaml'} "
             f"'model.plan={pick['plan']}' train.trainable=lp_pairs train.steps=100"
         )
     return 0
+
+
+def _metric_option(p: argparse.ArgumentParser, thresholds: str) -> None:
+    p.add_argument(
+        "--metric",
+        default="perplexity",
+        help="perplexity (default) or task:NAME[:METRIC], an lm-eval task's score (METRIC default acc); "
+        f"with a task, {thresholds} are absolute score drops (0.01 = one point)",
+    )
+    p.add_argument("--limit", type=float, help="--metric task: at most N documents of the task")
+    p.add_argument("--include-path", type=Path, help="--metric task: a directory of extra task YAMLs")
+    p.add_argument(
+        "--no-builtin-tasks", action="store_true", help="--metric task: look the task up in --include-path only"
+    )
+
+
+def _metric_tasks(args):
+    """The task manager for --metric task:NAME (None for perplexity), checked before anything loads."""
+    if args.metric == "perplexity":
+        return None
+    if args.no_builtin_tasks and args.include_path is None:
+        raise ConfigError("--no-builtin-tasks needs --include-path DIR")
+    return _evaluation().parse_metric(args.metric, args.include_path, not args.no_builtin_tasks)
 
 
 def lp_depth(args) -> int:
@@ -481,7 +514,10 @@ def run_eval(args) -> int:
     missing = [f for f in args.file if not f.is_file()]
     if missing:
         raise ev.EvalError(f"--file {missing[0]} is not a file; give UTF-8 text files")
-    documents = [f.read_text(encoding="utf-8") for f in args.file]
+    try:
+        documents = [f.read_text(encoding="utf-8") for f in args.file]
+    except UnicodeDecodeError as e:
+        raise ev.EvalError(f"a --file is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") from None
     lm = ev.LadderLM(args.checkpoint, args.overrides, args.batch_size, context=args.context)
     init_runtime(args.cpu_devices)
     r = ev.perplexity(lm, documents, args.stride)

@@ -15,6 +15,7 @@ The parameters load on the first model call, so input the tokenizer cannot handl
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -71,13 +72,18 @@ class LadderLM(TemplateLM):
         batch_size: int = 8,
         max_gen_toks: int = 256,
         context: int | None = None,
+        run: ckpt.Run | None = None,
         **_,
     ):
+        """`run`: an already opened run of this checkpoint (its config and parameters are used)."""
         super().__init__()
         if isinstance(overrides, str):
             overrides = [o for o in overrides.split(";") if o]
         self.run_dir, self.overrides = Path(checkpoint), list(overrides)
-        self.cfg = ckpt.load_run_config(self.run_dir, self.overrides)
+        self.cfg = run.cfg if run is not None else ckpt.load_run_config(self.run_dir, self.overrides)
+        if run is not None:
+            self.__dict__["run"] = run  # the cached property, already known
+        self.plan: str | None = None  # evaluate the parameters under another plan (SPD, LP searches)
         m = self.cfg.model
         try:
             self.tokenizer = get_tokenizer(self.cfg, self.run_dir)
@@ -98,6 +104,11 @@ class LadderLM(TemplateLM):
     @functools.cached_property
     def run(self) -> ckpt.Run:
         return ckpt.load_run(self.run_dir, self.overrides)
+
+    @property
+    def model_cfg(self) -> ModelConfig:
+        m = self.run.cfg.model
+        return dataclasses.replace(m, plan=self.plan) if self.plan else m
 
     @property
     def rows(self) -> int:
@@ -164,7 +175,7 @@ class LadderLM(TemplateLM):
             inputs[r, : len(s) - 1], targets[r, : len(s) - 1] = s[:-1], s[1:]
         run = self.run
         put = lambda x: jax.device_put(x, NamedSharding(run.mesh, P(BATCH, None)))
-        logp, greedy = token_scores_fn(run.cfg.model, run.mesh)(run.params, put(inputs), put(targets))
+        logp, greedy = token_scores_fn(self.model_cfg, run.mesh)(run.params, put(inputs), put(targets))
         logp, greedy = np.asarray(logp, np.float64), np.asarray(greedy)
         return [(logp[r, : len(s) - 1], greedy[r, : len(s) - 1]) for r, s in enumerate(sequences)]
 
@@ -195,7 +206,7 @@ class LadderLM(TemplateLM):
             groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
         for members in groups.values():
             kwargs = dict(requests[members[0]].args[1])
-            if kwargs.get("do_sample") or kwargs.get("temperature", 0) > 0:
+            if kwargs.get("do_sample") or (kwargs.get("temperature") or 0) > 0:
                 raise EvalError(
                     f"task {requests[members[0]].task_name} asks for sampling ({kwargs}); ladder_jax decodes greedily: "
                     f"pass --gen-kwargs do_sample=false,temperature=0 or choose a greedy task"
@@ -210,7 +221,7 @@ class LadderLM(TemplateLM):
                 batch = [prompts[i] or [self.prefix_token_id] for i in chunk]
                 batch += [batch[0]] * (self.rows - len(batch))  # a full batch: one compile per prompt bucket
                 run = self.run
-                tokens = generate(run.cfg.model, run.mesh, run.params, batch, new, eos_id=self.eot_token_id)
+                tokens = generate(self.model_cfg, run.mesh, run.params, batch, new, eos_id=self.eot_token_id)
                 for i, toks in zip(chunk, tokens):
                     text = self.tokenizer.decode(toks)
                     for stop in until:
@@ -289,6 +300,42 @@ def harness(
         bootstrap_iters=bootstrap_iters,
         gen_kwargs=gen_kwargs,
     )
+
+
+def task_measure(run: ckpt.Run, spec: str, tm, limit: float | None = None, batch_size: int = 8, log=print):
+    """For `--metric task:NAME[:METRIC]` (METRIC default acc): (label, plan -> the task's score of
+    the run's parameters under that plan). Higher is better."""
+    name, _, metric = spec.removeprefix("task:").partition(":")
+    metric = metric or "acc"
+    lm = LadderLM(run.dir, batch_size=batch_size, run=run)
+    tasks = load_tasks(tm, [name])
+
+    def measure(plan: str) -> float:
+        import lm_eval
+
+        lm.plan = plan
+        results = lm_eval.simple_evaluate(lm, tasks=tasks, limit=limit, task_manager=tm, bootstrap_iters=0)["results"]
+        scores = {k.split(",")[0]: v for k, v in results.get(name, {}).items() if isinstance(v, float)}
+        if metric not in scores:
+            raise EvalError(
+                f"task '{name}' reports no metric '{metric}' (it has {sorted(scores)}); use task:{name}:METRIC"
+            )
+        return scores[metric]
+
+    return f"{name} {metric}", measure
+
+
+def parse_metric(spec: str, include_path=None, builtin: bool = True):
+    """`perplexity` -> None; `task:NAME[:METRIC]` -> the task manager that knows NAME (checked
+    before any run loads)."""
+    if spec == "perplexity":
+        return None
+    name = spec.removeprefix("task:").partition(":")[0]
+    if not spec.startswith("task:") or not name:
+        raise EvalError(
+            f"--metric {spec!r}: give perplexity or task:NAME[:METRIC], e.g. task:arc_easy or task:piqa:acc_norm"
+        )
+    return task_manager([name], include_path, builtin)
 
 
 def results_json(results: dict) -> str:

@@ -209,3 +209,19 @@ def test_bad_input_one_line(tiny, tmp_path, capsys, monkeypatch):
         assert main(argv) == 2, expected
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and expected in err[-1], (expected, err)
+
+
+def test_spd_sensitivity_scored_by_a_task(tiny, tmp_path, capsys):
+    """`spd sensitivity --metric task:NAME`: the standard model's score is lm-eval's HF model's
+    accuracy on the same documents; each block's delta is the accuracy its drop costs."""
+    tasks = ["--include-path", str(tiny["dir"] / "tasks"), "--no-builtin-tasks", "--limit", "2"]
+    argv = ["spd", "sensitivity", "--checkpoint", str(tiny["run"]), "--tensor", "2", "--out", str(tmp_path)]
+    assert main([*argv, "--metric", "task:tiny_mc", *tasks]) == 0
+    report = json.loads((tmp_path / "spd_sensitivity_t2.json").read_text())
+    assert report["metric"] == "tiny_mc acc" and "calibration" not in report
+    assert report["base_score"] == tiny["reference"]["results"]["tiny_mc"]["acc,none"]
+    for b in report["blocks"]:
+        assert b["delta"] == pytest.approx(b["score_without"] - b["score_with"]) and b["class"]
+    capsys.readouterr()
+    lp = ["lp", "sweep", "--checkpoint", str(tiny["run"]), "--metric", "task:nope", *tasks]
+    assert main(lp) == 2 and "unknown task 'nope'" in capsys.readouterr().err
