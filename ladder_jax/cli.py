@@ -5,6 +5,7 @@ train.py and infer.py.
     convert      Hugging Face Llama directories in (from-hf) and out (to-hf)
     spd          Sync-Point Drop: sensitivity per block, apply a budget to a new run
     lp           Layer Parallelism: sweep the number of paired layers; effective depth; transform layer ranges
+    eval         lm-evaluation-harness tasks and rolling-window perplexity of text, on any run and plan
     analysis     where the all-reduces are: sync (CPU), schedule and memory (deviceless GPU/TPU)
     perfmodel    latency model of TP decoding: predict, calibrate
     plot         loss curves of runs
@@ -170,6 +171,7 @@ def add_spd(sub) -> None:
     s.add_argument(
         "--out", type=Path, help="where spd_sensitivity_t<T>.json/png go (default: the checkpoint directory)"
     )
+    _metric_option(s, "--sensitive and --extreme")
     a = verbs.choices["apply"]
     a.add_argument("--sensitivity", required=True, help="the JSON written by `spd sensitivity`")
     budget = a.add_mutually_exclusive_group(required=True)
@@ -197,10 +199,12 @@ def run_spd(args) -> int:
 def spd_sensitivity(args) -> int:
     if not 0 <= args.sensitive <= args.extreme:  # before anything loads
         raise spd.SPDError(f"--sensitive={args.sensitive} must be at least 0 and at most --extreme={args.extreme}")
+    tm = _metric_tasks(args)  # an unknown task is refused before the run loads
     init_runtime(args.cpu_devices)
     run = spd.open_run(args.checkpoint, args.tensor, args.overrides)
-    calib = spd.calibration_batches(run, args.calibration or 128)
-    report = spd.sensitivity_report(run, calib, args.sensitive, args.extreme)
+    measure = _evaluation().task_measure(run, args.metric, tm, args.limit) if tm else None
+    calib = spd.calibration_batches(run, args.calibration or 128) if measure is None else []
+    report = spd.sensitivity_report(run, calib, args.sensitive, args.extreme, measure=measure)
     path, png = spd.write_sensitivity(report, args.out or args.checkpoint)
     counts = {c: sum(b["class"] == c for b in report["blocks"]) for c in spd.CLASSES}
     print(f"wrote {path}" + (f" and {png}" if png else ""))
@@ -281,6 +285,7 @@ def add_lp(sub) -> None:
     )
     sw.add_argument("--gen-tokens", type=int, default=32)
     sw.add_argument("--out", type=Path, help="where lp_sweep.json/png go (default: the checkpoint directory)")
+    _metric_option(sw, "--budget")
     _cpu_devices(sw)
     fmt = argparse.RawDescriptionHelpFormatter
     d = verbs.add_parser(
@@ -331,24 +336,53 @@ def run_lp(args) -> int:
     cfg = checkpoint.load_run_config(args.checkpoint, args.overrides)
     max_delta = lp.check_max_delta(args.max_delta, cfg.model.n_layers)
     lp.lp_plan(cfg.model.plan, cfg.model.n_layers, 0, 2)
+    tm = _metric_tasks(args)  # an unknown task is refused before the run loads
     init_runtime(args.cpu_devices)
     run = checkpoint.load_run(args.checkpoint, args.overrides)
     val = run.validation_batches()
     prompts = [[int(t) for t in b["inputs"][r][:32]] for b in val for r in range(len(b["inputs"]))][: args.prompts]
-    rows = lp.sweep(lp.Evaluator(run, val, prompts, args.gen_tokens), max_delta, args.search)
+    measure = _evaluation().task_measure(run, args.metric, tm, args.limit) if tm else None
+    rows = lp.sweep(lp.Evaluator(run, val, prompts, args.gen_tokens, measure), max_delta, args.search)
     pick, path, png = lp.write_report(args.out or args.checkpoint, args.checkpoint, args.budget, rows, cfg.model.name)
     print(f"wrote {path}" + (f" and {png}" if png else ""))
+    what = "perplexity" if measure is None else measure[0]
     if pick["delta"] == 0:
-        print(f"no pairing stays within +{args.budget:.0%} perplexity")
-    else:
         print(
-            f"suggested: Δ={pick['delta']} (model.plan={pick['plan']}), val ppl {pick['val_ppl']:.3f} ({pick['ppl_increase']:+.1%})"
+            f"no pairing stays within the budget ({args.budget} {'relative' if measure is None else 'absolute'} {what} cost)"
+        )
+    else:
+        value = pick.get("val_ppl", pick.get("score"))
+        print(
+            f"suggested: Δ={pick['delta']} (model.plan={pick['plan']}), {what} {value:.3f} (cost {pick['cost']:+.1%})"
         )
         print(
             f"fine-tune the pairs: python train.py --init-from {args.checkpoint} --config {Path(args.checkpoint) / 'config.yaml'} "
             f"'model.plan={pick['plan']}' train.trainable=lp_pairs train.steps=100"
         )
     return 0
+
+
+def _metric_option(p: argparse.ArgumentParser, thresholds: str) -> None:
+    p.add_argument(
+        "--metric",
+        default="perplexity",
+        help="perplexity (default) or task:NAME[:METRIC], an lm-eval task's score (METRIC default acc); "
+        f"with a task, {thresholds} are absolute score drops (0.01 = one point)",
+    )
+    p.add_argument("--limit", type=float, help="--metric task: at most N documents of the task")
+    p.add_argument("--include-path", type=Path, help="--metric task: a directory of extra task YAMLs")
+    p.add_argument(
+        "--no-builtin-tasks", action="store_true", help="--metric task: look the task up in --include-path only"
+    )
+
+
+def _metric_tasks(args):
+    """The task manager for --metric task:NAME (None for perplexity), checked before anything loads."""
+    if args.metric == "perplexity":
+        return None
+    if args.no_builtin_tasks and args.include_path is None:
+        raise ConfigError("--no-builtin-tasks needs --include-path DIR")
+    return _evaluation().parse_metric(args.metric, args.include_path, not args.no_builtin_tasks)
 
 
 def lp_depth(args) -> int:
@@ -400,6 +434,103 @@ def lp_transform(args) -> int:
     print(
         f"fine-tune: python train.py --init-from {args.out} --config {Path(args.out) / 'config.yaml'} train.steps=100"
     )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# eval
+
+
+def _evaluation():
+    """ladder_jax.evaluation, imported on first use: it needs lm-eval (the `eval` extra), which
+    takes a second to import; its EvalError joins the one-line errors."""
+    global USER_ERRORS
+    try:
+        from . import evaluation
+    except ImportError as e:
+        raise ConfigError(f"this command needs lm-eval ({e}); pip install 'ladder_jax[eval]'") from None
+    USER_ERRORS = tuple(dict.fromkeys((*USER_ERRORS, evaluation.EvalError)))
+    return evaluation
+
+
+def add_eval(sub) -> None:
+    p, verbs = _verb_group(sub, "eval", "lm-evaluation-harness tasks and perplexity of text on any run", None)
+    h = verbs.add_parser("harness", help="lm-eval tasks (ARC, HellaSwag, PIQA, ...) through our sharded model")
+    h.add_argument("--tasks", required=True, help="comma-separated lm-eval task or group names, e.g. arc_easy,piqa")
+    h.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
+    h.add_argument("--limit", type=float, help="at most N documents per task (a fraction below 1); for quick checks")
+    h.add_argument("--batch-size", type=int, default=8, help="rows per compiled call (default 8)")
+    h.add_argument("--max-gen-toks", type=int, default=256, help="generation tasks: new tokens unless the task says")
+    h.add_argument("--gen-kwargs", help="generation settings over the tasks', e.g. max_gen_toks=64 (lm-eval syntax)")
+    h.add_argument("--include-path", type=Path, help="a directory of extra task YAMLs (local datasets)")
+    h.add_argument(
+        "--no-builtin-tasks",
+        action="store_true",
+        help="look tasks up in --include-path only (skips indexing lm-eval's ~14,700 built-in task files)",
+    )
+    h.add_argument("--bootstrap-iters", type=int, default=100000, help="stderr bootstrap iterations (0: none)")
+    h.add_argument("--out", type=Path, help="write the results JSON (as lm-eval writes it) here")
+    p_ = verbs.add_parser("perplexity", help="token, word and byte perplexity of text files with rolling windows")
+    p_.add_argument("--file", required=True, nargs="+", type=Path, help="UTF-8 text files, each one document")
+    p_.add_argument("--context", type=int, help="tokens per window (default: model.max_seq_len)")
+    p_.add_argument(
+        "--stride", type=int, help="new tokens scored per window after the first (default: the context, no overlap)"
+    )
+    p_.add_argument("--batch-size", type=int, default=8, help="windows per compiled call (default 8)")
+    p_.add_argument("--out", type=Path, help="write the numbers as JSON here")
+    for q in (h, p_):
+        q.add_argument("--checkpoint", required=True, type=Path, help="a run directory (trained, converted, SPD, LP)")
+        _overrides(q, "model.plan=standard,ladder@-1: mesh.tensor=2")
+        _cpu_devices(q)
+    p.set_defaults(handler=run_eval)
+
+
+def run_eval(args) -> int:
+    ev = _evaluation()
+    if args.batch_size < 1:
+        raise ev.EvalError(f"--batch-size {args.batch_size}: give at least 1")
+    if args.verb == "harness":
+        names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        if args.no_builtin_tasks and args.include_path is None:
+            raise ev.EvalError("--no-builtin-tasks needs --include-path DIR (where else to find the tasks?)")
+        tm = ev.task_manager(names, args.include_path, not args.no_builtin_tasks)  # before the run loads
+        lm = ev.LadderLM(args.checkpoint, args.overrides, args.batch_size, args.max_gen_toks)
+        init_runtime(args.cpu_devices)
+        results = ev.harness(
+            lm,
+            names,
+            args.num_fewshot,
+            args.limit,
+            tm=tm,
+            bootstrap_iters=args.bootstrap_iters,
+            gen_kwargs=args.gen_kwargs,
+        )
+        print(ev.results_table(results))
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(ev.results_json(results))
+            print(f"wrote {args.out}")
+        return 0
+    missing = [f for f in args.file if not f.is_file()]
+    if missing:
+        raise ev.EvalError(f"--file {missing[0]} is not a file; give UTF-8 text files")
+    try:
+        documents = [f.read_text(encoding="utf-8") for f in args.file]
+    except UnicodeDecodeError as e:
+        raise ev.EvalError(f"a --file is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") from None
+    lm = ev.LadderLM(args.checkpoint, args.overrides, args.batch_size, context=args.context)
+    init_runtime(args.cpu_devices)
+    r = ev.perplexity(lm, documents, args.stride)
+    print(
+        f"{r['documents']} document(s), {r['tokens']:,} tokens, {r['words']:,} words, {r['bytes']:,} bytes; "
+        f"context {r['context']}, stride {r['stride']} ({r['windows']} windows)"
+    )
+    for k in ("token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"):
+        print(f"  {k:16s} {r[k]:.4f}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"checkpoint": str(args.checkpoint), **r}, indent=1))
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -690,7 +821,7 @@ def run_plot(args) -> int:
 
 # ---------------------------------------------------------------------------------------------
 
-VERBS = (add_describe, add_convert, add_spd, add_lp, add_analysis, add_perfmodel, add_plot)
+VERBS = (add_describe, add_convert, add_spd, add_lp, add_eval, add_analysis, add_perfmodel, add_plot)
 
 
 def parser() -> argparse.ArgumentParser:

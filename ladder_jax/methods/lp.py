@@ -37,15 +37,27 @@ def lp_plan(base: str, n_layers: int, start: int, end: int) -> str:
 class Evaluator:
     """Validation perplexity and greedy continuations of one run's parameters under any plan."""
 
-    def __init__(self, run: Run, val_batches, prompts=(), gen_tokens: int = 0):
+    def __init__(self, run: Run, val_batches, prompts=(), gen_tokens: int = 0, measure=None):
+        """`measure`: (label, plan -> score, higher is better), e.g. a harness task's accuracy
+        (evaluation.task_measure), to rank ranges by instead of validation perplexity."""
         self.run, self.cfg = run, run.cfg
         self.val, self.prompts, self.gen_tokens = val_batches, list(prompts), gen_tokens
+        self.measure = measure
 
     def with_plan(self, plan: str):
         return dataclasses.replace(self.cfg.model, plan=plan)
 
     def perplexity(self, plan: str) -> float:
         return evaluate(self.with_plan(plan), self.run.mesh, self.run.params, self.val)["val_ppl"]
+
+    def cost(self, plan: str, base: float | None = None) -> tuple[float, float]:
+        """(the plan's value, its cost against `base`): perplexity and its relative increase, or a
+        task score and its absolute drop. Lower cost is better."""
+        if self.measure is None:
+            value = self.perplexity(plan)
+            return value, (value / base - 1 if base else 0.0)
+        value = self.measure[1](plan)
+        return value, (base - value if base is not None else 0.0)
 
     def continuations(self, plan: str) -> list[list[int]]:
         return list(
@@ -63,30 +75,24 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 
 def sweep(ev: Evaluator, max_delta: int, search: str = "auto", log=print) -> list[dict]:
+    """Rows per Δ: the best range, its value (`val_ppl`, or `score` with a task measure), its
+    `cost` against the original (relative perplexity increase, or absolute score drop) and the
+    greedy agreement."""
     n = ev.cfg.model.n_layers
     base = ev.cfg.model.plan
-    base_ppl = ev.perplexity(base)
+    key, label = ("val_ppl", "val ppl") if ev.measure is None else ("score", ev.measure[0])
+    base_value, _ = ev.cost(base)
     base_tokens = ev.continuations(base)
-    log(f"original ({base}): val ppl {base_ppl:.3f}")
+    log(f"original ({base}): {label} {base_value:.3f}")
     exhaustive = search == "exhaustive" or (search == "auto" and n <= 16)
-    cache: dict[tuple[int, int], float] = {}
+    cache: dict[tuple[int, int], tuple[float, float]] = {}
 
-    def ppl(start, end):
+    def cost(start, end):
         if (start, end) not in cache:
-            cache[(start, end)] = ev.perplexity(lp_plan(base, n, start, end))
+            cache[(start, end)] = ev.cost(lp_plan(base, n, start, end), base_value)
         return cache[(start, end)]
 
-    rows = [
-        {
-            "delta": 0,
-            "start": None,
-            "end": None,
-            "plan": base,
-            "val_ppl": base_ppl,
-            "ppl_increase": 0.0,
-            "agreement": 1.0,
-        }
-    ]
+    rows = [{"delta": 0, "start": None, "end": None, "plan": base, key: base_value, "cost": 0.0, "agreement": 1.0}]
     best = None
     for delta in range(2, max_delta + 1, 2):
         if exhaustive or best is None:
@@ -94,29 +100,24 @@ def sweep(ev: Evaluator, max_delta: int, search: str = "auto", log=print) -> lis
         else:  # grow the previous best range by one pair, left or right
             s, e = best
             candidates = [(a, b) for a, b in ((s - 2, e), (s, e + 2)) if a >= 0 and b <= n]
-        best = min(candidates, key=lambda c: ppl(*c))
+        best = min(candidates, key=lambda c: cost(*c)[1])
         plan = lp_plan(base, n, *best)
-        value = ppl(*best)
+        value, c = cost(*best)
         agree = agreement(base_tokens, ev.continuations(plan))
         rows.append(
-            {
-                "delta": delta,
-                "start": best[0],
-                "end": best[1],
-                "plan": plan,
-                "val_ppl": value,
-                "ppl_increase": value / base_ppl - 1,
-                "agreement": agree,
-            }
+            {"delta": delta, "start": best[0], "end": best[1], "plan": plan, key: value, "cost": c, "agreement": agree}
         )
         log(
-            f"Δ={delta}: layers {best[0]}..{best[1] - 1} paired, val ppl {value:.3f} ({value / base_ppl - 1:+.1%}), greedy agreement {agree:.1%}"
+            f"Δ={delta}: layers {best[0]}..{best[1] - 1} paired, {label} {value:.3f} ({c:+.1%}), greedy agreement {agree:.1%}"
         )
+    if ev.measure is None:
+        for r in rows:
+            r["ppl_increase"] = r["cost"]
     return rows
 
 
 def suggest(rows: list[dict], budget: float) -> dict:
-    ok = [r for r in rows if r["ppl_increase"] <= budget]
+    ok = [r for r in rows if r["cost"] <= budget]
     return max(ok, key=lambda r: r["delta"])
 
 
@@ -125,10 +126,11 @@ def plot(rows: list[dict], out: Path, title: str) -> Path | None:
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["delta"] for r in rows], [r["val_ppl"] for r in rows], "o-", label="validation perplexity")
+    key, label = ("val_ppl", "validation perplexity") if "val_ppl" in rows[0] else ("score", "task score")
+    ax.plot([r["delta"] for r in rows], [r[key] for r in rows], "o-", label=label)
     ax.set_xticks([r["delta"] for r in rows])  # only even Δ exist
     ax.set_xlabel("Δ (layers paired)")
-    ax.set_ylabel("perplexity")
+    ax.set_ylabel(label)
     ax2 = ax.twinx()
     ax2.plot(
         [r["delta"] for r in rows], [r["agreement"] for r in rows], "s--", color="tab:orange", label="greedy agreement"

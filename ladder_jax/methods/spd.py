@@ -75,23 +75,35 @@ def perplexity(run: Run, plan: str, calib: list[dict], params=None) -> float:
     return evaluate(model, run.mesh, run.params if params is None else params, calib)["val_ppl"]
 
 
-def sensitivity(run: Run, calib: list[dict], sensitive: float, extreme: float, log=print) -> dict:
-    """Per block, from the last backwards: perplexity with and without its sync on top of the later drops."""
+def sensitivity(run: Run, calib: list[dict], sensitive: float, extreme: float, log=print, measure=None) -> dict:
+    """Per block, from the last backwards: the metric with and without its sync on top of the later drops.
+
+    `measure`: (label, plan -> score, higher is better), e.g. a harness task's accuracy
+    (evaluation.task_measure); a block's delta is then the absolute score drop. Default: the
+    calibration perplexity, delta its relative increase."""
+    label, value = measure or ("calibration ppl", lambda plan: perplexity(run, plan, calib))
+    key = "ppl" if measure is None else "score"
+    change = (lambda before, after: after / before - 1) if measure is None else (lambda before, after: before - after)
     n, base = run.cfg.model.n_layers, run.cfg.model.plan
-    base_ppl = perplexity(run, spd_plan(base, n, []), calib)
-    log(f"standard (every block synced): calibration ppl {base_ppl:.4f}")
-    blocks, without = [], base_ppl
+    base_value = value(spd_plan(base, n, []))
+    log(f"standard (every block synced): {label} {base_value:.4f}")
+    blocks, without = [], base_value
     for i in reversed(range(n)):
-        with_drop = perplexity(run, spd_plan(base, n, range(i, n)), calib)
-        delta = with_drop / without - 1
-        blocks.append({"block": i, "ppl_without": without, "ppl_with": with_drop, "delta": delta})
-        log(f"block {i}: ppl {without:.4f} -> {with_drop:.4f} ({delta:+.2%})")
+        with_drop = value(spd_plan(base, n, range(i, n)))
+        delta = change(without, with_drop)
+        blocks.append({"block": i, f"{key}_without": without, f"{key}_with": with_drop, "delta": delta})
+        log(f"block {i}: {label} {without:.4f} -> {with_drop:.4f} ({delta:+.2%})")
         without = with_drop
     for rank, b in enumerate(sorted(blocks, key=lambda b: b["delta"])):
         b["rank"] = rank  # 0: least sensitive
         b["class"] = classify(b["delta"], sensitive, extreme)
     blocks.sort(key=lambda b: b["block"])
-    return {"base_ppl": base_ppl, "thresholds": {"sensitive": sensitive, "extreme": extreme}, "blocks": blocks}
+    return {
+        f"base_{key}": base_value,
+        "metric": "perplexity" if measure is None else label,
+        "thresholds": {"sensitive": sensitive, "extreme": extreme},
+        "blocks": blocks,
+    }
 
 
 def check_sensitivity(report: dict, cfg, tensor: int, path, fp: float | None = None) -> None:
@@ -397,6 +409,8 @@ def compare_calibration(report: dict, used: dict, path) -> str:
     numbers were measured on the same ones."""
     recorded = report_calibration(report)
     here = f"calibration: {describe_calibration(used)}"
+    if report.get("metric", "perplexity") != "perplexity":
+        return f"{here}; {path} ranked the blocks by {report['metric']} (base {report['base_score']:.4f})"
     if recorded is None:
         return f"{here}; {path} does not record its calibration sequences, so its standard ppl {report.get('base_ppl', float('nan')):.4f} may be on others"
     same = recorded.get("tokens_sha1", used["tokens_sha1"]) == used["tokens_sha1"] and all(
@@ -411,7 +425,7 @@ def compare_calibration(report: dict, used: dict, path) -> str:
     )
 
 
-def sensitivity_report(run: Run, calib: list[dict], sensitive: float, extreme: float, log=print) -> dict:
+def sensitivity_report(run: Run, calib: list[dict], sensitive: float, extreme: float, log=print, measure=None) -> dict:
     """What `spd sensitivity` writes: the model, tensor degree and weights it was measured on, and
     each block's sensitivity and class."""
     if not 0 <= sensitive <= extreme:
@@ -424,11 +438,12 @@ def sensitivity_report(run: Run, calib: list[dict], sensitive: float, extreme: f
         "d_model": m.d_model,
         "tensor": run.cfg.mesh.tensor,
         "fingerprint": fingerprint(run.params),
-        "calibration_sequences": sum(len(b["inputs"]) for b in calib) * jax.process_count(),
-        "calibration": calibration_record(run, calib),
     }
-    log(f"calibration: {describe_calibration(report['calibration'])} of {run.dir}")
-    return {**report, **sensitivity(run, calib, sensitive, extreme, log)}
+    if calib:  # a task metric scores the task's documents, not calibration windows
+        report["calibration_sequences"] = sum(len(b["inputs"]) for b in calib) * jax.process_count()
+        report["calibration"] = calibration_record(run, calib)
+        log(f"calibration: {describe_calibration(report['calibration'])} of {run.dir}")
+    return {**report, **sensitivity(run, calib, sensitive, extreme, log, measure)}
 
 
 def write_sensitivity(report: dict, out: Path) -> tuple[Path, Path | None]:
@@ -455,7 +470,9 @@ def plot_sensitivity(report: dict, out: Path) -> Path | None:
     legend.append(plt.Line2D([], [], color="gray", lw=0.8, ls="--", label=f"thresholds ({limits})"))
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # blocks are whole numbers
     ax.set_xlabel("block")
-    ax.set_ylabel("perplexity increase (%)")
+    ax.set_ylabel(
+        "perplexity increase (%)" if report.get("metric", "perplexity") == "perplexity" else "score drop (points)"
+    )
     ax.set_title(f"{report['model']}: SPD sensitivity at tensor={report['tensor']}")
     fig.legend(handles=legend, loc="lower center", ncol=2, fontsize=8, frameon=False)  # below: bars reach any corner
     fig.tight_layout(rect=(0, 0.12, 1, 1))
