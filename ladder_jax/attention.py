@@ -35,7 +35,6 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-from jax._src import config as jax_config
 from jax.experimental.pallas.ops.gpu import attention as triton_attention
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
@@ -118,6 +117,16 @@ def choose(requested: str, seq: int, head_dim: int, dtype, segments: bool) -> st
     return requested
 
 
+def may_use_kernel(requested: str, platform: str) -> bool:
+    """Whether a program for `platform` may call a kernel. JAX's Pallas kernels (jax 0.10) declare
+    their outputs without shard_map's varying-axes types, so the model's shard_map then runs with
+    check_vma=False, as MaxText runs them; the values and gradients are the same (tested)."""
+    platform = normalize_platform(platform)
+    if requested == "auto":
+        return platform in ("tpu", "gpu")
+    return requested != "xla"
+
+
 def check_platform(requested: str, platform: str) -> None:
     """Refuse a kernel named in the config on a platform it does not run on, before anything is
     traced (shape checks follow when the program is traced, still before it compiles)."""
@@ -141,12 +150,10 @@ def self_attention(requested: str, q, k, v, positions, segment_ids, dtype):
         return xla_attention(q, k, v, positions, segment_ids, dtype)
     interpret = current_platform() == "cpu"
     if name == "splash":
-        kernel = lambda q, k, v, *seg: splash_attention(q, k, v, *seg or [None], interpret=interpret)
-    elif name == "triton":
-        kernel = lambda q, k, v, *seg: triton_flash_attention(q, k, v, *seg or [None], interpret=interpret)
-    else:
-        kernel = lambda q, k, v: cudnn_attention(q, k, v)
-    return local_kernel(kernel, q, k, v, *([] if segment_ids is None else [segment_ids]))
+        return splash_attention(q, k, v, segment_ids, interpret=interpret)
+    if name == "triton":
+        return triton_flash_attention(q, k, v, segment_ids, interpret=interpret)
+    return cudnn_attention(q, k, v)
 
 
 def _varying(x) -> frozenset:
@@ -156,42 +163,6 @@ def _varying(x) -> frozenset:
 def _cast_varying(x, axes: frozenset):
     missing = tuple(sorted(axes - _varying(x)))
     return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-
-def local_kernel(kernel, *args):
-    """`kernel(*args)` with its gradient, on this device's arrays inside the model's shard_map.
-
-    The Pallas kernels JAX ships declare their outputs without shard_map's varying-axes types
-    (jax 0.10: "manual_axis_type must not be None"), so they run here as an island: inputs and
-    cotangents enter with those types dropped (an add of 0 traced with the check off), and
-    outputs and gradients leave typed as varying over the axes the inputs varied over. The
-    kernels are local (no collectives), so the types change nothing but the check.
-    """
-    arg_axes = [_varying(a) for a in args]
-    out_axes = frozenset().union(*arg_axes)
-    untyped = lambda xs: [x + 0 for x in xs]
-
-    @jax.custom_vjp
-    def call(*args):
-        with jax_config._check_vma(False):
-            out = kernel(*untyped(args))
-        return _cast_varying(out, out_axes)
-
-    def forward(*args):
-        with jax_config._check_vma(False):
-            out, vjp = jax.vjp(kernel, *untyped(args))
-        return _cast_varying(out, out_axes), vjp
-
-    def backward(vjp, cotangent):
-        with jax_config._check_vma(False):
-            grads = vjp(cotangent + 0)
-        return tuple(
-            _cast_varying(g, axes) if jnp.issubdtype(g.dtype, jnp.floating) else None
-            for g, axes in zip(grads, arg_axes)
-        )
-
-    call.defvjp(forward, backward)
-    return call(*args)
 
 
 def _scores_softmax_values(q, keys, values, mask, dtype):

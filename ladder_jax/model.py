@@ -325,7 +325,8 @@ def sharded(cfg: ModelConfig, mesh: Mesh, body: Callable, in_specs: tuple, out_s
         with attention.compiling_for(platform):  # kernels for the mesh's platform, not the host's
             return body(nnx.merge(gdef, params), *args)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(specs, *in_specs), out_specs=out_specs)
+    check_vma = not attention.may_use_kernel(cfg.attention, platform)
+    return jax.shard_map(local, mesh=mesh, in_specs=(specs, *in_specs), out_specs=out_specs, check_vma=check_vma)
 
 
 def default_positions(tokens):

@@ -8,12 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ladder_jax import attention as A
 from ladder_jax import model as M
 from ladder_jax.config import ConfigError
 from ladder_jax.mesh import BATCH, make_mesh
+from ladder_jax.training import loss_sums_fn
 
 from .conftest import small_config
 
@@ -80,20 +82,29 @@ def test_decode_attention_reads_each_row_up_to_its_position():
         np.testing.assert_allclose(np.asarray(got)[row, 0], want, atol=1e-5)
 
 
-def test_model_with_the_splash_kernel_matches_xla_and_its_gradients_over_a_tensor_axis(devices):
-    cfg = small_config(tensor=2, model__n_layers=1, model__max_seq_len=256, model__init_std=0.1).model
-    mesh = make_mesh(small_config(tensor=2))
-    params = M.init_params(cfg, mesh, 0)
-    tokens = jnp.asarray(np.random.RandomState(3).randint(0, 259, (1, 256)), jnp.int32)
+def test_train_loss_with_the_splash_kernel_matches_xla_and_its_gradients_under_fsdp_remat_and_scan(devices):
+    # A kernel makes the model's shard_map run with check_vma=False (attention.may_use_kernel);
+    # the loss and every gradient must still equal the checked xla program's.
+    cfg = small_config(tensor=2, mesh__fsdp=2, model__n_layers=2, model__max_seq_len=256, model__init_std=0.1)
+    mesh = make_mesh(cfg)
+    params = M.init_params(cfg.model, mesh, 0)
+    rng = np.random.RandomState(3)
+    tokens = rng.randint(0, 259, (2, 257))
+    batch = {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "segment_ids": np.repeat(SEGMENTS, 2, axis=0),
+        "positions": np.repeat(POSITIONS, 2, axis=0),
+        "mask": np.ones((2, 256), np.float32),
+    }
+    batch = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, NamedSharding(mesh, P(BATCH, None)))
 
-    def loss(cfg):
-        body = lambda model, t, p, s: model(t, p, segment_ids=s)[0]
-        spec = P(BATCH, None)
-        fwd = M.sharded(cfg, mesh, body, (spec,) * 3, P(BATCH, None, "tensor"))
-        return jax.jit(jax.value_and_grad(lambda w: (fwd(w, tokens, POSITIONS, SEGMENTS) ** 2).mean()))
+    def loss_and_grads(attention, remat, scan):
+        loss_sums = loss_sums_fn(dataclasses.replace(cfg.model, attention=attention), mesh, remat, scan)
+        return jax.jit(jax.value_and_grad(lambda w: loss_sums(w, batch)[0]))(params)
 
-    value, grads = loss(dataclasses.replace(cfg, attention="splash"))(params)
-    want_value, want_grads = loss(dataclasses.replace(cfg, attention="xla"))(params)
+    value, grads = loss_and_grads("splash", "full", True)
+    want_value, want_grads = loss_and_grads("xla", "none", False)
     np.testing.assert_allclose(value, want_value, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), grads, want_grads)
 

@@ -46,9 +46,9 @@ class Hardware:
     # the attention kernel reads K/V once per query head (GQA heads expanded to full multi-head,
     # as gpt-fast's repeat_interleave + SDPA), not once per KV head as a GQA-aware kernel does
     attention_expands_kv: bool = False
-    # static-shape decoders (gpt-fast under CUDA graphs, ours under jit) attend over the whole
-    # allocated cache (prompt + gen positions, masked); False: only the filled part, on average
-    # prompt + gen / 2 (a paged or length-aware kernel)
+    # static-shape decoders (gpt-fast under CUDA graphs) attend over the whole allocated cache
+    # (prompt + gen positions, masked); False: only the filled part, on average prompt + gen / 2
+    # (a paged or length-aware kernel, as ladder_jax.attention.decode_attention)
     attention_reads_allocated_cache: bool = True
     kernels: tuple = (("embed", 2), ("attention", 8), ("mlp", 5), ("head", 3))
     scale_out: str = ""  # profile for tensor sizes past max_devices (a sweep's multi-node points)
