@@ -5,6 +5,10 @@ Documents are packed back to back (BOS text EOS BOS text EOS ...) and cut into w
 a document boundary), per-document positions (restart at 0 where a document starts or where the
 window cuts into one), and a loss mask that drops the one prediction per boundary whose target is
 the next document's BOS.
+
+The documents come from files tokenized here into memory (stdlib, text, JSONL, Parquet) or from a
+directory `python -m ladder_jax data prepare` wrote (ladder_jax/prepare.py): ArrayRecord shards
+read through grain, one record per document. Both are packed by the same PackedWindows.
 """
 
 from __future__ import annotations
@@ -192,7 +196,7 @@ class Datasets:
 def build_datasets(train_cfg, tokenizer) -> Datasets:
     """Train and validation windows: from a prepared directory (streamed from disk), or the
     stdlib / files tokenized here into memory. Both go through the same PackedWindows."""
-    if Path(train_cfg.data).is_dir():
+    if train_cfg.data != "stdlib" and Path(train_cfg.data).is_dir():
         train = open_prepared(train_cfg.data, "train", tokenizer, train_cfg.seq_len)
         val = open_prepared(train_cfg.data, "val", tokenizer, train_cfg.seq_len)
     else:
