@@ -187,6 +187,11 @@ def test_bad_input_is_one_line(prepared, corpus, tmp_path, capsys):
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(DataError, match=r"train-00000.arrayrecord has \d+ bytes, the manifest says \d+ \(truncated\)"):
         open_prepared(broken, "train", BYTES, SEQ)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["splits"]["train"].update(documents=0, shards=[])
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="the train split of .* is empty; prepare it from more documents"):
+        open_prepared(broken, "train", BYTES, SEQ)
 
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n\n{"text": oops}\n')
     (tmp_path / "blank.txt").write_text(" \n")
