@@ -56,7 +56,7 @@ def main():
     rng = np.random.RandomState(0)
     n = args.batch * (args.seq + 1) + 1
     (batch,) = val_batches(
-        PackedWindows(rng.randint(0, m.vocab_size, n).astype(np.int32), np.zeros(n, np.int32), args.seq), args.batch, 1
+        PackedWindows.of_arrays([rng.randint(0, m.vocab_size, n).astype(np.int32)], args.seq), args.batch, 1
     )
 
     torch.manual_seed(0)

@@ -9,6 +9,7 @@ train.py and infer.py.
     analysis     where the all-reduces are: sync (CPU), schedule and memory (deviceless GPU/TPU)
     perfmodel    latency model of TP decoding: predict, calibrate
     plot         loss curves of runs
+    data         prepare: tokenize a corpus once into ArrayRecord shards for train.data=DIR
 
 Each verb parses its arguments here and calls the library. Input the library refuses prints one
 line, `error: ...`, on stderr, and the command exits with status 2.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -820,8 +822,50 @@ def run_plot(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# data
 
-VERBS = (add_describe, add_convert, add_spd, add_lp, add_eval, add_analysis, add_perfmodel, add_plot)
+
+def add_data(sub) -> None:
+    p, verbs = _verb_group(
+        sub,
+        "data",
+        "tokenize a corpus once into ArrayRecord shards (train.data=DIR then streams them)",
+        "See docs/data.md.",
+    )
+    q = verbs.add_parser("prepare", help="text files/globs, JSONL(.gz) or Parquet -> DIR of token shards")
+    q.add_argument("inputs", nargs="+", help="files or globs: *.txt (one document each), *.jsonl[.gz], *.parquet")
+    q.add_argument("--out", required=True, type=Path, help="the prepared directory (a rerun resumes it)")
+    q.add_argument("--tokenizer", default="bytes", help="bytes (default), a run directory, or a tokenizer.json")
+    q.add_argument("--config", help="with a tokenizer.json: the preset (or YAML) whose BOS/EOS ids to use")
+    q.add_argument("--text-field", default="text", help="the JSONL field or Parquet column holding the text")
+    q.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes (default: all cores)")
+    q.add_argument(
+        "--val-fraction", type=float, default=0.05, help="documents held out for validation, by a hash of their name"
+    )
+    q.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=run_data)
+
+
+def run_data(args) -> int:
+    from . import prepare
+
+    tokenizer = prepare.load_tokenizer(args.tokenizer, args.config)
+    prepare.prepare(
+        args.inputs,
+        args.out,
+        tokenizer,
+        args.text_field,
+        args.workers,
+        args.val_fraction,
+        progress=not args.no_progress,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+VERBS = (add_describe, add_convert, add_spd, add_lp, add_eval, add_analysis, add_perfmodel, add_plot, add_data)
 
 
 def parser() -> argparse.ArgumentParser:

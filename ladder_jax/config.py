@@ -107,7 +107,7 @@ class TrainConfig:
     # Which parameters train: "all", "lp_pairs" (the layers paired by lp in the plan),
     # "layers:3,5-7", or a regex over parameter paths such as "layers/1[0-5]/.*".
     trainable: str = "all"
-    data: str = "stdlib"  # "stdlib" (the Python standard library's sources), files/globs (comma-separated), or *.jsonl
+    data: str = "stdlib"  # "stdlib" (the stdlib sources), files/globs (comma-separated: text, *.jsonl[.gz], *.parquet), or a prepared DIR
     text_field: str = "text"  # the JSONL field that holds the text
     val_fraction: float = 0.05  # files (documents) held out for validation, chosen by a hash of their path
     eval_every: int = 200

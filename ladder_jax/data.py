@@ -5,18 +5,23 @@ Documents are packed back to back (BOS text EOS BOS text EOS ...) and cut into w
 a document boundary), per-document positions (restart at 0 where a document starts or where the
 window cuts into one), and a loss mask that drops the one prediction per boundary whose target is
 the next document's BOS.
+
+The documents come from files tokenized here into memory (stdlib, text, JSONL, Parquet) or from a
+directory `python -m ladder_jax data prepare` wrote (ladder_jax/prepare.py): ArrayRecord shards
+read through grain, one record per document. Both are packed by the same PackedWindows.
 """
 
 from __future__ import annotations
 
 import glob
+import gzip
 import json
 import sysconfig
 import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import grain
 import numpy as np
 
 
@@ -37,33 +42,68 @@ def stdlib_documents() -> list[Document]:
     return [Document(str(p.relative_to(root)), p.read_text("utf-8", errors="replace")) for p in files]
 
 
-def file_documents(spec: str, text_field: str = "text") -> list[Document]:
-    """Text files, globs (comma-separated) or JSONL files (one document per line's `text_field`)."""
+def input_files(spec, what: str = "train.data") -> list[str]:
+    """Existing files named by paths or globs (a comma-separated string or a list), in a fixed order."""
+    patterns = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
     paths: list[str] = []
-    for pattern in (s.strip() for s in spec.split(",") if s.strip()):
+    for pattern in (p for p in patterns if p):
         matched = sorted(glob.glob(pattern, recursive=True))
         if not matched:
-            raise DataError(f"train.data: '{pattern}' matches no file; give an existing path or glob (or 'stdlib')")
+            raise DataError(f"{what}: '{pattern}' matches no file; give an existing path or glob (or 'stdlib')")
         paths += [m for m in matched if Path(m).is_file()]
-    docs = []
-    for path in paths:
-        if path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{n} is not valid JSON ({e.msg}); fix the line or remove it") from None
-                    if not isinstance(record, dict) or text_field not in record:
-                        raise DataError(
-                            f"{path}:{n} has no '{text_field}' field; set train.text_field to the field holding the text"
-                        )
-                    docs.append(Document(f"{path}:{n}", str(record[text_field])))
-        else:
-            docs.append(Document(path, Path(path).read_text("utf-8", errors="replace")))
-    return docs
+    return paths
+
+
+def parquet_row_groups(path: str, text_field: str) -> int:
+    """The row groups of a Parquet file that has the text column (refused in one line otherwise)."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path)
+    if text_field not in meta.schema_arrow.names:
+        raise DataError(
+            f"{path} has no column '{text_field}' (it has {', '.join(meta.schema_arrow.names)}); "
+            f"name the text column with --text-field / train.text_field"
+        )
+    return meta.num_row_groups
+
+
+def read_documents(path: str, text_field: str = "text", row_group: int | None = None) -> Iterator[Document]:
+    """The documents of one file: a text file is one; JSONL (optionally .gz) one per line's
+    `text_field`; Parquet one per row of its `text_field` column (one row group, or all)."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        f = pq.ParquetFile(path)
+        groups = range(parquet_row_groups(path, text_field)) if row_group is None else [row_group]
+        row = 0
+        for g in groups:
+            if row_group is not None:
+                row = sum(f.metadata.row_group(i).num_rows for i in range(g))
+            for text in f.read_row_group(g, columns=[text_field]).column(0).to_pylist():
+                yield Document(f"{path}:{row}", "" if text is None else str(text))
+                row += 1
+    elif path.endswith((".jsonl", ".jsonl.gz")):
+        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n} is not valid JSON ({e.msg}); fix the line or remove it") from None
+                if not isinstance(record, dict) or text_field not in record:
+                    raise DataError(
+                        f"{path}:{n} has no '{text_field}' field; name the field holding the text with "
+                        f"--text-field / train.text_field"
+                    )
+                yield Document(f"{path}:{n}", str(record[text_field]))
+    else:
+        yield Document(path, Path(path).read_text("utf-8", errors="replace"))
+
+
+def file_documents(spec: str, text_field: str = "text") -> list[Document]:
+    """Text files, globs (comma-separated), JSONL (optionally .gz) or Parquet files."""
+    return [d for path in input_files(spec) for d in read_documents(path, text_field)]
 
 
 def load_documents(spec: str, text_field: str = "text") -> list[Document]:
@@ -74,6 +114,11 @@ def load_documents(spec: str, text_field: str = "text") -> list[Document]:
     return docs
 
 
+def is_validation(name: str, val_fraction: float) -> bool:
+    """Whether a document goes to the validation split: a hash of its name, so any process agrees."""
+    return zlib.crc32(name.encode()) % 10_000 < val_fraction * 10_000
+
+
 def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
     """Deterministic split by a hash of each document's name; a single document is split by length."""
     if val_fraction == 0:
@@ -82,38 +127,55 @@ def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Doc
         text = docs[0].text
         cut = int(len(text) * (1 - val_fraction))
         return [Document(docs[0].name, text[:cut])], [Document(docs[0].name + "#val", text[cut:])]
-    val = [d for d in docs if zlib.crc32(d.name.encode()) % 10_000 < val_fraction * 10_000]
+    val = [d for d in docs if is_validation(d.name, val_fraction)]
     if not val:  # tiny corpora: hold out the last document
         val = docs[-1:]
     names = {d.name for d in val}
     return [d for d in docs if d.name not in names], val
 
 
-def pack(docs: list[Document], tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """One token stream (BOS text EOS per document) and its document index per token."""
-    pieces, segs = [], []
-    encode = getattr(tokenizer, "encode_array", lambda t: np.asarray(tokenizer.encode(t), np.int32))
-    for k, d in enumerate(docs):
-        ids = np.concatenate([[tokenizer.bos_id], encode(d.text), [tokenizer.eos_id]]).astype(np.int32)
-        pieces.append(ids)
-        segs.append(np.full(len(ids), k, np.int32))
-    return np.concatenate(pieces), np.concatenate(segs)
+def encode(tokenizer, text: str) -> np.ndarray:
+    """One document's token ids: BOS text EOS."""
+    ids = tokenizer.encode_array(text) if hasattr(tokenizer, "encode_array") else tokenizer.encode(text)
+    return np.concatenate([[tokenizer.bos_id], ids, [tokenizer.eos_id]]).astype(np.int32)
 
 
 class PackedWindows:
-    """Random-access windows of a packed stream: the grain source."""
+    """Random-access windows over documents laid back to back: the grain source.
 
-    def __init__(self, tokens: np.ndarray, segments: np.ndarray, seq_len: int):
-        self.tokens, self.segments, self.seq_len = tokens, segments, seq_len
+    `documents[k]` is document k's tokens (BOS text EOS; a list in memory or ArrayRecord records
+    on disk) and `offsets[k]` where it starts in the stream (`offsets[-1]`: the stream's length;
+    a memory-mapped array for a prepared directory). A window reads only the documents it covers.
+    """
+
+    def __init__(self, documents: Sequence, offsets: np.ndarray, seq_len: int):
+        self.documents, self.offsets, self.seq_len = documents, offsets, seq_len
+
+    @classmethod
+    def of_arrays(cls, arrays: Sequence[np.ndarray], seq_len: int) -> PackedWindows:
+        return cls(arrays, np.r_[0, np.cumsum([len(a) for a in arrays], dtype=np.int64)], seq_len)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.offsets[-1])
 
     def __len__(self) -> int:
-        return max(0, (len(self.tokens) - 1) // self.seq_len)
+        return max(0, (self.n_tokens - 1) // self.seq_len)
 
     def __getitem__(self, i: int) -> dict:
         s = self.seq_len
-        w = self.tokens[i * s : i * s + s + 1]
-        seg = self.segments[i * s : i * s + s + 1]
-        seg_in = seg[:-1] - seg[0]  # small ids; only equality matters
+        start, stop = i * s, i * s + s + 1
+        k = int(np.searchsorted(self.offsets, start, "right")) - 1
+        pieces, segments = [], []
+        while start < stop:  # the documents the window covers, each cut to the window
+            begin = int(self.offsets[k])
+            piece = self.documents[k][start - begin : stop - begin]
+            pieces.append(piece)
+            segments.append(np.full(len(piece), len(pieces) - 1, np.int32))
+            start += len(piece)
+            k += 1
+        w, seg = np.concatenate(pieces).astype(np.int32), np.concatenate(segments)
+        seg_in = seg[:-1]
         starts = np.r_[True, seg_in[1:] != seg_in[:-1]]
         first = np.maximum.accumulate(np.where(starts, np.arange(s), 0))
         return {
@@ -129,28 +191,117 @@ class PackedWindows:
 class Datasets:
     train: PackedWindows
     val: PackedWindows
-    n_train_tokens: int
-    n_val_tokens: int
 
 
 def build_datasets(train_cfg, tokenizer) -> Datasets:
-    docs = load_documents(train_cfg.data, train_cfg.text_field)
-    train_docs, val_docs = split_documents(docs, train_cfg.val_fraction)
-    tr_tok, tr_seg = pack(train_docs, tokenizer)
-    train = PackedWindows(tr_tok, tr_seg, train_cfg.seq_len)
+    """Train and validation windows: from a prepared directory (streamed from disk), or the
+    stdlib / files tokenized here into memory. Both go through the same PackedWindows."""
+    if train_cfg.data != "stdlib" and Path(train_cfg.data).is_dir():
+        train = open_prepared(train_cfg.data, "train", tokenizer, train_cfg.seq_len)
+        val = open_prepared(train_cfg.data, "val", tokenizer, train_cfg.seq_len)
+    else:
+        docs = load_documents(train_cfg.data, train_cfg.text_field)
+        train_docs, val_docs = split_documents(docs, train_cfg.val_fraction)
+        train = PackedWindows.of_arrays([encode(tokenizer, d.text) for d in train_docs], train_cfg.seq_len)
+        val = PackedWindows.of_arrays([encode(tokenizer, d.text) for d in val_docs], train_cfg.seq_len)
     if len(train) < train_cfg.batch_size:
         raise DataError(
             f"train.data gives {len(train)} training windows of {train_cfg.seq_len} tokens, fewer than one batch "
             f"({train_cfg.batch_size}); add text or lower train.seq_len / train.batch_size"
         )
-    va_tok, va_seg = pack(val_docs, tokenizer) if val_docs else (np.zeros(0, np.int32), np.zeros(0, np.int32))
-    return Datasets(train, PackedWindows(va_tok, va_seg, train_cfg.seq_len), len(tr_tok), len(va_tok))
+    return Datasets(train, val)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prepared directories (written by `python -m ladder_jax data prepare`, ladder_jax/prepare.py):
+# per split, ArrayRecord shards of one record per document (its token ids), an offsets array
+# (where each document starts in the split's stream) and manifest.json, written last.
+
+MANIFEST = "manifest.json"
+
+
+def tokenizer_identity(tokenizer) -> dict:
+    """What a prepared directory must share with the model's tokenizer."""
+    return {
+        "fingerprint": tokenizer.fingerprint,
+        "vocab_size": int(tokenizer.vocab_size),
+        "bos_id": int(tokenizer.bos_id),
+        "eos_id": int(tokenizer.eos_id),
+    }
+
+
+class TokenRecords:
+    """A split's ArrayRecord shards as a sequence of token arrays (grain's ArrayRecordDataSource)."""
+
+    def __init__(self, paths: list[str], dtype: str):
+        import grain  # here, not at the top: prepare's worker processes import this module without JAX
+
+        self.source, self.dtype = grain.sources.ArrayRecordDataSource(paths), np.dtype(dtype)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        return np.frombuffer(self.source[k], self.dtype)
+
+
+def read_manifest(directory: str | Path) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.exists():
+        raise DataError(
+            f"train.data={directory} has no {MANIFEST}: its prepare did not finish; rerun the same "
+            f"`python -m ladder_jax data prepare` command (it keeps the finished shards)"
+        )
+    return json.loads(path.read_text())
+
+
+def open_prepared(directory: str | Path, split: str, tokenizer, seq_len: int) -> PackedWindows:
+    """One split of a prepared directory, checked against the tokenizer and its own manifest
+    (every shard present, with the size and record count listed) before anything is read."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    ours, theirs = tokenizer_identity(tokenizer), manifest["tokenizer"]
+    if ours != theirs:
+        diff = ", ".join(f"{k} {theirs.get(k)} vs {ours[k]}" for k in ours if theirs.get(k) != ours[k])
+        raise DataError(
+            f"train.data={directory} was tokenized with another tokenizer than the model's ({diff}); "
+            f"prepare it again with --tokenizer RUN_DIR (or the model's tokenizer.json)"
+        )
+    info = manifest["splits"][split]
+    if info["documents"] == 0:
+        if split == "val" and manifest["val_fraction"] == 0:
+            return PackedWindows([], np.zeros(1, np.int64), seq_len)  # no validation asked for
+        raise DataError(
+            f"the {split} split of {directory} is empty; prepare it from more documents"
+            + (" or with a larger --val-fraction" if split == "val" else "")
+        )
+    for shard in info["shards"]:
+        path = directory / shard["path"]
+        size = path.stat().st_size if path.exists() else None
+        if size != shard["bytes"]:
+            what = "is missing" if size is None else f"has {size} bytes, the manifest says {shard['bytes']} (truncated)"
+            raise DataError(f"shard {path} {what}; rerun the prepare command into a new --out directory")
+    try:
+        records = TokenRecords([str(directory / shard["path"]) for shard in info["shards"]], manifest["dtype"])
+    except Exception as e:  # a shard of the right size that array_record cannot read
+        raise DataError(
+            f"a shard of {directory} is unreadable ({str(e).splitlines()[0]}); rerun the prepare command into a new --out directory"
+        ) from None
+    offsets = np.load(directory / info["offsets"], mmap_mode="r")  # mapped: memory does not grow with the corpus
+    if len(records) != info["documents"] or len(offsets) != info["documents"] + 1 or offsets[-1] != info["tokens"]:
+        raise DataError(
+            f"the {split} split of {directory} has {len(records)} records and {len(offsets) - 1} offsets but its "
+            f"manifest lists {info['documents']} documents; rerun the prepare command into a new --out directory"
+        )
+    return PackedWindows(records, offsets, seq_len)
 
 
 def train_iterator(windows: PackedWindows, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1):
     """Shuffled, repeating, host-sharded batches; `get_state`/`set_state` make it resumable."""
     if batch_size % process_count:
         raise DataError(f"train.batch_size={batch_size} does not split over {process_count} processes")
+    import grain
+
     ds = grain.MapDataset.source(windows).shuffle(seed=seed)[process_index::process_count].repeat()
     return iter(ds.batch(batch_size // process_count, drop_remainder=True).to_iter_dataset())
 
@@ -166,3 +317,11 @@ def val_batches(
         rows = [windows[b * batch_size + process_index * per_host + r] for r in range(per_host)]
         out.append({k: np.stack([r[k] for r in rows]) for k in rows[0]})
     return out
+
+
+if __name__ == "__main__":  # `python -m ladder_jax.data prepare ...` is `python -m ladder_jax data prepare ...`
+    import sys
+
+    from .cli import main
+
+    sys.exit(main(["data", *sys.argv[1:]]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ class ByteTokenizer:
 
     vocab_size = BYTE_VOCAB
     bos_id, eos_id, pad_id = 256, 257, 258
+    fingerprint = "bytes"  # what a prepared corpus records to be read only with the same tokenizer
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -37,6 +39,7 @@ class HFTokenizer:
         except ImportError as e:
             raise ImportError("reading tokenizer.json needs the 'tokenizers' package: pip install -e '.[hf]'") from e
         self.tok = Tokenizer.from_file(str(path))
+        self.fingerprint = "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
         self.vocab_size = self.tok.get_vocab_size()
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
 

@@ -103,9 +103,7 @@ GRADIENT_CASES = [
 
 
 def _batch():
-    windows = PackedWindows(
-        np.random.RandomState(1).randint(0, 259, 8 * 33 + 1).astype(np.int32), np.zeros(8 * 33 + 1, np.int32), 32
-    )
+    windows = PackedWindows.of_arrays([np.random.RandomState(1).randint(0, 259, 8 * 33 + 1).astype(np.int32)], 32)
     return val_batches(windows, 8, 1)[0]
 
 
