@@ -49,7 +49,7 @@ def square_buffers(text: str, seq: int) -> list[str]:
 
 def decode_reads(text: str) -> str:
     """The decode step's attention: its while loops and the key blocks they slice from the cache."""
-    loops = len(re.findall(r"= [^ ]+ while\(", text))
+    loops = len(re.findall(r"\swhile\(", text))
     slices = sorted(set(re.findall(r"= (\w+\[[0-9,]+\])\{?[^ ]* dynamic-slice\(", text)))
     return f"{loops} while loops; dynamic-slice shapes: {', '.join(slices) or 'none'}"
 

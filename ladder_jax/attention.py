@@ -72,12 +72,19 @@ def current_platform() -> str:
     return _platform.get() or normalize_platform(jax.default_backend())
 
 
-def unsupported(name: str, platform: str, seq: int, head_dim: int, dtype, segments: bool) -> str | None:
-    """Why kernel `name` cannot run this call on `platform` (None: it can). CPU runs splash and
-    triton interpreted."""
+def _wrong_platform(name: str, platform: str) -> str | None:
+    """Why kernel `name` cannot run on `platform` at all; CPU runs splash and triton interpreted."""
     want = KERNEL_PLATFORM[name]
     if platform != want and not (platform == "cpu" and name != "cudnn"):
         return f"it runs on {want.upper()}, this program is compiled for {platform.upper()}"
+    return None
+
+
+def unsupported(name: str, platform: str, seq: int, head_dim: int, dtype, segments: bool) -> str | None:
+    """Why kernel `name` cannot run this call on `platform` (None: it can)."""
+    wrong = _wrong_platform(name, platform)
+    if wrong:
+        return wrong
     if name in ("splash", "triton") and seq % 128:
         return f"{name} needs a sequence length that is a multiple of 128, got {seq}"
     if name == "cudnn":
@@ -130,13 +137,9 @@ def may_use_kernel(requested: str, platform: str) -> bool:
 def check_platform(requested: str, platform: str) -> None:
     """Refuse a kernel named in the config on a platform it does not run on, before anything is
     traced (shape checks follow when the program is traced, still before it compiles)."""
-    want = KERNEL_PLATFORM.get(requested)
-    platform = normalize_platform(platform)
-    if want is not None and platform != want and not (platform == "cpu" and requested != "cudnn"):
-        raise AttentionError(
-            f"model.attention={requested}: it runs on {want.upper()}, this mesh is {platform.upper()}; "
-            "set model.attention=auto or xla"
-        )
+    wrong = _wrong_platform(requested, normalize_platform(platform)) if requested in KERNEL_PLATFORM else None
+    if wrong:
+        raise AttentionError(f"model.attention={requested}: {wrong}; set model.attention=auto or xla")
 
 
 # ---------------------------------------------------------------------------------------------

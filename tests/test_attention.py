@@ -25,7 +25,7 @@ INTERPRETED = {
 }
 
 
-def grouped_inputs(seed=0, b=1, s=256, kv=2, g=2, hd=32):
+def grouped_inputs(seed=0, b=1, s=128, kv=2, g=2, hd=32):
     r = np.random.default_rng(seed)
     q = jnp.asarray(r.normal(size=(b, s, kv, g, hd)), jnp.float32)
     k, v = (jnp.asarray(r.normal(size=(b, s, kv, hd)), jnp.float32) for _ in range(2))
@@ -33,7 +33,7 @@ def grouped_inputs(seed=0, b=1, s=256, kv=2, g=2, hd=32):
 
 
 # Three documents of a packed window; positions restart with each one, as training windows do.
-LENGTHS = [100, 60, 96]
+LENGTHS = [50, 40, 38]
 SEGMENTS = jnp.asarray(np.repeat(np.arange(3), LENGTHS)[None], jnp.int32)
 POSITIONS = jnp.asarray(np.concatenate([np.arange(n) for n in LENGTHS])[None], jnp.int32)
 
@@ -54,12 +54,11 @@ def test_kernel_matches_xla_and_its_gradients_on_packed_documents_with_grouped_h
         np.testing.assert_allclose(got, exp, atol=1e-4, rtol=1e-4)
 
 
-def test_kernels_match_xla_on_causal_sequences_without_segments():
+def test_splash_and_the_cudnn_call_match_xla_on_causal_sequences_without_segments():
     q, k, v = grouped_inputs(seed=1, b=2, s=128, kv=1, g=4)
     positions = jnp.broadcast_to(jnp.arange(128)[None], (2, 128))
     ref = A.xla_attention(q, k, v, positions, None, jnp.float32)
-    for name, f in INTERPRETED.items():
-        np.testing.assert_allclose(jax.jit(f)(q, k, v, None), ref, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(jax.jit(INTERPRETED["splash"])(q, k, v, None), ref, atol=1e-5)
     np.testing.assert_allclose(A.cudnn_attention(q, k, v, implementation="xla"), ref, atol=1e-5)
 
 
@@ -85,17 +84,17 @@ def test_decode_attention_reads_each_row_up_to_its_position():
 def test_train_loss_with_the_splash_kernel_matches_xla_and_its_gradients_under_fsdp_remat_and_scan(devices):
     # A kernel makes the model's shard_map run with check_vma=False (attention.may_use_kernel);
     # the loss and every gradient must still equal the checked xla program's.
-    cfg = small_config(tensor=2, mesh__fsdp=2, model__n_layers=2, model__max_seq_len=256, model__init_std=0.1)
+    cfg = small_config(tensor=2, mesh__fsdp=2, model__n_layers=2, model__max_seq_len=128, model__init_std=0.1)
     mesh = make_mesh(cfg)
     params = M.init_params(cfg.model, mesh, 0)
     rng = np.random.RandomState(3)
-    tokens = rng.randint(0, 259, (2, 257))
+    tokens = rng.randint(0, 259, (2, 129))
     batch = {
         "inputs": tokens[:, :-1],
         "targets": tokens[:, 1:],
         "segment_ids": np.repeat(SEGMENTS, 2, axis=0),
         "positions": np.repeat(POSITIONS, 2, axis=0),
-        "mask": np.ones((2, 256), np.float32),
+        "mask": np.ones((2, 128), np.float32),
     }
     batch = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, NamedSharding(mesh, P(BATCH, None)))
 
@@ -113,7 +112,9 @@ def test_attention_settings_that_cannot_run_fail_in_one_line(devices):
     with pytest.raises(ConfigError, match="model.attention='flash' is not one of auto, xla"):
         small_config(model__attention="flash")
     cfg = small_config(model__attention="cudnn")
-    with pytest.raises(A.AttentionError, match="runs on GPU, this mesh is CPU; set model.attention=auto or xla"):
+    with pytest.raises(
+        A.AttentionError, match="runs on GPU, this program is compiled for CPU; set model.attention=auto or xla"
+    ):
         M.sharded(cfg.model, make_mesh(cfg), lambda model, t: t, (P(),), P())
     q, k, v = grouped_inputs(s=100)
     positions = jnp.arange(100)[None]
