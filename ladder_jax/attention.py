@@ -5,7 +5,7 @@ evaluation, prefill):
 
     auto     the fused kernel of the platform: splash on TPU; on GPU cudnn without document
              segments (prefill) and triton with them (packed training); xla on CPU
-    xla      plain XLA: the (query x key) scores of each local head, in 128-query blocks
+    xla      plain XLA: the (query x key) scores of each local head, in query blocks (128, at most 16 blocks)
     splash   JAX's Pallas TPU splash attention (causal + segment ids, grouped heads, fused backward)
     cudnn    cuDNN flash attention through jax.nn.dot_product_attention (causal, grouped heads;
              bfloat16/float16 only; no document segments: it would take them as a dense bias)
@@ -42,7 +42,8 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from .config import ConfigError
 
 KERNEL_PLATFORM = {"splash": "tpu", "cudnn": "gpu", "triton": "gpu"}
-XLA_QUERY_BLOCK = 128  # query block of the xla path's blocked causal attention
+XLA_QUERY_BLOCK = 128  # query block of the xla path's blocked causal attention (at least)
+XLA_MAX_BLOCKS = 16  # longer sequences get longer blocks
 DECODE_KEY_BLOCK = 256  # keys read per iteration of the decode attention
 
 
@@ -183,12 +184,15 @@ def xla_attention(q, keys, values, positions, segment_ids, dtype, key_positions=
     if segment_ids is not None:
         mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
     s, t = q.shape[1], keys.shape[1]
-    if t == s and s > XLA_QUERY_BLOCK and s % XLA_QUERY_BLOCK == 0:
+    block = XLA_QUERY_BLOCK
+    while s // block > XLA_MAX_BLOCKS and s % (2 * block) == 0:
+        block *= 2  # a bounded number of blocks keeps the HLO, and so the compile, small
+    if t == s and s > block and s % block == 0:
         # A query block never sees a later key, so it reads keys only up to its own end: half
         # the work of the full square, in blocks that stay in cache (3-5x faster prefill on CPU).
         blocks = []
-        for a in range(0, s, XLA_QUERY_BLOCK):
-            e = a + XLA_QUERY_BLOCK
+        for a in range(0, s, block):
+            e = a + block
             blocks.append(_scores_softmax_values(q[:, a:e], keys[:, :e], values[:, :e], mask[:, a:e, :e], dtype))
         return jnp.concatenate(blocks, axis=1)
     return _scores_softmax_values(q, keys, values, mask, dtype)
