@@ -29,7 +29,24 @@ class ChatTemplateError(ValueError):
     """A chat request the tokenizer cannot render (no template, or the template refused it)."""
 
 
-class ByteTokenizer:
+class ChatTemplated:
+    """`render_chat` for a tokenizer with a `chat_template` (jinja2 text, or None) and `special`
+    tokens (the variables the template sees besides the messages)."""
+
+    chat_template: str | None = None
+    special: dict = {}
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """The chat template applied to `messages`, ending with the prompt for the assistant's
+        turn; transformers then tokenizes the text without adding special tokens, and so do we."""
+        if not self.chat_template:
+            raise ChatTemplateError(
+                "the model has no chat template (tokenizer_config.json's chat_template); use /v1/completions with a plain prompt"
+            )
+        return render_chat_template(self.chat_template, messages, self.special)
+
+
+class ByteTokenizer(ChatTemplated):
     """Token ids 0..255 are the UTF-8 bytes; 256 BOS, 257 EOS, 258 PAD."""
 
     vocab_size = BYTE_VOCAB
@@ -51,17 +68,10 @@ class ByteTokenizer:
         """BOS and the text, as training packs documents."""
         return [self.bos_id, *self.encode(text)]
 
-    @property
-    def stop_ids(self) -> frozenset[int]:
-        return frozenset({self.eos_id})
-
-    chat_template = None
-
-    def render_chat(self, messages) -> str:
-        raise ChatTemplateError("the byte tokenizer has no chat template; use /v1/completions with a plain prompt")
+    stop_ids = frozenset({eos_id})
 
 
-class HFTokenizer:
+class HFTokenizer(ChatTemplated):
     """A `tokenizer.json` read with the `tokenizers` package (optional extra `hf`)."""
 
     def __init__(self, path: str | Path, bos_id: int, eos_id: int, pad_id: int):
@@ -104,15 +114,6 @@ class HFTokenizer:
             if wanted and token_id is not None:
                 ids = [*ids, token_id] if at_end else [token_id, *ids]
         return ids
-
-    def render_chat(self, messages: list[dict]) -> str:
-        """The chat template of tokenizer_config.json applied to `messages`, ending with the
-        prompt for the assistant's turn; the text is then tokenized without special tokens."""
-        if not self.chat_template:
-            raise ChatTemplateError(
-                "the model's tokenizer_config.json has no chat_template; use /v1/completions with a plain prompt"
-            )
-        return render_chat_template(self.chat_template, messages, self.special)
 
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
