@@ -103,17 +103,10 @@ class HFTokenizer(ChatTemplated):
 
     def encode_prompt(self, text: str) -> list[int]:
         """Token ids of a prompt as transformers' tokenizer(text) gives them: tokenizer.json's
-        post-processor adds the special tokens, unless tokenizer_config.json sets add_bos_token or
-        add_eos_token (or there is no post-processor), which then decide alone."""
-        if self.tok.post_processor is not None and not {"add_bos_token", "add_eos_token"} & self.config.keys():
-            return self.tok.encode(text, add_special_tokens=True).ids
-        ids = self.encode(text)
-        for key, at_end in (("bos_token", False), ("eos_token", True)):
-            wanted = self.config.get(f"add_{key}", False)
-            token_id = self.tok.token_to_id(self.special[key]) if key in self.special else None
-            if wanted and token_id is not None:
-                ids = [*ids, token_id] if at_end else [token_id, *ids]
-        return ids
+        post-processor adds the special tokens (a BOS for Llama 2 and 3, none for GPT-2-style
+        tokenizers such as SmolLM's). transformers 5 ignores tokenizer_config.json's
+        add_bos_token when a tokenizer.json exists, and so do we."""
+        return self.tok.encode(text, add_special_tokens=True).ids
 
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
