@@ -26,12 +26,12 @@ CHAT = "{% for m in messages %}<{{ m.role }}>{{ m.content | trim }}\n{% endfor %
 
 @pytest.fixture(scope="module")
 def server(devices):
-    """The engine of test_engine's shapes (4 slots of 32 positions: no new compiles) behind
+    """The engine of test_engine's shapes (2 slots of 32 positions: no new compiles) behind
     uvicorn on a free loopback port, in a thread; stopped at the end."""
     cfg, mesh, params = model_on("ladder", 2, 4)
     tokenizer = ByteTokenizer()
     tokenizer.chat_template = CHAT
-    app = serve.Server(Engine(cfg.model, mesh, params, slots=4, cache_len=32), tokenizer, NAME)
+    app = serve.Server(Engine(cfg.model, mesh, params, slots=2, cache_len=32), tokenizer, NAME)
     app.start()
     web = uvicorn.Server(uvicorn.Config(app.app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=web.run, daemon=True)
