@@ -202,28 +202,28 @@ def vocab_parallel_sample(local_logits, produced, temperature, top_k, top_p, see
     (0: all) and then to the nucleus of mass top_p (renormalised after top-k, as transformers
     does). `produced` (B,): the position of the token drawn; with the seed it fixes the noise.
 
-    Temperature alone is a Gumbel-max: each device adds noise of its own (a key folded with its
-    index) to its shard and proposes its best, as the argmax does. For top-k/top-p each device
-    offers its CANDIDATES best tokens, one all-gather collects them, and every device makes the
-    same draw among them with the same key."""
+    Every token gets its own Gumbel noise, drawn by the device that holds it (a key folded with
+    the position and the device index: one draw per step). Temperature alone is a Gumbel-max:
+    each device proposes its best noisy logit, as the argmax does. For top-k/top-p each device
+    offers its CANDIDATES best tokens with their noisy logits, one all-gather collects them, and
+    every device takes the best noisy logit among the kept ones: a Gumbel-max over the kept set.
+    Draws depend on the seed, the position and the mesh's tensor size, not on other rows."""
     v_local = local_logits.shape[-1]
     shard = jax.lax.axis_index(TENSOR)
     scaled = local_logits / jnp.maximum(temperature, 1e-6)[:, None]
-    keys = jax.vmap(lambda s, p: jax.random.split(jax.random.fold_in(jax.random.key(s), p)))(seed, produced)
-    plain_keys, filtered_keys = keys[:, 0], keys[:, 1]
-
-    def gumbel(k, n):
-        return jax.random.gumbel(k, (n,), jnp.float32)
-
-    plain = vocab_parallel_argmax(
-        scaled + jax.vmap(lambda k: gumbel(jax.random.fold_in(k, shard), v_local))(plain_keys)
-    )
+    stream = produced * jax.lax.axis_size(TENSOR) + shard
+    noise = jax.vmap(lambda s, i: jax.random.gumbel(jax.random.fold_in(jax.random.key(s), i), (v_local,)))(seed, stream)
+    plain = vocab_parallel_argmax(scaled + noise)
 
     values, ids = jax.lax.top_k(scaled, min(CANDIDATES, v_local))
-    values = jax.lax.all_gather(values, TENSOR, axis=1, tiled=True)
-    ids = jax.lax.all_gather(ids.astype(jnp.int32) + shard * v_local, TENSOR, axis=1, tiled=True)
+    noisy = jnp.take_along_axis(scaled + noise, ids, axis=1)
+
+    def gather(x):
+        return jax.lax.all_gather(x, TENSOR, axis=1, tiled=True)
+
+    values, noisy, ids = gather(values), gather(noisy), gather(ids.astype(jnp.int32) + shard * v_local)
     values, order = jax.lax.top_k(values, min(CANDIDATES, values.shape[-1]))  # best first
-    ids = jnp.take_along_axis(ids, order, axis=1)
+    noisy, ids = jnp.take_along_axis(noisy, order, axis=1), jnp.take_along_axis(ids, order, axis=1)
     rank = jnp.arange(values.shape[-1])[None]
     in_top_k = (top_k[:, None] == 0) | (rank < top_k[:, None])
     # The nucleus is measured in probabilities of the whole vocabulary, or of the top k when set.
@@ -233,8 +233,7 @@ def vocab_parallel_sample(local_logits, produced, temperature, top_k, top_p, see
     total = jnp.where(top_k > 0, weights.sum(-1), total)
     mass_before = (jnp.cumsum(weights, axis=-1) - weights) / total[:, None]
     keep = in_top_k & (mass_before < top_p[:, None])
-    noise = jax.vmap(lambda k: gumbel(k, values.shape[-1]))(filtered_keys)
-    pick = jnp.argmax(jnp.where(keep, values + noise, -jnp.inf), axis=-1)
+    pick = jnp.argmax(jnp.where(keep, noisy, -jnp.inf), axis=-1)
     # Every device drew the same token; all_gather's result is typed per device, so one scalar
     # reduction states that it is replicated.
     filtered = jax.lax.pmin(jnp.take_along_axis(ids, pick[:, None], axis=1)[:, 0], TENSOR)

@@ -45,7 +45,7 @@ TOKENIZERS = {
     # transformers 5 ignores add_bos_token next to a tokenizer.json: no BOS either.
     "add-bos-token-ignored": (False, {"add_bos_token": True}),
 }
-PROMPT = "def fib(n):\n    return"
+PROMPT = "def fib(n):"
 NEW = 12
 
 

@@ -14,7 +14,7 @@ from ladder_jax.mesh import make_mesh
 from .conftest import small_config
 
 VOCAB = 256  # 32 columns per device on tensor=8
-DRAWS = 6_000
+DRAWS = 4_000
 # (temperature, top_k, top_p): temperature alone, top-k, top-p, both, and greedy.
 CASES = [(0.7, 0, 1.0), (1.0, 10, 1.0), (1.3, 0, 0.8), (1.0, 20, 0.5), (0.0, 0, 1.0)]
 
