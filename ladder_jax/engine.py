@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
@@ -30,12 +31,14 @@ from .config import ModelConfig, dtype_of
 from .decode import GREEDY, ROWS, ROWS_BY_SEQ, DecodeError, Sampling
 from .mesh import batch_shards
 
+log = logging.getLogger("ladder_jax.engine")
+
 
 @dataclasses.dataclass(eq=False)
 class Request:
     """One prompt to continue. `on_token(token)` runs on the engine's thread for every new token
     and returns False to end the request there (a stop string, say); `on_done(reason)` runs once
-    at the end with "stop" (a stop id, or on_token said so), "length" or "cancelled"."""
+    at the end with "stop" (a stop id, or on_token said so), "length", "cancelled" or "error"."""
 
     prompt: Sequence[int]
     max_new_tokens: int
@@ -127,8 +130,16 @@ class Engine:
     # -- the engine's thread
 
     def serve_forever(self) -> None:
+        """Step until `stop()`. A step that raises (a bug, a device error) ends the requests in
+        flight with "error" rather than leaving their clients waiting, and the engine goes on."""
         while not self._stop.is_set():
-            self.step()
+            try:
+                self.step()
+            except Exception:
+                log.exception("decode step failed")
+                for slot, r in enumerate(self.active):
+                    if r is not None:
+                        self._finish(slot, "error")
 
     def run(self, requests: Sequence[Request]) -> list[Request]:
         """Submit `requests` and step until all are done (a helper for tests and benchmarks)."""

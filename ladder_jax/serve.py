@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import random
 import threading
 import time
@@ -32,8 +31,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from . import engine as E
 from .decode import DecodeError, Sampling
 from .tokenizer import ChatTemplateError
-
-log = logging.getLogger("ladder_jax.serve")
 
 
 class Body(BaseModel):
@@ -120,23 +117,13 @@ class Server:
     # -- the engine thread
 
     def start(self) -> None:
-        self.thread = threading.Thread(target=self._loop, name="ladder-engine", daemon=True)
+        self.thread = threading.Thread(target=self.engine.serve_forever, name="ladder-engine", daemon=True)
         self.thread.start()
 
     def stop(self) -> None:
         self.engine.stop()
         if self.thread is not None:
             self.thread.join(timeout=30)
-
-    def _loop(self) -> None:
-        while not self.engine._stop.is_set():
-            try:
-                self.engine.step()
-            except Exception:  # a bug must not leave clients waiting forever: end what is in flight
-                log.exception("decode step failed")
-                for slot, r in enumerate(self.engine.active):
-                    if r is not None:
-                        self.engine._finish(slot, "error")
 
     # -- requests
 
