@@ -13,6 +13,7 @@ One thread drives the engine (`run` or `serve_forever`); `submit` may be called 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
@@ -99,6 +100,7 @@ class Engine:
         self.sampling = [GREEDY] * self.slots
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.steps = 0
+        self.finished: collections.Counter[str] = collections.Counter()  # requests ended, by reason
         self._stop = threading.Event()
 
     # -- any thread
@@ -229,6 +231,7 @@ class Engine:
         self._done(r)
 
     def _done(self, r: Request) -> None:
+        self.finished[r.finish_reason] += 1
         r.done.set()
         if r.on_done is not None:
             r.on_done(r.finish_reason)

@@ -136,7 +136,8 @@ def test_bad_requests_get_a_400_with_a_message(server, body, message):
 
 def test_a_client_disconnecting_mid_stream_frees_its_slot(server, client):
     app, url = server
-    body = {"model": NAME, "prompt": "Hello", "max_tokens": 25, "temperature": 0, "stream": True}
+    body = {"model": NAME, "prompt": "Hello", "max_tokens": 26, "temperature": 0, "stream": True}
+    cancelled = app.engine.finished["cancelled"]
     connection, reply = post(url, "/v1/completions", json.dumps(body).encode())
     assert reply.status == 200 and reply.readline().startswith(b"data: ")
     connection.sock.close()  # the first chunk arrived; hang up
@@ -145,7 +146,7 @@ def test_a_client_disconnecting_mid_stream_frees_its_slot(server, client):
         if app.engine.busy_slots == 0:
             break
         time.sleep(0.05)
-    assert app.engine.busy_slots == 0
+    assert app.engine.busy_slots == 0 and app.engine.finished["cancelled"] == cancelled + 1
     assert complete(client, "Hello", max_tokens=3, temperature=0).usage.completion_tokens == 3  # still serving
 
 
