@@ -700,13 +700,11 @@ def run_plot(args) -> int:
 
 
 def add_serve(sub) -> None:
-    from . import serve
-
     p = sub.add_parser(
         "serve",
         help="OpenAI-compatible /v1/completions and /v1/chat/completions over a run",
-        description=serve.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="An OpenAI-compatible HTTP server (FastAPI, uvicorn) over a continuous-batching engine; "
+        "see docs/serving.md. Needs the 'serve' extra: pip install -e '.[serve]'",
     )
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="run directory (train.py or convert from-hf)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -722,7 +720,12 @@ def add_serve(sub) -> None:
 
 
 def run_serve(args) -> int:
-    from . import serve
+    try:
+        from . import serve
+    except ImportError as e:
+        raise ServeError(
+            f"the server needs fastapi, uvicorn and jinja2 ({e.name} is missing): pip install -e '.[serve]'"
+        ) from None
     from .engine import Engine
     from .tokenizer import get_tokenizer
 
