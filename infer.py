@@ -1,11 +1,14 @@
-"""Greedy decoding with a trained run, or a decode-speed benchmark of the variants.
+"""Decoding with a trained run (greedy, or sampled), or a decode-speed benchmark of the variants.
 
   python infer.py --prompt "def fib(" --max-new-tokens 64       # latest run of the tiny preset
+  python infer.py --prompt "def fib(" --temperature 0.8 --top-p 0.95 --seed 1
   python infer.py --checkpoint runs/tiny-... --prompts-file prompts.jsonl
   python infer.py --benchmark --config tiny mesh.tensor=8 --variants standard,ladder,parallel,desync
 
-Prompts get the tokenizer's BOS in front (training packs documents as BOS text EOS); a
-completion stops at EOS or after --max-new-tokens. A prompts file has one prompt per line, or,
+Prompts are tokenized as transformers does: the byte tokenizer puts its BOS in front (training
+packs documents as BOS text EOS), a tokenizer.json adds what its post-processor adds. A
+completion stops at any end id (EOS, and every eos_token_id of the run's generation_config.json)
+or after --max-new-tokens. A prompts file has one prompt per line, or,
 when its name ends in .jsonl, one JSON object per line with a "prompt" or "text" field.
 
 Without an accelerator JAX gets --cpu-devices fake CPU devices (default 8, as train.py), so
@@ -62,6 +65,14 @@ def parse_args(argv=None):
         help="a batch of prompts: one per line, or JSONL (.jsonl) with a 'prompt' or 'text' field",
     )
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    ap.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        help=f"sample among the k most likely tokens (0: off, at most {decode.CANDIDATES})",
+    )
+    ap.add_argument("--top-p", type=float, default=1.0, help="sample within the nucleus of this probability (1: off)")
     ap.add_argument(
         "--cpu-devices", type=int, default=8, help="fake CPU devices when no accelerator is present (default 8)"
     )
@@ -77,7 +88,7 @@ def parse_args(argv=None):
     bench.add_argument("--gen-len", type=int, default=512)
     bench.add_argument("--runs", type=int, default=3, help="timed runs; the table shows their median (default 3)")
     bench.add_argument("--warmup", type=int, default=1, help="untimed runs after compiling (default 1)")
-    bench.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of sampling, and of the benchmark's random weights")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     return ap.parse_intermixed_args(argv)  # key=value overrides may come before, between or after options
 
@@ -205,8 +216,9 @@ def infer(args) -> int:
         tokenizer = get_tokenizer(cfg, run_dir)
     except ValueError as e:  # a vocabulary the byte tokenizer cannot serve
         raise InputError(str(e)) from None
-    prompts = [[tokenizer.bos_id, *tokenizer.encode(t)] for t in texts]
+    prompts = [tokenizer.encode_prompt(t) for t in texts]
     check_request(cfg.model, prompts, args.max_new_tokens)
+    sampling = decode.Sampling(args.temperature, args.top_k, args.top_p, args.seed).check()
     run = checkpoint.load_run(run_dir, overrides)
     complete(
         run.cfg,
@@ -219,19 +231,30 @@ def infer(args) -> int:
         sys.stdout,
         log=sys.stderr,
         source=str(run_dir),
+        sampling=sampling,
     )
     return 0
 
 
 def complete(
-    cfg: Config, mesh: Mesh, params, tokenizer, texts, prompts, max_new_tokens, out, log, source=""
+    cfg: Config,
+    mesh: Mesh,
+    params,
+    tokenizer,
+    texts,
+    prompts,
+    max_new_tokens,
+    out,
+    log,
+    source="",
+    sampling=decode.GREEDY,
 ) -> list[str]:
     """Decode the prompts and return their completions. A single prompt streams to `out` as it
     is produced; a batch is written when done, one `[i] prompt completion` per prompt. Compile
     time, timings and the KV cache size go to `log`."""
     shape = decode.decode_shape(cfg.model, mesh, prompts, max_new_tokens)
     cache = decode.check_cache_fits(cfg.model, mesh, shape)
-    compile_seconds = decode.precompile(cfg.model, mesh, params, shape)
+    compile_seconds = decode.precompile(cfg.model, mesh, params, shape, not sampling.greedy)
     streams = [TextStream(tokenizer) for _ in prompts]
     pieces: list[list[str]] = [[] for _ in prompts]
     single = len(prompts) == 1
@@ -248,7 +271,14 @@ def complete(
     if single:
         write(texts[0])
     result = decode.generate(
-        cfg.model, mesh, params, prompts, max_new_tokens, eos_id=tokenizer.eos_id, on_token=on_token
+        cfg.model,
+        mesh,
+        params,
+        prompts,
+        max_new_tokens,
+        eos_id=tokenizer.stop_ids,
+        on_token=on_token,
+        sampling=sampling,
     )
     for row, stream in enumerate(streams):
         pieces[row].append(stream.close())

@@ -33,7 +33,12 @@ def parse_args(argv=None):
     )
     ap.add_argument("--num-processes", type=int)
     ap.add_argument("--process-id", type=int)
-    ap.add_argument("--sample-tokens", type=int, default=200, help="greedy sample length printed at the end (0: none)")
+    ap.add_argument(
+        "--sample-tokens",
+        type=int,
+        default=200,
+        help="length of the sample (temperature 0.8, top-p 0.95) printed at the end (0: none)",
+    )
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_intermixed_args(argv)  # key=value overrides may come before, between or after options
 
@@ -83,9 +88,11 @@ def print_sample(cfg, result, n_tokens: int) -> None:
         cfg,
         result["mesh"],
         result["params"],
-        [[tok.bos_id, *tok.encode(prompt)]],
+        [tok.encode_prompt(prompt)],
         max_new_tokens=n_tokens,
-        eos_id=tok.eos_id,
+        eos_id=tok.stop_ids,
+        # Greedy decoding of a small model loops; a sample shows what it learned.
+        sampling=decode.Sampling(temperature=0.8, top_p=0.95, seed=cfg.train.seed),
     )
     print("sample:", prompt + tok.decode(out[0]))
 

@@ -30,7 +30,7 @@ from .config import Config, ConfigError, from_dict, load_config, to_dict
 from .data import DataError, build_datasets, val_batches
 from .memory import check_params_fit
 from .mesh import make_mesh
-from .tokenizer import get_tokenizer
+from .tokenizer import copy_tokenizer_files, get_tokenizer
 
 
 class CheckpointError(ValueError):
@@ -212,8 +212,7 @@ def save_run(out: Path, cfg: Config, params: dict, source: Path, report: tuple[s
     with building(out) as tmp:
         save_config(tmp, cfg)
         save_params(tmp, params)
-        if (Path(source) / "tokenizer.json").exists():
-            shutil.copyfile(Path(source) / "tokenizer.json", tmp / "tokenizer.json")
+        copy_tokenizer_files(source, tmp)
         (tmp / report[0]).write_text(json.dumps(report[1], indent=1))
 
 

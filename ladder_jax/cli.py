@@ -10,6 +10,7 @@ train.py and infer.py.
     perfmodel    latency model of TP decoding: predict, calibrate
     plot         loss curves of runs
     data         prepare: tokenize a corpus once into ArrayRecord shards for train.data=DIR
+    serve        an OpenAI-compatible HTTP server over a run (continuous batching)
 
 Each verb parses its arguments here and calls the library. Input the library refuses prints one
 line, `error: ...`, on stderr, and the command exits with status 2.
@@ -39,6 +40,11 @@ from .memory import MemoryCheckError
 from .mesh import apply_xla_flags, force_cpu_devices, init_runtime, make_mesh
 from .methods import depth, lp, spd
 
+
+class ServeError(ValueError):
+    """A serve command line that cannot work."""
+
+
 # Errors that mean "this input cannot work": one line and exit status 2, never a traceback.
 USER_ERRORS = (
     ConfigError,
@@ -51,6 +57,7 @@ USER_ERRORS = (
     deviceless.TargetError,
     plots.PlotError,
     MemoryCheckError,
+    ServeError,
 )
 
 
@@ -860,12 +867,81 @@ def run_data(args) -> int:
         progress=not args.no_progress,
         log=lambda m: print(m, file=sys.stderr),
     )
+
+
+# serve
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible /v1/completions and /v1/chat/completions over a run",
+        description="An OpenAI-compatible HTTP server (FastAPI, uvicorn) over a continuous-batching engine; "
+        "see docs/serving.md. Needs the 'serve' extra: pip install -e '.[serve]'",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="run directory (train.py or convert from-hf)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--slots", type=int, default=8, help="requests decoded together (default 8)")
+    p.add_argument(
+        "--max-len", type=int, help="positions per slot's KV cache: prompt + new tokens (default model.max_seq_len)"
+    )
+    p.add_argument("--model-name", help="the model id clients send (default: the run directory's name)")
+    _cpu_devices(p)
+    _overrides(p, "mesh.tensor=8 model.plan=ladder")
+    p.set_defaults(handler=run_serve)
+
+
+def run_serve(args) -> int:
+    try:
+        from . import serve
+    except ImportError as e:
+        raise ServeError(
+            f"the server needs fastapi, uvicorn and jinja2 ({e.name} is missing): pip install -e '.[serve]'"
+        ) from None
+    from .engine import Engine
+    from .tokenizer import get_tokenizer
+
+    if args.slots < 1 or not 0 < args.port < 65536:
+        raise ServeError(f"--slots {args.slots} / --port {args.port}: give at least 1 slot and a port in 1..65535")
+    init_runtime(args.cpu_devices)
+    run_dir = Path(args.checkpoint)
+    # One host serving one batch gains nothing from splitting it over data (as infer.py).
+    overrides = (
+        args.overrides if any(o.startswith("mesh.data=") for o in args.overrides) else ["mesh.data=1", *args.overrides]
+    )
+    cfg = checkpoint.load_run_config(run_dir, overrides)
+    try:
+        tokenizer = get_tokenizer(cfg, run_dir)
+    except ValueError as e:
+        raise ServeError(str(e)) from None
+    if args.max_len is not None and not 0 < args.max_len <= cfg.model.max_seq_len:
+        raise ServeError(f"--max-len {args.max_len}; give 1..model.max_seq_len={cfg.model.max_seq_len}")
+    run = checkpoint.load_run(run_dir, overrides)
+    engine = Engine(run.cfg.model, run.mesh, run.params, args.slots, args.max_len)
+    name = args.model_name or run_dir.resolve().name
+    print(
+        f"serving '{name}' ({run.cfg.model.plan}) on http://{args.host}:{args.port}/v1 with {engine.slots} slots",
+        flush=True,
+    )
+    serve.serve(serve.Server(engine, tokenizer, name), args.host, args.port)
     return 0
 
 
 # ---------------------------------------------------------------------------------------------
 
-VERBS = (add_describe, add_convert, add_spd, add_lp, add_eval, add_analysis, add_perfmodel, add_plot, add_data)
+VERBS = (
+    add_describe,
+    add_convert,
+    add_spd,
+    add_lp,
+    add_eval,
+    add_analysis,
+    add_perfmodel,
+    add_plot,
+    add_data,
+    add_serve,
+)
 
 
 def parser() -> argparse.ArgumentParser:

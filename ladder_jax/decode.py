@@ -10,7 +10,10 @@ donates the cache back to itself.
 
 Greedy choice is vocab-parallel inside the shard_map: each device takes the max and argmax of
 its own vocab shard, and two scalar reductions over `tensor` pick the winner. Full logits are
-never gathered.
+never gathered. Sampling (`vocab_parallel_sample`) is too: temperature alone is a Gumbel-max over
+each device's shard with noise of its own, picked the same way; top-k and top-p gather only each
+device's best `CANDIDATES` tokens. The sampling settings are per-row inputs of the compiled
+functions, so one executable serves any mix of greedy and sampled rows.
 
 Every schedule of the layer plan decodes, because the model's forward carries each schedule's
 pending outputs (ladder's late all-reduces) through the layers within one call.
@@ -37,6 +40,9 @@ from .mesh import BATCH, batch_shards
 
 TENSOR = M.TENSOR
 MIN_BUCKET = 16
+# top-k and top-p choose among at most this many tokens per row: each device offers its best
+# CANDIDATES, and the best CANDIDATES of those are the global best (a nucleus wider than this is cut).
+CANDIDATES = 64
 ROWS = P(BATCH)
 ROWS_BY_SEQ = P(BATCH, None)
 
@@ -52,6 +58,46 @@ class DecodeShape:
     batch: int  # rows, padded up to a multiple of the mesh's data x fsdp size
     prompt_len: int  # the power-of-two bucket every prompt is right-padded to
     cache_len: int  # positions the KV cache holds: prompt bucket + max_new_tokens, at most max_seq_len
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How one row picks its tokens: greedy at temperature 0; top_k 0 and top_p 1 turn those off.
+    The draws depend only on the seed and the token's position, not on the other rows."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def check(self) -> Sampling:
+        """Raise DecodeError (one line) for settings that cannot work; return self."""
+        if not (self.temperature >= 0 and np.isfinite(self.temperature)):
+            raise DecodeError(f"temperature={self.temperature}; give 0 (greedy) or a positive number")
+        if not 0 <= self.top_k <= CANDIDATES:
+            raise DecodeError(f"top_k={self.top_k}; give 0 (off) or 1..{CANDIDATES}")
+        if not 0 < self.top_p <= 1:
+            raise DecodeError(f"top_p={self.top_p}; give a number in (0, 1] (1 is off)")
+        if not 0 <= self.seed < 2**31:
+            raise DecodeError(f"seed={self.seed}; give an integer in 0..{2**31 - 1}")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+GREEDY = Sampling()
+
+
+def sampling_arrays(rows: Sequence[Sampling]) -> tuple[np.ndarray, ...]:
+    """(temperature, top_k, top_p, seed) per row: the sampling inputs of the compiled functions."""
+    return (
+        np.array([s.temperature for s in rows], np.float32),
+        np.array([s.top_k for s in rows], np.int32),
+        np.array([s.top_p for s in rows], np.float32),
+        np.array([s.seed for s in rows], np.int32),
+    )
 
 
 @dataclasses.dataclass
@@ -150,9 +196,64 @@ def vocab_parallel_argmax(local_logits):
     return jax.lax.pmin(jnp.where(best == top, best_id, jnp.iinfo(jnp.int32).max), TENSOR)
 
 
+def vocab_parallel_sample(local_logits, produced, temperature, top_k, top_p, seed):
+    """Token ids (B,) drawn from this device's vocab shard of the logits (B, V/T), per row:
+    greedy where temperature is 0, else softmax(logits / temperature) cut to the top_k tokens
+    (0: all) and then to the nucleus of mass top_p (renormalised after top-k, as transformers
+    does). `produced` (B,): the position of the token drawn; with the seed it fixes the noise.
+
+    Every token gets its own Gumbel noise, drawn by the device that holds it (a key folded with
+    the position and the device index: one draw per step). Temperature alone is a Gumbel-max:
+    each device proposes its best noisy logit, as the argmax does. For top-k/top-p each device
+    offers its CANDIDATES best tokens with their noisy logits, one all-gather collects them, and
+    every device takes the best noisy logit among the kept ones: a Gumbel-max over the kept set.
+    Draws depend on the seed, the position and the mesh's tensor size, not on other rows."""
+    v_local = local_logits.shape[-1]
+    shard = jax.lax.axis_index(TENSOR)
+    scaled = local_logits / jnp.maximum(temperature, 1e-6)[:, None]
+    stream = produced * jax.lax.axis_size(TENSOR) + shard
+    noise = jax.vmap(lambda s, i: jax.random.gumbel(jax.random.fold_in(jax.random.key(s), i), (v_local,)))(seed, stream)
+    plain = vocab_parallel_argmax(scaled + noise)
+
+    values, ids = jax.lax.top_k(scaled, min(CANDIDATES, v_local))
+    noisy = jnp.take_along_axis(scaled + noise, ids, axis=1)
+
+    def gather(x):
+        return jax.lax.all_gather(x, TENSOR, axis=1, tiled=True)
+
+    values, noisy, ids = gather(values), gather(noisy), gather(ids.astype(jnp.int32) + shard * v_local)
+    values, order = jax.lax.top_k(values, min(CANDIDATES, values.shape[-1]))  # best first
+    noisy, ids = jnp.take_along_axis(noisy, order, axis=1), jnp.take_along_axis(ids, order, axis=1)
+    rank = jnp.arange(values.shape[-1])[None]
+    in_top_k = (top_k[:, None] == 0) | (rank < top_k[:, None])
+    # The nucleus is measured in probabilities of the whole vocabulary, or of the top k when set.
+    top = jax.lax.pmax(scaled.max(-1), TENSOR)
+    total = jax.lax.psum(jnp.exp(scaled - top[:, None]).sum(-1), TENSOR)
+    weights = jnp.where(in_top_k, jnp.exp(values - top[:, None]), 0.0)
+    total = jnp.where(top_k > 0, weights.sum(-1), total)
+    mass_before = (jnp.cumsum(weights, axis=-1) - weights) / total[:, None]
+    keep = in_top_k & (mass_before < top_p[:, None])
+    pick = jnp.argmax(jnp.where(keep, noisy, -jnp.inf), axis=-1)
+    # Every device drew the same token; all_gather's result is typed per device, so one scalar
+    # reduction states that it is replicated.
+    filtered = jax.lax.pmin(jnp.take_along_axis(ids, pick[:, None], axis=1)[:, 0], TENSOR)
+
+    sampled = jnp.where((top_k > 0) | (top_p < 1), filtered, plain)
+    return jnp.where(temperature > 0, sampled, vocab_parallel_argmax(local_logits))
+
+
+def next_tokens(local_logits, produced, sampling: tuple):
+    """Greedy without sampling inputs (the functions compiled for greedy-only requests), else sampled."""
+    if not sampling:
+        return vocab_parallel_argmax(local_logits)
+    return vocab_parallel_sample(local_logits, produced, *sampling)
+
+
 @functools.lru_cache(maxsize=32)
-def prefill_fn(cfg: ModelConfig, mesh: Mesh, cache_len: int):
-    """jit(params, tokens (B, S) right-padded, lengths (B,)) -> (first new token (B,), KV cache).
+def prefill_fn(cfg: ModelConfig, mesh: Mesh, cache_len: int, sample: bool = False):
+    """jit(params, tokens (B, S) right-padded, lengths (B,)[, sampling]) -> (first new token (B,), KV cache).
+
+    With `sample`, the call takes the four per-row arrays of `sampling_arrays` after the lengths.
 
     The cache is created here, so a generation allocates it once. The prompt attends over a
     cache of its own length S, and only then is the cache padded to `cache_len`: attention over
@@ -162,7 +263,7 @@ def prefill_fn(cfg: ModelConfig, mesh: Mesh, cache_len: int):
     tensor = mesh.shape[TENSOR]
     _, _, kv_slots, hd = M.cache_shape(cfg, tensor, 1, cache_len)
 
-    def body(model, tokens, lengths):
+    def body(model, tokens, lengths, *sampling):
         rows, prompt_len = tokens.shape
         empty = jnp.zeros((rows, prompt_len, kv_slots // tensor, hd), dtype_of(cfg.dtype))
         hidden = []
@@ -170,26 +271,33 @@ def prefill_fn(cfg: ModelConfig, mesh: Mesh, cache_len: int):
         room = ((0, 0), (0, cache_len - prompt_len), (0, 0), (0, 0))
         cache = [(jnp.pad(k, room), jnp.pad(v, room)) for k, v in cache]
         last = jnp.take_along_axis(hidden[-1], (lengths - 1)[:, None, None], axis=1)  # (B, 1, D)
-        return vocab_parallel_argmax(model.head(last)[:, 0]), cache
+        return next_tokens(model.head(last)[:, 0], lengths, sampling), cache
 
     specs = M.cache_specs(cfg)
-    return jax.jit(M.sharded(cfg, mesh, body, (ROWS_BY_SEQ, ROWS), (ROWS, specs)))
+    return jax.jit(M.sharded(cfg, mesh, body, (ROWS_BY_SEQ, ROWS, *sampling_specs(sample)), (ROWS, specs)))
+
+
+def sampling_specs(sample: bool) -> tuple:
+    return (ROWS,) * 4 if sample else ()
 
 
 @functools.lru_cache(maxsize=32)
-def step_fn(cfg: ModelConfig, mesh: Mesh):
-    """jit(params, tokens (B,), positions (B,), cache) -> (next tokens, positions + 1, cache).
+def step_fn(cfg: ModelConfig, mesh: Mesh, sample: bool = False):
+    """jit(params, tokens (B,), positions (B,), cache[, sampling]) -> (next tokens, positions + 1, cache).
+
+    With `sample`, the call takes the four per-row arrays of `sampling_arrays` after the cache.
 
     Outputs feed the next call as they are, so a generation makes no host-to-device copies after
     the prefill. The cache is donated: each step updates it in place.
     """
 
-    def body(model, tokens, positions, cache):
+    def body(model, tokens, positions, cache, *sampling):
         logits, cache = model(tokens[:, None], positions[:, None], cache=cache)
-        return vocab_parallel_argmax(logits[:, 0]), positions + 1, cache
+        return next_tokens(logits[:, 0], positions + 1, sampling), positions + 1, cache
 
     specs = M.cache_specs(cfg)
-    return jax.jit(M.sharded(cfg, mesh, body, (ROWS, ROWS, specs), (ROWS, ROWS, specs)), donate_argnums=3)
+    in_specs = (ROWS, ROWS, specs, *sampling_specs(sample))
+    return jax.jit(M.sharded(cfg, mesh, body, in_specs, (ROWS, ROWS, specs)), donate_argnums=3)
 
 
 def abstract_step_args(cfg: ModelConfig, mesh: Mesh, batch: int, cache_len: int) -> tuple:
@@ -209,7 +317,7 @@ def abstract_step_args(cfg: ModelConfig, mesh: Mesh, batch: int, cache_len: int)
     return params, per_row, per_row, [(kv, kv)] * cfg.n_layers
 
 
-def precompile(cfg: ModelConfig, mesh: Mesh, params, shape: DecodeShape) -> float:
+def precompile(cfg: ModelConfig, mesh: Mesh, params, shape: DecodeShape, sample: bool = False) -> float:
     """Compile the prefill and the decode step for `shape` ahead of time; returns the seconds.
 
     jit keeps executables compiled this way, so a generation of the same shape compiles nothing.
@@ -217,8 +325,10 @@ def precompile(cfg: ModelConfig, mesh: Mesh, params, shape: DecodeShape) -> floa
     start = time.perf_counter()
     tokens = jax.ShapeDtypeStruct((shape.batch, shape.prompt_len), jnp.int32, sharding=NamedSharding(mesh, ROWS_BY_SEQ))
     _, per_row, _, cache = abstract_step_args(cfg, mesh, shape.batch, shape.cache_len)
-    prefill_fn(cfg, mesh, shape.cache_len).lower(params, tokens, per_row).compile()
-    step_fn(cfg, mesh).lower(params, per_row, per_row, cache).compile()
+    rows = (per_row, jax.ShapeDtypeStruct((shape.batch,), jnp.float32, sharding=per_row.sharding))
+    sampling = (rows[1], rows[0], rows[1], rows[0]) if sample else ()
+    prefill_fn(cfg, mesh, shape.cache_len, sample).lower(params, tokens, per_row, *sampling).compile()
+    step_fn(cfg, mesh, sample).lower(params, per_row, per_row, cache, *sampling).compile()
     return time.perf_counter() - start
 
 
@@ -232,19 +342,29 @@ def generate(
     params,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     on_token: Callable[[int, int], None] | None = None,
+    sampling: Sampling | Sequence[Sampling] = GREEDY,
 ) -> Generation:
-    """Greedy continuation of each prompt (token ids, BOS included if the model wants one).
+    """Continuation of each prompt (token ids, BOS included if the model wants one): greedy, or
+    drawn with `sampling` (one for all prompts or one per prompt).
 
-    A row stops at `eos_id` (not included in its tokens) or after `max_new_tokens`; the loop stops
+    A row stops at `eos_id` (not included in its tokens; a set of ids stops at any of them) or
+    after `max_new_tokens`; the loop stops
     when every row has. `on_token(row, token)` is called for each new token as soon as it reaches
     the host, in order per row. Prompts may differ in length; each gets the tokens it would get alone.
     """
     cfg = cfg.model if isinstance(cfg, Config) else cfg
     shape = decode_shape(cfg, mesh, prompts, max_new_tokens)
-    check_cache_fits(cfg, mesh, shape)
     n = len(prompts)
+    rows_sampling = [sampling] * n if isinstance(sampling, Sampling) else list(sampling)
+    if len(rows_sampling) != n:
+        raise DecodeError(f"{len(rows_sampling)} sampling settings for {n} prompts; give one, or one per prompt")
+    for s in rows_sampling:
+        s.check()
+    check_cache_fits(cfg, mesh, shape)
+    sample = not all(s.greedy for s in rows_sampling)
+    stops = {eos_id} if eos_id is None or isinstance(eos_id, int) else set(eos_id)
     # Rows that only pad the batch up to the data axis get a one-token prompt; their tokens are dropped.
     rows = list(prompts) + [[cfg.pad_id]] * (shape.batch - n)
     tokens = np.full((shape.batch, shape.prompt_len), cfg.pad_id, np.int32)
@@ -260,7 +380,7 @@ def generate(
             if done[r]:
                 continue
             t = int(new_tokens[r])
-            if t == eos_id:
+            if t in stops:
                 done[r] = True
                 continue
             out[r].append(t)
@@ -270,23 +390,25 @@ def generate(
 
     start = time.perf_counter()
     lengths_dev = jax.device_put(lengths, NamedSharding(mesh, ROWS))
-    next_tokens, cache = prefill_fn(cfg, mesh, shape.cache_len)(
-        params, jax.device_put(tokens, NamedSharding(mesh, ROWS_BY_SEQ)), lengths_dev
+    per_row = sampling_arrays(rows_sampling + [GREEDY] * (shape.batch - n)) if sample else ()
+    per_row = tuple(jax.device_put(a, NamedSharding(mesh, ROWS)) for a in per_row)
+    new, cache = prefill_fn(cfg, mesh, shape.cache_len, sample)(
+        params, jax.device_put(tokens, NamedSharding(mesh, ROWS_BY_SEQ)), lengths_dev, *per_row
     )
-    emit(np.asarray(next_tokens))
+    emit(np.asarray(new))
     prefill_seconds = time.perf_counter() - start
 
     # XLA:CPU with fake devices deadlocks when many steps with collectives are in flight
     # (docs/architecture.md, "Facts"), so there each step is read back before the next is sent. An accelerator gets
     # the next step queued while the host reads this one.
     max_in_flight = 1 if mesh.devices.flat[0].platform == "cpu" else 2
-    step = step_fn(cfg, mesh)
+    step = step_fn(cfg, mesh, sample)
     in_flight = collections.deque()
     positions, steps = lengths_dev, 0
     start = time.perf_counter()
     while steps < max_new_tokens - 1 and not all(done):
-        next_tokens, positions, cache = step(params, next_tokens, positions, cache)
-        in_flight.append(next_tokens)
+        new, positions, cache = step(params, new, positions, cache, *per_row)
+        in_flight.append(new)
         steps += 1
         if len(in_flight) >= max_in_flight:
             emit(np.asarray(in_flight.popleft()))

@@ -33,7 +33,7 @@ from .config import Config, ConfigError, ModelConfig
 from .data import build_datasets, train_iterator, val_batches
 from .memory import check_training_fits
 from .mesh import BATCH, batch_shards, make_mesh
-from .tokenizer import get_tokenizer
+from .tokenizer import copy_tokenizer_files, get_tokenizer
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "mask")
 
@@ -350,12 +350,8 @@ def _train(cfg: Config, run_dir: Path, init_from, progress: bool, log, stop_at: 
 
     if jax.process_index() == 0:
         ckpt.save_config(run_dir, cfg)
-        if (
-            init_from is not None
-            and (Path(init_from) / "tokenizer.json").exists()
-            and not (run_dir / "tokenizer.json").exists()
-        ):
-            (run_dir / "tokenizer.json").write_bytes((Path(init_from) / "tokenizer.json").read_bytes())
+        if init_from is not None and not (run_dir / "tokenizer.json").exists():
+            copy_tokenizer_files(init_from, run_dir)
     pid, pcount = jax.process_index(), jax.process_count()
     it = train_iterator(datasets.train, tr.batch_size, tr.seed, pid, pcount)
     val = val_batches(datasets.val, tr.batch_size, tr.eval_batches, pid, pcount)

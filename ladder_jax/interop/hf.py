@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +44,7 @@ from ..checkpoint import building, check_new_directory
 from ..config import Config, ModelConfig, TrainConfig, from_dict, replace
 from ..memory import check_params_fit
 from ..mesh import make_mesh
+from ..tokenizer import copy_tokenizer_files
 
 DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16)}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -376,8 +376,7 @@ def from_hf(
         assert jax.tree.structure(params) == jax.tree.structure(shapes)
         checkpoint.save_config(tmp, cfg)
         checkpoint.save_params(tmp, params)
-        if (hf_dir / "tokenizer.json").exists():
-            shutil.copyfile(hf_dir / "tokenizer.json", tmp / "tokenizer.json")
+        copy_tokenizer_files(hf_dir, tmp)
     return cfg
 
 
@@ -481,16 +480,12 @@ def to_hf_dir(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
             )
         (tmp / "config.json").write_text(json.dumps(hf_config_json(saved.model, dtype), indent=2))
-        (tmp / "generation_config.json").write_text(
-            json.dumps(
-                {
-                    "bos_token_id": saved.model.bos_id,
-                    "eos_token_id": saved.model.eos_id,
-                    "pad_token_id": saved.model.pad_id,
-                },
-                indent=2,
-            )
-        )
-        if (run_dir / "tokenizer.json").exists():
-            shutil.copyfile(run_dir / "tokenizer.json", tmp / "tokenizer.json")
+        copy_tokenizer_files(run_dir, tmp)  # a converted run keeps its generation_config.json
+        if not (tmp / "generation_config.json").exists():
+            ids = {
+                "bos_token_id": saved.model.bos_id,
+                "eos_token_id": saved.model.eos_id,
+                "pad_token_id": saved.model.pad_id,
+            }
+            (tmp / "generation_config.json").write_text(json.dumps(ids, indent=2))
     return out_dir

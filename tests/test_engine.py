@@ -1,0 +1,87 @@
+"""Continuous batching on 8 fake CPU devices: requests of different lengths and sampling settings
+arriving while others decode get the tokens they get alone, and nothing recompiles."""
+
+import jax
+import pytest
+
+from ladder_jax import decode
+from ladder_jax.decode import Sampling
+from ladder_jax.engine import Engine, Request
+
+from . import test_decode
+from .test_decode import model_on
+
+# The first two are test_decode's prompts: their greedy tokens alone come from functions it compiled.
+PROMPTS = [*test_decode.PROMPTS, [256, 7], [256, *b"def fib(n):"], [256, *range(60, 70)]]
+NEW = [16, 16, 5, 9, 14]
+SAMPLED = Sampling(temperature=0.8, top_p=0.9, seed=7)
+
+
+@pytest.fixture(scope="module")
+def engine(devices):
+    cfg, mesh, params = model_on("ladder", 2, 4)
+    # Two slots of 32 positions: the shapes of a single 16-token prompt and 16 new tokens in
+    # decode.generate on data=2, so the static decoder's results alone compile nothing new.
+    return Engine(cfg.model, mesh, params, slots=2, cache_len=32)
+
+
+def test_requests_coming_and_going_get_what_they_get_alone_without_recompiling(engine):
+    cfg, mesh, params = engine.cfg, engine.mesh, engine.params
+    settings = [decode.GREEDY, SAMPLED, decode.GREEDY, Sampling(temperature=1.0, top_k=5, seed=3), decode.GREEDY]
+    requests = [Request(p, n, s) for p, n, s in zip(PROMPTS, NEW, settings)]
+    # Two start together; the rest arrive while they decode and wait for a free slot.
+    engine.submit(requests[0]), engine.submit(requests[1])
+    for _ in range(3):
+        engine.step()
+    assert engine.busy_slots == 2
+    engine.run(requests[2:])
+    assert all(r.finish_reason == "length" and len(r.tokens) == n for r, n in zip(requests, NEW))
+    assert engine.busy_slots == 0
+    for r, p, n, s in zip(requests, PROMPTS, NEW, settings):  # what each gets alone here
+        assert engine.run([Request(p, n, s)])[0].tokens == r.tokens, p
+    step = decode.step_fn(cfg, mesh, True)
+    prefill = decode.prefill_fn(cfg, mesh, engine.cache_len, True)
+    assert step._cache_size() == 1 and prefill._cache_size() == 1  # every prompt is in the 16-token bucket
+    # What the static decoder gives a prompt alone, greedy and sampled.
+    for r, s in zip(requests[:2], settings):
+        assert r.tokens == decode.generate(cfg, mesh, params, [r.prompt], 16, sampling=s).tokens[0]
+
+
+def test_stops_cancels_and_bad_requests(engine):
+    full = engine.run([Request(PROMPTS[0], 12)])[0].tokens
+    stopped = engine.run([Request(PROMPTS[0], 12, stop_ids=frozenset({full[3]}))])[0]
+    assert stopped.tokens == full[: full.index(full[3])] and stopped.finish_reason == "stop"
+    seen = []
+    told = engine.run([Request(PROMPTS[0], 12, on_token=lambda t: seen.append(t) or len(seen) < 3)])[0]
+    assert told.tokens == seen == full[:3] and told.finish_reason == "stop"
+    cancelled = Request(PROMPTS[1], 12, on_token=lambda t: None)
+    engine.submit(cancelled)
+    engine.step()
+    cancelled.cancel()
+    engine.step()
+    assert cancelled.finish_reason == "cancelled" and engine.busy_slots == 0 and len(cancelled.tokens) < 12
+    with pytest.raises(decode.DecodeError, match="above the engine's 32 positions") as e:
+        engine.submit(Request(PROMPTS[1], 30))
+    assert "\n" not in str(e.value)
+    with pytest.raises(decode.DecodeError, match="temperature=-1"):
+        engine.submit(Request(PROMPTS[1], 3, Sampling(temperature=-1)))
+    assert jax.device_count() == 8
+
+
+def test_infer_samples_with_the_flags_and_refuses_bad_ones(engine, capsys, tmp_path):
+    import io
+
+    import infer
+    from ladder_jax.tokenizer import ByteTokenizer
+
+    from .test_decode import model_on
+
+    cfg, mesh, params = model_on("ladder", 2, 4)
+    tokenizer, out = ByteTokenizer(), io.StringIO()
+    got = infer.complete(
+        cfg, mesh, params, tokenizer, ["Hello"], [PROMPTS[0]], 16, out, io.StringIO(), sampling=SAMPLED
+    )
+    tokens = decode.generate(cfg.model, mesh, params, [PROMPTS[0]], 16, eos_id=257, sampling=SAMPLED).tokens[0]
+    assert got == [tokenizer.decode(tokens)] and out.getvalue() == "Hello" + got[0] + "\n"
+    assert infer.main(["--checkpoint", str(tmp_path), "--prompt", "x", "--top-p", "1.5"]) == 2
+    assert "error: " in capsys.readouterr().err
