@@ -479,8 +479,12 @@ def add_eval(sub) -> None:
     )
     h.add_argument("--bootstrap-iters", type=int, default=100000, help="stderr bootstrap iterations (0: none)")
     h.add_argument("--out", type=Path, help="write the results JSON (as lm-eval writes it) here")
-    p_ = verbs.add_parser("perplexity", help="token, word and byte perplexity of text files with rolling windows")
-    p_.add_argument("--file", required=True, nargs="+", type=Path, help="UTF-8 text files, each one document")
+    p_ = verbs.add_parser("perplexity", help="token, word and byte perplexity of text with rolling windows")
+    src = p_.add_mutually_exclusive_group(required=True)
+    src.add_argument("--file", nargs="+", type=Path, help="UTF-8 text files, each one document")
+    src.add_argument("--data", type=Path, help="a directory made by `data prepare` with this run's tokenizer")
+    p_.add_argument("--split", default="val", choices=("train", "val"), help="with --data: which split (default val)")
+    p_.add_argument("--max-documents", type=int, help="with --data: score only the first N documents")
     p_.add_argument("--context", type=int, help="tokens per window (default: model.max_seq_len)")
     p_.add_argument(
         "--stride", type=int, help="new tokens scored per window after the first (default: the context, no overlap)"
@@ -520,14 +524,21 @@ def run_eval(args) -> int:
             args.out.write_text(ev.results_json(results))
             print(f"wrote {args.out}")
         return 0
-    missing = [f for f in args.file if not f.is_file()]
-    if missing:
-        raise ev.EvalError(f"--file {missing[0]} is not a file; give UTF-8 text files")
-    try:
-        documents = [f.read_text(encoding="utf-8") for f in args.file]
-    except UnicodeDecodeError as e:
-        raise ev.EvalError(f"a --file is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") from None
     lm = ev.LadderLM(args.checkpoint, args.overrides, args.batch_size, context=args.context)
+    if args.data is not None:
+        if args.max_documents is not None and args.max_documents < 1:
+            raise ev.EvalError(f"--max-documents {args.max_documents}: give at least 1")
+        documents = ev.prepared_documents(lm, args.data, args.split, args.max_documents)
+    else:
+        missing = [f for f in args.file if not f.is_file()]
+        if missing:
+            raise ev.EvalError(f"--file {missing[0]} is not a file; give UTF-8 text files")
+        try:
+            documents = [f.read_text(encoding="utf-8") for f in args.file]
+        except UnicodeDecodeError as e:
+            raise ev.EvalError(
+                f"a --file is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8"
+            ) from None
     init_runtime(args.cpu_devices)
     r = ev.perplexity(lm, documents, args.stride)
     print(
@@ -867,6 +878,7 @@ def run_data(args) -> int:
         progress=not args.no_progress,
         log=lambda m: print(m, file=sys.stderr),
     )
+    return 0
 
 
 # serve

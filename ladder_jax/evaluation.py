@@ -34,6 +34,7 @@ from lm_eval.models.utils import Collator
 from . import checkpoint as ckpt
 from . import model as M
 from .config import ModelConfig
+from .data import open_prepared
 from .decode import bucket_length, generate, vocab_parallel_argmax
 from .mesh import BATCH, batch_shards
 from .tokenizer import HFTokenizer, get_tokenizer
@@ -352,6 +353,16 @@ def results_table(results: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Perplexity of text
+
+
+def prepared_documents(lm: LadderLM, directory: str | Path, split: str, limit: int | None = None) -> list[str]:
+    """The documents of a prepared directory's split (`data prepare`), decoded back to text, so
+    they are scored as text files are (word and byte counts need the text). The directory must
+    have been prepared with this run's tokenizer."""
+    windows = open_prepared(directory, split, lm.tokenizer, lm.max_length)
+    n = len(windows.documents) if limit is None else min(limit, len(windows.documents))
+    special = {lm.tokenizer.bos_id, lm.tokenizer.eos_id}
+    return [lm.tokenizer.decode([t for t in windows.documents[k] if t not in special]) for k in range(n)]
 
 
 def perplexity(lm: LadderLM, documents: list[str], stride: int | None = None) -> dict:

@@ -178,6 +178,13 @@ def test_perplexity_cli_equals_hf(tiny, tmp_path):
         want += sum(logp[len(inp) - len(pred) + k, t] for k, t in enumerate(pred))
     assert strided["windows"] > 2 and strided["loglikelihood"] == pytest.approx(want, rel=1e-5)
     assert strided["token_perplexity"] < r["token_perplexity"] or strided["loglikelihood"] != r["loglikelihood"]
+    # The same document from a prepared directory's split scores the same.
+    prepared = tmp_path / "prepared"
+    prep = ["data", "prepare", str(tmp_path / "doc.txt"), "--out", str(prepared), "--tokenizer", str(tiny["run"])]
+    assert main([*prep, "--val-fraction", "0", "--workers", "1", "--no-progress"]) == 0
+    from_data = [*base[:-2], "--data", str(prepared), "--split", "train", "--out", str(tmp_path / "data.json")]
+    assert main([*from_data, "mesh.tensor=2"]) == 0
+    assert json.loads((tmp_path / "data.json").read_text())["loglikelihood"] == pytest.approx(ref_ll, rel=1e-5)
 
 
 def test_bad_input_one_line(tiny, tmp_path, capsys, monkeypatch):
