@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 
 import jax
 from jax.sharding import AxisType, Mesh
@@ -47,7 +48,15 @@ def make_mesh(cfg: Config, devices=None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(cfg.mesh, len(devices))
     n = shape[0] * shape[1] * shape[2]
-    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices[:n])
+    try:
+        return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices[:n])
+    except NotImplementedError as e:  # a TPU torus whose physical axes these sizes do not match
+        physical = re.search(r"assignable mesh (\[[0-9, ]*\])", str(e))
+        raise ConfigError(
+            f"mesh data={shape[0]} x fsdp={shape[1]} x tensor={shape[2]} does not map onto the devices' physical "
+            f"axes {physical.group(1) if physical else ''}: each mesh axis must be a product of some of them; "
+            f"choose other sizes (e.g. a tensor size equal to one physical axis)"
+        ) from None
 
 
 def sharding_rules(model: ModelConfig, tensor: int, fsdp: int = 1) -> dict[str, str | tuple | None]:
