@@ -180,14 +180,17 @@ def test_bad_input_is_one_line(prepared, corpus, tmp_path, capsys):
     out, inputs = prepared
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
-    (broken / "val-00000.arrayrecord").unlink()
-    with pytest.raises(DataError, match=r"shard .*val-00000.arrayrecord is missing"):
-        open_prepared(broken, "val", BYTES, SEQ)
-    path = broken / "train-00000.arrayrecord"
-    path.write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(DataError, match=r"train-00000.arrayrecord has \d+ bytes, the manifest says \d+ \(truncated\)"):
-        open_prepared(broken, "train", BYTES, SEQ)
+    # Which unit's shards hold validation documents depends on their names (a hash), so take the
+    # shards the manifest lists.
     manifest = json.loads((broken / "manifest.json").read_text())
+    val_shard, train_shard = (manifest["splits"][s]["shards"][0]["path"] for s in ("val", "train"))
+    (broken / val_shard).unlink()
+    with pytest.raises(DataError, match=rf"shard .*{val_shard} is missing"):
+        open_prepared(broken, "val", BYTES, SEQ)
+    path = broken / train_shard
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(DataError, match=rf"{train_shard} has \d+ bytes, the manifest says \d+ \(truncated\)"):
+        open_prepared(broken, "train", BYTES, SEQ)
     manifest["splits"]["train"].update(documents=0, shards=[])
     (broken / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="the train split of .* is empty; prepare it from more documents"):
