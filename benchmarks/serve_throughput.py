@@ -20,7 +20,6 @@ import concurrent.futures
 import json
 import os
 import sys
-import threading
 import time
 
 import numpy as np
@@ -45,7 +44,7 @@ def workload(n: int, max_tokens: int, seed: int) -> list[tuple[str, int]]:
     rng = np.random.default_rng(seed)
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz _():\n"))
     return [
-        ("".join(rng.choice(letters, rng.integers(8, 49))), int(rng.integers(16, max_tokens + 1))) for _ in range(n)
+        ("".join(rng.choice(letters, rng.integers(8, 49))), int(rng.integers(min(16, max_tokens), max_tokens + 1))) for _ in range(n)
     ]
 
 
@@ -85,7 +84,6 @@ def main(argv=None) -> int:
     from ladder_jax.mesh import init_runtime
 
     init_runtime(args.cpu_devices)
-    import uvicorn
 
     from ladder_jax import decode, serve
     from ladder_jax import model as M
@@ -109,20 +107,12 @@ def main(argv=None) -> int:
 
         cache_len = min(cfg.model.max_seq_len, decode.bucket_length(60, cfg.model.max_seq_len) + args.max_tokens)
         app = serve.Server(Engine(cfg.model, mesh, params, args.slots, cache_len), tokenizer, "bench")
-        app.start()
-        web = uvicorn.Server(uvicorn.Config(app.app, host="127.0.0.1", port=0, log_level="warning"))
-        thread = threading.Thread(target=web.run, daemon=True)
-        thread.start()
-        while not web.started:
-            time.sleep(0.05)
-        url = f"http://127.0.0.1:{web.servers[0].sockets[0].getsockname()[1]}/v1"
-        run_server(
-            url, "bench", [(text, 2) for text, _ in requests[:8]], 4
-        )  # compiles the prefill buckets and the step
-        server_s, server_tokens = run_server(url, "bench", requests, args.concurrency)
-        web.should_exit = True
-        thread.join(timeout=30)
-        app.stop()
+        with serve.serving_in_thread(app) as base:
+            url = base + "/v1"
+            run_server(
+                url, "bench", [(text, 2) for text, _ in requests[:8]], 4
+            )  # compiles the prefill buckets and the step
+            server_s, server_tokens = run_server(url, "bench", requests, args.concurrency)
 
         row = {
             "plan": plan,

@@ -16,6 +16,7 @@ a client that disconnects has its request cancelled and its slot freed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import threading
@@ -268,4 +269,26 @@ def serve(server: Server, host: str = "127.0.0.1", port: int = 8000) -> None:
     try:
         uvicorn.run(server.app, host=host, port=port, log_level="info")
     finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def serving_in_thread(server: Server, host: str = "127.0.0.1", port: int = 0):
+    """Serve in a background thread (port 0: a free one) and yield the base URL; stop on exit.
+    For tests and benchmarks that talk to the server from the same process."""
+    import uvicorn
+
+    server.start()
+    web = uvicorn.Server(uvicorn.Config(server.app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=web.run, daemon=True)
+    thread.start()
+    try:
+        while not web.started:
+            if not thread.is_alive():
+                raise RuntimeError(f"the server did not start on {host}:{port}")
+            time.sleep(0.05)
+        yield f"http://{host}:{web.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        web.should_exit = True
+        thread.join(timeout=30)
         server.stop()

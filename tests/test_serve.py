@@ -5,13 +5,11 @@ equal their single-request results, bad input answered with a 400, a disconnect 
 import concurrent.futures
 import http.client
 import json
-import threading
 import time
 import urllib.parse
 
 import openai
 import pytest
-import uvicorn
 
 from ladder_jax import serve
 from ladder_jax.cli import main
@@ -32,17 +30,8 @@ def server(devices):
     tokenizer = ByteTokenizer()
     tokenizer.chat_template = CHAT
     app = serve.Server(Engine(cfg.model, mesh, params, slots=2, cache_len=32), tokenizer, NAME)
-    app.start()
-    web = uvicorn.Server(uvicorn.Config(app.app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=web.run, daemon=True)
-    thread.start()
-    while not web.started:
-        time.sleep(0.05)
-    port = web.servers[0].sockets[0].getsockname()[1]
-    yield app, f"http://127.0.0.1:{port}"
-    web.should_exit = True
-    thread.join(timeout=10)
-    app.stop()
+    with serve.serving_in_thread(app) as url:
+        yield app, url
 
 
 @pytest.fixture(scope="module")
