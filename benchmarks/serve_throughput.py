@@ -44,7 +44,8 @@ def workload(n: int, max_tokens: int, seed: int) -> list[tuple[str, int]]:
     rng = np.random.default_rng(seed)
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz _():\n"))
     return [
-        ("".join(rng.choice(letters, rng.integers(8, 49))), int(rng.integers(min(16, max_tokens), max_tokens + 1))) for _ in range(n)
+        ("".join(rng.choice(letters, rng.integers(8, 49))), int(rng.integers(min(16, max_tokens), max_tokens + 1)))
+        for _ in range(n)
     ]
 
 
