@@ -169,21 +169,70 @@ def _cast_varying(x, axes: frozenset):
     return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
-def _scores_softmax_values(q, keys, values, mask, dtype):
-    """Softmax attention of grouped queries (B, S, K, G, hd) over keys/values (B, T, K, hd)."""
-    scores = jnp.einsum("bskgd,btkd->bkgst", q, keys, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    return jnp.einsum("bkgst,btkd->bskgd", probs, values)
+def _mask(q_pos, k_pos, segments):
+    """(B, S, T): key position <= query position, within the same document segment."""
+    mask = k_pos[:, None, :] <= q_pos[:, :, None]
+    if segments is not None:
+        mask &= segments[0][:, :, None] == segments[1][:, None, :]
+    return mask[:, None, None]  # broadcast over (K, G)
+
+
+def _softmax_attend(q, k, v, q_pos, k_pos, segments):
+    """q (B, K, G, S, hd), already scaled; k, v (B, K, T, hd). Returns the output (B, K, G, S, hd)
+    in float32, normalised after the value product (S x hd divides instead of S x T), and the
+    log-sum-exp (B, K, G, S, 1) the backward recomputes the probabilities from."""
+    s = jnp.einsum("bkgsd,bktd->bkgst", q, k, preferred_element_type=jnp.float32)
+    s = jnp.where(_mask(q_pos, k_pos, segments), s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)  # a row that sees no key gives zeros, not NaN
+    p = jnp.exp(s - m)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    denom = jnp.where(denom > 0, denom, 1.0)
+    out = jnp.einsum("bkgst,bktd->bkgsd", p.astype(v.dtype), v, preferred_element_type=jnp.float32) / denom
+    return out, m + jnp.log(denom)
+
+
+@jax.custom_vjp
+def _attend(q, k, v, q_pos, k_pos, segments):
+    return _softmax_attend(q, k, v, q_pos, k_pos, segments)[0].astype(q.dtype)
+
+
+def _attend_fwd(q, k, v, q_pos, k_pos, segments):
+    out, lse = _softmax_attend(q, k, v, q_pos, k_pos, segments)
+    out = out.astype(q.dtype)
+    # Residuals are O(S): the (S x T) probabilities are recomputed from q, k and the log-sum-exp,
+    # as the fused kernels do, instead of kept in float32 for the backward.
+    return out, (q, k, v, q_pos, k_pos, segments, out, lse)
+
+
+def _attend_bwd(res, d_out):
+    q, k, v, q_pos, k_pos, segments, out, lse = res
+    s = jnp.einsum("bkgsd,bktd->bkgst", q, k, preferred_element_type=jnp.float32)
+    p = jnp.where(_mask(q_pos, k_pos, segments), jnp.exp(s - lse), 0.0)
+    dt = q.dtype
+    dv = jnp.einsum("bkgst,bkgsd->bktd", p.astype(dt), d_out, preferred_element_type=jnp.float32)
+    dp = jnp.einsum("bkgsd,bktd->bkgst", d_out, v, preferred_element_type=jnp.float32)
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    ds = (p * (dp - delta)).astype(dt)
+    dq = jnp.einsum("bkgst,bktd->bkgsd", ds, k, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("bkgst,bkgsd->bktd", ds, q, preferred_element_type=jnp.float32)
+    none = jax.tree.map(lambda _: None, (q_pos, k_pos, segments))
+    return (dq.astype(dt), dk.astype(k.dtype), dv.astype(v.dtype), *none)
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def xla_attention(q, keys, values, positions, segment_ids, dtype, key_positions=None):
-    """Plain XLA, masked by position (key position <= query position) and document segment."""
+    """Plain XLA, masked by position (key position <= query position) and document segment.
+
+    q (B, S, K, G, hd) grouped queries, keys/values (B, T, K, hd); returns (B, S, K, G, hd). The
+    softmax has its own backward (`_attend`): it keeps O(S) residuals, not the probabilities."""
     key_positions = positions if key_positions is None else key_positions
-    mask = key_positions[:, None, :] <= positions[:, :, None]  # (B, S, T)
-    if segment_ids is not None:
-        mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+    segments = None if segment_ids is None else (segment_ids, segment_ids)
     s, t = q.shape[1], keys.shape[1]
+    qt = jnp.transpose(q, (0, 2, 3, 1, 4)) * jnp.asarray(1 / math.sqrt(q.shape[-1]), q.dtype)  # (B, K, G, S, hd)
+    kt, vt = jnp.transpose(keys, (0, 2, 1, 3)), jnp.transpose(values, (0, 2, 1, 3))  # (B, K, T, hd)
     block = XLA_QUERY_BLOCK
     while s // block > XLA_MAX_BLOCKS and s % (2 * block) == 0:
         block *= 2  # a bounded number of blocks keeps the HLO, and so the compile, small
@@ -193,9 +242,14 @@ def xla_attention(q, keys, values, positions, segment_ids, dtype, key_positions=
         blocks = []
         for a in range(0, s, block):
             e = a + block
-            blocks.append(_scores_softmax_values(q[:, a:e], keys[:, :e], values[:, :e], mask[:, a:e, :e], dtype))
-        return jnp.concatenate(blocks, axis=1)
-    return _scores_softmax_values(q, keys, values, mask, dtype)
+            seg = None if segments is None else (segment_ids[:, a:e], segment_ids[:, :e])
+            blocks.append(
+                _attend(qt[:, :, :, a:e], kt[:, :, :e], vt[:, :, :e], positions[:, a:e], key_positions[:, :e], seg)
+            )
+        out = jnp.concatenate(blocks, axis=3)
+    else:
+        out = _attend(qt, kt, vt, positions, key_positions, segments)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).astype(dtype)
 
 
 def _block(seq: int) -> int:

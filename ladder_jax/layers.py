@@ -57,11 +57,30 @@ def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, j
     return jnp.cos(angles), jnp.sin(angles)
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate (batch, seq, heads, head_dim) in the half-split layout used by HF Llama weights."""
+def _rotate(x, cos, sin):
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     c, s = cos[:, :, None, :], sin[:, :, None, :]
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+@jax.custom_vjp
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate (batch, seq, heads, head_dim) in the half-split layout used by HF Llama weights."""
+    return _rotate(x, cos, sin)
+
+
+def _rope_fwd(x, cos, sin):
+    return _rotate(x, cos, sin), (cos, sin)
+
+
+def _rope_bwd(res, g):
+    # A rotation's transpose is the rotation by the opposite angle: one elementwise pass, where
+    # differentiating the split and concatenate costs several (tables come from integer positions).
+    cos, sin = res
+    return _rotate(g, cos, -sin), None, None
+
+
+apply_rope.defvjp(_rope_fwd, _rope_bwd)
 
 
 class Attention(nnx.Module):

@@ -62,6 +62,38 @@ def test_splash_and_the_cudnn_call_match_xla_on_causal_sequences_without_segment
     np.testing.assert_allclose(A.cudnn_attention(q, k, v, implementation="xla"), ref, atol=1e-5)
 
 
+def dense_attention(q, k, v, positions, segments):
+    """The plain formula, one (S x S) softmax per head, differentiated by JAX itself."""
+    hd = q.shape[-1]
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, k) / np.sqrt(hd)
+    mask = (positions[:, None, :] <= positions[:, :, None]) & (segments[:, :, None] == segments[:, None, :])
+    probs = jax.nn.softmax(jnp.where(mask[:, None, None], scores, -jnp.inf), axis=-1)
+    return jnp.einsum("bkgst,btkd->bskgd", probs, v)
+
+
+def test_xla_attention_and_its_own_backward_match_the_dense_formula_over_query_blocks():
+    # 256 tokens = two query blocks; documents of 100, 120 and 36 tokens cross the block edge.
+    lengths = [100, 120, 36]
+    seg = jnp.asarray(np.repeat(np.arange(3), lengths)[None].repeat(2, 0), jnp.int32)
+    pos = jnp.asarray(np.concatenate([np.arange(n) for n in lengths])[None].repeat(2, 0), jnp.int32)
+    q, k, v = grouped_inputs(seed=3, b=2, s=256)
+    ours = lambda q, k, v: A.xla_attention(q, k, v, pos, seg, jnp.float32)
+    ref = lambda q, k, v: dense_attention(q, k, v, pos, seg)
+    np.testing.assert_allclose(jax.jit(ours)(q, k, v), jax.jit(ref)(q, k, v), atol=2e-6)
+    grads = jax.jit(jax.grad(squared_sum(ours), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.jit(jax.grad(squared_sum(ref), argnums=(0, 1, 2)))(q, k, v)
+    for got, exp in zip(grads, want):
+        np.testing.assert_allclose(got, exp, atol=2e-5, rtol=2e-5)
+
+
+def test_xla_attention_backward_keeps_no_sequence_by_sequence_residual():
+    q, k, v = grouped_inputs(seed=4, b=1, s=256)
+    pos = jnp.broadcast_to(jnp.arange(256, dtype=jnp.int32)[None], (1, 256))
+    _, backward = jax.vjp(lambda q, k, v: A.xla_attention(q, k, v, pos, None, jnp.float32), q, k, v)
+    kept = [x.shape for x in jax.tree.leaves(backward) if hasattr(x, "shape")]
+    assert kept and not [s for s in kept if sum(d >= 128 for d in s) >= 2], kept
+
+
 def test_decode_attention_reads_each_row_up_to_its_position():
     r = np.random.default_rng(2)
     b, t, kv, g, hd = 3, 300, 2, 2, 16  # 300 is not a multiple of the block: the last block overlaps
