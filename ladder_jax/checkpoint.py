@@ -10,6 +10,7 @@ step; restoring always takes the latest complete one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -65,9 +66,11 @@ def manager(run_dir: str | Path, keep: int = 3, create: bool = True) -> ocp.Chec
 
 
 def check_same_shapes(expected: Config, found: Config, where: str) -> None:
-    """Name the first parameter whose shape differs between two model configs."""
-    want = M.abstract_params(expected.model)
-    have = M.abstract_params(found.model)
+    """Name the first parameter whose shape differs between two model configs, as stored (every
+    checkpoint holds the shared lp layout; restore_params moves to the split one after loading)."""
+    stored = lambda m: dataclasses.replace(m, lp_layout="shared")  # noqa: E731
+    want = M.abstract_params(stored(expected.model))
+    have = M.abstract_params(stored(found.model))
     flat_want = dict(jax.tree_util.tree_flatten_with_path(want)[0])
     flat_have = dict(jax.tree_util.tree_flatten_with_path(have)[0])
     for path, w in flat_want.items():
@@ -124,11 +127,12 @@ def restore_params(run_dir: str | Path, cfg: Config, mesh: Mesh, step: int | Non
             f"{run_dir} has no complete checkpoint; train it (python train.py) or convert a model into it"
         )
     check_params_fit(cfg.model, mesh, f"the parameters of {run_dir} ({cfg.model.param_dtype})")
-    target = abstract_with_sharding(M.abstract_params(cfg.model), M.param_shardings(cfg.model, mesh))
+    stored = dataclasses.replace(cfg.model, lp_layout="shared")
+    target = abstract_with_sharding(M.abstract_params(stored), M.param_shardings(stored, mesh))
     restored = manager(run_dir, create=False).restore(
         step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
     )
-    return restored["params"]
+    return M.to_split_layout(cfg.model, restored["params"], mesh)
 
 
 @dataclass
@@ -153,6 +157,15 @@ class Run:
                 f"the validation split of {self.dir} has {len(windows)} windows, fewer than one batch of {tr.batch_size}; lower train.batch_size or raise train.val_fraction"
             )
         return batches
+
+
+def require_shared_layout(cfg: Config, tool: str) -> None:
+    """`tool` re-plans or rewrites parameters by layer, which the split lp layout has merged."""
+    if cfg.model.lp_layout != "shared":
+        raise ConfigError(
+            f"{tool} works on each layer's own parameters; run it with model.lp_layout=shared "
+            f"(the split layout is for running a model: infer.py, serve, eval)"
+        )
 
 
 def load_run(run_dir: str | Path, overrides=(), devices=None) -> Run:

@@ -343,6 +343,7 @@ def run_lp(args) -> int:
     if args.verb in ("depth", "transform"):
         return lp_depth(args) if args.verb == "depth" else lp_transform(args)
     cfg = checkpoint.load_run_config(args.checkpoint, args.overrides)
+    checkpoint.require_shared_layout(cfg, "lp sweep")
     max_delta = lp.check_max_delta(args.max_delta, cfg.model.n_layers)
     lp.lp_plan(cfg.model.plan, cfg.model.n_layers, 0, 2)
     tm = _metric_tasks(args)  # an unknown task is refused before the run loads
@@ -397,6 +398,7 @@ def _metric_tasks(args):
 def lp_depth(args) -> int:
     # Every range, order and Δ is checked against the saved config before the run loads.
     cfg = checkpoint.load_run_config(args.checkpoint, args.overrides)
+    checkpoint.require_shared_layout(cfg, "lp depth")
     kinds = depth.parse_transforms(args.transform)
     deltas = depth.parse_deltas(args.delta, cfg.model.n_layers, kinds)
     if args.seeds < 1:
@@ -424,6 +426,7 @@ def lp_depth(args) -> int:
 def lp_transform(args) -> int:
     checkpoint.check_new_directory(args.out)  # everything that can be refused is refused before the run loads
     cfg = checkpoint.load_run_config(args.checkpoint, args.overrides)
+    checkpoint.require_shared_layout(cfg, "lp transform")
     kind = next(k for k in depth.TRANSFORMS if getattr(args, k) is not None)
     t = depth.make_transform(kind, getattr(args, kind), cfg.model.n_layers, args.order, args.seed, args.group)
     new_cfg = depth.transformed_run_config(cfg, t)

@@ -28,6 +28,7 @@ REMAT_POLICIES = {
 }
 # Self-attention implementations (ladder_jax.attention says what each is).
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn", "triton")
+LP_LAYOUTS = ("shared", "split")
 VOCAB_PAD = 128  # vocab rows are padded to a multiple of this so any power-of-two tensor axis splits them
 
 
@@ -65,6 +66,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     # Residual schedule per layer, see `parse_plan`: "ladder", "standard,ladder@-16:", "lp@4:8", ...
     plan: str = "standard"
+    # Where the two layers of an lp pair run (LP_LAYOUTS): "shared" splits both over the whole tensor
+    # axis; "split" (the LP paper's) puts layer i on the first half of it and layer i+1 on the second.
+    lp_layout: str = "shared"
     attention: str = "auto"  # one of ATTENTION_IMPLEMENTATIONS
     bos_id: int = 256
     eos_id: int = 257
@@ -81,6 +85,18 @@ class ModelConfig:
     @property
     def layer_schedules(self) -> tuple[str, ...]:
         return parse_plan(self.plan, self.n_layers)
+
+    @property
+    def layer_widths(self) -> tuple[int, ...]:
+        """Attention heads and FFN columns each layer slot holds, in layers: 1, except under the
+        split lp layout, where the first slot of a pair holds both layers' (2) and the second none
+        (0); the second keeps its own norms. model.to_split_layout says how they are laid out."""
+        widths = [1] * self.n_layers
+        if self.lp_layout == "split":
+            for name, layers in plan_steps(self.layer_schedules):
+                if name == "lp":
+                    widths[layers[0]], widths[layers[1]] = 2, 0
+        return tuple(widths)
 
 
 @dataclass(frozen=True)
@@ -414,7 +430,14 @@ def validate(cfg: Config, n_devices: int | None = None) -> None:
     for key in ("bos_id", "eos_id", "pad_id"):
         if not 0 <= getattr(m, key) < m.vocab_size:
             raise ConfigError(f"model.{key}={getattr(m, key)} is outside the vocabulary (size {m.vocab_size})")
-    parse_plan(m.plan, m.n_layers)
+    schedules = parse_plan(m.plan, m.n_layers)
+    if m.lp_layout not in LP_LAYOUTS:
+        raise ConfigError(f"model.lp_layout={m.lp_layout!r} is not a layout; choose from {', '.join(LP_LAYOUTS)}")
+    if m.lp_layout == "split" and "lp" in schedules and t % 2:
+        raise ConfigError(
+            f"model.lp_layout=split runs each layer of an lp pair on half the tensor axis; mesh.tensor={t} "
+            f"has no halves: use an even mesh.tensor or model.lp_layout=shared"
+        )
     tr = cfg.train
     for key in (
         "steps",

@@ -28,10 +28,12 @@ class RMSNorm(nnx.Module):
         self.eps = cfg.norm_eps
         self.scale = nnx.Param(jnp.ones((cfg.d_model,), dtype_of(cfg.param_dtype)), axes=("embed",))
 
-    def __call__(self, x):
+    def __call__(self, x, scale=None):
+        """`scale`: another norm's weights to use instead of this one's (the split lp layout)."""
+        scale = self.scale[...] if scale is None else scale
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+        return scale.astype(x.dtype) * y.astype(x.dtype)
 
 
 def rope_frequencies(cfg: ModelConfig) -> jax.Array:
@@ -84,10 +86,12 @@ apply_rope.defvjp(_rope_fwd, _rope_bwd)
 
 
 class Attention(nnx.Module):
-    """Grouped-query attention over this device's heads; the output is a partial sum (row-parallel)."""
+    """Grouped-query attention over this device's heads; the output is a partial sum (row-parallel).
+    `width` (config.ModelConfig.layer_widths): how many layers' heads it holds side by side."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        d, h, kv, hd, pd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.hd, dtype_of(cfg.param_dtype)
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, width: int = 1):
+        d, hd, pd = cfg.d_model, cfg.hd, dtype_of(cfg.param_dtype)
+        h, kv = cfg.n_heads * width, cfg.n_kv_heads * width
         std = cfg.init_std
         self.dtype = dtype_of(cfg.dtype)
         self.implementation = cfg.attention  # see ladder_jax.attention
@@ -104,7 +108,9 @@ class Attention(nnx.Module):
         the one this device's query heads use. cache: optional (k, v) of shape (B, T, kv_local, hd);
         the new keys and values are written at `positions`; a decode step (one token) reads the
         cache up to each row's position. Attention runs `model.attention` (ladder_jax.attention).
-        Returns (partial output (B, S, D), updated cache or None).
+        A list of caches splits this device's KV heads (and the query heads over them) into that
+        many groups, each with its own cache (a split lp pair keeps its heads in both layers' caches).
+        Returns (partial output (B, S, D), updated cache(s) or None).
         """
         dt = self.dtype
         x = x.astype(dt)
@@ -122,32 +128,52 @@ class Attention(nnx.Module):
         q = q.reshape(b, s, k.shape[2], hl // k.shape[2], hd)  # grouped: (B, S, K, G, hd)
         if cache is None:
             out = attention.self_attention(self.implementation, q, k, v, positions, segment_ids, dt)
-        else:
-            ck, cv = cache
-            # An indexed scatter writes only the new rows; a vmapped dynamic_update_slice
-            # compiles to a select that rewrites the whole cache every decode step.
-            rows = jnp.arange(positions.shape[0])[:, None]
-            ck = ck.at[rows, positions].set(k.astype(ck.dtype))
-            cv = cv.at[rows, positions].set(v.astype(cv.dtype))
-            cache = (ck, cv)
-            if s == 1:  # a decode step reads the keys written so far
-                out = attention.decode_attention(q, ck, cv, positions[:, 0], dt)
-            elif ck.shape[1] == s:  # prefill: the cache is as long as the prompt
-                out = attention.self_attention(
-                    self.implementation, q, ck.astype(dt), cv.astype(dt), positions, None, dt
+        elif isinstance(cache, list):
+            # Groups of KV heads, one cache each; caches past the heads there are stay as they are.
+            n = min(len(cache), k.shape[2])
+            per = k.shape[2] // n
+            parts = [
+                self._cached(
+                    q[:, :, g * per : (g + 1) * per],
+                    k[:, :, g * per : (g + 1) * per],
+                    v[:, :, g * per : (g + 1) * per],
+                    positions,
+                    cache[g],
                 )
-            else:  # several new tokens over a longer cache: mask by position
-                key_pos = jnp.broadcast_to(jnp.arange(ck.shape[1])[None], ck.shape[:2])
-                out = attention.xla_attention(q, ck.astype(dt), cv.astype(dt), positions, None, dt, key_pos)
+                for g in range(n)
+            ]
+            out = jnp.concatenate([o for o, _ in parts], axis=2)
+            cache = [c for _, c in parts] + cache[n:]
+        else:
+            out, cache = self._cached(q, k, v, positions, cache)
         out = out.reshape(b, s, hl, hd)
         return jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(dt)), cache
 
+    def _cached(self, q, k, v, positions, cache):
+        """Attention of grouped queries q (B, S, K, G, hd) with the new k, v written into `cache`."""
+        dt, s = self.dtype, q.shape[1]
+        ck, cv = cache
+        # An indexed scatter writes only the new rows; a vmapped dynamic_update_slice
+        # compiles to a select that rewrites the whole cache every decode step.
+        rows = jnp.arange(positions.shape[0])[:, None]
+        ck = ck.at[rows, positions].set(k.astype(ck.dtype))
+        cv = cv.at[rows, positions].set(v.astype(cv.dtype))
+        if s == 1:  # a decode step reads the keys written so far
+            out = attention.decode_attention(q, ck, cv, positions[:, 0], dt)
+        elif ck.shape[1] == s:  # prefill: the cache is as long as the prompt
+            out = attention.self_attention(self.implementation, q, ck.astype(dt), cv.astype(dt), positions, None, dt)
+        else:  # several new tokens over a longer cache: mask by position
+            key_pos = jnp.broadcast_to(jnp.arange(ck.shape[1])[None], ck.shape[:2])
+            out = attention.xla_attention(q, ck.astype(dt), cv.astype(dt), positions, None, dt, key_pos)
+        return out, (ck, cv)
+
 
 class MLP(nnx.Module):
-    """SwiGLU over this device's FFN columns; the output is a partial sum (row-parallel)."""
+    """SwiGLU over this device's FFN columns; the output is a partial sum (row-parallel).
+    `width`: how many layers' FFN columns it holds side by side (as Attention's)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        d, f, pd, std = cfg.d_model, cfg.ffn_dim, dtype_of(cfg.param_dtype), cfg.init_std
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, width: int = 1):
+        d, f, pd, std = cfg.d_model, cfg.ffn_dim * width, dtype_of(cfg.param_dtype), cfg.init_std
         self.dtype = dtype_of(cfg.dtype)
         self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), std, pd)
         self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), std, pd)

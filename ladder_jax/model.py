@@ -29,7 +29,7 @@ from . import attention
 from .config import REMAT_POLICIES, Config, ModelConfig, plan_steps
 from .layers import MLP, Attention, Embed, LMHead, RMSNorm, rope_frequencies, rope_tables
 from .mesh import BATCH, FSDP, batch_shards, logical_to_spec, sharding_rules
-from .schedules import SCHEDULES, LayerContext, Stream
+from .schedules import SCHEDULES, LayerContext, Stream, lp_split
 
 TENSOR = "tensor"
 
@@ -37,18 +37,20 @@ TENSOR = "tensor"
 class Block(nnx.Module):
     """One layer's modules. A parallel layer has a single norm; every other schedule has two."""
 
-    def __init__(self, cfg: ModelConfig, schedule: str, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, schedule: str, *, rngs: nnx.Rngs, width: int = 1):
         self.attn_norm = RMSNorm(cfg, rngs=rngs)
-        self.attn = Attention(cfg, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs, width=width)
         self.mlp_norm = RMSNorm(cfg, rngs=rngs) if schedule != "parallel" else None
-        self.mlp = MLP(cfg, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs, width=width)
 
 
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = Embed(cfg, rngs=rngs)
-        self.layers = nnx.List([Block(cfg, s, rngs=rngs) for s in cfg.layer_schedules])
+        self.layers = nnx.List(
+            [Block(cfg, s, rngs=rngs, width=w) for s, w in zip(cfg.layer_schedules, cfg.layer_widths)]
+        )
         self.final_norm = RMSNorm(cfg, rngs=rngs)
         self.lm_head = None if cfg.tie_embeddings else LMHead(cfg, rngs=rngs)
 
@@ -75,7 +77,7 @@ class Transformer(nnx.Module):
         rope = rope_tables(positions, rope_frequencies(cfg))
         x = self.embed_tokens(tokens)
         new_cache = [None] * cfg.n_layers if cache is not None else None
-        ctx = layer_context(cfg, self.layers[0].attn, rope, positions, segment_ids, cache, new_cache)
+        ctx = layer_context(cfg, rope, positions, segment_ids, cache, new_cache)
         stream = Stream(x)
         if hidden_out is not None:
             hidden_out.append(x)
@@ -95,9 +97,11 @@ class Transformer(nnx.Module):
         name, layers = run[0]
         gdefs = [nnx.graphdef(self.layers[i]) for i in layers]
 
+        schedule = lp_split if name == "lp" and self.cfg.lp_layout == "split" else SCHEDULES[name]
+
         def step(weights, stream):
             blocks = [fsdp_gather(nnx.merge(g, w)) for g, w in zip(gdefs, weights)]
-            return SCHEDULES[name](blocks, layers, stream, ctx)
+            return schedule(blocks, layers, stream, ctx)
 
         if REMAT_POLICIES[remat] is not None:
             step = jax.checkpoint(step, policy=REMAT_POLICIES[remat])
@@ -160,32 +164,64 @@ def fsdp_gather(module: nnx.Module) -> nnx.Module:
     return nnx.merge(gdef, jax.tree.map(gather, state, is_leaf=lambda v: isinstance(v, nnx.Variable)))
 
 
-def layer_context(
-    cfg: ModelConfig, attn: Attention, rope, positions, segment_ids=None, cache=None, new_cache=None
-) -> LayerContext:
+def layer_context(cfg: ModelConfig, rope, positions, segment_ids=None, cache=None, new_cache=None) -> LayerContext:
     """What every schedule calls: the psum over `tensor`, and attention with this call's rope,
     positions and document segments. With a cache, layer i reads cache[i] and its updated (k, v)
-    lands in new_cache[i]."""
-    kv_head = local_kv_head(cfg, attn)
+    lands in new_cache[i]; a split lp pair's attention (in slot i) reads and writes the caches of
+    both its layers (`layers`)."""
 
-    def attend(i, attn, h):
-        out, c = attn(
-            h, rope, positions, kv_head=kv_head, cache=None if cache is None else cache[i], segment_ids=segment_ids
-        )
+    def attend(i, attn, h, layers=None):
+        slots = layers or (i,)
+        c = None if cache is None else [cache[j] for j in slots] if layers else cache[i]
+        out, c = attn(h, rope, positions, kv_head=local_kv_head(cfg, attn), cache=c, segment_ids=segment_ids)
         if new_cache is not None:
-            new_cache[i] = c
+            for j, cj in zip(slots, c if layers else [c]):
+                new_cache[j] = cj
         return out
 
-    return LayerContext(all_reduce=functools.partial(jax.lax.psum, axis_name=TENSOR), attend=attend)
+    first_half = jax.lax.axis_index(TENSOR) < jax.lax.axis_size(TENSOR) // 2
+    return LayerContext(
+        all_reduce=functools.partial(jax.lax.psum, axis_name=TENSOR),
+        attend=attend,
+        pick=lambda a, b: jnp.where(first_half, a, b),
+    )
 
 
 def local_kv_head(cfg: ModelConfig, attn: Attention):
-    """With fewer KV heads than devices each device holds all of them and uses the one its query
-    heads share (this index); otherwise None (each device holds its own KV heads)."""
-    h_local = attn.q_proj.shape[1]
-    if cfg.n_heads // h_local <= cfg.n_kv_heads:
+    """With fewer KV heads than devices each device holds all of them (mesh.sharding_rules) and
+    uses the one its query heads share (this index); otherwise None (each holds its own)."""
+    tensor = jax.lax.axis_size(TENSOR)
+    if cfg.n_kv_heads % tensor == 0:
         return None
+    h_local = attn.q_proj.shape[1]  # a split lp pair's slot holds both layers' heads, layer i's first
     return (jax.lax.axis_index(TENSOR) * h_local) // (cfg.n_heads // cfg.n_kv_heads)
+
+
+def to_split_layout(cfg: ModelConfig, params: dict, mesh: Mesh) -> dict:
+    """Parameters of `cfg` under lp_layout=shared (how every checkpoint stores them) -> the split
+    layout: for each lp pair (i, i+1), slot i's attention and MLP hold both layers' heads and FFN
+    columns, layer i's first, so the tensor axis gives its first half layer i's and its second
+    half layer i+1's; slot i+1 keeps its norms and no heads. One program moves them, once."""
+    shared = dataclasses.replace(cfg, lp_layout="shared")
+    if cfg.lp_layout != "split" or cfg.layer_widths == shared.layer_widths:
+        return params
+    axis = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 0, "gate_proj": 1, "up_proj": 1, "down_proj": 0}
+
+    def move(params):
+        layers = dict(params["layers"])
+        for name, pair in plan_steps(cfg.layer_schedules):
+            if name != "lp":
+                continue
+            i, j = pair
+            a, b = dict(layers[i]), dict(layers[j])
+            for module in ("attn", "mlp"):
+                ma, mb = a[module], b[module]
+                a[module] = {k: jnp.concatenate([ma[k], mb[k]], axis=axis[k]) for k in ma}
+                b[module] = {k: jax.lax.slice_in_dim(mb[k], 0, 0, axis=axis[k]) for k in mb}
+            layers[i], layers[j] = a, b
+        return {**params, "layers": layers}
+
+    return jax.jit(move, out_shardings=param_shardings(cfg, mesh))(params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,8 +281,9 @@ def init_program(cfg: ModelConfig, mesh: Mesh):
 
 
 def _param_structure(cfg: ModelConfig) -> ModelConfig:
-    """The config reduced to what decides parameter shapes (only parallel layers differ)."""
-    plan = ",".join(["standard"] + [f"parallel@{i}" for i, s in enumerate(cfg.layer_schedules) if s == "parallel"])
+    """The config reduced to what decides parameter shapes (parallel layers, split lp pairs)."""
+    keep = ("parallel", "lp") if cfg.lp_layout == "split" else ("parallel",)
+    plan = ",".join(["standard"] + [f"{s}@{i}" for i, s in enumerate(cfg.layer_schedules) if s in keep])
     return dataclasses.replace(cfg, plan=plan)
 
 
@@ -388,7 +425,7 @@ def block_fn(cfg: ModelConfig, mesh: Mesh, schedule: str):
 
     def local(p, x, positions, segment_ids):
         block = fsdp_gather(nnx.merge(gdef, p))
-        ctx = layer_context(cfg, block.attn, rope_tables(positions, rope_freq), positions, segment_ids)
+        ctx = layer_context(cfg, rope_tables(positions, rope_freq), positions, segment_ids)
         return SCHEDULES[schedule]([block], [0], Stream(x), ctx).settled()[None]
 
     batch = P(BATCH, None)

@@ -64,7 +64,10 @@ class LayerContext:
     """What a schedule needs besides the modules: the reduction and the attention call."""
 
     all_reduce: Callable[[jax.Array], jax.Array]
-    attend: Callable  # attend(layer_index, attention_module, normed_x) -> partial attention output
+    # attend(layer_index, attention_module, normed_x[, layers]) -> partial attention output; `layers`:
+    # the layers whose KV caches a split lp pair's attention keeps its heads in
+    attend: Callable
+    pick: Callable  # pick(a, b): a on the first half of the tensor axis, b on the second
 
 
 def _sequential(block, i: int, s: Stream, ctx: LayerContext, reduce, ladder: bool = False) -> Stream:
@@ -120,6 +123,19 @@ def lp(blocks, layers, s, ctx):
     s = s.push(ctx.all_reduce(ctx.attend(i, a.attn, a.attn_norm(s.x)) + ctx.attend(j, b.attn, b.attn_norm(s.x))))
     s = s.read()
     return s.push(ctx.all_reduce(a.mlp(a.mlp_norm(s.x)) + b.mlp(b.mlp_norm(s.x))))
+
+
+def lp_split(blocks, layers, s, ctx):
+    """Layer Parallelism in the paper's layout (model.lp_layout=split): block a holds both layers'
+    heads and FFN columns, so each device runs one layer of the pair (i on the first half of the
+    tensor axis, i+1 on the second) with that layer's norms, and one all-reduce per sublayer pair
+    sums them: the function of `lp`, one layer's chain of kernels per device instead of two."""
+    (a, b), (i, j) = blocks, layers
+    s = s.read()
+    h = a.attn_norm(s.x, ctx.pick(a.attn_norm.scale[...], b.attn_norm.scale[...]))
+    s = s.push(ctx.all_reduce(ctx.attend(i, a.attn, h, (i, j))))
+    s = s.read()
+    return s.push(ctx.all_reduce(a.mlp(a.mlp_norm(s.x, ctx.pick(a.mlp_norm.scale[...], b.mlp_norm.scale[...])))))
 
 
 # The one list of schedule names: the plan grammar (config.parse_plan) accepts exactly these.

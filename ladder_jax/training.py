@@ -188,6 +188,14 @@ def make_optimizer(cfg: Config, params) -> optax.GradientTransformation:
 # The trainer
 
 
+def check_trainable_layout(cfg: Config) -> None:
+    if cfg.model.lp_layout == "split" and "lp" in cfg.model.layer_schedules:
+        raise ConfigError(
+            "model.lp_layout=split is a layout for running a model, and checkpoints store the shared one; "
+            "train with model.lp_layout=shared (the same function) and run the result with split"
+        )
+
+
 @dataclass
 class Trainer:
     cfg: Config
@@ -195,6 +203,7 @@ class Trainer:
 
     def __post_init__(self):
         cfg, mesh = self.cfg, self.mesh
+        check_trainable_layout(cfg)
         rows = batch_shards(mesh)
         micro = cfg.train.batch_size // cfg.train.grad_accum
         if micro % rows:
@@ -336,6 +345,7 @@ def _train(cfg: Config, run_dir: Path, init_from, progress: bool, log, stop_at: 
     tr = cfg.train
     run_dir = run_directory(cfg, run_dir)
     # Everything that can be refused is refused before the first compile.
+    check_trainable_layout(cfg)
     if init_from is not None:
         ckpt.check_same_shapes(cfg, ckpt.load_run_config(init_from), str(init_from))
         if ckpt.latest_step(init_from) is None:

@@ -164,3 +164,41 @@ def test_packed_documents_attend_only_within_themselves(devices):
     )
     np.testing.assert_allclose(packed[0, :100, :259], np.asarray(M.logits(cfg, mesh, params, a[None]))[0], atol=2e-5)
     np.testing.assert_allclose(packed[0, 100:, :259], np.asarray(M.logits(cfg, mesh, params, b[None]))[0], atol=2e-5)
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 2), (2, 4), (1, 8)], ids=lambda s: f"data{s[0]}xtensor{s[1]}")
+def test_split_lp_layout_equals_the_shared_one_in_the_forward_and_greedy_decoding(mesh_shape, devices):
+    # tensor 8 holds the 2 KV heads on every device (replicated): the split pair picks its layer's.
+    import dataclasses
+
+    from ladder_jax import decode
+
+    plan = "standard,lp@2:4"
+    _, _, params = build(plan)
+    full = run(plan, 1, 1, params)
+    c = small_config(plan, *mesh_shape, model__init_std=0.1)
+    mesh = make_mesh(c)
+    split = dataclasses.replace(c.model, lp_layout="split")
+    shared_params = jax.device_put(params, M.param_shardings(c.model, mesh))
+    split_params = M.to_split_layout(split, shared_params, mesh)
+    q_proj = split_params["layers"][2]["attn"]["q_proj"]
+    assert q_proj.shape[1] == 2 * c.model.n_heads and split_params["layers"][3]["attn"]["q_proj"].shape[1] == 0
+    np.testing.assert_allclose(np.asarray(M.logits(split, mesh, split_params, TOKENS)), full, atol=2e-5, rtol=1e-4)
+    prompts = [list(TOKENS[0, :5]), list(TOKENS[1, :9])] * mesh_shape[0]
+    want = decode.generate(c.model, mesh, shared_params, prompts, 6).tokens
+    assert decode.generate(split, mesh, split_params, prompts, 6).tokens == want
+
+
+def test_split_lp_layout_refuses_odd_tensor_axes_and_training(devices):
+    from ladder_jax.config import ConfigError
+    from ladder_jax.training import Trainer
+
+    with pytest.raises(ConfigError, match="has no halves"):
+        small_config("standard,lp@2:4", 1, 1, model__lp_layout="split")
+    cfg = small_config("standard,lp@2:4", 1, 2, model__lp_layout="split")
+    with pytest.raises(ConfigError, match="train with model.lp_layout=shared"):
+        Trainer(cfg, make_mesh(cfg))
+    from ladder_jax.checkpoint import require_shared_layout
+
+    with pytest.raises(ConfigError, match="lp sweep works on each layer's own parameters"):
+        require_shared_layout(cfg, "lp sweep")

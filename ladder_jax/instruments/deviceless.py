@@ -290,6 +290,27 @@ def scheduled_all_reduces(text: str, mesh: Mesh) -> list[ScheduledAllReduce]:
     return out
 
 
+KERNEL_OPS = ("fusion", "custom-call", "dot", "convolution", "all-reduce", "all-reduce-start", "scatter", "gather")
+
+
+def kernel_counts(text: str) -> dict:
+    """Kernels a device launches in one run of a scheduled HLO module (fusions, library calls,
+    collectives; a fusion is one kernel), and its GEMMs per layer, by the weight each reads
+    ({'layers.3': 7, ...}; a GEMM over a KV cache counts for the cache's layer)."""
+    comps, entry = parse_hlo(text)
+    index = {ins.name: ins for body in comps.values() for ins in body}
+    cache: dict = {}
+    is_gemm = lambda ins: is_matmul(ins, comps, cache)  # noqa: E731
+    order = _linear(comps, entry)
+    gemms: dict[str, int] = {}
+    for ins in order:
+        if is_gemm(ins):
+            label = _gemm_label(ins.name, index, is_gemm)
+            key = ".".join(label.split(".")[:2]) if label.startswith("layers.") else module_of(label)
+            gemms[key] = gemms.get(key, 0) + 1
+    return {"kernels": sum(ins.opcode in KERNEL_OPS for ins in order), "gemms": gemms}
+
+
 def schedule_summary(ars: list[ScheduledAllReduce]) -> dict:
     """Counts over the `tensor` axis: async, overlapped (>= 1 GEMM inside), and the exposed ones."""
     t = [a for a in ars if a.axis == "tensor"]

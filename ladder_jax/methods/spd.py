@@ -366,6 +366,7 @@ def distill(cfg: Config, mesh: Mesh, layer: dict, train: BlockData, steps: int, 
 def open_run(checkpoint: Path, tensor: int | None, overrides=()) -> Run:
     """The standard-plan run at `tensor` (default: the run's own) with every other device on `data`."""
     saved = C.load_run_config(checkpoint)
+    C.require_shared_layout(C.load_run_config(checkpoint, overrides), "spd")
     spd_plan(saved.model.plan, saved.model.n_layers, [])
     tensor = tensor or saved.mesh.tensor
     return C.load_run(
