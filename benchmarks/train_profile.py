@@ -1,7 +1,7 @@
 """Where a train step's time goes, ladder_jax against transformers' PyTorch Llama, on this CPU.
 
 Same setup as train_speed.py (tiny, batch 8 x 256, AdamW, clipping, float32, one device each).
-Two tables:
+Three tables:
 
 1. Phases, each compiled (JAX) or run (PyTorch) on its own and timed alternately: forward (the
    loss), forward + backward, the optimizer (clipping + AdamW from given gradients), the whole
@@ -13,6 +13,7 @@ Two tables:
    collective). The figures are thread time summed over the threads that ran thunks, so they can
    exceed the step; "busy" is that sum over (cores x step). PyTorch: `torch.profiler`'s self time
    on the main thread by op class (its matmuls and attention use both cores inside one call).
+3. One layer's attention core alone, ours (the xla path) against PyTorch's fused CPU kernel.
 
     python benchmarks/train_profile.py [--runs 5] [--top 25] [key=value ...]
 """
@@ -166,6 +167,50 @@ def torch_op_table(b, steps: int) -> tuple[collections.Counter, float]:
     return classes, wall * 1e3
 
 
+def attention_alone(b, runs: int) -> dict:
+    """One layer's causal self-attention core at the step's shape, forward and forward + backward
+    of a sum of squares: our xla path (ladder_jax.attention.xla_attention) against PyTorch's
+    scaled_dot_product_attention (its fused CPU flash kernel), medians in ms."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from ladder_jax.attention import xla_attention
+
+    m = b.cfg.model
+    bsz, seq = b.ids.shape
+    g = m.n_heads // m.n_kv_heads
+    r = np.random.default_rng(0)
+    q = r.normal(size=(bsz, seq, m.n_kv_heads, g, m.hd)).astype(np.float32)
+    k, v = (r.normal(size=(bsz, seq, m.n_kv_heads, m.hd)).astype(np.float32) for _ in range(2))
+    pos = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32)[None], (bsz, seq))
+    seg = jnp.ones((bsz, seq), jnp.int32)
+    loss = lambda q, k, v: (xla_attention(q, k, v, pos, seg, jnp.float32) ** 2).sum()  # noqa: E731
+    fwd, grad = jax.jit(loss), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    jq, jk, jv = map(jnp.asarray, (q, k, v))
+    tq = torch.tensor(q.reshape(bsz, seq, m.n_heads, m.hd)).transpose(1, 2).contiguous().requires_grad_()
+    tk, tv = (torch.tensor(x).transpose(1, 2).contiguous().requires_grad_() for x in (k, v))
+
+    def torch_fwd():
+        with torch.no_grad():
+            F.scaled_dot_product_attention(tq, tk, tv, is_causal=True, enable_gqa=True)
+
+    def torch_grad():
+        (F.scaled_dot_product_attention(tq, tk, tv, is_causal=True, enable_gqa=True) ** 2).sum().backward()
+
+    fns = {
+        ("forward", "ladder_jax"): lambda: fwd(jq, jk, jv).block_until_ready(),
+        ("forward", "transformers"): torch_fwd,
+        ("forward+backward", "ladder_jax"): lambda: jax.block_until_ready(grad(jq, jk, jv)),
+        ("forward+backward", "transformers"): torch_grad,
+    }
+    for fn in fns.values():
+        fn()
+    return {key: median_ms(fn, 4 * runs) for key, fn in fns.items()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=8)
@@ -215,6 +260,13 @@ def main():
     print(f"\ntransformers step, op classes (ms of main-thread self time per step; step {twall:.0f} ms)")
     for cls, ms in tc.most_common():
         print(f"  {cls:30s} {ms:8.1f}")
+    att = attention_alone(b, args.runs)
+    print(
+        f"\none layer's attention core alone ({b.ids.shape[0]} x {b.ids.shape[1]}, {b.cfg.model.n_heads} heads), median ms"
+    )
+    for phase in ("forward", "forward+backward"):
+        ours, theirs = att[(phase, "ladder_jax")], att[(phase, "transformers")]
+        print(f"  {phase:18s} ladder_jax {ours:7.1f}   PyTorch sdpa {theirs:7.1f}   ratio {ours / theirs:.2f}")
     print(f"\nladder_jax step, the {args.top} most expensive thunks (ms of thread time per step)")
     for (name, op_name), ms in per_op.most_common(args.top):
         print(f"  {ms:7.2f}  {name:28s} {op_name}")
