@@ -139,7 +139,7 @@ class Bench:
         import torch
 
         def forward():
-            float(self.hf(input_ids=self.ids, labels=self.ids).loss)
+            self.hf(input_ids=self.ids, labels=self.ids).loss.item()
 
         def forward_backward():
             self.opt.zero_grad(set_to_none=True)

@@ -42,16 +42,20 @@ def squared_sum(f):
     return lambda q, k, v: (f(q, k, v) ** 2).sum()
 
 
+def assert_same_values_and_gradients(f, ref, q, k, v, atol_out, tol_grad):
+    np.testing.assert_allclose(jax.jit(f)(q, k, v), jax.jit(ref)(q, k, v), atol=atol_out)
+    grads = jax.jit(jax.grad(squared_sum(f), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.jit(jax.grad(squared_sum(ref), argnums=(0, 1, 2)))(q, k, v)
+    for got, exp in zip(grads, want):
+        np.testing.assert_allclose(got, exp, atol=tol_grad, rtol=tol_grad)
+
+
 @pytest.mark.parametrize("kernel", sorted(INTERPRETED))
 def test_kernel_matches_xla_and_its_gradients_on_packed_documents_with_grouped_heads(kernel):
     q, k, v = grouped_inputs()
     ref = lambda q, k, v: A.xla_attention(q, k, v, POSITIONS, SEGMENTS, jnp.float32)
     fused = lambda q, k, v: INTERPRETED[kernel](q, k, v, SEGMENTS)
-    np.testing.assert_allclose(jax.jit(fused)(q, k, v), jax.jit(ref)(q, k, v), atol=1e-5)
-    grads = jax.jit(jax.grad(squared_sum(fused), argnums=(0, 1, 2)))(q, k, v)
-    want = jax.jit(jax.grad(squared_sum(ref), argnums=(0, 1, 2)))(q, k, v)
-    for got, exp in zip(grads, want):
-        np.testing.assert_allclose(got, exp, atol=1e-4, rtol=1e-4)
+    assert_same_values_and_gradients(fused, ref, q, k, v, atol_out=1e-5, tol_grad=1e-4)
 
 
 def test_splash_and_the_cudnn_call_match_xla_on_causal_sequences_without_segments():
@@ -79,11 +83,7 @@ def test_xla_attention_and_its_own_backward_match_the_dense_formula_over_query_b
     q, k, v = grouped_inputs(seed=3, b=2, s=256)
     ours = lambda q, k, v: A.xla_attention(q, k, v, pos, seg, jnp.float32)
     ref = lambda q, k, v: dense_attention(q, k, v, pos, seg)
-    np.testing.assert_allclose(jax.jit(ours)(q, k, v), jax.jit(ref)(q, k, v), atol=2e-6)
-    grads = jax.jit(jax.grad(squared_sum(ours), argnums=(0, 1, 2)))(q, k, v)
-    want = jax.jit(jax.grad(squared_sum(ref), argnums=(0, 1, 2)))(q, k, v)
-    for got, exp in zip(grads, want):
-        np.testing.assert_allclose(got, exp, atol=2e-5, rtol=2e-5)
+    assert_same_values_and_gradients(ours, ref, q, k, v, atol_out=2e-6, tol_grad=2e-5)
 
 
 def test_xla_attention_backward_keeps_no_sequence_by_sequence_residual():
