@@ -290,7 +290,7 @@ def complete(
             write(f"[{i}] {text}{completion}\n")
     per_token = result.decode_seconds / max(result.decode_steps, 1)
     log.write(
-        f"{source}: {cfg.model.name} plan '{cfg.model.plan}' on mesh data={mesh.shape['data']} x tensor={mesh.shape['tensor']}, "
+        f"{source}: {cfg.model.name} plan '{cfg.model.plan}'{' (lp pairs split)' if cfg.model.lp_layout == 'split' else ''} on mesh data={mesh.shape['data']} x tensor={mesh.shape['tensor']}, "
         f"KV cache {cache / 2**20:.1f} MiB per device; compile {compile_seconds:.1f} s, prefill {result.prefill_seconds * 1e3:.1f} ms, "
         f"decode {per_token * 1e3:.2f} ms/token\n"
     )
