@@ -1,11 +1,11 @@
 """Where a train step's time goes, ladder_jax against transformers' PyTorch Llama, on this CPU.
 
 Same setup as train_speed.py (tiny, batch 8 x 256, AdamW, clipping, float32, one device each).
-Three tables:
+Three parts:
 
 1. Phases, each compiled (JAX) or run (PyTorch) on its own and timed alternately: forward (the
    loss), forward + backward, the optimizer (clipping + AdamW from given gradients), the whole
-   step. Medians of --runs x --steps-per-run calls, in milliseconds.
+   step. Medians of --runs calls each, in milliseconds, from the second of two alternating rounds.
 2. Inside the whole step. JAX: a `jax.profiler` trace of XLA:CPU's per-thunk events
    (XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true, set here) joined to the compiled HLO, each op
    put in the part of the model its Python stack names (the HLO's stack frames: a backward op
@@ -13,7 +13,8 @@ Three tables:
    collective). The figures are thread time summed over the threads that ran thunks, so they can
    exceed the step; "busy" is that sum over (cores x step). PyTorch: `torch.profiler`'s self time
    on the main thread by op class (its matmuls and attention use both cores inside one call).
-3. One layer's attention core alone, ours (the xla path) against PyTorch's fused CPU kernel.
+3. One layer's attention core alone, ours (the xla path) against PyTorch's fused CPU kernel, and
+   the MLP's GEMM alone (XLA and torch.mm) against the same GEMMs inside the step.
 
     python benchmarks/train_profile.py [--runs 5] [--top 25] [key=value ...]
 """
@@ -211,6 +212,26 @@ def attention_alone(b, runs: int) -> dict:
     return {key: median_ms(fn, 4 * runs) for key, fn in fns.items()}
 
 
+def gemm_alone(b, runs: int) -> dict:
+    """The step's MLP up-projection GEMM (tokens x d_model x ffn) alone, float32: XLA (jit of a
+    matmul) and torch.mm, medians in ms; against its thunks in the step's trace."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    m = b.cfg.model
+    r = np.random.default_rng(0)
+    x = r.normal(size=(b.tokens, m.d_model)).astype(np.float32)
+    w = r.normal(size=(m.d_model, m.ffn_dim)).astype(np.float32)
+    mm = jax.jit(jnp.matmul)
+    jx, jw, tx, tw = jnp.asarray(x), jnp.asarray(w), torch.tensor(x), torch.tensor(w)
+    fns = {"ladder_jax": lambda: mm(jx, jw).block_until_ready(), "transformers": lambda: torch.mm(tx, tw)}
+    for fn in fns.values():
+        fn()
+    return {name: median_ms(fn, 8 * runs) for name, fn in fns.items()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=8)
@@ -267,6 +288,14 @@ def main():
     for phase in ("forward", "forward+backward"):
         ours, theirs = att[(phase, "ladder_jax")], att[(phase, "transformers")]
         print(f"  {phase:18s} ladder_jax {ours:7.1f}   PyTorch sdpa {theirs:7.1f}   ratio {ours / theirs:.2f}")
+    gemm = gemm_alone(b, args.runs)
+    m = b.cfg.model
+    in_step = [ms for (name, cls), ms in per_op.items() if cls == "mlp / forward / matmul"]
+    print(
+        f"\nthe MLP's {b.tokens} x {m.d_model} x {m.ffn_dim} GEMM alone, median ms: XLA {gemm['ladder_jax']:.1f}, "
+        f"torch.mm {gemm['transformers']:.1f}; the step's forward MLP GEMM thunks take "
+        f"{min(in_step):.1f}-{max(in_step):.1f} ms each (gate and up: this shape; down: the transposed one)"
+    )
     print(f"\nladder_jax step, the {args.top} most expensive thunks (ms of thread time per step)")
     for (name, op_name), ms in per_op.most_common(args.top):
         print(f"  {ms:7.2f}  {name:28s} {op_name}")
