@@ -166,9 +166,10 @@ def test_packed_documents_attend_only_within_themselves(devices):
     np.testing.assert_allclose(packed[0, 100:, :259], np.asarray(M.logits(cfg, mesh, params, b[None]))[0], atol=2e-5)
 
 
-@pytest.mark.parametrize("mesh_shape", [(1, 2), (2, 4), (1, 8)], ids=lambda s: f"data{s[0]}xtensor{s[1]}")
+@pytest.mark.parametrize("mesh_shape", [(1, 2), (2, 4)], ids=lambda s: f"data{s[0]}xtensor{s[1]}")
 def test_split_lp_layout_equals_the_shared_one_in_the_forward_and_greedy_decoding(mesh_shape, devices):
-    # tensor 8 holds the 2 KV heads on every device (replicated): the split pair picks its layer's.
+    # The 2 KV heads split over tensor 2; tensor 4 holds both on every device (replicated), and
+    # the split pair picks its layer's.
     import dataclasses
 
     from ladder_jax import decode
