@@ -29,12 +29,13 @@ from jax.sharding import Mesh
 from . import model as M
 from .config import Config, ConfigError, from_dict, load_config, to_dict
 from .data import DataError, build_datasets, val_batches
+from .errors import LadderError
 from .memory import check_params_fit
 from .mesh import make_mesh
 from .tokenizer import copy_tokenizer_files, get_tokenizer
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LadderError):
     """A run directory or checkpoint that cannot be used; the message says what to do."""
 
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import yaml
 
+from .errors import LadderError
 from .schedules import SCHEDULES
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -32,7 +33,7 @@ LP_LAYOUTS = ("shared", "split")
 VOCAB_PAD = 128  # vocab rows are padded to a multiple of this so any power-of-two tensor axis splits them
 
 
-class ConfigError(ValueError):
+class ConfigError(LadderError):
     """A configuration that cannot work; the message names the key and the fix."""
 
 

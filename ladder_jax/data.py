@@ -24,8 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import LadderError
 
-class DataError(ValueError):
+
+class DataError(LadderError):
     """A dataset that cannot be used; the message says what to change."""
 
 

@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from . import model as M
 from .config import Config, ModelConfig, dtype_of
+from .errors import LadderError
 from .memory import free_device_bytes
 from .mesh import BATCH, batch_shards
 
@@ -47,7 +48,7 @@ ROWS = P(BATCH)
 ROWS_BY_SEQ = P(BATCH, None)
 
 
-class DecodeError(ValueError):
+class DecodeError(LadderError):
     """A request the decoder refuses before it compiles or allocates; the message says what to change."""
 
 

@@ -36,6 +36,7 @@ from . import model as M
 from .config import ModelConfig
 from .data import open_prepared
 from .decode import bucket_length, generate, vocab_parallel_argmax
+from .errors import LadderError
 from .mesh import BATCH, batch_shards
 from .tokenizer import HFTokenizer, get_tokenizer
 from .training import vocab_parallel_nll
@@ -45,7 +46,7 @@ from .training import vocab_parallel_nll
 MIN_BUCKET = 64
 
 
-class EvalError(ValueError):
+class EvalError(LadderError):
     """A task, dataset or tokenizer the evaluation cannot use; the message says what to do."""
 
 

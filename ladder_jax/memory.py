@@ -24,13 +24,14 @@ import numpy as np
 from jax.sharding import Mesh
 
 from . import model as M
+from .errors import LadderError
 
 GiB = 2**30
 FEWER_LAYERS = "a smaller preset, fewer layers (model.n_layers=N)"
 RESTORE_HOST_FACTOR = 1.35  # peak host RAM of an orbax restore on CPU over the parameter bytes (1.31 measured)
 
 
-class MemoryCheckError(ValueError):
+class MemoryCheckError(LadderError):
     """Arrays that would not fit in this machine's memory; the message says what to change."""
 
 

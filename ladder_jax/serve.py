@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import engine as E
 from .decode import DecodeError, Sampling
+from .errors import LadderError
 from .tokenizer import ChatTemplateError
 
 
@@ -69,8 +70,8 @@ class ChatBody(Body):
     max_completion_tokens: int | None = None
 
 
-class BadRequest(ValueError):
-    pass
+class BadRequest(LadderError):
+    """A request the server refuses (HTTP 400); the message says what to change."""
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:

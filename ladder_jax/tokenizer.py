@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import LadderError
+
 BYTE_VOCAB = 259  # 256 bytes + BOS, EOS, PAD
 # What a run directory keeps of a Hugging Face tokenizer (copied by convert, SPD, LP and training).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
@@ -26,7 +28,11 @@ def copy_tokenizer_files(source: str | Path, target: str | Path, files=TOKENIZER
             shutil.copyfile(Path(source) / name, Path(target) / name)
 
 
-class ChatTemplateError(ValueError):
+class TokenizerError(LadderError):
+    """A run whose tokenizer cannot be found or used; the message says what to put where."""
+
+
+class ChatTemplateError(LadderError):
     """A chat request the tokenizer cannot render (no template, or the template refused it)."""
 
 
@@ -166,7 +172,7 @@ def get_tokenizer(cfg, run_dir: str | Path | None = None):
     if run_dir is not None and (Path(run_dir) / "tokenizer.json").exists():
         return HFTokenizer(Path(run_dir) / "tokenizer.json", m.bos_id, m.eos_id, m.pad_id)
     if m.vocab_size != BYTE_VOCAB:
-        raise ValueError(
+        raise TokenizerError(
             f"model.vocab_size={m.vocab_size} needs a tokenizer.json (the byte tokenizer has {BYTE_VOCAB} tokens); "
             f"put one in the run directory or use a byte-level preset such as tiny"
         )

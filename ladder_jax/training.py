@@ -31,6 +31,7 @@ from . import checkpoint as ckpt
 from . import model as M
 from .config import Config, ConfigError, ModelConfig
 from .data import build_datasets, train_iterator, val_batches
+from .errors import LadderError
 from .memory import check_training_fits
 from .mesh import BATCH, batch_shards, make_mesh
 from .tokenizer import copy_tokenizer_files, get_tokenizer
@@ -51,7 +52,7 @@ PEAK_TFLOPS = {
 }
 
 
-class TrainingError(RuntimeError):
+class TrainingError(LadderError):
     """Training had to stop; the message says at which step and what was kept."""
 
 

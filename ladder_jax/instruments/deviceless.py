@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 
 from .. import decode
 from ..config import Config, ModelConfig, parse_plan
+from ..errors import LadderError
 from ..mesh import batch_shards, make_mesh
 from ..training import BATCH_KEYS, get_trainer
 from .hlo import Instr, collective_axis, is_matmul, mesh_axis_groups, parse_hlo, shape_bytes
@@ -50,7 +51,7 @@ V5P_SHAPES = {
 TPU_HBM = {"v5e": 16 * 2**30, "v5p": 95 * 2**30}
 
 
-class TargetError(ValueError):
+class TargetError(LadderError):
     """A target this machine cannot compile for; the message says what to change."""
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import LadderError
 
-class PlotError(ValueError):
+
+class PlotError(LadderError):
     """Runs that cannot be plotted; the message says what to give instead."""
 
 

@@ -42,6 +42,7 @@ from .. import checkpoint
 from .. import model as M
 from ..checkpoint import building, check_new_directory
 from ..config import Config, ModelConfig, TrainConfig, from_dict, replace
+from ..errors import LadderError
 from ..memory import check_params_fit
 from ..mesh import make_mesh
 from ..tokenizer import copy_tokenizer_files
@@ -52,7 +53,7 @@ NUMPY_DTYPES = {"float32": DTYPES["F32"], "float16": DTYPES["F16"], "bfloat16": 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-class ConvertError(ValueError):
+class ConvertError(LadderError):
     """A checkpoint or directory that cannot be converted; the message says what to do."""
 
 

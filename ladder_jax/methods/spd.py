@@ -34,6 +34,7 @@ from .. import checkpoint as C
 from .. import model as M
 from ..checkpoint import Run
 from ..config import Config, ConfigError, ModelConfig, parse_plan
+from ..errors import LadderError
 from ..instruments.plots import pyplot
 from ..layers import Attention, RMSNorm, rope_frequencies, rope_tables
 from ..training import evaluate, make_optimizer
@@ -41,7 +42,7 @@ from ..training import evaluate, make_optimizer
 CLASSES = ("insensitive", "sensitive", "extremely sensitive")
 
 
-class SPDError(ValueError):
+class SPDError(LadderError):
     """Unusable SPD input (sensitivity file, budget, blocks); the message says what to do."""
 
 

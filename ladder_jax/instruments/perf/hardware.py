@@ -12,10 +12,12 @@ from pathlib import Path
 
 import yaml
 
+from ...errors import LadderError
+
 PROFILES_DIR = Path(__file__).parent / "profiles"
 
 
-class PerfModelError(ValueError):
+class PerfModelError(LadderError):
     """Input the model cannot answer (unknown hardware, tensor size the profile lacks, ...)."""
 
 
