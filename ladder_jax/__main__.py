@@ -1,4 +1,4 @@
-"""`python -m ladder_jax VERB ...`: see ladder_jax/cli.py."""
+"""`python -m ladder_jax VERB ...`: see ladder_jax/cli/__init__.py."""
 
 import sys
 

@@ -319,11 +319,3 @@ def val_batches(
         rows = [windows[b * batch_size + process_index * per_host + r] for r in range(per_host)]
         out.append({k: np.stack([r[k] for r in rows]) for k in rows[0]})
     return out
-
-
-if __name__ == "__main__":  # `python -m ladder_jax.data prepare ...` is `python -m ladder_jax data prepare ...`
-    import sys
-
-    from .cli import main
-
-    sys.exit(main(["data", *sys.argv[1:]]))

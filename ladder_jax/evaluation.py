@@ -366,6 +366,17 @@ def prepared_documents(lm: LadderLM, directory: str | Path, split: str, limit: i
     return [lm.tokenizer.decode([t for t in windows.documents[k] if t not in special]) for k in range(n)]
 
 
+def read_documents(files: list[Path]) -> list[str]:
+    """UTF-8 text files, each one document."""
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise EvalError(f"--file {missing[0]} is not a file; give UTF-8 text files")
+    try:
+        return [f.read_text(encoding="utf-8") for f in files]
+    except UnicodeDecodeError as e:
+        raise EvalError(f"a --file is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") from None
+
+
 def perplexity(lm: LadderLM, documents: list[str], stride: int | None = None) -> dict:
     """Token, word and byte perplexity of documents scored separately with rolling windows, summed
     as lm-eval's WikiText task sums them (words: whitespace-separated pieces; bytes: UTF-8)."""

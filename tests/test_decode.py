@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 import infer
 from ladder_jax import checkpoint, decode
 from ladder_jax import model as M
+from ladder_jax.cli import infer as infer_verb
 from ladder_jax.config import load_config
 from ladder_jax.mesh import make_mesh
 from ladder_jax.tokenizer import ByteTokenizer
@@ -194,10 +195,10 @@ def run_infer(argv, capsys):
 def test_prompts_files_read_lines_and_jsonl(tmp_path):
     lines = tmp_path / "prompts.txt"
     lines.write_text("def fib(\n{not json}\nnaïve\n", encoding="utf-8")
-    assert infer.read_prompts_file(lines) == ["def fib(", "{not json}", "naïve"]
+    assert infer_verb.read_prompts_file(lines) == ["def fib(", "{not json}", "naïve"]
     records = tmp_path / "prompts.jsonl"
     records.write_text('{"prompt": "a\\nb"}\n\n{"text": "c", "id": 2}\n')
-    assert infer.read_prompts_file(records) == ["a\nb", "c"]
+    assert infer_verb.read_prompts_file(records) == ["a\nb", "c"]
 
 
 @pytest.mark.parametrize(
@@ -213,8 +214,8 @@ def test_prompts_files_read_lines_and_jsonl(tmp_path):
 )
 def test_bad_prompts_files_are_refused_in_one_line(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
-    with pytest.raises(infer.InputError, match=message) as e:
-        infer.read_prompts_file(tmp_path / name)
+    with pytest.raises(infer_verb.InputError, match=message) as e:
+        infer_verb.read_prompts_file(tmp_path / name)
     one_line(e)
 
 
@@ -253,7 +254,7 @@ def test_infer_refuses_bad_requests_in_one_line(tmp_path, tiny_run, capsys, devi
 
 def test_text_streams_multibyte_characters_once_complete():
     text = "aé€😀"
-    stream = infer.TextStream(ByteTokenizer())
+    stream = infer_verb.TextStream(ByteTokenizer())
     pieces = [stream.push(b) for b in text.encode("utf-8")]
     assert pieces == ["a", "", "é", "", "", "€", "", "", "", "😀"]
     assert stream.push(ByteTokenizer.eos_id) == "" and stream.close() == ""
@@ -264,7 +265,7 @@ def test_complete_streams_the_prompt_and_its_greedy_continuation(devices):
     tokenizer = ByteTokenizer()
     prompt = [tokenizer.bos_id, *tokenizer.encode("Hello")]
     out, log = io.StringIO(), io.StringIO()
-    completions = infer.complete(cfg, mesh, params, tokenizer, ["Hello"], [prompt], NEW, out, log, source="test")
+    completions = infer_verb.complete(cfg, mesh, params, tokenizer, ["Hello"], [prompt], NEW, out, log, source="test")
     tokens = decode.generate(cfg.model, mesh, params, [prompt], NEW, eos_id=tokenizer.eos_id).tokens[0]
     assert completions == [bytes(t for t in tokens if t < 256).decode("utf-8", errors="replace")]
     assert out.getvalue() == "Hello" + completions[0] + "\n"

@@ -72,13 +72,14 @@ def test_infer_samples_with_the_flags_and_refuses_bad_ones(engine, capsys, tmp_p
     import io
 
     import infer
+    from ladder_jax.cli import infer as infer_verb
     from ladder_jax.tokenizer import ByteTokenizer
 
     from .test_decode import model_on
 
     cfg, mesh, params = model_on("ladder", 2, 4)
     tokenizer, out = ByteTokenizer(), io.StringIO()
-    got = infer.complete(
+    got = infer_verb.complete(
         cfg, mesh, params, tokenizer, ["Hello"], [PROMPTS[0]], 16, out, io.StringIO(), sampling=SAMPLED
     )
     tokens = decode.generate(cfg.model, mesh, params, [PROMPTS[0]], 16, eos_id=257, sampling=SAMPLED).tokens[0]

@@ -42,7 +42,7 @@ def test_params_that_do_not_fit_stop_in_one_line_before_they_are_created_or_load
     commands = [
         (infer.main, ["--benchmark", "mesh.tensor=8", "--variants", "standard", "--batch-sizes", "1"], 2),
         (infer.main, ["--checkpoint", str(run), "--prompt", "ab", "--max-new-tokens", "4"], 2),
-        (train_script.main, ["--run-dir", str(tmp_path / "new"), "--no-progress", *small, "train.steps=1"], 1),
+        (train_script.main, ["--run-dir", str(tmp_path / "new"), "--no-progress", *small, "train.steps=1"], 2),
     ]
     for main, argv, status in commands:
         assert main(argv) == status, argv

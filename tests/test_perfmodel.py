@@ -143,7 +143,8 @@ def test_predict_command_prints_json_and_table(anchor, capsys):
     half = ["model.dtype=float16", "model.param_dtype=float16"]  # the fixture's compiled model: no new compile
     assert (
         perfmodel_main(
-            ["--config", "llama-2-70b", *half, "--tensor", "8", "--batch", "1", "64", "--variant", "ladder", "--json"]
+            ["predict", "--config", "llama-2-70b", *half, "--tensor", "8", "--batch", "1", "64", "--variant", "ladder"]
+            + ["--json"]
         )
         == 0
     )

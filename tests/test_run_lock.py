@@ -37,7 +37,7 @@ def test_a_second_trainer_is_refused_while_the_first_lives_and_a_dead_ones_lock_
         before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
         rc = train_script.main(["--run-dir", str(run), "--no-progress", "--sample-tokens", "0", *TINY_RUN])
         err = capsys.readouterr().err.strip()
-        assert rc == 1 and "\n" not in err, err
+        assert rc == 2 and "\n" not in err, err
         assert f"{run} is being trained by pid {first.pid} on {socket.gethostname()}" in err
         assert "give another --run-dir" in err
         assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # the second wrote nothing

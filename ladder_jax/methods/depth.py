@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import checkpoint as C
 from .. import model as M
 from ..checkpoint import Run
 from ..config import Config, ConfigError, ModelConfig, parse_plan, replace
@@ -418,3 +419,70 @@ def format_table(result: dict) -> str:
         ]
         lines.append(f"{delta:3d} {where:>8s} " + " ".join(f"{x:>18s}" for x in text))
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# `lp depth` and `lp transform` on a run directory: checked from its config, then loaded
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyRequest:
+    """The study `lp depth` will run, checked against the run's config (nothing loaded)."""
+
+    checkpoint: Path
+    overrides: tuple[str, ...]
+    settings: dict  # transforms, deltas, seeds, seed, start
+    cells: list
+
+
+def check_study(
+    checkpoint: Path, overrides, transforms: str, deltas: str | None, seeds: int, start, seed
+) -> StudyRequest:
+    """Every range, order and Δ of the study, checked against the saved config."""
+    cfg = C.load_run_config(checkpoint, overrides)
+    C.require_shared_layout(cfg, "lp depth")
+    kinds = parse_transforms(transforms)
+    lengths = parse_deltas(deltas, cfg.model.n_layers, kinds)
+    if seeds < 1:
+        raise DepthError(f"--seeds {seeds}: give at least one shuffle order")
+    cells = plan_study(cfg.model, kinds, lengths, seeds, start, seed)
+    settings = {"transforms": kinds, "deltas": lengths, "seeds": seeds, "seed": seed, "start": start}
+    return StudyRequest(Path(checkpoint), tuple(overrides), settings, cells)
+
+
+def study_run(req: StudyRequest, out: Path) -> tuple[dict, Path, Path | None]:
+    """Load the run, evaluate every cell on its validation windows, write lp_depth.json/png to
+    `out`; returns (the study, the JSON path, the PNG path or None)."""
+    run = C.load_run(req.checkpoint, req.overrides)
+    val = run.validation_batches()
+    result = study(run, val, req.cells)
+    windows = sum(len(b["inputs"]) for b in val)
+    settings = {**req.settings, "eval_windows": windows, "seq_len": run.cfg.train.seq_len}
+    return (result, *write_report(out, run, result, settings))
+
+
+def check_transform(checkpoint: Path, out: Path, kind: str, range_text: str, order, seed, group, overrides=()):
+    """(the run's config, the Transform a command line names), checked against that config and
+    `out` (a new directory) before anything loads."""
+    C.check_new_directory(out)
+    cfg = C.load_run_config(checkpoint, overrides)
+    C.require_shared_layout(cfg, "lp transform")
+    t = make_transform(kind, range_text, cfg.model.n_layers, order, seed, group)
+    transformed_run_config(cfg, t)
+    return cfg, t
+
+
+def transform_to_new_run(checkpoint: Path, t: Transform, out: Path, overrides=()) -> ModelConfig:
+    """Load the run, transform it and write the new run `out` with lp_transform.json; returns
+    the new model config."""
+    run = C.load_run(checkpoint, overrides)
+    model_cfg, params = apply(t, run.cfg.model, run.params, run.mesh)
+    record = {
+        "source": str(checkpoint),
+        "transform": dataclasses.asdict(t),
+        "layers": [list(g) for g in recipe(t, run.cfg.model.n_layers)],
+        "n_layers": model_cfg.n_layers,
+        "plan": model_cfg.plan,
+    }
+    C.save_run(out, transformed_run_config(run.cfg, t), params, checkpoint, ("lp_transform.json", record))
+    return model_cfg

@@ -15,6 +15,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from .. import checkpoint as C
 from ..checkpoint import Run
 from ..config import ConfigError, parse_plan
 from ..decode import generate
@@ -164,3 +165,24 @@ def write_report(
         json.dumps({"checkpoint": str(checkpoint), "budget": budget, "rows": rows, "suggested": pick}, indent=1)
     )
     return pick, path, plot(rows, out / "lp_sweep.png", f"{model_name}: Layer Parallelism")
+
+
+# ---------------------------------------------------------------------------------------------
+# `lp sweep` on a run directory
+
+
+def check_sweep(checkpoint: Path, overrides, max_delta: int | None):
+    """(the run's config, the largest Δ), checked against the saved config before anything loads."""
+    cfg = C.load_run_config(checkpoint, overrides)
+    C.require_shared_layout(cfg, "lp sweep")
+    max_delta = check_max_delta(max_delta, cfg.model.n_layers)
+    lp_plan(cfg.model.plan, cfg.model.n_layers, 0, 2)
+    return cfg, max_delta
+
+
+def sweep_run(run: Run, max_delta: int, search: str, prompts: int, gen_tokens: int, measure=None) -> list[dict]:
+    """The sweep on the run's validation windows; the first 32 tokens of the first `prompts`
+    windows prompt the agreement check."""
+    val = run.validation_batches()
+    firsts = [[int(t) for t in b["inputs"][r][:32]] for b in val for r in range(len(b["inputs"]))][:prompts]
+    return sweep(Evaluator(run, val, firsts, gen_tokens, measure), max_delta, search)

@@ -57,6 +57,11 @@ def spd_plan(base: str, n_layers: int, blocks) -> str:
     return ",".join(["standard"] + [f"spd@{b}" for b in sorted(blocks)])
 
 
+def check_thresholds(sensitive: float, extreme: float) -> None:
+    if not 0 <= sensitive <= extreme:
+        raise SPDError(f"--sensitive={sensitive} must be at least 0 and at most --extreme={extreme}")
+
+
 def classify(delta: float, sensitive: float, extreme: float) -> str:
     return CLASSES[(delta >= sensitive) + (delta >= extreme)]
 
@@ -430,8 +435,7 @@ def compare_calibration(report: dict, used: dict, path) -> str:
 def sensitivity_report(run: Run, calib: list[dict], sensitive: float, extreme: float, log=print, measure=None) -> dict:
     """What `spd sensitivity` writes: the model, tensor degree and weights it was measured on, and
     each block's sensitivity and class."""
-    if not 0 <= sensitive <= extreme:
-        raise SPDError(f"--sensitive={sensitive} must be at least 0 and at most --extreme={extreme}")
+    check_thresholds(sensitive, extreme)
     m = run.cfg.model
     report = {
         "checkpoint": str(run.dir),
@@ -530,3 +534,74 @@ def apply(
             )
         rows.append(row)
     return params, rows
+
+
+# ---------------------------------------------------------------------------------------------
+# `spd apply`: a budget in, a new run directory out
+
+
+@dataclasses.dataclass(frozen=True)
+class ApplyRequest:
+    """What `spd apply` will do, checked against the files alone (nothing loaded)."""
+
+    checkpoint: Path
+    sensitivity: Path
+    report: dict
+    tensor: int | None
+    blocks: list[int]
+    plan: str
+
+
+def check_apply(
+    checkpoint: Path, sensitivity: Path, out: Path, tensor=None, blocks=None, max_increase=None, drop=None
+) -> ApplyRequest:
+    """The blocks a budget (`blocks`, `max_increase` or `drop`) picks from a sensitivity file, and
+    the plan they make; refuses a used `out`, a file of another model or tensor size, a bad budget."""
+    C.check_new_directory(out)
+    report = read_sensitivity(sensitivity)
+    saved = C.load_run_config(checkpoint)
+    tensor = tensor or report.get("tensor")
+    check_sensitivity(report, saved, tensor, sensitivity)
+    chosen = choose_blocks(report, blocks, max_increase, drop)
+    return ApplyRequest(
+        checkpoint, sensitivity, report, tensor, chosen, spd_plan(saved.model.plan, saved.model.n_layers, chosen)
+    )
+
+
+def apply_to_new_run(
+    req: ApplyRequest, out: Path, calibration=None, steps=200, lr=None, held_out=16, overrides=(), log=print
+) -> None:
+    """Load the run, drop the chosen blocks' sync, repair them (`apply`) and write the new run
+    `out` with spd_apply.json; logs the calibration perplexities before and after."""
+    recorded = report_calibration(req.report)
+    # The sensitivity run's batch size (and so its sequences) unless an override says otherwise.
+    batch = [f"train.batch_size={recorded['batch_size']}"] if recorded else []
+    run = open_run(req.checkpoint, req.tensor, [*batch, *overrides])
+    check_sensitivity(req.report, run.cfg, run.cfg.mesh.tensor, req.sensitivity, fingerprint(run.params))
+    calib = calibration_batches(run, calibration or (recorded["windows"] if recorded else 128))
+    log(compare_calibration(req.report, calibration_record(run, calib), req.sensitivity))
+    base_ppl, zero_shot = perplexity(run, run.cfg.model.plan, calib), perplexity(run, req.plan, calib)
+    log(f"standard (every block synced): calibration ppl {base_ppl:.4f}")
+    log(
+        f"dropping the attention sync of blocks {req.blocks}: calibration ppl {base_ppl:.4f} -> {zero_shot:.4f} "
+        f"zero-shot ({zero_shot / base_ppl - 1:+.2%})"
+    )
+    new, rows = apply(run, calib, req.report, req.blocks, steps, lr or run.cfg.train.lr / 10, held_out, log)
+    final = perplexity(run, req.plan, calib, params=new)
+    log(
+        f"after repair: calibration ppl {final:.4f} ({final / base_ppl - 1:+.2%} over standard's {base_ppl:.4f}, "
+        f"same sequences)"
+    )
+    record = {
+        "source": str(req.checkpoint),
+        "sensitivity": str(req.sensitivity),
+        "plan": req.plan,
+        "tensor": run.cfg.mesh.tensor,
+        "ppl_standard": base_ppl,
+        "ppl_zero_shot": zero_shot,
+        "ppl_final": final,
+        "calibration": calibration_record(run, calib),
+        "blocks": rows,
+    }
+    out_cfg = dataclasses.replace(run.cfg, model=dataclasses.replace(run.cfg.model, plan=req.plan))
+    C.save_run(out, out_cfg, new, req.checkpoint, ("spd_apply.json", record))

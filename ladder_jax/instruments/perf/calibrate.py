@@ -10,7 +10,7 @@ import numpy as np
 
 from ...config import ModelConfig, load_config
 from .cost import decode_structure, predict_one
-from .hardware import Hardware
+from .hardware import Hardware, PerfModelError
 
 # The published anchor (Ladder Residual, Zhang et al. 2025; docs/architecture.md, "Published anchors"): Llama-2-70B
 # shape with vocab 32000, fp16 random weights, TP8 on 8xH100 NVLink, prompt 1024, 512 generated,
@@ -128,3 +128,12 @@ def format_fit(errors: list[dict]) -> str:
     rms = math.sqrt(sum(e["error_pct"] ** 2 for e in errors) / len(errors))
     lines.append(f"rms error {rms:.1f}%, max {max(abs(e['error_pct']) for e in errors):.1f}%")
     return "\n".join(lines)
+
+
+def check_anchor_hardware(hw: Hardware, given: str) -> None:
+    """Only the machine of the published table calibrates: h100-nvlink, or a YAML profile of it."""
+    if hw.name != "h100-nvlink" and not given.endswith((".yaml", ".yml")):
+        raise PerfModelError(
+            f"the published table was measured on 8xH100 with NVLink; calibrate h100-nvlink (or a .yaml of that machine), "
+            f"not '{hw.name}', whose software constants it inherits"
+        )

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -485,3 +486,43 @@ def plot(rows: list[dict], sweep: list[dict], out: Path, title: str, published: 
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# `perfmodel predict`
+
+
+def check_request(m: ModelConfig, hw: Hardware, tensor: int, variants, batches, prompt: int, gen: int) -> list[str]:
+    """The variants to predict (default DEFAULT_VARIANTS), every input checked before anything compiles."""
+    for name, v in (("--prompt", prompt), ("--gen", gen), *(("--batch", b) for b in batches)):
+        if v < 1:
+            raise PerfModelError(f"{name} must be positive, got {v}")
+    check_tensor(m, hw, tensor)
+    variants = list(variants or DEFAULT_VARIANTS)
+    for v in variants:
+        parse_plan(v, m.n_layers)
+    return variants
+
+
+def prediction(m: ModelConfig, hw: Hardware, tensor: int, variants, batches, prompt: int, gen: int, sweep_batch=None):
+    """What `perfmodel predict` reports: the profile's constants, one row per (variant, batch), and
+    with `sweep_batch` the tensor-size sweep at that batch."""
+    rows = predict(m, hw, tensor, variants, batches, prompt, gen)
+    return {
+        "config": m.name,
+        "hardware": hw.name,
+        "tensor": tensor,
+        "prompt": prompt,
+        "gen": gen,
+        "constants": {k: v for k, v in dataclasses.asdict(hw).items() if k != "source"},
+        "rows": rows,
+        "tp_sweep": tp_sweep(m, hw, variants, sweep_batch, prompt, gen) if sweep_batch else [],
+    }
+
+
+def write_prediction(result: dict, out: Path, published: dict | None = None) -> tuple[Path, Path | None]:
+    """perfmodel.json and perfmodel.png (None without matplotlib) in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "perfmodel.json").write_text(json.dumps(result, indent=1))
+    title = f"{result['config']} on {result['hardware']} (latency model)"
+    return out / "perfmodel.json", plot(result["rows"], result["tp_sweep"], out / "perfmodel.png", title, published)

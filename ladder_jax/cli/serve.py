@@ -1,0 +1,64 @@
+"""`serve`: an OpenAI-compatible HTTP server over a run (continuous batching)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import checkpoint
+from ..errors import LadderError
+from ..mesh import init_runtime
+from ..tokenizer import get_tokenizer
+from ._common import cpu_devices, decoding_overrides, overrides
+
+
+class ServeError(LadderError):
+    """A serve command line that cannot work."""
+
+
+def add(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible /v1/completions and /v1/chat/completions over a run",
+        description="An OpenAI-compatible HTTP server (FastAPI, uvicorn) over a continuous-batching engine; "
+        "see docs/serving.md. Needs the 'serve' extra: pip install -e '.[serve]'",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="run directory (train.py or convert from-hf)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--slots", type=int, default=8, help="requests decoded together (default 8)")
+    p.add_argument(
+        "--max-len", type=int, help="positions per slot's KV cache: prompt + new tokens (default model.max_seq_len)"
+    )
+    p.add_argument("--model-name", help="the model id clients send (default: the run directory's name)")
+    cpu_devices(p)
+    overrides(p, "mesh.tensor=8 model.plan=ladder")
+    p.set_defaults(handler=start_server)
+
+
+def start_server(args) -> int:
+    try:
+        from .. import serve
+    except ImportError as e:
+        raise ServeError(
+            f"the server needs fastapi, uvicorn and jinja2 ({e.name} is missing): pip install -e '.[serve]'"
+        ) from None
+    from ..engine import Engine
+
+    if args.slots < 1 or not 0 < args.port < 65536:
+        raise ServeError(f"--slots {args.slots} / --port {args.port}: give at least 1 slot and a port in 1..65535")
+    init_runtime(args.cpu_devices)
+    run_dir = Path(args.checkpoint)
+    run_overrides = decoding_overrides(args.overrides)
+    cfg = checkpoint.load_run_config(run_dir, run_overrides)
+    tokenizer = get_tokenizer(cfg, run_dir)
+    if args.max_len is not None and not 0 < args.max_len <= cfg.model.max_seq_len:
+        raise ServeError(f"--max-len {args.max_len}; give 1..model.max_seq_len={cfg.model.max_seq_len}")
+    run = checkpoint.load_run(run_dir, run_overrides)
+    engine = Engine(run.cfg.model, run.mesh, run.params, args.slots, args.max_len)
+    name = args.model_name or run_dir.resolve().name
+    print(
+        f"serving '{name}' ({run.cfg.model.plan}) on http://{args.host}:{args.port}/v1 with {engine.slots} slots",
+        flush=True,
+    )
+    serve.serve(serve.Server(engine, tokenizer, name), args.host, args.port)
+    return 0

@@ -1,0 +1,93 @@
+"""Train a ladder_jax model. `python train.py` (or `python -m ladder_jax train`) trains the tiny
+preset on the Python standard library's sources on whatever devices exist (8 fake CPU devices
+without an accelerator)."""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+
+from .. import decode
+from ..config import load_config
+from ..mesh import init_runtime
+from ..tokenizer import get_tokenizer
+from ..training import train
+from ._common import run
+
+
+def add(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train (or resume) a run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.intermixed = True
+    arguments(p)
+
+
+def main(argv=None) -> int:
+    """`python train.py ...`: this verb as a script of its own."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    arguments(p)
+    return run(p.parse_intermixed_args(argv))  # key=value overrides may come before, between or after options
+
+
+def arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--config", default="tiny", help="preset name (see configs/) or a YAML path; default: tiny")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model.plan=ladder train.steps=100")
+    ap.add_argument("--run-dir", help="run directory (default: train.out_dir/<preset>-<time>); an existing one resumes")
+    ap.add_argument("--init-from", help="start from another run's (or a converted model's) parameters")
+    ap.add_argument(
+        "--cpu-devices", type=int, default=8, help="fake CPU devices when no accelerator is present (default 8)"
+    )
+    ap.add_argument(
+        "--coordinator", help="multi-host: coordinator host:port (TPU pods and SLURM are detected without it)"
+    )
+    ap.add_argument("--num-processes", type=int)
+    ap.add_argument("--process-id", type=int)
+    ap.add_argument(
+        "--sample-tokens",
+        type=int,
+        default=200,
+        help="length of the sample (temperature 0.8, top-p 0.95) printed at the end (0: none)",
+    )
+    ap.add_argument("--no-progress", action="store_true")
+    ap.set_defaults(handler=train_run)
+
+
+def train_run(args) -> int:
+    cfg = load_config(args.config, args.overrides)  # a bad config fails here, before JAX starts its backends
+    init_runtime(args.cpu_devices, args.coordinator, args.num_processes, args.process_id)
+    result = train(cfg, run_dir=args.run_dir, init_from=args.init_from, progress=not args.no_progress)
+    if jax.process_index() != 0:
+        return 0
+    if "loss" not in result:  # resumed at train.steps: no step ran
+        print(
+            f"step {result['step']}: {result['run_dir']} has already trained train.steps={cfg.train.steps}; "
+            f"nothing to do (raise train.steps to continue it)"
+        )
+    else:
+        val = f", val_loss {result['val_loss']:.4f}, val_ppl {result['val_ppl']:.2f}" if "val_loss" in result else ""
+        print(f"step {result['step']}: loss {result['loss']:.4f}{val}")
+    if args.sample_tokens:
+        print_sample(cfg, result, args.sample_tokens)
+    print(f"saved to {result['run_dir']}  (decode: python infer.py --checkpoint {result['run_dir']} --prompt 'def ')")
+    return 0
+
+
+def print_sample(cfg, result, n_tokens: int) -> None:
+    tok = get_tokenizer(cfg, result["run_dir"])
+    prompt = "def "
+    out = decode.generate(
+        cfg,
+        result["mesh"],
+        result["params"],
+        [tok.encode_prompt(prompt)],
+        max_new_tokens=n_tokens,
+        eos_id=tok.stop_ids,
+        # Greedy decoding of a small model loops; a sample shows what it learned.
+        sampling=decode.Sampling(temperature=0.8, top_p=0.95, seed=cfg.train.seed),
+    )
+    print("sample:", prompt + tok.decode(out[0]))
