@@ -14,6 +14,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,6 +198,64 @@ def check_trainable_layout(cfg: Config) -> None:
         )
 
 
+def check_micro_batch(cfg: Config, mesh: Mesh) -> None:
+    rows = batch_shards(mesh)
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    if micro % rows:
+        raise ConfigError(
+            f"a micro-batch of {micro} sequences (train.batch_size / train.grad_accum) does not split over "
+            f"mesh data x fsdp={rows}; make it a multiple of {rows}"
+        )
+
+
+def optimizer_shardings(tx: optax.GradientTransformation, abstract_params, param_shardings, replicated):
+    """The optimizer state's shardings: each parameter's state as the parameter, the rest
+    (step counts) replicated; frozen parameters have no state."""
+    frozen = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    return optax.tree_map_params(
+        tx,
+        lambda x, s: x if frozen(x) else s,
+        jax.eval_shape(tx.init, abstract_params),
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=frozen,
+    )
+
+
+def train_step(cfg: Config, tx: optax.GradientTransformation, loss_sums):
+    """(state, batch of micro-batches) -> (new state, metrics): one optimizer step."""
+
+    def step(state, batch):
+        # The loss is normalised by the step's token count, known from the mask before any
+        # micro-batch runs, so the gradients come out as the mean: no pass to divide them.
+        count = batch["mask"].sum()
+
+        def mean_loss(params, mb):
+            s, _ = loss_sums(params, mb)
+            return s / count
+
+        if cfg.train.grad_accum == 1:  # no loop and no zero-filled gradient buffer to add into
+            loss, grads = jax.value_and_grad(mean_loss)(state["params"], jax.tree.map(lambda x: x[0], batch))
+        else:
+
+            def micro_step(carry, mb):
+                grads, loss = carry
+                part, g = jax.value_and_grad(mean_loss)(state["params"], mb)
+                return (jax.tree.map(jnp.add, grads, g), loss + part), None
+
+            zero = jax.tree.map(jnp.zeros_like, state["params"])
+            (grads, loss), _ = jax.lax.scan(micro_step, (zero, 0.0), batch)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        # The same expression as optax.clip_by_global_norm's, so XLA computes the norm once.
+        # Finite gradients keep AdamW's update finite: checking them spares a pass over params.
+        grad_norm = optax.tree.norm(grads)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "grads_finite": jnp.isfinite(grad_norm)}
+        return {"params": params, "opt_state": opt_state}, metrics
+
+    return step
+
+
 @dataclass
 class Trainer:
     cfg: Config
@@ -205,61 +264,17 @@ class Trainer:
     def __post_init__(self):
         cfg, mesh = self.cfg, self.mesh
         check_trainable_layout(cfg)
-        rows = batch_shards(mesh)
-        micro = cfg.train.batch_size // cfg.train.grad_accum
-        if micro % rows:
-            raise ConfigError(
-                f"a micro-batch of {micro} sequences (train.batch_size / train.grad_accum) does not split over "
-                f"mesh data x fsdp={rows}; make it a multiple of {rows}"
-            )
+        check_micro_batch(cfg, mesh)
         abstract = M.abstract_params(cfg.model)
         self.tx = make_optimizer(cfg, abstract)
         self.param_shardings = M.param_shardings(cfg.model, mesh)
         replicated = NamedSharding(mesh, P())
-        abstract_opt = jax.eval_shape(self.tx.init, abstract)
-        frozen = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731 (no state for frozen parameters)
-        opt_shardings = optax.tree_map_params(
-            self.tx,
-            lambda x, s: x if frozen(x) else s,
-            abstract_opt,
-            self.param_shardings,
-            transform_non_params=lambda _: replicated,
-            is_leaf=frozen,
-        )
+        opt_shardings = optimizer_shardings(self.tx, abstract, self.param_shardings, replicated)
         self.state_shardings = {"params": self.param_shardings, "opt_state": opt_shardings}
         self.batch_sharding = {k: NamedSharding(mesh, P(None, BATCH, None)) for k in BATCH_KEYS}
         loss_sums = loss_sums_fn(cfg.model, mesh, cfg.train.remat, cfg.train.scan_layers)
-
-        def step(state, batch):
-            # The loss is normalised by the step's token count, known from the mask before any
-            # micro-batch runs, so the gradients come out as the mean: no pass to divide them.
-            count = batch["mask"].sum()
-
-            def mean_loss(params, mb):
-                s, _ = loss_sums(params, mb)
-                return s / count
-
-            if cfg.train.grad_accum == 1:  # no loop and no zero-filled gradient buffer to add into
-                loss, grads = jax.value_and_grad(mean_loss)(state["params"], jax.tree.map(lambda x: x[0], batch))
-            else:
-
-                def micro_step(carry, mb):
-                    grads, loss = carry
-                    part, g = jax.value_and_grad(mean_loss)(state["params"], mb)
-                    return (jax.tree.map(jnp.add, grads, g), loss + part), None
-
-                zero = jax.tree.map(jnp.zeros_like, state["params"])
-                (grads, loss), _ = jax.lax.scan(micro_step, (zero, 0.0), batch)
-            updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-            params = optax.apply_updates(state["params"], updates)
-            # The same expression as optax.clip_by_global_norm's, so XLA computes the norm once.
-            # Finite gradients keep AdamW's update finite: checking them spares a pass over params.
-            grad_norm = optax.tree.norm(grads)
-            metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "grads_finite": jnp.isfinite(grad_norm)}
-            return {"params": params, "opt_state": opt_state}, metrics
-
         self._step = jax.jit(
-            step,
+            train_step(cfg, self.tx, loss_sums),
             in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, replicated),
             donate_argnums=0,
@@ -313,14 +328,7 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The loop
-
-
-def run_directory(cfg: Config, run_dir: str | Path | None = None) -> Path:
-    if run_dir is not None:
-        return Path(run_dir)
-    name = cfg.train.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Path(cfg.train.out_dir) / name
+# A run: the setup, then the loop
 
 
 def train(
@@ -333,20 +341,59 @@ def train(
 ) -> dict:
     """Train (or resume) a run; returns {'run_dir', 'step', 'loss', 'val_loss', 'params', 'mesh'}.
 
+    The setup goes down once, each phase refusing what it can before the next: the config, plan
+    and mesh; the run directory (its lock, shapes, the step to resume); the data; memory; the
+    state, built or restored. Everything that can be refused is refused before the first compile
+    and before anything is written. The run directory's lock (checkpoint.run_lock) is held
+    throughout: one trainer per directory.
+
     `stop_at` ends this call after that step (as an interruption would), leaving the schedule
-    of `train.steps` intact for a later resume. The run directory's lock (checkpoint.run_lock) is
-    held throughout: one trainer per directory.
+    of `train.steps` intact for a later resume.
     """
+    mesh, trainer = resolve(cfg)
     run_dir = run_directory(cfg, run_dir)
     with ckpt.run_lock(run_dir):
-        return _train(cfg, run_dir, init_from, progress, log, stop_at)
+        resume = open_run_directory(cfg, run_dir, init_from)
+        data = open_data(cfg, init_from if init_from is not None else run_dir)
+        # Random parameters count XLA's temporaries too.
+        check_training_fits(cfg.model, mesh, trainer.abstract_state(), init_from is None and resume is None)
+        record_run(cfg, run_dir, init_from)
+        mngr = ckpt.manager(run_dir, keep=cfg.train.keep)
+        try:
+            if resume is None:
+                state = trainer.init_state(initial_params(cfg, mesh, init_from))
+            else:
+                state = restore_state(trainer, mngr, resume, data.train)
+                log(f"resumed {run_dir} at step {resume}")
+            summary = Loop(cfg, trainer, mngr, data, run_dir, resume or 0, progress).run(state, stop_at)
+        finally:
+            mngr.wait_until_finished()
+            mngr.close()
+    return {**summary, "mesh": mesh}
 
 
-def _train(cfg: Config, run_dir: Path, init_from, progress: bool, log, stop_at: int | None) -> dict:
-    tr = cfg.train
-    run_dir = run_directory(cfg, run_dir)
-    # Everything that can be refused is refused before the first compile.
+# ---------------------------------------------------------------------------------------------
+# The setup, phase by phase
+
+
+def run_directory(cfg: Config, run_dir: str | Path | None = None) -> Path:
+    if run_dir is not None:
+        return Path(run_dir)
+    name = cfg.train.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(cfg.train.out_dir) / name
+
+
+def resolve(cfg: Config) -> tuple[Mesh, Trainer]:
+    """The mesh and the trainer (the step, not yet compiled) of a config whose plan and batch can
+    train; refused here otherwise, before any file is read."""
     check_trainable_layout(cfg)
+    mesh = make_mesh(cfg)
+    return mesh, get_trainer(cfg, mesh)
+
+
+def open_run_directory(cfg: Config, run_dir: Path, init_from) -> int | None:
+    """Check the run directory (under its lock) and the run to start from: same parameter shapes,
+    room for a checkpoint. Returns the step to resume from, None for a new run."""
     if init_from is not None:
         ckpt.check_same_shapes(cfg, ckpt.load_run_config(init_from), str(init_from))
         if ckpt.latest_step(init_from) is None:
@@ -354,119 +401,143 @@ def _train(cfg: Config, run_dir: Path, init_from, progress: bool, log, stop_at: 
     if (run_dir / "config.yaml").exists():
         ckpt.check_same_shapes(cfg, ckpt.load_run_config(run_dir), f"run directory {run_dir}")
     ckpt.check_writable(run_dir, need_bytes=3 * M.bytes_per_device(cfg.model, 1) // max(1, jax.process_count()))
-    tokenizer = get_tokenizer(cfg, init_from if init_from is not None else run_dir)
-    datasets = build_datasets(tr, tokenizer)
-    mesh = make_mesh(cfg)
-    trainer = get_trainer(cfg, mesh)
-    fresh = init_from is None and ckpt.latest_step(run_dir) is None  # random parameters: XLA's temporaries count
-    check_training_fits(cfg.model, mesh, trainer.abstract_state(), fresh)
+    return ckpt.latest_step(run_dir)
 
+
+@dataclass
+class TrainData:
+    train: Iterator[dict]  # this process's share of each batch, endless; its position is checkpointed
+    val: list[dict]  # this process's rows of the validation batches
+
+
+def open_data(cfg: Config, tokenizer_dir: Path) -> TrainData:
+    """The corpus, tokenized by the tokenizer of `tokenizer_dir` (the run, or the run it starts from)."""
+    tr = cfg.train
+    datasets = build_datasets(tr, get_tokenizer(cfg, tokenizer_dir))
+    pid, pcount = jax.process_index(), jax.process_count()
+    return TrainData(
+        train_iterator(datasets.train, tr.batch_size, tr.seed, pid, pcount),
+        val_batches(datasets.val, tr.batch_size, tr.eval_batches, pid, pcount),
+    )
+
+
+def record_run(cfg: Config, run_dir: Path, init_from) -> None:
+    """The run directory's config.yaml, and the tokenizer of the run it starts from."""
     if jax.process_index() == 0:
         ckpt.save_config(run_dir, cfg)
         if init_from is not None and not (run_dir / "tokenizer.json").exists():
             copy_tokenizer_files(init_from, run_dir)
-    pid, pcount = jax.process_index(), jax.process_count()
-    it = train_iterator(datasets.train, tr.batch_size, tr.seed, pid, pcount)
-    val = val_batches(datasets.val, tr.batch_size, tr.eval_batches, pid, pcount)
-    mngr = ckpt.manager(run_dir, keep=tr.keep)
 
-    start = mngr.latest_step()
-    if start is not None:
-        target = trainer.abstract_state()
-        restored = mngr.restore(
-            start,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(target["params"]),
-                opt_state=ocp.args.StandardRestore(target["opt_state"]),
-                data=grain.checkpoint.CheckpointRestore(it),
-            ),
-        )
-        state = {"params": restored["params"], "opt_state": restored["opt_state"]}
-        log(f"resumed {run_dir} at step {start}")
-    else:
-        start = 0
-        params = (
-            ckpt.restore_params(init_from, cfg, mesh)
-            if init_from is not None
-            else M.init_params(cfg.model, mesh, tr.seed)
-        )
-        state = trainer.init_state(params)
 
-    def save(step: int) -> None:
-        items = {
-            k: ocp.args.StandardSave(v) for k, v in state.items()
-        }  # params and opt_state apart: inference reads params only
-        mngr.save(step, args=ocp.args.Composite(**items, data=grain.checkpoint.CheckpointSave(it)), force=True)
+def restore_state(trainer: Trainer, mngr: ocp.CheckpointManager, step: int, it) -> dict:
+    """Parameters and optimizer state of checkpoint `step`; `it` resumes where that step left it."""
+    target = trainer.abstract_state()
+    restored = mngr.restore(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(target["params"]),
+            opt_state=ocp.args.StandardRestore(target["opt_state"]),
+            data=grain.checkpoint.CheckpointRestore(it),
+        ),
+    )
+    return {"params": restored["params"], "opt_state": restored["opt_state"]}
 
-    metrics_path = run_dir / "metrics.jsonl"
-    fpt, peak = flops_per_token(cfg), peak_flops(cfg)
-    last_good = start if start > 0 else None
-    bar = tqdm(total=tr.steps, initial=start, disable=not progress or pid != 0, dynamic_ncols=True)
-    t0, tokens_since = time.perf_counter(), 0.0
-    summary = {"run_dir": str(run_dir), "step": start}
-    step = start
-    # Metrics stay on the device until a log, eval or save step (or, on XLA:CPU, every step: its
-    # rendezvous deadlocks with many steps in flight, docs/architecture.md), so the host never
-    # holds the next step back. Every step's loss is still checked, so a NaN stops before a save.
-    read_every = 1 if mesh.devices.flat[0].platform == "cpu" else tr.log_every
-    unread: list[tuple[int, dict]] = []
 
-    def read_metrics() -> dict:
-        nonlocal tokens_since
-        for k, m in unread:
+def initial_params(cfg: Config, mesh: Mesh, init_from) -> dict:
+    """A new run's parameters: another run's, or random."""
+    if init_from is not None:
+        return ckpt.restore_params(init_from, cfg, mesh)
+    return M.init_params(cfg.model, mesh, cfg.train.seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+class Loop:
+    """Steps from `start` to train.steps: metrics, evaluations and checkpoints on their schedules.
+
+    Metrics stay on the device until a log, eval or save step (or, on XLA:CPU, every step: its
+    rendezvous deadlocks with many steps in flight, docs/architecture.md), so the host never
+    holds the next step back. Every step's loss is still checked, so a NaN stops before a save.
+    """
+
+    def __init__(self, cfg: Config, trainer: Trainer, mngr, data: TrainData, run_dir: Path, start: int, progress):
+        self.cfg, self.trainer, self.mngr, self.data, self.run_dir = cfg, trainer, mngr, data, run_dir
+        self.start, self.last_good = start, start if start > 0 else None
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.fpt, self.peak = flops_per_token(cfg), peak_flops(cfg)
+        self.read_every = 1 if trainer.mesh.devices.flat[0].platform == "cpu" else cfg.train.log_every
+        show = progress and jax.process_index() == 0
+        self.bar = tqdm(total=cfg.train.steps, initial=start, disable=not show, dynamic_ncols=True)
+        self.t0, self.tokens_since = time.perf_counter(), 0.0
+        self.unread: list[tuple[int, dict]] = []
+        self.summary = {"run_dir": str(run_dir), "step": start}
+
+    def run(self, state: dict, stop_at: int | None) -> dict:
+        tr = self.cfg.train
+        try:
+            for step in range(self.start + 1, tr.steps + 1):
+                state, metrics = self.trainer.step(state, next(self.data.train))
+                self.unread.append((step, metrics))
+                logging = step % tr.log_every == 0 or step == tr.steps
+                evaluating = step % tr.eval_every == 0 or step == tr.steps
+                saving = step % tr.save_every == 0 or step == tr.steps or step == stop_at
+                if len(self.unread) >= self.read_every or logging or evaluating or saving:
+                    metrics = self.read_metrics()
+                if logging:
+                    self.log(step, metrics)
+                if evaluating:
+                    self.evaluate(step, state["params"])
+                if saving:
+                    self.save(step, state)
+                self.bar.update(1)
+                if step == stop_at:
+                    break
+        finally:
+            self.bar.close()
+        return {**self.summary, "params": state["params"]}
+
+    def read_metrics(self) -> dict:
+        """Bring the unread steps' metrics to the host; a non-finite loss or gradient stops the run."""
+        for k, m in self.unread:
             loss = float(m["loss"])
             if not (math.isfinite(loss) and bool(m["grads_finite"])):
                 kept = (
-                    f"the last good checkpoint is step {last_good} in {run_dir}"
-                    if last_good
+                    f"the last good checkpoint is step {self.last_good} in {self.run_dir}"
+                    if self.last_good
                     else "no checkpoint was written"
                 )
                 what = f"loss became {loss}" if not math.isfinite(loss) else "gradients became non-finite"
                 raise TrainingError(
                     f"{what} at step {k}; stopped without saving ({kept}); lower train.lr or raise train.warmup_steps"
                 )
-            tokens_since += float(m["tokens"])
-            summary.update(step=k, loss=loss)
-        unread.clear()
+            self.tokens_since += float(m["tokens"])
+            self.summary.update(step=k, loss=loss)
+        self.unread.clear()
         return m
 
-    try:
-        for step in range(start + 1, tr.steps + 1):
-            state, metrics = trainer.step(state, next(it))
-            unread.append((step, metrics))
-            logging, evaluating = (
-                step % tr.log_every == 0 or step == tr.steps,
-                step % tr.eval_every == 0 or step == tr.steps,
-            )
-            saving = step % tr.save_every == 0 or step == tr.steps or step == stop_at
-            if len(unread) >= read_every or logging or evaluating or saving:
-                metrics = read_metrics()
-            if logging:
-                dt = time.perf_counter() - t0
-                tps = tokens_since / dt
-                loss = summary["loss"]
-                record = {"step": step, "loss": loss, "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tps}
-                if peak:
-                    record["mfu"] = tps * fpt / (peak * jax.device_count())
-                append_jsonl(metrics_path, record)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{record['mfu']:.1%}" if peak else "n/a")
-                t0, tokens_since = time.perf_counter(), 0.0
-            if evaluating:
-                ev = trainer.evaluate(state["params"], val)
-                if ev:
-                    append_jsonl(metrics_path, {"step": step, **ev})
-                    summary.update(ev)
-                    bar.write(f"step {step}: val_loss {ev['val_loss']:.4f}  val_ppl {ev['val_ppl']:.2f}")
-            if saving:
-                save(step)
-                last_good = step
-            bar.update(1)
-            if step == stop_at:
-                break
-    finally:
-        bar.close()
-        mngr.wait_until_finished()
-        mngr.close()
-    summary["params"] = state["params"]
-    summary["mesh"] = mesh
-    return summary
+    def log(self, step: int, metrics: dict) -> None:
+        tps = self.tokens_since / (time.perf_counter() - self.t0)
+        loss = self.summary["loss"]
+        record = {"step": step, "loss": loss, "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tps}
+        if self.peak:
+            record["mfu"] = tps * self.fpt / (self.peak * jax.device_count())
+        append_jsonl(self.metrics_path, record)
+        mfu = f"{record['mfu']:.1%}" if self.peak else "n/a"
+        self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mfu=mfu)
+        self.t0, self.tokens_since = time.perf_counter(), 0.0
+
+    def evaluate(self, step: int, params) -> None:
+        ev = self.trainer.evaluate(params, self.data.val)
+        if ev:
+            append_jsonl(self.metrics_path, {"step": step, **ev})
+            self.summary.update(ev)
+            self.bar.write(f"step {step}: val_loss {ev['val_loss']:.4f}  val_ppl {ev['val_ppl']:.2f}")
+
+    def save(self, step: int, state: dict) -> None:
+        # params and opt_state apart: inference reads params only
+        items = {k: ocp.args.StandardSave(v) for k, v in state.items()}
+        data = grain.checkpoint.CheckpointSave(self.data.train)
+        self.mngr.save(step, args=ocp.args.Composite(**items, data=data), force=True)
+        self.last_good = step
