@@ -365,54 +365,77 @@ def generate(
         s.check()
     check_cache_fits(cfg, mesh, shape)
     sample = not all(s.greedy for s in rows_sampling)
-    stops = {eos_id} if eos_id is None or isinstance(eos_id, int) else set(eos_id)
-    # Rows that only pad the batch up to the data axis get a one-token prompt; their tokens are dropped.
-    rows = list(prompts) + [[cfg.pad_id]] * (shape.batch - n)
-    tokens = np.full((shape.batch, shape.prompt_len), cfg.pad_id, np.int32)
-    for r, p in enumerate(rows):
-        tokens[r, : len(p)] = p
-    lengths = np.array([len(p) for p in rows], np.int32)
-
-    out: list[list[int]] = [[] for _ in range(n)]
-    done = [False] * n
-
-    def emit(new_tokens):
-        for r in range(n):
-            if done[r]:
-                continue
-            t = int(new_tokens[r])
-            if t in stops:
-                done[r] = True
-                continue
-            out[r].append(t)
-            if on_token is not None:
-                on_token(r, t)
-            done[r] = len(out[r]) == max_new_tokens
+    tokens, lengths = padded_prompts(cfg, shape, prompts)
+    sink = TokenSink(n, eos_id, max_new_tokens, on_token)
 
     start = time.perf_counter()
-    lengths_dev = jax.device_put(lengths, NamedSharding(mesh, ROWS))
+    lengths = jax.device_put(lengths, NamedSharding(mesh, ROWS))
     per_row = sampling_arrays(rows_sampling + [GREEDY] * (shape.batch - n)) if sample else ()
     per_row = tuple(jax.device_put(a, NamedSharding(mesh, ROWS)) for a in per_row)
     new, cache = prefill_fn(cfg, mesh, shape.cache_len, sample)(
-        params, jax.device_put(tokens, NamedSharding(mesh, ROWS_BY_SEQ)), lengths_dev, *per_row
+        params, jax.device_put(tokens, NamedSharding(mesh, ROWS_BY_SEQ)), lengths, *per_row
     )
-    emit(np.asarray(new))
+    sink.take(np.asarray(new))
     prefill_seconds = time.perf_counter() - start
 
     # XLA:CPU with fake devices deadlocks when many steps with collectives are in flight
     # (docs/architecture.md, "Facts"), so there each step is read back before the next is sent. An accelerator gets
     # the next step queued while the host reads this one.
-    max_in_flight = 1 if mesh.devices.flat[0].platform == "cpu" else 2
-    step = step_fn(cfg, mesh, sample)
-    in_flight = collections.deque()
-    positions, steps = lengths_dev, 0
+    in_flight = 1 if mesh.devices.flat[0].platform == "cpu" else 2
     start = time.perf_counter()
-    while steps < max_new_tokens - 1 and not all(done):
+    step = step_fn(cfg, mesh, sample)
+    steps = decode_steps(step, params, new, lengths, cache, per_row, sink, max_new_tokens - 1, in_flight)
+    return Generation(sink.tokens, prefill_seconds, time.perf_counter() - start, steps)
+
+
+def padded_prompts(cfg: ModelConfig, shape: DecodeShape, prompts) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens (batch, prompt_len) padded with pad_id, each row's length). Rows that only pad the
+    batch up to the data axis get a one-token prompt; their tokens are dropped."""
+    rows = list(prompts) + [[cfg.pad_id]] * (shape.batch - len(prompts))
+    tokens = np.full((shape.batch, shape.prompt_len), cfg.pad_id, np.int32)
+    for r, p in enumerate(rows):
+        tokens[r, : len(p)] = p
+    return tokens, np.array([len(p) for p in rows], np.int32)
+
+
+class TokenSink:
+    """The new tokens of each of `n` rows as they reach the host: a row is done at an end id or
+    after `max_new_tokens`; rows past `n` (batch padding) are ignored."""
+
+    def __init__(self, n: int, eos_id, max_new_tokens: int, on_token=None):
+        self.stops = {eos_id} if eos_id is None or isinstance(eos_id, int) else set(eos_id)
+        self.max_new_tokens, self.on_token = max_new_tokens, on_token
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.done = [False] * n
+
+    def take(self, new_tokens) -> None:
+        for r, row in enumerate(self.tokens):
+            if self.done[r]:
+                continue
+            t = int(new_tokens[r])
+            if t in self.stops:
+                self.done[r] = True
+                continue
+            row.append(t)
+            if self.on_token is not None:
+                self.on_token(r, t)
+            self.done[r] = len(row) == self.max_new_tokens
+
+    def all_done(self) -> bool:
+        return all(self.done)
+
+
+def decode_steps(step, params, new, positions, cache, per_row, sink: TokenSink, max_steps: int, max_in_flight: int):
+    """Run decode steps until every row is done or `max_steps`, with up to `max_in_flight` steps
+    queued before the host reads the oldest; returns how many ran."""
+    in_flight = collections.deque()
+    steps = 0
+    while steps < max_steps and not sink.all_done():
         new, positions, cache = step(params, new, positions, cache, *per_row)
         in_flight.append(new)
         steps += 1
         if len(in_flight) >= max_in_flight:
-            emit(np.asarray(in_flight.popleft()))
+            sink.take(np.asarray(in_flight.popleft()))
     while in_flight:
-        emit(np.asarray(in_flight.popleft()))
-    return Generation(out, prefill_seconds, time.perf_counter() - start, steps)
+        sink.take(np.asarray(in_flight.popleft()))
+    return steps

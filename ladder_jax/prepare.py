@@ -180,18 +180,44 @@ def prepare(
         "tokenizer": tokenizer_identity(tokenizer),
         "dtype": dtype,
     }
+    _start(out, args)
+    records = {k: r for k, u in enumerate(units) if (r := _done(out, k, u)) is not None}
+    if records:
+        log(
+            f"{out}: {len(records)} of {len(units)} units already done, preparing the other {len(units) - len(records)}"
+        )
+    t0 = time.perf_counter()
+    tokens = _tokenize(out, units, records, tokenizer, workers, (text_field, val_fraction, dtype), progress)
+    manifest = {"format": 1, **args, "splits": {s: _finish_split(out, s, units, records) for s in SPLITS}}
+    _check_splits(manifest["splits"], inputs, val_fraction)
+    _write_json(out / MANIFEST, manifest)
+    dt = time.perf_counter() - t0
+    log(
+        f"prepared {out}: "
+        + ", ".join(
+            f"{s} {manifest['splits'][s]['documents']:,} documents {manifest['splits'][s]['tokens']:,} tokens"
+            for s in SPLITS
+        )
+        + f" ({tokens / dt:,.0f} tokens/s over {workers} workers)"
+    )
+    return manifest
+
+
+def _start(out: Path, args: dict) -> None:
+    """Record the arguments in `out`/prepare.json; a directory prepared with others is refused."""
     out.mkdir(parents=True, exist_ok=True)
     if (out / "prepare.json").exists() and json.loads((out / "prepare.json").read_text()) != args:
         raise DataError(
             f"{out} holds a prepare with other inputs, tokenizer or options; choose another --out or delete it"
         )
     _write_json(out / "prepare.json", args)
-    (out / MANIFEST).unlink(missing_ok=True)  # re-made below from the units
+    (out / MANIFEST).unlink(missing_ok=True)  # re-made from the units at the end
 
-    records = {k: r for k, u in enumerate(units) if (r := _done(out, k, u)) is not None}
+
+def _tokenize(out: Path, units, records: dict, tokenizer, workers: int, options, progress: bool) -> int:
+    """Tokenize the units not in `records` (added to it as each is done), with a progress bar;
+    returns the tokens written."""
     todo = [k for k in range(len(units)) if k not in records]
-    if records:
-        log(f"{out}: {len(records)} of {len(units)} units already done, preparing the other {len(todo)}")
     docs, tokens = (mp.get_context("spawn").Value("q", 0) for _ in range(2))  # counters the workers add to
     bar = tqdm(total=len(units), initial=len(records), unit="unit", disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
@@ -206,30 +232,21 @@ def prepare(
         bar.update(1)
 
     try:
-        _run_units(out, units, todo, tokenizer, docs, tokens, workers, (text_field, val_fraction, dtype), done, show)
+        _run_units(out, units, todo, tokenizer, docs, tokens, workers, options, done, show)
     finally:
         bar.close()
+    return tokens.value
 
-    manifest = {"format": 1, **args, "splits": {s: _finish_split(out, s, units, records) for s in SPLITS}}
-    n_val, n_all = manifest["splits"]["val"]["documents"], sum(manifest["splits"][s]["documents"] for s in SPLITS)
-    if manifest["splits"]["train"]["documents"] == 0:
+
+def _check_splits(splits: dict, inputs: list[str], val_fraction: float) -> None:
+    n_val, n_all = splits["val"]["documents"], sum(splits[s]["documents"] for s in SPLITS)
+    if splits["train"]["documents"] == 0:
         raise DataError(f"prepare: {' '.join(inputs)} holds no text (empty or whitespace only)")
     if val_fraction > 0 and n_val == 0:
         raise DataError(
             f"--val-fraction {val_fraction} held out none of the {n_all} documents; "
             f"prepare into a new --out with a larger --val-fraction (or 0 for no validation)"
         )
-    _write_json(out / MANIFEST, manifest)
-    dt = time.perf_counter() - t0
-    log(
-        f"prepared {out}: "
-        + ", ".join(
-            f"{s} {manifest['splits'][s]['documents']:,} documents {manifest['splits'][s]['tokens']:,} tokens"
-            for s in SPLITS
-        )
-        + f" ({tokens.value / dt:,.0f} tokens/s over {workers} workers)"
-    )
-    return manifest
 
 
 def _run_units(out, units, todo, tokenizer, docs, tokens, workers, options, done, show) -> None:

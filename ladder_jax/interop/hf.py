@@ -220,20 +220,7 @@ def hf_model_config(hf_dir: Path, plan: str, dtype: str | None) -> Config:
             f"{hf_dir} has no config.json; give a Hugging Face model directory (config.json and *.safetensors)"
         )
     hf = read_json(path)
-    arch = hf.get("architectures") or []
-    if hf.get("model_type") != "llama" or any(a != "LlamaForCausalLM" for a in arch):
-        raise ConvertError(
-            f"{path}: model_type {hf.get('model_type')!r}, architectures {arch}; only Llama checkpoints (LlamaForCausalLM) convert"
-        )
-    for key in ("attention_bias", "mlp_bias"):
-        if hf.get(key):
-            raise ConvertError(
-                f"{path}: {key} is true; our Llama has no biases, so this checkpoint cannot be converted"
-            )
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ConvertError(f"{path}: hidden_act is {hf['hidden_act']!r}; only SwiGLU (silu) Llamas convert")
-    if hf.get("quantization_config"):
-        raise ConvertError(f"{path}: the checkpoint is quantized; convert a float32, float16 or bfloat16 checkpoint")
+    check_llama(hf, path)
 
     def need(key):
         if hf.get(key) is None:
@@ -242,30 +229,10 @@ def hf_model_config(hf_dir: Path, plan: str, dtype: str | None) -> Config:
 
     # transformers 4 writes rope_theta + rope_scaling, transformers 5 one rope_parameters dict.
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type == "llama3":
-        scaling = {
-            "factor": float(rope["factor"]),
-            "low_freq_factor": float(rope["low_freq_factor"]),
-            "high_freq_factor": float(rope["high_freq_factor"]),
-            "original_max_len": int(rope["original_max_position_embeddings"]),
-        }
-    elif rope_type == "default":
-        scaling = None
-    else:
-        raise ConvertError(
-            f"{path}: rope scaling '{rope_type}' is not supported; only Llama-3 ('llama3') scaling or none"
-        )
-
+    scaling = rope_scaling(rope, path)
     d, heads = need("hidden_size"), need("num_attention_heads")
     head_dim = hf.get("head_dim") or d // heads
-    # EOS may be a list (Llama-3 Instruct: end of text, end of turn, ...); decoding stops at one id,
-    # the first, taken from generation_config.json (what generation uses) when it names any.
-    generation = hf_dir / "generation_config.json"
-    eos = read_json(generation).get("eos_token_id") if generation.exists() else None
-    eos = need("eos_token_id") if eos is None else eos
-    eos = eos[0] if isinstance(eos, list) else eos
-    bos, pad = hf.get("bos_token_id"), hf.get("pad_token_id")
+    bos, eos, pad = end_ids(hf_dir, hf, need)
     dtype = dtype or hf.get("dtype") or hf.get("torch_dtype") or "float32"
     max_len = need("max_position_embeddings")
     model = {
@@ -285,9 +252,9 @@ def hf_model_config(hf_dir: Path, plan: str, dtype: str | None) -> Config:
         "dtype": dtype,
         "param_dtype": dtype,
         "plan": plan,
-        "bos_id": eos if bos is None else bos,
+        "bos_id": bos,
         "eos_id": eos,
-        "pad_id": eos if pad is None else pad,
+        "pad_id": pad,
     }
     cfg = from_dict({"model": model, "train": {"seq_len": min(TrainConfig.seq_len, max_len)}})
     if "parallel" in cfg.model.layer_schedules:
@@ -295,6 +262,53 @@ def hf_model_config(hf_dir: Path, plan: str, dtype: str | None) -> Config:
             f"--plan '{plan}': a parallel layer has one norm where Llama has two, so it cannot take Llama weights; use standard, ladder, spd, lp or desync"
         )
     return cfg
+
+
+def check_llama(hf: dict, path: Path) -> None:
+    """Refuse a config.json that is not a float Llama with SwiGLU and no biases."""
+    arch = hf.get("architectures") or []
+    if hf.get("model_type") != "llama" or any(a != "LlamaForCausalLM" for a in arch):
+        raise ConvertError(
+            f"{path}: model_type {hf.get('model_type')!r}, architectures {arch}; only Llama checkpoints (LlamaForCausalLM) convert"
+        )
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise ConvertError(
+                f"{path}: {key} is true; our Llama has no biases, so this checkpoint cannot be converted"
+            )
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConvertError(f"{path}: hidden_act is {hf['hidden_act']!r}; only SwiGLU (silu) Llamas convert")
+    if hf.get("quantization_config"):
+        raise ConvertError(f"{path}: the checkpoint is quantized; convert a float32, float16 or bfloat16 checkpoint")
+
+
+def rope_scaling(rope: dict, path: Path) -> dict | None:
+    """model.rope_scaling for Llama-3 ('llama3') scaling, None for none; refuses other kinds."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return None
+    if rope_type != "llama3":
+        raise ConvertError(
+            f"{path}: rope scaling '{rope_type}' is not supported; only Llama-3 ('llama3') scaling or none"
+        )
+    return {
+        "factor": float(rope["factor"]),
+        "low_freq_factor": float(rope["low_freq_factor"]),
+        "high_freq_factor": float(rope["high_freq_factor"]),
+        "original_max_len": int(rope["original_max_position_embeddings"]),
+    }
+
+
+def end_ids(hf_dir: Path, hf: dict, need) -> tuple[int, int, int]:
+    """(BOS, EOS, PAD) ids; EOS stands in for a missing BOS or PAD."""
+    # EOS may be a list (Llama-3 Instruct: end of text, end of turn, ...); decoding stops at one id,
+    # the first, taken from generation_config.json (what generation uses) when it names any.
+    generation = hf_dir / "generation_config.json"
+    eos = read_json(generation).get("eos_token_id") if generation.exists() else None
+    eos = need("eos_token_id") if eos is None else eos
+    eos = eos[0] if isinstance(eos, list) else eos
+    bos, pad = hf.get("bos_token_id"), hf.get("pad_token_id")
+    return (eos if bos is None else bos), eos, (eos if pad is None else pad)
 
 
 def hf_tensors(hf_dir: Path) -> dict[str, StoredTensor]:
