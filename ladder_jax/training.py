@@ -138,7 +138,7 @@ def trainable_mask(cfg: Config, params) -> dict:
     if spec == "all":
         return jax.tree.map(lambda _: True, names)
     if spec == "lp_pairs":
-        layers = {i for i, s in enumerate(cfg.model.layer_schedules) if s == "lp"}
+        layers = {i for s, step in cfg.model.layer_steps if s.side_by_side for i in step}
         if not layers:
             raise ConfigError(
                 "train.trainable=lp_pairs but model.plan pairs no layers; add an lp range such as model.plan=lp@4:8"
@@ -189,7 +189,7 @@ def make_optimizer(cfg: Config, params) -> optax.GradientTransformation:
 
 
 def check_trainable_layout(cfg: Config) -> None:
-    if cfg.model.lp_layout == "split" and "lp" in cfg.model.layer_schedules:
+    if any(not s.trainable for s, _ in cfg.model.layer_steps):
         raise ConfigError(
             "model.lp_layout=split is a layout for running a model, and checkpoints store the shared one; "
             "train with model.lp_layout=shared (the same function) and run the result with split"

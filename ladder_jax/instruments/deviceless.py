@@ -23,8 +23,9 @@ from jax.experimental import topologies
 from jax.sharding import Mesh
 
 from .. import decode
-from ..config import Config, ModelConfig, parse_plan
+from ..config import Config, ModelConfig
 from ..mesh import batch_shards, make_mesh
+from ..plan import parse_plan
 from ..training import BATCH_KEYS, get_trainer
 from .hlo import Instr, collective_axis, is_matmul, mesh_axis_groups, parse_hlo, shape_bytes
 

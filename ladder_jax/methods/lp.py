@@ -16,9 +16,10 @@ import json
 from pathlib import Path
 
 from ..checkpoint import Run
-from ..config import ConfigError, parse_plan
+from ..config import ConfigError
 from ..decode import generate
 from ..instruments.plots import pyplot
+from ..plan import parse_plan
 from ..training import evaluate
 
 
