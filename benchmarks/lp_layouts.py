@@ -37,9 +37,10 @@ def main():
     import jax
 
     from ladder_jax import model as M
-    from ladder_jax.config import load_config, plan_steps
+    from ladder_jax.config import load_config
     from ladder_jax.instruments import deviceless, sync
     from ladder_jax.mesh import apply_xla_flags, make_mesh
+    from ladder_jax.plan import plan_steps
 
     over = [*args.overrides, f"model.plan={args.plan}", f"mesh.tensor={args.tensor}", "mesh.data=1"]
     base = load_config(args.config, over)

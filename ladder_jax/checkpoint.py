@@ -32,6 +32,7 @@ from .data import DataError, build_datasets, val_batches
 from .errors import LadderError
 from .memory import check_params_fit
 from .mesh import make_mesh
+from .plan import lookup
 from .tokenizer import copy_tokenizer_files, get_tokenizer
 
 
@@ -94,6 +95,19 @@ def check_same_shapes(expected: Config, found: Config, where: str) -> None:
         )
 
 
+def check_same_function(cfg: Config, saved: Config, tensor: int, where: str) -> None:
+    """A plan with schedules whose function depends on the tensor degree (spd, track, desync)
+    computes another model at another degree: its weights are kept to the degree they were saved
+    for, unless the plan itself changes (SPD applied to a standard run picks its degree anew)."""
+    layers = saved.model.layer_schedules
+    dependent = sorted({s for s in layers if lookup(s).tensor_dependent})
+    if dependent and cfg.model.layer_schedules == layers and tensor != saved.mesh.tensor:
+        raise CheckpointError(
+            f"{where} has {', '.join(dependent)} layers, whose function depends on the tensor degree, saved for "
+            f"mesh.tensor={saved.mesh.tensor}; at tensor={tensor} it would be another model: use mesh.tensor={saved.mesh.tensor}"
+        )
+
+
 def save_params(run_dir: str | Path, params: dict, step: int = 0) -> None:
     """Write `params` as checkpoint `step` of a run directory (conversions, SPD); blocks until done."""
     mngr = manager(run_dir)
@@ -121,7 +135,9 @@ def restore_params(run_dir: str | Path, cfg: Config, mesh: Mesh, step: int | Non
     as long as every parameter keeps its shape.
     """
     run_dir = Path(run_dir)
-    check_same_shapes(cfg, load_run_config(run_dir), str(run_dir))
+    saved = load_run_config(run_dir)
+    check_same_shapes(cfg, saved, str(run_dir))
+    check_same_function(cfg, saved, mesh.shape["tensor"], str(run_dir))
     step = latest_step(run_dir) if step is None else step
     if step is None:
         raise CheckpointError(

@@ -7,7 +7,6 @@ and the fix in one line.
 from __future__ import annotations
 
 import dataclasses
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import yaml
 
-from .errors import LadderError
-from .schedules import SCHEDULES
+from .errors import ConfigError
+from .plan import lookup, parse_plan, plan_steps
+from .schedules import Schedule
 
 PRESET_DIR = Path(__file__).parent / "configs"
 # What the backward pass may keep of a layer step (jax.checkpoint policies); "none": no remat.
@@ -31,10 +31,6 @@ REMAT_POLICIES = {
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn", "triton")
 LP_LAYOUTS = ("shared", "split")
 VOCAB_PAD = 128  # vocab rows are padded to a multiple of this so any power-of-two tensor axis splits them
-
-
-class ConfigError(LadderError):
-    """A configuration that cannot work; the message names the key and the fix."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +61,7 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    # Residual schedule per layer, see `parse_plan`: "ladder", "standard,ladder@-16:", "lp@4:8", ...
+    # Residual schedule per layer (ladder_jax.plan): "ladder", "standard,ladder@-16:", "lp@4:8", "track:2", ...
     plan: str = "standard"
     # Where the two layers of an lp pair run (LP_LAYOUTS): "shared" splits both over the whole tensor
     # axis; "split" (the LP paper's) puts layer i on the first half of it and layer i+1 on the second.
@@ -88,15 +84,24 @@ class ModelConfig:
         return parse_plan(self.plan, self.n_layers)
 
     @property
+    def layer_steps(self) -> list[tuple[Schedule, tuple[int, ...]]]:
+        """The plan's steps as they run: each schedule in its split form under lp_layout=split."""
+        steps = [(lookup(name), layers) for name, layers in plan_steps(self.layer_schedules)]
+        split = self.lp_layout == "split"
+        return [((s.split if split and s.split else s), layers) for s, layers in steps]
+
+    @property
     def layer_widths(self) -> tuple[int, ...]:
-        """Attention heads and FFN columns each layer slot holds, in layers: 1, except under the
-        split lp layout, where the first slot of a pair holds both layers' (2) and the second none
-        (0); the second keeps its own norms. model.to_split_layout says how they are laid out."""
+        """Attention heads and FFN columns each layer slot holds, in layers: 1, except for a step
+        in a split form (lp pairs under lp_layout=split), whose first slot holds every layer's of
+        the step and the others none (0); those keep their own norms. model.to_split_layout says
+        how they are laid out."""
         widths = [1] * self.n_layers
-        if self.lp_layout == "split":
-            for name, layers in plan_steps(self.layer_schedules):
-                if name == "lp":
-                    widths[layers[0]], widths[layers[1]] = 2, 0
+        for s, layers in self.layer_steps:
+            if s.merged_weights:
+                widths[layers[0]] = len(layers)
+                for i in layers[1:]:
+                    widths[i] = 0
         return tuple(widths)
 
 
@@ -146,94 +151,6 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-
-
-# ---------------------------------------------------------------------------------------------
-# Layer plan
-
-
-def _parse_range(text: str, n_layers: int, segment: str) -> range:
-    def index(s: str, default: int) -> int:
-        if s == "":
-            return default
-        if not re.fullmatch(r"-?\d+", s):
-            raise ConfigError(
-                f"model.plan: '{segment}' has a bad layer index '{s}'; write SCHEDULE@START:END, e.g. ladder@-16:"
-            )
-        i = int(s)
-        return i + n_layers if i < 0 else i
-
-    if ":" in text:
-        a, b = text.split(":", 1)
-        start, stop = index(a, 0), index(b, n_layers)
-    else:
-        start = index(text, 0)
-        stop = start + 1
-    if not (0 <= start < stop <= n_layers):
-        raise ConfigError(
-            f"model.plan: '{segment}' names layers outside 0..{n_layers - 1} of this {n_layers}-layer model; "
-            f"use a range inside it (negative indices count from the end)"
-        )
-    return range(start, stop)
-
-
-def parse_plan(plan: str, n_layers: int) -> tuple[str, ...]:
-    """Resolve a plan string into one schedule name per layer.
-
-    Grammar: comma-separated segments `SCHEDULE` or `SCHEDULE@START:END` (python-style range,
-    negative indices from the end) or `SCHEDULE@I`. A bare segment sets every layer no range
-    names (default `standard`); ranges may not overlap. `lp` ranges pair consecutive layers
-    from their start, so each contiguous run of `lp` layers must have even length.
-    Examples: `ladder`, `standard,ladder@-16:`, `spd@0:4,spd@6`, `lp@4:10`.
-    """
-    segments = [s.strip() for s in str(plan).split(",") if s.strip()]
-    if not segments:
-        raise ConfigError("model.plan is empty; give a schedule such as 'standard' or 'ladder'")
-    base, owner = None, [None] * n_layers
-    for seg in segments:
-        name, _, where = seg.partition("@")
-        if name not in SCHEDULES:
-            raise ConfigError(f"model.plan: unknown schedule '{name}' in '{seg}'; choose from {', '.join(SCHEDULES)}")
-        if not where:
-            if base is not None:
-                raise ConfigError(
-                    f"model.plan: two default schedules ('{base}' and '{name}'); give all but one a layer range"
-                )
-            base = name
-            continue
-        for i in _parse_range(where, n_layers, seg):
-            if owner[i] is not None:
-                raise ConfigError(
-                    f"model.plan: layer {i} is given both '{owner[i]}' and '{seg}'; give each layer one schedule"
-                )
-            owner[i] = seg
-    base = base or "standard"
-    layers = tuple(o.partition("@")[0] if o else base for o in owner)
-    i = 0
-    while i < n_layers:  # every contiguous run of lp layers splits into pairs
-        j = i
-        while j < n_layers and layers[j] == "lp":
-            j += 1
-        if (j - i) % 2:
-            raise ConfigError(
-                f"model.plan: layers {i}..{j - 1} form an odd-length lp run ({j - i} layers); "
-                f"lp pairs consecutive layers, so give it an even length"
-            )
-        i = max(j, i + 1)
-    return layers
-
-
-def plan_steps(layers: tuple[str, ...]) -> list[tuple[str, tuple[int, ...]]]:
-    """Group per-layer schedules into steps: lp runs become pairs, every other layer a single."""
-    steps, i = [], 0
-    while i < len(layers):
-        if layers[i] == "lp":
-            steps.append(("lp", (i, i + 1)))
-            i += 2
-        else:
-            steps.append((layers[i], (i,)))
-            i += 1
-    return steps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,14 +348,14 @@ def validate(cfg: Config, n_devices: int | None = None) -> None:
     for key in ("bos_id", "eos_id", "pad_id"):
         if not 0 <= getattr(m, key) < m.vocab_size:
             raise ConfigError(f"model.{key}={getattr(m, key)} is outside the vocabulary (size {m.vocab_size})")
-    schedules = parse_plan(m.plan, m.n_layers)
     if m.lp_layout not in LP_LAYOUTS:
         raise ConfigError(f"model.lp_layout={m.lp_layout!r} is not a layout; choose from {', '.join(LP_LAYOUTS)}")
-    if m.lp_layout == "split" and "lp" in schedules and t % 2:
-        raise ConfigError(
-            f"model.lp_layout=split runs each layer of an lp pair on half the tensor axis; mesh.tensor={t} "
-            f"has no halves: use an even mesh.tensor or model.lp_layout=shared"
-        )
+    for s, layers in m.layer_steps:
+        if s.merged_weights and t % len(layers):
+            raise ConfigError(
+                f"model.lp_layout=split runs each layer of an {s.name} step on its own part of the tensor axis; "
+                f"mesh.tensor={t} does not split into {len(layers)}: use a mesh.tensor that does or model.lp_layout=shared"
+            )
     tr = cfg.train
     for key in (
         "steps",

@@ -267,11 +267,10 @@ def prefill_fn(cfg: ModelConfig, mesh: Mesh, cache_len: int, sample: bool = Fals
     def body(model, tokens, lengths, *sampling):
         rows, prompt_len = tokens.shape
         empty = jnp.zeros((rows, prompt_len, kv_slots // tensor, hd), dtype_of(cfg.dtype))
-        hidden = []
-        _, cache = model(tokens, M.default_positions(tokens), cache=[(empty, empty)] * cfg.n_layers, hidden_out=hidden)
+        x, cache, _ = model.residual(tokens, M.default_positions(tokens), cache=[(empty, empty)] * cfg.n_layers)
         room = ((0, 0), (0, cache_len - prompt_len), (0, 0), (0, 0))
         cache = [(jnp.pad(k, room), jnp.pad(v, room)) for k, v in cache]
-        last = jnp.take_along_axis(hidden[-1], (lengths - 1)[:, None, None], axis=1)  # (B, 1, D)
+        last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # (B, 1, D)
         return next_tokens(model.head(last)[:, 0], lengths, sampling), cache
 
     specs = M.cache_specs(cfg)

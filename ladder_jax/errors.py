@@ -6,3 +6,7 @@ class LadderError(ValueError):
     message names the problem and the fix in one line. Each module subclasses it to say where
     the error comes from (ConfigError, CheckpointError, ...); every command catches it alone,
     prints `error: <message>` and exits with status 2 (ladder_jax/cli)."""
+
+
+class ConfigError(LadderError):
+    """A configuration that cannot work; the message names the key and the fix."""

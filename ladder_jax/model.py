@@ -25,22 +25,23 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import attention
-from .config import REMAT_POLICIES, Config, ModelConfig, plan_steps
+from . import attention, plan
+from .config import REMAT_POLICIES, Config, ModelConfig
 from .layers import MLP, Attention, Embed, LMHead, RMSNorm, rope_frequencies, rope_tables
 from .mesh import BATCH, FSDP, batch_shards, logical_to_spec, sharding_rules
-from .schedules import SCHEDULES, LayerContext, Stream, lp_split
+from .plan import lookup
+from .schedules import LayerContext, Schedule, Stream
 
 TENSOR = "tensor"
 
 
 class Block(nnx.Module):
-    """One layer's modules. A parallel layer has a single norm; every other schedule has two."""
+    """One layer's modules. A schedule without an MLP norm (parallel) has a single norm."""
 
     def __init__(self, cfg: ModelConfig, schedule: str, *, rngs: nnx.Rngs, width: int = 1):
         self.attn_norm = RMSNorm(cfg, rngs=rngs)
         self.attn = Attention(cfg, rngs=rngs, width=width)
-        self.mlp_norm = RMSNorm(cfg, rngs=rngs) if schedule != "parallel" else None
+        self.mlp_norm = RMSNorm(cfg, rngs=rngs) if lookup(schedule).mlp_norm else None
         self.mlp = MLP(cfg, rngs=rngs, width=width)
 
 
@@ -54,94 +55,105 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(cfg, rngs=rngs)
         self.lm_head = None if cfg.tie_embeddings else LMHead(cfg, rngs=rngs)
 
-    def __call__(
-        self,
-        tokens,
-        positions,
-        *,
-        cache=None,
-        segment_ids=None,
-        hidden_out: list | None = None,
-        remat="none",
-        scan=False,
-    ):
+    def __call__(self, tokens, positions, *, cache=None, segment_ids=None, remat="none", scan=False):
         """Local-view forward; must run under a shard_map with `fsdp` and `tensor` axes.
 
         tokens, positions: (B, S) int32. cache: optional list of per-layer (k, v) local shards.
         Returns (logits for this device's vocab shard (B, S, V/T) float32 with padding columns at
-        -inf, updated cache or None). `hidden_out`, if given, collects the embedding and then the
-        residual after each step of the plan. `remat` (a config.REMAT_POLICIES name) and `scan`
-        change how the layers are compiled, never what they compute; neither applies with a cache.
+        -inf, updated cache or None). `remat` (a config.REMAT_POLICIES name) and `scan` change how
+        the layers are compiled, never what they compute (see `residual`).
         """
-        cfg = self.cfg
-        rope = rope_tables(positions, rope_frequencies(cfg))
-        x = self.embed_tokens(tokens)
-        new_cache = [None] * cfg.n_layers if cache is not None else None
-        ctx = layer_context(cfg, rope, positions, segment_ids, cache, new_cache)
-        stream = Stream(x)
-        if hidden_out is not None:
-            hidden_out.append(x)
-        steps = plan_steps(cfg.layer_schedules)
-        if cache is not None or hidden_out is not None:
-            remat, scan = "none", False
-        for run in scan_runs(steps) if scan else [[step] for step in steps]:
-            stream = self.run_steps(run, stream, ctx, remat)
-            if hidden_out is not None:
-                hidden_out.append(stream.settled())
-        return self.head(stream.settled()), new_cache
+        x, new_cache, _ = self.residual(tokens, positions, cache=cache, segment_ids=segment_ids, remat=remat, scan=scan)
+        return self.head(x), new_cache
 
-    def run_steps(self, run: list, stream: Stream, ctx: LayerContext, remat: str = "none") -> Stream:
+    def residual(self, tokens, positions, *, cache=None, segment_ids=None, remat="none", scan=False, hidden=False):
+        """The layers over the embedding: (the settled residual before the final norm (B, S, D),
+        updated cache or None, and with `hidden` the embedding and then the residual after each
+        step of the plan, else []). A scan over layers carries no KV cache: refused with one."""
+        if scan and cache is not None:
+            raise ValueError("scan over layers carries no KV cache; run a forward with a cache unrolled (scan=False)")
+        cfg = self.cfg
+        ctx = layer_context(cfg, rope_tables(positions, rope_frequencies(cfg)), positions, segment_ids)
+        x = self.embed_tokens(tokens)
+        stream, new_cache, states = Stream(x), [None] * cfg.n_layers, [x] if hidden else []
+        steps = cfg.layer_steps
+        for run in scan_runs(steps) if scan else [[step] for step in steps]:
+            kv = [tuple(None if cache is None else cache[i] for i in layers) for _, layers in run]
+            stream, kv, run_states = self.run_steps(run, stream, ctx, kv, remat, hidden)
+            for (_, layers), step_kv in zip(run, kv):
+                for i, c in zip(layers, step_kv):
+                    new_cache[i] = c
+            states += run_states
+        return stream.settled(), (new_cache if cache is not None else None), states
+
+    def run_steps(self, run: list, stream: Stream, ctx: LayerContext, kv: list, remat: str, hidden: bool):
         """Steps of the plan that share a schedule: one after another, or (more than one) as a scan
         over their weights stacked on a leading axis. Each step's weights are gathered over fsdp
-        inside it, and with a remat policy the step is recomputed in the backward pass."""
-        name, layers = run[0]
+        inside it, and with a remat policy the step is recomputed in the backward pass. Returns
+        (stream, each step's caches, with `hidden` the residual after each step)."""
+        schedule, layers = run[0]
         gdefs = [nnx.graphdef(self.layers[i]) for i in layers]
 
-        schedule = lp_split if name == "lp" and self.cfg.lp_layout == "split" else SCHEDULES[name]
-
-        def step(weights, stream):
+        def step(weights, stream, kv):
             blocks = [fsdp_gather(nnx.merge(g, w)) for g, w in zip(gdefs, weights)]
-            return schedule(blocks, layers, stream, ctx)
+            stream, kv = schedule.run(blocks, kv, stream, ctx)
+            return stream, kv, (stream.settled() if hidden else None)
 
         if REMAT_POLICIES[remat] is not None:
             step = jax.checkpoint(step, policy=REMAT_POLICIES[remat])
+        name = f"layer{layers[0]}" if len(layers) == 1 else f"layers{layers[0]}-{layers[-1]}"
         weights = [[nnx.to_pure_dict(nnx.state(self.layers[i], nnx.Param)) for i in ls] for _, ls in run]
         if len(run) == 1:
-            return step(weights[0], stream)
-        # The scan's carry must keep one structure: a stream fresh from the embedding has nothing
-        # pending yet, every step leaves one output pending, so the first step runs on its own.
+            with jax.named_scope(name):
+                stream, kv0, h = step(weights[0], stream, kv[0])
+            return stream, [kv0], [h] if hidden else []
+        # A scan carries no cache (`residual` refuses one). Its carry must keep one structure: a
+        # stream fresh from the embedding has nothing pending yet, every step leaves one output
+        # pending, so the first step runs on its own.
+        first = []
         if not stream.pending:
-            stream, weights = step(weights[0], stream), weights[1:]
+            with jax.named_scope(name):
+                stream, _, h = step(weights[0], stream, kv[0])
+            weights, first = weights[1:], [h] if hidden else []
         stacked = jax.tree.map(lambda *w: jnp.stack(w), *weights)
         # A ladder step ties the residual to device-local values (the barriers of
         # Stream.settle_after), so JAX types its output as varying over `tensor`; the carry is
         # typed so from the start and after every step, whatever the schedule.
         vary = lambda st: jax.tree.map(_tensor_varying, st)
-        stream, _ = jax.lax.scan(lambda st, w: (vary(step(w, st)), None), vary(stream), stacked)
-        return stream
+
+        def body(st, w):
+            st, _, h = step(w, st, kv[0])
+            return vary(st), h
+
+        last = run[-1][1][-1]
+        with jax.named_scope(f"scan_layers{run[-len(weights)][1][0]}-{last}"):
+            stream, hs = jax.lax.scan(body, vary(stream), stacked)
+        return stream, [kv[0]] * len(run), first + (list(hs) if hidden else [])
 
     def embed_tokens(self, tokens):
         """The embedding, complete on every device: each holds a vocab shard, one all-reduce sums them."""
         embed = fsdp_gather(self.embed)
         offset = jax.lax.axis_index(TENSOR) * embed.table.shape[0]
-        return jax.lax.psum(embed(tokens, offset), TENSOR)
+        with jax.named_scope("embed"):
+            return jax.lax.psum(embed(tokens, offset), TENSOR)
 
     def head(self, h):
         """Final norm and this device's vocab shard of the logits (float32, padding columns at -inf).
 
         Separate from `__call__` so a decoder can apply it to the one position per row it samples from.
         """
-        h = fsdp_gather(self.final_norm)(h)
-        logits = fsdp_gather(self.embed).attend(h) if self.lm_head is None else fsdp_gather(self.lm_head)(h)
-        vocab_ids = jax.lax.axis_index(TENSOR) * logits.shape[-1] + jnp.arange(logits.shape[-1])
-        return jnp.where(vocab_ids < self.cfg.vocab_size, logits, -jnp.inf)
+        with jax.named_scope("head"):
+            h = fsdp_gather(self.final_norm)(h)
+            logits = fsdp_gather(self.embed).attend(h) if self.lm_head is None else fsdp_gather(self.lm_head)(h)
+            vocab_ids = jax.lax.axis_index(TENSOR) * logits.shape[-1] + jnp.arange(logits.shape[-1])
+            return jnp.where(vocab_ids < self.cfg.vocab_size, logits, -jnp.inf)
 
 
 def _tensor_varying(x):
     return x if TENSOR in jax.typeof(x).manual_axis_type.varying else jax.lax.pcast(x, (TENSOR,), to="varying")
 
 
-def scan_runs(steps: list[tuple[str, tuple[int, ...]]]) -> list[list]:
+def scan_runs(steps: list[tuple[Schedule, tuple[int, ...]]]) -> list[list]:
     """The plan's steps grouped into runs of equal schedule (one scan each)."""
     runs: list[list] = []
     for step in steps:
@@ -164,20 +176,13 @@ def fsdp_gather(module: nnx.Module) -> nnx.Module:
     return nnx.merge(gdef, jax.tree.map(gather, state, is_leaf=lambda v: isinstance(v, nnx.Variable)))
 
 
-def layer_context(cfg: ModelConfig, rope, positions, segment_ids=None, cache=None, new_cache=None) -> LayerContext:
+def layer_context(cfg: ModelConfig, rope, positions, segment_ids=None) -> LayerContext:
     """What every schedule calls: the psum over `tensor`, and attention with this call's rope,
-    positions and document segments. With a cache, layer i reads cache[i] and its updated (k, v)
-    lands in new_cache[i]; a split lp pair's attention (in slot i) reads and writes the caches of
-    both its layers (`layers`)."""
+    positions and document segments, which returns the layer's updated (k, v) cache with its
+    output (a split lp pair's attention takes and returns the list of both its layers' caches)."""
 
-    def attend(i, attn, h, layers=None):
-        slots = layers or (i,)
-        c = None if cache is None else [cache[j] for j in slots] if layers else cache[i]
-        out, c = attn(h, rope, positions, kv_head=local_kv_head(cfg, attn), cache=c, segment_ids=segment_ids)
-        if new_cache is not None:
-            for j, cj in zip(slots, c if layers else [c]):
-                new_cache[j] = cj
-        return out
+    def attend(attn, h, kv):
+        return attn(h, rope, positions, kv_head=local_kv_head(cfg, attn), cache=kv, segment_ids=segment_ids)
 
     first_half = jax.lax.axis_index(TENSOR) < jax.lax.axis_size(TENSOR) // 2
     return LayerContext(
@@ -209,16 +214,17 @@ def to_split_layout(cfg: ModelConfig, params: dict, mesh: Mesh) -> dict:
 
     def move(params):
         layers = dict(params["layers"])
-        for name, pair in plan_steps(cfg.layer_schedules):
-            if name != "lp":
+        for schedule, step in cfg.layer_steps:
+            if not schedule.merged_weights:
                 continue
-            i, j = pair
-            a, b = dict(layers[i]), dict(layers[j])
+            slots = [dict(layers[i]) for i in step]
             for module in ("attn", "mlp"):
-                ma, mb = a[module], b[module]
-                a[module] = {k: jnp.concatenate([ma[k], mb[k]], axis=axis[k]) for k in ma}
-                b[module] = {k: jax.lax.slice_in_dim(mb[k], 0, 0, axis=axis[k]) for k in mb}
-            layers[i], layers[j] = a, b
+                parts = [slot[module] for slot in slots]
+                slots[0][module] = {k: jnp.concatenate([p[k] for p in parts], axis=axis[k]) for k in parts[0]}
+                for slot in slots[1:]:
+                    slot[module] = {k: jax.lax.slice_in_dim(w, 0, 0, axis=axis[k]) for k, w in slot[module].items()}
+            for i, slot in zip(step, slots):
+                layers[i] = slot
         return {**params, "layers": layers}
 
     return jax.jit(move, out_shardings=param_shardings(cfg, mesh))(params)
@@ -281,10 +287,14 @@ def init_program(cfg: ModelConfig, mesh: Mesh):
 
 
 def _param_structure(cfg: ModelConfig) -> ModelConfig:
-    """The config reduced to what decides parameter shapes (parallel layers, split lp pairs)."""
-    keep = ("parallel", "lp") if cfg.lp_layout == "split" else ("parallel",)
-    plan = ",".join(["standard"] + [f"{s}@{i}" for i, s in enumerate(cfg.layer_schedules) if s in keep])
-    return dataclasses.replace(cfg, plan=plan)
+    """The config reduced to what decides parameter shapes (layers without an MLP norm, steps
+    whose weights are merged in the split layout)."""
+    keep = [
+        plan.segment(s.name, layers[0], layers[-1] + 1)
+        for s, layers in cfg.layer_steps
+        if not s.mlp_norm or s.merged_weights
+    ]
+    return dataclasses.replace(cfg, plan=",".join([plan.DEFAULT, *keep]))
 
 
 @functools.lru_cache(maxsize=16)
@@ -396,8 +406,7 @@ def hidden_states_fn(cfg: ModelConfig, mesh: Mesh):
     residual after each step of the plan (a layer, or an LP pair)."""
 
     def body(model, tokens, positions, segment_ids):
-        hidden = []
-        model(tokens, positions, segment_ids=segment_ids, hidden_out=hidden)
+        _, _, hidden = model.residual(tokens, positions, segment_ids=segment_ids, hidden=True)
         return jnp.stack(hidden)[None]
 
     batch = P(BATCH, None)
@@ -426,7 +435,7 @@ def block_fn(cfg: ModelConfig, mesh: Mesh, schedule: str):
     def local(p, x, positions, segment_ids):
         block = fsdp_gather(nnx.merge(gdef, p))
         ctx = layer_context(cfg, rope_tables(positions, rope_freq), positions, segment_ids)
-        return SCHEDULES[schedule]([block], [0], Stream(x), ctx).settled()[None]
+        return lookup(schedule).run([block], (None,), Stream(x), ctx)[0].settled()[None]
 
     batch = P(BATCH, None)
     fn = jax.shard_map(

@@ -11,10 +11,16 @@ standard one reads the residual without that layer's MLP output, exactly the mod
 of the hybrid Llama conversion.
 
 `ctx.all_reduce` is the psum over the tensor axis; it is the only collective a layer issues.
+
+A schedule is one entry of `SCHEDULES`: its function and its traits (layers per step, all-reduces,
+norms, split form, trainability, dependence on the tensor degree). The plan grammar
+(`ladder_jax.plan`), the model, training, conversion and the instruments read the traits, never
+a schedule's name; docs/architecture.md ("Adding a schedule") says what a new entry needs.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -64,82 +70,193 @@ class LayerContext:
     """What a schedule needs besides the modules: the reduction and the attention call."""
 
     all_reduce: Callable[[jax.Array], jax.Array]
-    # attend(layer_index, attention_module, normed_x[, layers]) -> partial attention output; `layers`:
-    # the layers whose KV caches a split lp pair's attention keeps its heads in
+    # attend(attention_module, normed_x, kv) -> (partial attention output, new kv); kv: the layer's
+    # (k, v) cache or None; a split lp pair's attention takes and returns the list of both layers'
     attend: Callable
     pick: Callable  # pick(a, b): a on the first half of the tensor axis, b on the second
 
 
-def _sequential(block, i: int, s: Stream, ctx: LayerContext, reduce, ladder: bool = False) -> Stream:
-    """Attention then MLP. A standard module reads the settled residual; a ladder module reads it
-    without the previous module's output, which is added only once this module's output exists."""
-    for module, norm in ((lambda h: ctx.attend(i, block.attn, h), block.attn_norm), (block.mlp, block.mlp_norm)):
-        if not ladder:
-            s = s.read()
-        y = module(norm(s.x))
-        if ladder:
-            s, y = s.settle_after(y)
-        s = s.push(reduce(y))
-    return s
+# Every schedule function: (blocks, kv, stream, ctx) -> (stream, kv) for one step of the plan;
+# blocks and kv (each layer's cache, None without one) hold one entry per layer of the step.
 
 
-def standard(blocks, layers, s, ctx):
+def _module(s: Stream, f, reduce, ladder: bool):
+    """One module over the stream. f(x) -> (partial output, cache). A standard module reads the
+    settled residual; a ladder module reads it without the previous module's output, which is
+    added only once this module's output exists."""
+    if not ladder:
+        s = s.read()
+    y, kv = f(s.x)
+    if ladder:
+        s, y = s.settle_after(y)
+    return s.push(reduce(y)), kv
+
+
+def _sequential(blocks, kv, s: Stream, ctx: LayerContext, reduce, ladder: bool = False):
+    (b,), (c,) = blocks, kv
+    s, c = _module(s, lambda x: ctx.attend(b.attn, b.attn_norm(x), c), reduce, ladder)
+    s, _ = _module(s, lambda x: (b.mlp(b.mlp_norm(x)), None), reduce, ladder)
+    return s, (c,)
+
+
+def standard(blocks, kv, s, ctx):
     """x_j = x_{j-1} + AR(f_j(LN_j(x_{j-1}))): two blocking all-reduces per layer."""
-    return _sequential(blocks[0], layers[0], s, ctx, reduce=ctx.all_reduce)
+    return _sequential(blocks, kv, s, ctx, reduce=ctx.all_reduce)
 
 
-def ladder(blocks, layers, s, ctx):
+def ladder(blocks, kv, s, ctx):
     """x_j = x_{j-1} + AR(f_j(LN_j(x_{j-2}))): each all-reduce overlaps the next module."""
-    return _sequential(blocks[0], layers[0], s, ctx, reduce=ctx.all_reduce, ladder=True)
+    return _sequential(blocks, kv, s, ctx, reduce=ctx.all_reduce, ladder=True)
 
 
-def desync(blocks, layers, s, ctx):
+def desync(blocks, kv, s, ctx):
     """No all-reduce: each device keeps its partial residual. A speed bound, not a valid model."""
-    return _sequential(blocks[0], layers[0], s, ctx, reduce=lambda y: y)
+    return _sequential(blocks, kv, s, ctx, reduce=lambda y: y)
 
 
-def parallel(blocks, layers, s, ctx):
+def parallel(blocks, kv, s, ctx):
     """x_i = x_{i-1} + AR(attn(LN(x)) + mlp(LN(x))), one norm: one all-reduce per layer."""
-    (b,), (i,) = blocks, layers
+    (b,), (c,) = blocks, kv
     s = s.read()
     h = b.attn_norm(s.x)
-    return s.push(ctx.all_reduce(ctx.attend(i, b.attn, h) + b.mlp(h)))
+    y, c = ctx.attend(b.attn, h, c)
+    return s.push(ctx.all_reduce(y + b.mlp(h))), (c,)
 
 
-def spd(blocks, layers, s, ctx):
+def spd(blocks, kv, s, ctx):
     """Sync-Point Drop: the MLP reads LN(x + Y_d) with this device's partial attention Y_d; one
     all-reduce of Y_d + Z_d per block."""
-    (b,), (i,) = blocks, layers
+    (b,), (c,) = blocks, kv
     s = s.read()
-    y = ctx.attend(i, b.attn, b.attn_norm(s.x))
+    y, c = ctx.attend(b.attn, b.attn_norm(s.x), c)
     z = b.mlp(b.mlp_norm(s.x + y))
-    return s.push(ctx.all_reduce(y + z))
+    return s.push(ctx.all_reduce(y + z)), (c,)
 
 
-def lp(blocks, layers, s, ctx):
+def lp(blocks, kv, s, ctx):
     """Layer Parallelism: layers i and i+1 read the same input, one all-reduce per sublayer pair."""
-    (a, b), (i, j) = blocks, layers
+    (a, b), (ca, cb) = blocks, kv
     s = s.read()
-    s = s.push(ctx.all_reduce(ctx.attend(i, a.attn, a.attn_norm(s.x)) + ctx.attend(j, b.attn, b.attn_norm(s.x))))
-    s = s.read()
-    return s.push(ctx.all_reduce(a.mlp(a.mlp_norm(s.x)) + b.mlp(b.mlp_norm(s.x))))
+    ya, ca = ctx.attend(a.attn, a.attn_norm(s.x), ca)
+    yb, cb = ctx.attend(b.attn, b.attn_norm(s.x), cb)
+    s = s.push(ctx.all_reduce(ya + yb)).read()
+    return s.push(ctx.all_reduce(a.mlp(a.mlp_norm(s.x)) + b.mlp(b.mlp_norm(s.x)))), (ca, cb)
 
 
-def lp_split(blocks, layers, s, ctx):
+def lp_split(blocks, kv, s, ctx):
     """Layer Parallelism in the paper's layout (model.lp_layout=split): block a holds both layers'
     heads and FFN columns, so each device runs one layer of the pair (i on the first half of the
     tensor axis, i+1 on the second) with that layer's norms, and one all-reduce per sublayer pair
     sums them: the function of `lp`, one layer's chain of kernels per device instead of two."""
-    (a, b), (i, j) = blocks, layers
+    (a, b), (ca, cb) = blocks, kv
     s = s.read()
     h = a.attn_norm(s.x, ctx.pick(a.attn_norm.scale[...], b.attn_norm.scale[...]))
-    s = s.push(ctx.all_reduce(ctx.attend(i, a.attn, h, (i, j))))
+    y, pair = ctx.attend(a.attn, h, None if ca is None else [ca, cb])
+    s = s.push(ctx.all_reduce(y)).read()
+    s = s.push(ctx.all_reduce(a.mlp(a.mlp_norm(s.x, ctx.pick(a.mlp_norm.scale[...], b.mlp_norm.scale[...])))))
+    return s, (None, None) if pair is None else tuple(pair)
+
+
+def track(blocks, kv, s, ctx):
+    """Parallel Track: each tensor device is a track. Over the step's D layers a device keeps its
+    own residual x_d = x + sum of its partial outputs so far (every module reads LN(x_d), no
+    all-reduce); at the step's end the tracks fuse with one, x <- x + AR(sum of partial outputs)."""
     s = s.read()
-    return s.push(ctx.all_reduce(a.mlp(a.mlp_norm(s.x, ctx.pick(a.mlp_norm.scale[...], b.mlp_norm.scale[...])))))
+    mine, new_kv = None, []
+    for b, c in zip(blocks, kv):
+        y, c = ctx.attend(b.attn, b.attn_norm(s.x if mine is None else s.x + mine), c)
+        mine = y if mine is None else mine + y
+        mine = mine + b.mlp(b.mlp_norm(s.x + mine))
+        new_kv.append(c)
+    return s.push(ctx.all_reduce(mine)), tuple(new_kv)
 
 
-# The one list of schedule names: the plan grammar (config.parse_plan) accepts exactly these.
-SCHEDULES = {"standard": standard, "ladder": ladder, "desync": desync, "parallel": parallel, "spd": spd, "lp": lp}
+# ---------------------------------------------------------------------------------------------
+# The registry
 
-# All-reduces over `tensor` each schedule issues per layer (lp: per layer, i.e. 2 per pair).
-ALL_REDUCES_PER_LAYER = {"standard": 2, "ladder": 2, "desync": 0, "parallel": 1, "spd": 1, "lp": 1}
+
+@dataclass(frozen=True)
+class Schedule:
+    """A residual schedule: its function and every trait the rest of the library reads."""
+
+    name: str  # as a plan writes it, parameter included ("track:2")
+    run: Callable  # (blocks, kv, stream, ctx) -> (stream, kv), one step
+    all_reduces: int  # over `tensor` per step
+    summary: str  # one line for docs and `choose from` messages
+    layers_per_step: int = 1  # a plan run of this schedule must be a multiple of it
+    # the step's layers read the same input, attentions first and then MLPs (lp), rather than one
+    # after another; what `train.trainable=lp_pairs` selects, and the order the latency model uses
+    side_by_side: bool = False
+    mlp_norm: bool = True  # False: the MLP reads the attention's norm (parallel): a parameter less
+    split: "Schedule | None" = None  # its form under model.lp_layout=split (each layer on half the tensor axis)
+    # (a split form) the step's heads and FFN columns all live in its first layer's slot
+    # (model.to_split_layout moves them there), each layer's on its part of the tensor axis
+    merged_weights: bool = False
+    trainable: bool = True  # False: only for running a model (checkpoints store another layout)
+    # the function changes with the tensor degree (spd, track, desync): a run restored at another
+    # degree computes another model
+    tensor_dependent: bool = False
+    exports_to_llama: bool = False  # transformers' LlamaForCausalLM computes exactly this layer
+    # the plan sets layers_per_step after a colon (track:2); the text names it in messages
+    parameter: str = ""
+
+    @property
+    def example(self) -> str:
+        """A plan segment that uses it, for tests and messages."""
+        return f"{self.name}:2" if self.parameter else self.name
+
+    def with_parameter(self, text: str) -> "Schedule":
+        """This entry with the plan's parameter applied (`track` + "2" -> track:2, two layers a step)."""
+        if not self.parameter:
+            raise ValueError(f"schedule '{self.name}' takes no parameter; write '{self.name}' without ':{text}'")
+        if not text.isdigit() or int(text) < 1:
+            raise ValueError(
+                f"schedule '{self.name}' needs {self.parameter} as a positive integer, e.g. '{self.example}'"
+            )
+        return replace(self, name=f"{self.name}:{int(text)}", layers_per_step=int(text))
+
+
+LP_SPLIT = Schedule(
+    "lp",
+    lp_split,
+    2,
+    "lp pairs, one layer on each half of the tensor axis",
+    2,
+    side_by_side=True,
+    merged_weights=True,
+    trainable=False,
+)
+
+SCHEDULES = {
+    s.name: s
+    for s in (
+        Schedule("standard", standard, 2, "Megatron TP: two blocking all-reduces per layer", exports_to_llama=True),
+        Schedule("ladder", ladder, 2, "Ladder Residual: each all-reduce overlaps the next module"),
+        Schedule("parallel", parallel, 1, "GPT-J/PaLM parallel block: one norm, one all-reduce", mlp_norm=False),
+        Schedule("spd", spd, 1, "Sync-Point Drop: the attention's all-reduce dropped", tensor_dependent=True),
+        Schedule("lp", lp, 2, "Layer Parallelism: two layers side by side", 2, side_by_side=True, split=LP_SPLIT),
+        Schedule(
+            "track",
+            track,
+            1,
+            "Parallel Track: each device a track, one all-reduce every D layers",
+            tensor_dependent=True,
+            parameter="D (layers between fusions)",
+        ),
+        Schedule("desync", desync, 0, "no all-reduce: a speed bound, not a valid model", tensor_dependent=True),
+    )
+}
+
+
+@functools.cache
+def schedule(name: str) -> Schedule:
+    """The registry entry for a plan's schedule name, its parameter applied (`track:2`)."""
+    base, colon, parameter = name.partition(":")
+    if base not in SCHEDULES:
+        raise ValueError(f"unknown schedule '{base}'; choose from {', '.join(s.example for s in SCHEDULES.values())}")
+    entry = SCHEDULES[base]
+    if colon:
+        return entry.with_parameter(parameter)
+    if entry.parameter:
+        raise ValueError(f"schedule '{base}' needs {entry.parameter}: write e.g. '{entry.example}'")
+    return entry

@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
+from . import accelerators
 from . import checkpoint as ckpt
 from . import model as M
 from .config import Config, ConfigError, ModelConfig
@@ -38,19 +39,6 @@ from .mesh import BATCH, batch_shards, make_mesh
 from .tokenizer import copy_tokenizer_files, get_tokenizer
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "mask")
-
-# bf16 dense peak TFLOP/s per device, for model-FLOPs utilisation.
-PEAK_TFLOPS = {
-    "H100": 989.0,
-    "H200": 989.0,
-    "A100": 312.0,
-    "L4": 121.0,
-    "TPU v4": 275.0,
-    "TPU v5 lite": 197.0,
-    "TPU v5e": 197.0,
-    "TPU v5p": 459.0,
-    "TPU v6": 918.0,
-}
 
 
 class TrainingError(LadderError):
@@ -140,7 +128,7 @@ def trainable_mask(cfg: Config, params) -> dict:
     if spec == "all":
         return jax.tree.map(lambda _: True, names)
     if spec == "lp_pairs":
-        layers = {i for i, s in enumerate(cfg.model.layer_schedules) if s == "lp"}
+        layers = {i for s, step in cfg.model.layer_steps if s.side_by_side for i in step}
         if not layers:
             raise ConfigError(
                 "train.trainable=lp_pairs but model.plan pairs no layers; add an lp range such as model.plan=lp@4:8"
@@ -191,7 +179,7 @@ def make_optimizer(cfg: Config, params) -> optax.GradientTransformation:
 
 
 def check_trainable_layout(cfg: Config) -> None:
-    if cfg.model.lp_layout == "split" and "lp" in cfg.model.layer_schedules:
+    if any(not s.trainable for s, _ in cfg.model.layer_steps):
         raise ConfigError(
             "model.lp_layout=split is a layout for running a model, and checkpoints store the shared one; "
             "train with model.lp_layout=shared (the same function) and run the result with split"
@@ -314,11 +302,8 @@ def flops_per_token(cfg: Config) -> float:
 def peak_flops(cfg: Config) -> float | None:
     if cfg.train.peak_tflops > 0:
         return cfg.train.peak_tflops * 1e12
-    kind = jax.devices()[0].device_kind
-    for name, tflops in PEAK_TFLOPS.items():
-        if name.lower() in kind.lower():
-            return tflops * 1e12
-    return None
+    device = accelerators.for_device_kind(jax.devices()[0].device_kind)
+    return device.matmul_flops if device else None
 
 
 def append_jsonl(path: Path, record: dict) -> None:

@@ -63,31 +63,54 @@ def mlp(p, x):
     return (g / (1 + np.exp(-g)) * (x @ p["up_proj"])) @ p["down_proj"]
 
 
+def _device_shard(L, d, tensor, cfg):
+    """Layer L's attention and MLP as device d of `tensor` computes them: its block of query heads
+    (o_proj of those heads only) and its block of FFN columns; the outputs are partial sums."""
+    heads, cols = cfg.n_heads // tensor, cfg.ffn_dim // tensor
+    own = np.zeros((cfg.n_heads, 1, 1))
+    own[d * heads : (d + 1) * heads] = 1
+    c = slice(d * cols, (d + 1) * cols)
+    m = {
+        "gate_proj": L["mlp"]["gate_proj"][:, c],
+        "up_proj": L["mlp"]["up_proj"][:, c],
+        "down_proj": L["mlp"]["down_proj"][c],
+    }
+    return dict(L["attn"], o_proj=L["attn"]["o_proj"] * own), m
+
+
 def spd_block(L, x, cfg, tensor):
     """Sync-Point Drop on `tensor` devices: device d holds query heads and FFN columns block d; its
     MLP reads LN(x + Y_d) with only its own heads' attention output Y_d; one sum of Y_d + Z_d."""
     eps = cfg.norm_eps
     h = rms_norm(x, L["attn_norm"]["scale"], eps)
-    heads, cols = cfg.n_heads // tensor, cfg.ffn_dim // tensor
     total = 0.0
     for d in range(tensor):
-        own = np.zeros((cfg.n_heads, 1, 1))
-        own[d * heads : (d + 1) * heads] = 1  # o_proj of this device's heads only
-        y = attention(dict(L["attn"], o_proj=L["attn"]["o_proj"] * own), h, cfg)
-        c = slice(d * cols, (d + 1) * cols)
-        m = {
-            "gate_proj": L["mlp"]["gate_proj"][:, c],
-            "up_proj": L["mlp"]["up_proj"][:, c],
-            "down_proj": L["mlp"]["down_proj"][c],
-        }
+        attn, m = _device_shard(L, d, tensor, cfg)
+        y = attention(attn, h, cfg)
         total = total + y + mlp(m, rms_norm(x + y, L["mlp_norm"]["scale"], eps))
+    return x + total
+
+
+def track_step(Ls, x, cfg, tensor):
+    """Parallel Track on `tensor` devices over the layers Ls of one step: device d keeps its own
+    residual x_d = x + the partial outputs of its heads and FFN columns so far, every module reading
+    LN(x_d); at the step's end one sum of every device's partial outputs is added to x."""
+    eps = cfg.norm_eps
+    total = 0.0
+    for d in range(tensor):
+        own = 0.0
+        for L in Ls:
+            attn, m = _device_shard(L, d, tensor, cfg)
+            own = own + attention(attn, rms_norm(x + own, L["attn_norm"]["scale"], eps), cfg)
+            own = own + mlp(m, rms_norm(x + own, L["mlp_norm"]["scale"], eps))
+        total = total + own
     return x + total
 
 
 def forward(params, tokens, cfg, layer_schedules, tensor=1):
     """Logits (B, S, vocab). Schedules: standard, ladder (module j reads x_{j-2}, x_{-1} = x_0),
     parallel (one norm, both branches on x_{i-1}), lp (pairs side by side on the same input),
-    spd (depends on the `tensor` devices it is split over)."""
+    spd and track:D (both depend on the `tensor` devices they are split over)."""
     p = _f64(params)
     eps = cfg.norm_eps
     layers = p["layers"]
@@ -129,9 +152,18 @@ def forward(params, tokens, cfg, layer_schedules, tensor=1):
             j += 2
             i += 2
         elif kind == "spd":
-            xs[j + 1] = xs[j + 2] = spd_block(L, xs[j], cfg, tensor)  # the block's two modules, one sync
+            # the block's two modules, one sync: nothing reaches the residual before it
+            xs[j + 1], xs[j + 2] = xs[j], spd_block(L, xs[j], cfg, tensor)
             j += 2
             i += 1
+        elif kind.startswith("track:"):
+            depth = int(kind.split(":")[1])
+            x = xs[j]
+            for k in range(1, 2 * depth):  # the step's modules, one sync at its end
+                xs[j + k] = x
+            xs[j + 2 * depth] = track_step([layers[k] for k in range(i, i + depth)], x, cfg, tensor)
+            j += 2 * depth
+            i += depth
         else:
             raise ValueError(kind)
     x = rms_norm(xs[j], p["final_norm"]["scale"], eps)

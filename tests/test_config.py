@@ -1,7 +1,8 @@
 import pytest
 
-from ladder_jax.config import ConfigError, list_presets, load_config, parse_plan, plan_steps
+from ladder_jax.config import ConfigError, list_presets, load_config
 from ladder_jax.model import count_params
+from ladder_jax.plan import parse_plan, plan_steps
 
 
 def test_every_preset_loads_and_validates():
@@ -81,7 +82,10 @@ def test_rope_scaling_override_builds_the_nested_section():
         (["model.plan=ladder@40"], "outside 0..5"),
         (["model.plan=ladder@2:50"], "outside 0..5"),
         (["model.plan=ladders"], "unknown schedule 'ladders'"),
-        (["model.plan=lp@1:4"], "odd-length lp run"),
+        (["model.plan=lp@1:4"], "a run of 3 'lp' layers"),
+        (["model.plan=track:4@0:2"], "give the run a multiple of 4 layers"),
+        (["model.plan=track"], "needs D"),
+        (["model.plan=ladder:2"], "takes no parameter"),
         (["model.plan=lp@0:4,ladder@2:"], "layer 2 is given both"),
         (["model.plan=ladder,parallel"], "two default schedules"),
         (["model.dtype=int8"], "model.dtype='int8' is not supported"),
@@ -109,6 +113,7 @@ def test_plan_grammar():
     assert parse_plan("spd@0,spd@2", 4) == ("spd", "standard", "spd", "standard")
     assert parse_plan("ladder,lp@1:3", 4) == ("ladder", "lp", "lp", "ladder")
     assert plan_steps(parse_plan("lp@0:4,ladder@4:", 5)) == [("lp", (0, 1)), ("lp", (2, 3)), ("ladder", (4,))]
+    assert plan_steps(parse_plan("track:2@1:5", 5)) == [("standard", (0,)), ("track:2", (1, 2)), ("track:2", (3, 4))]
 
 
 def test_fsdp_sizes_that_do_not_fit_the_devices_or_the_batch_are_refused(devices):

@@ -9,6 +9,7 @@ import importlib.util
 
 import pytest
 
+from ladder_jax import accelerators
 from ladder_jax.cli import main
 from ladder_jax.config import load_config
 from ladder_jax.instruments import deviceless
@@ -100,6 +101,20 @@ def test_targets_and_their_one_line_errors():
     cfg = load_config("tiny", ["model.d_model=96", "model.n_heads=6", "model.n_kv_heads=3", "mesh.tensor=3"])
     with pytest.raises(TargetError, match="--tensor 3 does not divide the 8 devices of h100-8"):
         target_mesh(cfg, h100)  # refused before any compiler is needed
+
+
+def test_gpu_target_protos_agree_with_the_accelerator_table():
+    import re
+
+    def field(text, key):
+        return float(re.search(rf"{key}:\s*([\d.]+)", text).group(1))
+
+    for gpu in (a for a in accelerators.accelerators().values() if a.gpu_target):
+        text = (deviceless.TARGETS_DIR / gpu.gpu_target).read_text()
+        assert field(text, "device_memory_size") == gpu.hbm_bytes, gpu.name
+        assert field(text, "memory_bandwidth") == gpu.hbm_bandwidth, gpu.name
+        assert any(k in re.search(r'device_description_str: "(.*)"', text).group(1) for k in gpu.kinds), gpu.name
+    assert {deviceless.GPU_TARGETS[n] for n in deviceless.GPU_TARGETS} <= set(accelerators.accelerators())
 
 
 @pytest.mark.parametrize("target, extra", [("h100-8", "cuda"), ("v5e-8", "tpu")])

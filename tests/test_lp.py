@@ -53,5 +53,5 @@ def test_agreement_counts_matching_positions():
 def test_sweep_refuses_a_mixed_plan_and_an_odd_delta():
     with pytest.raises(ConfigError, match="mixes schedules"):
         lp.lp_plan("standard,ladder@2:", 4, 0, 2)
-    with pytest.raises(ConfigError, match="odd-length lp run"):
+    with pytest.raises(ConfigError, match="a run of 3 'lp' layers"):
         lp.lp_plan("standard", 4, 0, 3)

@@ -11,10 +11,11 @@ import pytest
 from ladder_jax import checkpoint as ckpt
 from ladder_jax import model as M
 from ladder_jax.cli import main
-from ladder_jax.config import load_config, parse_plan
+from ladder_jax.config import load_config
 from ladder_jax.mesh import make_mesh
 from ladder_jax.methods import depth
 from ladder_jax.methods.depth import DepthError, Transform
+from ladder_jax.plan import parse_plan
 
 from .conftest import save_small_run, small_config
 from .reference import forward as reference_forward
@@ -130,7 +131,7 @@ def test_encode_plan_round_trips(schedules):
         (Transform("parallel", 1, 4), "standard", "give an even range"),
         (Transform("parallel", 0, 2), "standard,parallel@1", "one-norm"),
         (Transform("shuffle", 0, 2, (0, 2)), "standard", "not a permutation"),
-        (Transform("prune", 1, 3), "standard,lp@2:4", "already in an lp pair"),
+        (Transform("prune", 1, 3), "standard,lp@2:4", "already in a step of several lp layers"),
         (Transform("merge", 0, 2), "standard,ladder@1:", "different schedules"),
         (Transform("prune", 2, 6), "standard", "outside 0..3"),
     ],

@@ -10,12 +10,15 @@ from jax.sharding import PartitionSpec as P
 from ladder_jax import model as M
 from ladder_jax.layers import rope_frequencies
 from ladder_jax.mesh import BATCH, make_mesh
+from ladder_jax.schedules import SCHEDULES
 
 from .conftest import small_config
 from .reference import forward as reference_forward
 from .reference import llama3_scaled_frequencies
 
-VALID_PLANS = ["standard", "parallel", "ladder", "standard,ladder@-2:", "lp@1:3"]
+# Every schedule whose function does not depend on the tensor degree, and two mixed plans.
+VALID_PLANS = [s.example for s in SCHEDULES.values() if not s.tensor_dependent] + ["standard,ladder@-2:", "lp@1:3"]
+TENSOR_DEPENDENT = [s.example for s in SCHEDULES.values() if s.tensor_dependent]
 MESHES = [(1, 8), (2, 4), (4, 2)]
 TOKENS = np.random.RandomState(0).randint(0, 259, (4, 12))
 
@@ -73,8 +76,8 @@ def test_hybrid_ladder_keeps_the_standard_layers_hidden_states(devices):
     assert np.abs(h_hyb[3] - h_std[3]).max() > 1e-3  # the ladder layers: a different function
 
 
-@pytest.mark.parametrize("schedule", ["spd", "desync"])
-def test_spd_and_desync_equal_standard_on_one_device_and_differ_when_sharded(schedule, devices):
+@pytest.mark.parametrize("schedule", TENSOR_DEPENDENT)
+def test_tensor_dependent_schedules_equal_standard_on_one_device_and_differ_when_sharded(schedule, devices):
     cfg, mesh, params = build("standard")
     standard = np.asarray(M.logits(cfg, mesh, params, TOKENS))
     # Same math; only the order of two float32 additions differs.
@@ -91,6 +94,16 @@ def test_spd_blocks_match_the_numpy_reference_of_their_tensor_degree(plan, mesh_
     assert (
         np.abs(ref - reference_forward(jax.device_get(params), TOKENS, cfg, cfg.layer_schedules, tensor=1)).max() > 1e-3
     )
+
+
+@pytest.mark.parametrize(
+    "plan, mesh_shape", [("track:2", (1, 1)), ("track:4", (1, 2)), ("standard,track:2@1:3,ladder@3", (2, 4))]
+)
+def test_track_matches_the_numpy_reference_of_its_tensor_degree(plan, mesh_shape, devices):
+    # tensor 2 splits the KV heads, 4 replicates them; the mixed plan fuses before a ladder layer
+    cfg, _, params = build(plan)
+    ref = reference_forward(jax.device_get(params), TOKENS, cfg, cfg.layer_schedules, tensor=mesh_shape[1])
+    np.testing.assert_allclose(run(plan, *mesh_shape, params), ref, atol=2e-5, rtol=1e-4)
 
 
 def test_tied_embeddings_match_the_reference_when_sharded(devices):
@@ -194,7 +207,7 @@ def test_split_lp_layout_refuses_odd_tensor_axes_and_training(devices):
     from ladder_jax.config import ConfigError
     from ladder_jax.training import Trainer
 
-    with pytest.raises(ConfigError, match="has no halves"):
+    with pytest.raises(ConfigError, match="does not split into 2"):
         small_config("standard,lp@2:4", 1, 1, model__lp_layout="split")
     cfg = small_config("standard,lp@2:4", 1, 2, model__lp_layout="split")
     with pytest.raises(ConfigError, match="train with model.lp_layout=shared"):

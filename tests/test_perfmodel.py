@@ -67,6 +67,11 @@ def test_structure_comes_from_the_sync_analysis(anchor):
     hybrid = cost.summarize(cost.decode_structure(m, TENSOR, f"standard,ladder@-{k}:"))
     assert hybrid["overlappable_all_reduces"] == 2 * k + 1
     assert hybrid["all_reduces"] == counts["standard"]["all_reduces"]
+    # a track step of D=2 layers: four modules one after another, then the one fusion
+    events = cost.decode_structure(m, TENSOR, "track:2")
+    assert cost.summarize(events)["all_reduces"] == 1 + m.n_layers // 2 + 2
+    first = [e.module or "ar" for e in events[2:7]]
+    assert first == ["attention", "mlp", "attention", "mlp", "ar"]
 
 
 def test_the_model_uses_what_the_analysis_reports(anchor, monkeypatch):

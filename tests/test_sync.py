@@ -7,21 +7,23 @@ from ladder_jax.cli import main
 from ladder_jax.instruments.hlo import parse_replica_groups, shape_bytes
 from ladder_jax.instruments.sync import analyze, forward_report
 from ladder_jax.mesh import make_mesh
-from ladder_jax.schedules import ALL_REDUCES_PER_LAYER
+from ladder_jax.plan import lookup
+from ladder_jax.schedules import SCHEDULES
 
 from .conftest import small_config
 
 N_LAYERS = 4
 
 
-@pytest.mark.parametrize("schedule", ["standard", "parallel", "ladder", "desync", "spd", "lp"])
-def test_all_reduces_per_layer_match_the_schedule(schedule, devices):
+@pytest.mark.parametrize("schedule", [s.example for s in SCHEDULES.values()])
+def test_all_reduces_per_step_match_the_schedule(schedule, devices):
     cfg = small_config(schedule, data=2, tensor=4)
     report = forward_report(cfg.model, make_mesh(cfg))
     tensor = report.on("tensor")
     assert report.on("data") == [] and report.on("other") == []
     embedding = 1  # the vocab-parallel embedding's partial rows are summed once
-    assert sum(a.operands for a in tensor) == embedding + N_LAYERS * ALL_REDUCES_PER_LAYER[schedule]
+    entry = lookup(schedule)
+    assert sum(a.operands for a in tensor) == embedding + N_LAYERS // entry.layers_per_step * entry.all_reduces
     layer_ars = tensor[1:]
     if schedule == "ladder":
         # every ladder all-reduce but the last has a matmul that neither feeds it nor waits for it
@@ -94,6 +96,8 @@ def test_sync_command_reports_the_decode_step_per_variant(capsys, devices):
             "standard",
             "--variant",
             "ladder",
+            "--variant",
+            "track:2",
             "--json",
         ]
     )
@@ -105,3 +109,5 @@ def test_sync_command_reports_the_decode_step_per_variant(capsys, devices):
     assert rows["standard"]["overlappable_all_reduces"] == 0
     assert rows["ladder"]["overlappable_all_reduces"] == 4
     assert rows["ladder"]["bytes_per_token"] == rows["standard"]["bytes_per_token"] > 5 * 256 * 4
+    assert rows["track:2"]["all_reduces"] == 1 + 1 + 2  # one fusion for the two layers
+    assert rows["track:2"]["blocking_all_reduces"] == 4

@@ -18,6 +18,7 @@ from ladder_jax import model as M
 from ladder_jax.config import ConfigError, replace
 from ladder_jax.data import DataError, PackedWindows, val_batches
 from ladder_jax.mesh import make_mesh
+from ladder_jax.plan import lookup
 from ladder_jax.training import Trainer, TrainingError, global_batch, loss_sums_fn, train
 
 from .conftest import small_config
@@ -99,6 +100,7 @@ GRADIENT_CASES = [
     ("spd", (1, 2, 4), "none", False),
     ("lp@0:2", (1, 8, 1), "full", False),
     ("parallel", (2, 1, 4), "none", True),
+    ("track:2", (2, 1, 4), "full", True),
 ]
 
 
@@ -118,8 +120,9 @@ def _grads(plan, shape, remat="none", scan=False):
 
 @pytest.mark.parametrize("plan, shape, remat, scan", GRADIENT_CASES, ids=lambda c: str(c).replace(" ", ""))
 def test_gradients_equal_a_tensor_1_run(plan, shape, remat, scan, devices):
-    # SPD at tensor > 1 is another function by design: its reference keeps the tensor size.
-    reference = (1, 1, shape[2] if plan == "spd" else 1)
+    # SPD and track at tensor > 1 are other functions by design: their reference keeps the tensor size.
+    dependent = any(lookup(s).tensor_dependent for s in small_config(plan).model.layer_schedules)
+    reference = (1, 1, shape[2] if dependent else 1)
     want, got = _grads(plan, reference), _grads(plan, shape, remat, scan)
     for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
         np.testing.assert_allclose(g, w, atol=2e-6, rtol=2e-4)
@@ -267,6 +270,19 @@ def test_a_checkpoint_restores_and_resumes_on_another_mesh(corpus, tmp_path, dev
     moved = replace(cfg, train={"steps": 3}, mesh={"fsdp": 8, "tensor": 1})
     resumed = train(moved, tmp_path / "run", progress=False, log=notes.append)
     assert notes == [f"resumed {tmp_path / 'run'} at step 2"] and resumed["step"] == 3 and np.isfinite(resumed["loss"])
+
+
+def test_a_tensor_dependent_plan_is_restored_only_at_its_tensor_degree(tmp_path, devices):
+    run = tmp_path / "spd"
+    ckpt.check_writable(run)
+    ckpt.save_config(run, small_config("spd", 1, 2))
+    other = small_config("spd", 1, 4)
+    with pytest.raises(ckpt.CheckpointError, match="saved for mesh.tensor=2.*use mesh.tensor=2"):
+        ckpt.restore_params(run, other, make_mesh(other))
+    # another plan is another choice: SPD applied to these weights anew at tensor 4 is allowed
+    standard = small_config("standard", 1, 4)
+    with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint"):
+        ckpt.restore_params(run, standard, make_mesh(standard))
 
 
 def test_plot_draws_several_runs_into_one_png(tmp_path):

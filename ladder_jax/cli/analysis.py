@@ -7,9 +7,10 @@ import json
 
 import jax
 
-from ..config import load_config, parse_plan
+from ..config import load_config
 from ..instruments import deviceless, sync
 from ..mesh import apply_xla_flags, force_cpu_devices, make_mesh
+from ..plan import parse_plan
 from . import _format
 from ._common import overrides, verb_group
 

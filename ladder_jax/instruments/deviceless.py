@@ -22,18 +22,19 @@ import jax.numpy as jnp
 from jax.experimental import topologies
 from jax.sharding import Mesh
 
-from .. import decode
-from ..config import Config, ModelConfig, parse_plan
+from .. import accelerators, decode
+from ..config import Config, ModelConfig
 from ..errors import LadderError
 from ..mesh import batch_shards, make_mesh
+from ..plan import parse_plan
 from ..training import BATCH_KEYS, get_trainer
 from .hlo import Instr, collective_axis, is_matmul, mesh_axis_groups, parse_hlo, shape_bytes
 
 TARGETS_DIR = Path(__file__).parent / "targets"
 EXTRA = {"cuda": ("jax_cuda12_plugin", "cuda", "XLA:GPU's CUDA plugin"), "tpu": ("libtpu", "tpu", "XLA:TPU (libtpu)")}
-GPU_TARGETS = {"h100-8": "h100_sxm.txtpb", "a100-8": "a100_sxm.txtpb", "h200-8": "h200_sxm.txtpb"}
-# Slice shapes (chips) as Cloud TPU names them; HBM per chip (Cloud TPU system architecture pages:
-# v5e 16 GiB, v5p 95 GiB). A v5p chip's two TensorCores are one JAX device (megacore).
+# Deviceless GPU targets: 8 GPUs of one NVLink node of an accelerator (ladder_jax/accelerators.yaml)
+GPU_TARGETS = {"h100-8": "h100-sxm", "a100-8": "a100-sxm", "h200-8": "h200-sxm"}
+# Slice shapes (chips) as Cloud TPU names them. A v5p chip's two TensorCores are one JAX device (megacore).
 V5E_SHAPES = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 V5P_SHAPES = {
     4: "2x2x1",
@@ -48,7 +49,6 @@ V5P_SHAPES = {
     2048: "8x16x16",
     4096: "16x16x16",
 }
-TPU_HBM = {"v5e": 16 * 2**30, "v5p": 95 * 2**30}
 
 
 class TargetError(LadderError):
@@ -69,16 +69,15 @@ def get_target(name: str) -> Target:
     """h100-8, a100-8, h200-8 (8 GPUs over NVLink); v5e-N (N chips, N <= 256); v5p-N (N TensorCores,
     Cloud naming: N/2 chips)."""
     if name in GPU_TARGETS:
-        text = (TARGETS_DIR / GPU_TARGETS[name]).read_text()
-        hbm = int(re.search(r"device_memory_size:\s*(\d+)", text).group(1))
-        return Target(name, "cuda", "1x1x8", 8, hbm, text)
+        gpu = accelerators.get(GPU_TARGETS[name])
+        return Target(name, "cuda", "1x1x8", 8, gpu.hbm_bytes, (TARGETS_DIR / gpu.gpu_target).read_text())
     m = re.fullmatch(r"v5(e|p)-(\d+)", name)
     if m and m.group(1) == "e" and int(m.group(2)) in V5E_SHAPES:
         n = int(m.group(2))
-        return Target(name, "tpu", f"v5e:{V5E_SHAPES[n]}", n, TPU_HBM["v5e"])
+        return Target(name, "tpu", f"v5e:{V5E_SHAPES[n]}", n, accelerators.get("tpu-v5e").hbm_bytes)
     if m and m.group(1) == "p" and int(m.group(2)) // 2 in V5P_SHAPES and int(m.group(2)) % 2 == 0:
         chips = int(m.group(2)) // 2
-        return Target(name, "tpu", f"v5p:{V5P_SHAPES[chips]}", chips, TPU_HBM["v5p"])
+        return Target(name, "tpu", f"v5p:{V5P_SHAPES[chips]}", chips, accelerators.get("tpu-v5p").hbm_bytes)
     v5e, v5p = "/".join(map(str, V5E_SHAPES)), "/".join(str(2 * c) for c in V5P_SHAPES)
     known = ", ".join([*GPU_TARGETS, f"v5e-N (N in {v5e})", f"v5p-N (N TensorCores in {v5p})"])
     raise TargetError(f"unknown target '{name}'; pick one of {known}")

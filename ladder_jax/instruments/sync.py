@@ -24,8 +24,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from .. import decode, model
-from ..config import ModelConfig, parse_plan
+from ..config import ModelConfig
 from ..mesh import batch_shards
+from ..plan import parse_plan
 from .hlo import collective_axis, is_matmul, mesh_axis_groups, parse_hlo, shape_bytes
 
 NO_COMBINER = {"xla_disable_hlo_passes": "cpu-all-reduce-combiner"}

@@ -45,6 +45,8 @@ from ..config import Config, ModelConfig, TrainConfig, from_dict, replace
 from ..errors import LadderError
 from ..memory import check_params_fit
 from ..mesh import make_mesh
+from ..plan import lookup
+from ..schedules import SCHEDULES
 from ..tokenizer import copy_tokenizer_files
 
 DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16)}
@@ -257,9 +259,11 @@ def hf_model_config(hf_dir: Path, plan: str, dtype: str | None) -> Config:
         "pad_id": pad,
     }
     cfg = from_dict({"model": model, "train": {"seq_len": min(TrainConfig.seq_len, max_len)}})
-    if "parallel" in cfg.model.layer_schedules:
+    one_norm = sorted({s for s in cfg.model.layer_schedules if not lookup(s).mlp_norm})
+    if one_norm:
+        takes = ", ".join(s.example for s in SCHEDULES.values() if s.mlp_norm)
         raise ConvertError(
-            f"--plan '{plan}': a parallel layer has one norm where Llama has two, so it cannot take Llama weights; use standard, ladder, spd, lp or desync"
+            f"--plan '{plan}': a {one_norm[0]} layer has one norm where Llama has two, so it cannot take Llama weights; use {takes}"
         )
     return cfg
 
@@ -436,7 +440,7 @@ def hf_config_json(m: ModelConfig, dtype: str) -> dict:
 
 
 def check_exportable(cfg: Config, run_dir: Path) -> None:
-    others = sorted({s for s in cfg.model.layer_schedules if s != "standard"})
+    others = sorted({s for s in cfg.model.layer_schedules if not lookup(s).exports_to_llama})
     if others:
         raise ConvertError(
             f"{run_dir} has plan '{cfg.model.plan}' with {', '.join(others)} layers; transformers' LlamaForCausalLM "

@@ -38,8 +38,9 @@ import numpy as np
 from .. import checkpoint as C
 from .. import model as M
 from ..checkpoint import Run
-from ..config import Config, ConfigError, ModelConfig, parse_plan, replace
+from ..config import Config, ConfigError, ModelConfig, replace
 from ..instruments.plots import pyplot
+from ..plan import lookup, parse_plan
 from ..training import evaluate
 
 TRANSFORMS = ("shuffle", "merge", "prune", "parallel")
@@ -104,7 +105,7 @@ def default_schedule(plan: str) -> str:
 
 
 def encode_plan(schedules: tuple[str, ...] | list[str], prefer: str | None = None) -> str:
-    """A plan string (`config.parse_plan` grammar) for per-layer schedules: `prefer` as the default
+    """A plan string (`plan.parse_plan` grammar) for per-layer schedules: `prefer` as the default
     schedule when some layer still has it, else the most common one; ranges for the rest."""
     schedules = list(schedules)
     counts = {s: schedules.count(s) for s in schedules}
@@ -144,11 +145,12 @@ def transformed_config(t: Transform, m: ModelConfig) -> ModelConfig:
         raise DepthError(f"unknown transformation '{t.kind}'; choose from {', '.join(TRANSFORMS)}")
     if not 0 <= t.start < t.end <= n:
         raise DepthError(f"{t.kind}: layers {t.start}..{t.end - 1} are outside 0..{n - 1} of this {n}-layer model")
-    paired = [i for i in range(t.start, t.end) if schedules[i] == "lp"]
-    if paired:
+    grouped = [i for i in range(t.start, t.end) if lookup(schedules[i]).layers_per_step > 1]
+    if grouped:
+        name = schedules[grouped[0]]
         raise DepthError(
-            f"{t.kind} {t.start}:{t.end}: layer {paired[0]} is already in an lp pair (model.plan={m.plan}); "
-            f"transform the standard model, or a range without lp layers"
+            f"{t.kind} {t.start}:{t.end}: layer {grouped[0]} is already in a step of several {name} layers "
+            f"(model.plan={m.plan}); transform the standard model, or a range without {name} layers"
         )
     if t.kind == "prune" and t.delta >= n:
         raise DepthError(f"prune {t.start}:{t.end} would remove all {n} layers; keep at least one")
@@ -164,10 +166,11 @@ def transformed_config(t: Transform, m: ModelConfig) -> ModelConfig:
             raise DepthError(
                 f"parallel {t.start}:{t.end}: {t.delta} layers; lp pairs consecutive layers, give an even range"
             )
-        one_norm = [i for i in range(t.start, t.end) if schedules[i] == "parallel"]
+        one_norm = [i for i in range(t.start, t.end) if not lookup(schedules[i]).mlp_norm]
         if one_norm:
             raise DepthError(
-                f"parallel {t.start}:{t.end}: layer {one_norm[0]} is a 'parallel' (one-norm) layer; lp pairs need two norms"
+                f"parallel {t.start}:{t.end}: layer {one_norm[0]} is a '{schedules[one_norm[0]]}' (one-norm) layer; "
+                f"lp pairs need two norms"
             )
         new = list(schedules)
         new[t.start : t.end] = ["lp"] * t.delta

@@ -17,9 +17,10 @@ from pathlib import Path
 
 from .. import checkpoint as C
 from ..checkpoint import Run
-from ..config import ConfigError, parse_plan
+from ..config import ConfigError
 from ..decode import generate
 from ..instruments.plots import pyplot
+from ..plan import parse_plan
 from ..training import evaluate
 
 

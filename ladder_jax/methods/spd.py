@@ -33,10 +33,11 @@ from jax.sharding import Mesh
 from .. import checkpoint as C
 from .. import model as M
 from ..checkpoint import Run
-from ..config import Config, ConfigError, ModelConfig, parse_plan
+from ..config import Config, ConfigError, ModelConfig
 from ..errors import LadderError
 from ..instruments.plots import pyplot
 from ..layers import Attention, RMSNorm, rope_frequencies, rope_tables
+from ..plan import parse_plan
 from ..training import evaluate, make_optimizer
 
 CLASSES = ("insensitive", "sensitive", "extremely sensitive")

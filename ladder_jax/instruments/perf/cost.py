@@ -41,8 +41,9 @@ import jax
 import numpy as np
 
 from ... import model
-from ...config import Config, ConfigError, MeshConfig, ModelConfig, TrainConfig, parse_plan, plan_steps, validate
+from ...config import Config, ConfigError, MeshConfig, ModelConfig, TrainConfig, validate
 from ...mesh import make_mesh
+from ...plan import lookup, parse_plan, plan_steps
 from ..plots import pyplot
 from ..sync import cpu_analysis_config, decode_report
 from .hardware import Hardware, PerfModelError, load_hardware
@@ -280,15 +281,14 @@ def decode_structure(m: ModelConfig, tensor: int, plan: str | None = None) -> li
             f"plan '{plan}': could not attribute the {len(layer_ars)} layer all-reduces of the sync analysis to its steps"
         )
 
-    def norms_saved(name: str) -> int:  # a layer whose MLP has no norm of its own (parallel) launches one kernel less
-        layer = model.abstract_params(_reduced(m, name, 2 if name == "lp" else 1))["layers"][0]
-        return int(layer.get("mlp_norm") is None)
-
     events = [Event("compute", "embed")] + [Event("ar", blocking=b, bytes_per_row=n) for n, b in ars[:1]]
     it = iter(layer_ars)
     for name, size, mult in steps:
-        modules = ["attention"] * size + ["mlp"] * size  # an lp pair runs both attentions, then both MLPs
-        k, saved = per_step[name], norms_saved(name)
+        schedule = lookup(name)
+        # side by side (lp): both attentions, then both MLPs; otherwise one layer after another
+        modules = ["attention"] * size + ["mlp"] * size if schedule.side_by_side else ["attention", "mlp"] * size
+        k = per_step[name]
+        saved = int(not schedule.mlp_norm)  # an MLP without a norm of its own (parallel) launches one kernel less
         if k > len(modules):
             raise PerfModelError(
                 f"plan '{plan}': a {name} step has {k} all-reduces for its {len(modules)} modules; the model places at most one after each"

@@ -1,6 +1,9 @@
-"""Hardware profiles of the latency model: YAML data in `profiles/` (spec-sheet numbers plus a few
-constants fitted by `calibrate`), loaded into `Hardware`. A profile may name a `base` whose keys it
-inherits (a new GPU keeps the calibrated software constants of the machine they were fitted on).
+"""Hardware profiles of the latency model: YAML data in `profiles/` (the accelerator it runs on,
+interconnect figures, and a few constants fitted by `calibrate`), loaded into `Hardware`. The
+accelerator's spec-sheet numbers come from `ladder_jax/accelerators.yaml` (its `device:` key; a
+profile of a device not there may give hbm_bandwidth, hbm_capacity and matmul_flops itself). A
+profile may name a `base` whose keys it inherits (a new GPU keeps the calibrated software
+constants of the machine they were fitted on).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from ... import accelerators
 from ...errors import LadderError
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
@@ -91,6 +95,17 @@ def _raw_profile(name: str, seen: tuple = ()) -> tuple[dict, Path]:
 def load_hardware(name: str) -> Hardware:
     """A profile from profiles/NAME.yaml (or a YAML path), its `base` filled in."""
     raw, path = _raw_profile(name)
+    if raw.get("device"):  # the spec sheet's numbers, from the one table of accelerators
+        try:
+            device = accelerators.get(raw.pop("device"))
+        except ValueError as e:
+            raise PerfModelError(f"{path}: {e}") from None
+        spec = {
+            "hbm_bandwidth": device.hbm_bandwidth,
+            "hbm_capacity": device.hbm_bytes,
+            "matmul_flops": device.matmul_flops,
+        }
+        raw = {**spec, **raw}
     fields = {f.name for f in dataclasses.fields(Hardware)}
     unknown = sorted(set(raw) - fields)
     if unknown:
