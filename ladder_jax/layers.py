@@ -28,6 +28,7 @@ class RMSNorm(nnx.Module):
         self.eps = cfg.norm_eps
         self.scale = nnx.Param(jnp.ones((cfg.d_model,), dtype_of(cfg.param_dtype)), axes=("embed",))
 
+    @jax.named_scope("norm")  # profiles and HLO dumps name the module
     def __call__(self, x, scale=None):
         """`scale`: another norm's weights to use instead of this one's (the split lp layout)."""
         scale = self.scale[...] if scale is None else scale
@@ -101,6 +102,7 @@ class Attention(nnx.Module):
         # Scaled like GPT-2's residual projections so the stream does not grow with depth.
         self.o_proj = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), std / math.sqrt(2 * cfg.n_layers), pd)
 
+    @jax.named_scope("attention")  # profiles and HLO dumps name the module
     def __call__(self, x, rope, positions, *, kv_head=None, cache=None, segment_ids=None):
         """x: (B, S, D) normed input; positions: (B, S) absolute positions of these tokens.
 
@@ -179,6 +181,7 @@ class MLP(nnx.Module):
         self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), std, pd)
         self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), std / math.sqrt(2 * cfg.n_layers), pd)
 
+    @jax.named_scope("mlp")  # profiles and HLO dumps name the module
     def __call__(self, x):
         dt = self.dtype
         x = x.astype(dt)

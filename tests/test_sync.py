@@ -1,6 +1,8 @@
 """The compiled forward holds exactly the all-reduces each schedule promises, and ladder's can
 overlap: read from the optimised HLO by ladder_jax.instruments.sync."""
 
+import re
+
 import pytest
 
 from ladder_jax.cli import main
@@ -31,6 +33,8 @@ def test_all_reduces_per_step_match_the_schedule(schedule, devices):
     else:
         assert all(a.blocking for a in layer_ars)
     assert tensor[0].blocking  # nothing runs before the embedding is complete
+    # every layer step runs under a named scope (layer3, layers4-5), so HLO dumps and profiles name it
+    assert "/embed/" in tensor[0].op_name and all(re.search(r"/layers?\d+(-\d+)?/", a.op_name) for a in layer_ars)
 
 
 def test_hybrid_ladder_frees_the_last_standard_mlp_all_reduce(devices):
