@@ -458,7 +458,7 @@ def describe(cfg: Config) -> str:
     n = count_params(m)
     size = bytes_per_device(m, t, f)
     size = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
-    plan = ",".join(f"{name}:{m.layer_schedules.count(name)}" for name in dict.fromkeys(m.layer_schedules))
+    plan = ", ".join(f"{m.layer_schedules.count(name)} {name}" for name in dict.fromkeys(m.layer_schedules))
     where = f"tensor={t}" + (f" x fsdp={f}" if f > 1 else "")
     return (
         f"{m.name}: {n / 1e9:.3f}B parameters ({n:,}), {m.n_layers} layers [{plan}], "
