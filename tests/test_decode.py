@@ -23,10 +23,11 @@ from ladder_jax.tokenizer import ByteTokenizer
 from .conftest import SMALL, small_config
 
 # Three layers keep compiles short and still give the hybrid a standard layer before two ladder
-# ones, and lp a pair followed by an unpaired layer.
+# ones, and lp (and track) a step of two layers followed by a standard layer.
 TEST_MODEL = {"model__n_layers": 3, "model__init_std": 0.1}
 CASES = [
-    (plan, (2, 4)) for plan in ("standard", "parallel", "ladder", "standard,ladder@-2:", "spd", "lp@0:2", "desync")
+    (plan, (2, 4))
+    for plan in ("standard", "parallel", "ladder", "standard,ladder@-2:", "spd", "lp@0:2", "track:2@0:2", "desync")
 ]
 CASES += [(plan, (1, 8)) for plan in ("standard", "ladder")]
 PROMPTS = [[256, *b"Hello"], [256, *range(40, 52)]]  # 6 and 13 tokens: different lengths, one bucket (16)
