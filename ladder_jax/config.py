@@ -295,6 +295,15 @@ def from_dict(data: dict) -> Config:
 
 def validate(cfg: Config, n_devices: int | None = None) -> None:
     """Raise ConfigError for shapes that cannot be built or split over the mesh."""
+    _check_sizes(cfg)
+    _check_splits(cfg)
+    _check_train(cfg)
+    if n_devices is not None:
+        mesh_shape(cfg.mesh, n_devices)
+
+
+def _check_sizes(cfg: Config) -> None:
+    """Sizes that must be positive, and the few keys with a fixed set of values."""
     m, t = cfg.model, cfg.mesh.tensor
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
         if getattr(m, key) <= 0:
@@ -313,6 +322,11 @@ def validate(cfg: Config, n_devices: int | None = None) -> None:
         )
     if cfg.mesh.data == 0 or cfg.mesh.data < -1:
         raise ConfigError(f"mesh.data must be positive or -1 (all remaining devices), got {cfg.mesh.data}")
+
+
+def _check_splits(cfg: Config) -> None:
+    """Heads, FFN columns and vocabulary that must split over the tensor axis; dtypes, ids, layouts."""
+    m, t = cfg.model, cfg.mesh.tensor
     if m.head_dim == 0 and m.d_model % m.n_heads:
         raise ConfigError(
             f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; set model.head_dim explicitly"
@@ -356,6 +370,10 @@ def validate(cfg: Config, n_devices: int | None = None) -> None:
                 f"model.lp_layout=split runs each layer of an {s.name} step on its own part of the tensor axis; "
                 f"mesh.tensor={t} does not split into {len(layers)}: use a mesh.tensor that does or model.lp_layout=shared"
             )
+
+
+def _check_train(cfg: Config) -> None:
+    m = cfg.model
     tr = cfg.train
     for key in (
         "steps",
@@ -382,8 +400,6 @@ def validate(cfg: Config, n_devices: int | None = None) -> None:
         raise ConfigError(f"train.val_fraction={tr.val_fraction} must be in [0, 1)")
     if tr.remat not in REMAT_POLICIES:
         raise ConfigError(f"train.remat={tr.remat!r} is not a policy; choose from {', '.join(REMAT_POLICIES)}")
-    if n_devices is not None:
-        mesh_shape(cfg.mesh, n_devices)
 
 
 def mesh_shape(mesh: MeshConfig, n_devices: int) -> tuple[int, int, int]:
