@@ -196,6 +196,47 @@ def test_tpu_flags_make_the_ladder_all_reduces_async_and_overlapped():
 
 
 @pytest.mark.deviceless
+@pytest.mark.parametrize("target, compiler", [("v5e-8", "libtpu"), ("h100-8", "jax_cuda12_plugin")])
+def test_schedule_and_memory_commands_on_a_target(target, compiler, tmp_path):
+    # The commands end to end as a user runs them, in a process of their own (the library's libtpu
+    # flags must be set before libtpu loads, which this process has done already), a schedule
+    # added through the registry (track) included, and the kernel counts of the programs they dump.
+    pytest.importorskip(compiler)
+    import json
+    import subprocess
+    import sys
+
+    def command(*argv):
+        done = subprocess.run([sys.executable, "-m", "ladder_jax", *argv], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout)
+
+    variants = ["--variant", "standard", "--variant", "ladder", "--variant", "track:2"]
+    rows = {
+        r["variant"]: r
+        for r in command(
+            *["analysis", "schedule", "--config", "tiny", f"model.n_layers={2 * LAYERS}", "--target", target],
+            *[*variants, "--batch", "8", "--dump", str(tmp_path), "--json"],
+        )
+    }
+    assert rows["ladder"]["ladder_overlaps"] and rows["standard"]["overlapped"] == 0
+    assert rows["track:2"]["all_reduces"] == 1 + LAYERS + 2  # the embedding, one fusion per 2 layers, the argmax's
+    counts = {v: deviceless.kernel_counts((tmp_path / f"tiny-{v}.hlo.txt").read_text()) for v in rows}
+    layers = [f"layers.{i}" for i in range(2 * LAYERS)]
+    for v, c in counts.items():
+        per_layer = [c["gemms"][name] for name in layers]
+        # seven weight matrices a layer, which a compiler may fuse down to four (qkv, o, gate-up,
+        # down): the same count in every layer
+        assert len(set(per_layer)) == 1 and per_layer[0] >= 4, (v, c)
+        assert c["kernels"] > sum(per_layer)
+    # a residual schedule moves no matmul
+    assert counts["track:2"]["gemms"] == counts["ladder"]["gemms"] == counts["standard"]["gemms"]
+    memory = ["analysis", "memory", "--config", "tiny", *SMALL, "train.batch_size=8", "--target", target]
+    report = command(*memory, "--tensor", "2", "--json")
+    assert report["fits"] and report["mesh"]["tensor"] == 2
+
+
+@pytest.mark.deviceless
 def test_train_step_memory_on_a_tpu_slice():
     pytest.importorskip("libtpu")
     cfg = load_config("tiny", [*SMALL, "mesh.tensor=2", "mesh.data=4", "train.batch_size=8"])
