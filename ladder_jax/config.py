@@ -30,6 +30,7 @@ REMAT_POLICIES = {
 # Self-attention implementations (ladder_jax.attention says what each is).
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn", "triton")
 LP_LAYOUTS = ("shared", "split")
+WANDB_MODES = ("online", "offline")
 VOCAB_PAD = 128  # vocab rows are padded to a multiple of this so any power-of-two tensor axis splits them
 
 
@@ -144,6 +145,10 @@ class TrainConfig:
     # for the backward pass, "full" recomputes the layer, "save_dots" keeps only matmul outputs.
     remat: str = "none"
     scan_layers: bool = False  # runs of identical layer steps as one jax.lax.scan (compiles the layer once)
+    # Weights & Biases: a project name logs every metric there too ("": TensorBoard and metrics.jsonl only)
+    wandb: str = ""
+    wandb_mode: str = "online"  # or "offline": written under RUN/wandb, `wandb sync` uploads it later
+    profile: str = ""  # "START:END": a jax.profiler trace of steps START..END-1 under RUN/profile
 
 
 @dataclass(frozen=True)
@@ -398,8 +403,28 @@ def _check_train(cfg: Config) -> None:
         )
     if not 0 <= tr.val_fraction < 1:
         raise ConfigError(f"train.val_fraction={tr.val_fraction} must be in [0, 1)")
+    profile_steps(tr)
+    if tr.wandb_mode not in WANDB_MODES:
+        raise ConfigError(f"train.wandb_mode={tr.wandb_mode!r} is not a mode; choose from {', '.join(WANDB_MODES)}")
     if tr.remat not in REMAT_POLICIES:
         raise ConfigError(f"train.remat={tr.remat!r} is not a policy; choose from {', '.join(REMAT_POLICIES)}")
+
+
+def profile_steps(tr: TrainConfig) -> range | None:
+    """`train.profile=START:END`: the steps START..END-1 (Python-style), inside 1..train.steps."""
+    if not tr.profile:
+        return None
+    start, sep, end = tr.profile.partition(":")
+    if not (sep and start.isdigit() and end.isdigit()):
+        raise ConfigError(
+            f"train.profile={tr.profile!r} is not START:END; write e.g. train.profile=10:15 (steps 10 to 14)"
+        )
+    steps = range(int(start), int(end))
+    if not (1 <= steps.start < steps.stop <= tr.steps + 1):
+        raise ConfigError(
+            f"train.profile={tr.profile} is outside the run's steps 1..{tr.steps}; give 1 <= START < END <= {tr.steps + 1}"
+        )
+    return steps
 
 
 def mesh_shape(mesh: MeshConfig, n_devices: int) -> tuple[int, int, int]:

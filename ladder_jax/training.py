@@ -10,7 +10,6 @@ shard_map's own transpose sums the gradients of what is replicated over `data`.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import re
 import time
@@ -28,10 +27,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from . import accelerators
+from . import accelerators, monitoring
 from . import checkpoint as ckpt
 from . import model as M
-from .config import Config, ConfigError, ModelConfig
+from .config import Config, ConfigError, ModelConfig, profile_steps
 from .data import build_datasets, train_iterator, val_batches
 from .errors import LadderError
 from .memory import check_training_fits
@@ -157,11 +156,17 @@ def trainable_mask(cfg: Config, params) -> dict:
     return jax.tree.map(lambda n: n.startswith("layers/") and int(n.split("/")[1]) in layers, names)
 
 
-def make_optimizer(cfg: Config, params) -> optax.GradientTransformation:
+def lr_schedule(cfg: Config) -> optax.Schedule:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio at train.steps."""
     tr = cfg.train
-    schedule = optax.warmup_cosine_decay_schedule(
+    return optax.warmup_cosine_decay_schedule(
         0.0, tr.lr, min(tr.warmup_steps, tr.steps), max(tr.steps, tr.warmup_steps + 1), tr.lr * tr.min_lr_ratio
     )
+
+
+def make_optimizer(cfg: Config, params) -> optax.GradientTransformation:
+    tr = cfg.train
+    schedule = lr_schedule(cfg)
     decay = jax.tree.map(lambda p: p.ndim >= 2, params)  # matrices only: no decay on norms and biases
     train = optax.chain(
         optax.clip_by_global_norm(tr.grad_clip),
@@ -306,12 +311,6 @@ def peak_flops(cfg: Config) -> float | None:
     return device.matmul_flops if device else None
 
 
-def append_jsonl(path: Path, record: dict) -> None:
-    if jax.process_index() == 0:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
 # ---------------------------------------------------------------------------------------------
 # A run: the setup, then the loop
 
@@ -372,6 +371,7 @@ def resolve(cfg: Config) -> tuple[Mesh, Trainer]:
     """The mesh and the trainer (the step, not yet compiled) of a config whose plan and batch can
     train; refused here otherwise, before any file is read."""
     check_trainable_layout(cfg)
+    monitoring.check_wandb(cfg)
     mesh = make_mesh(cfg)
     return mesh, get_trainer(cfg, mesh)
 
@@ -439,48 +439,76 @@ def initial_params(cfg: Config, mesh: Mesh, init_from) -> dict:
 # The loop
 
 
+class Preempted(Exception):
+    """SIGTERM or SIGINT stopped training: the step in flight finished and was saved."""
+
+    def __init__(self, signal_name: str, step: int, run_dir: Path):
+        self.signal_name, self.step, self.run_dir = signal_name, step, run_dir
+        super().__init__(
+            f"{signal_name} at step {step}: saved checkpoint {step} in {run_dir}; run the same command again to resume"
+        )
+
+
 class Loop:
     """Steps from `start` to train.steps: metrics, evaluations and checkpoints on their schedules.
 
     Metrics stay on the device until a log, eval or save step (or, on XLA:CPU, every step: its
     rendezvous deadlocks with many steps in flight, docs/architecture.md), so the host never
     holds the next step back. Every step's loss is still checked, so a NaN stops before a save.
+    A SIGTERM or SIGINT is acted on at the next metrics read, on every process at the same step:
+    that step is saved and `Preempted` raised.
     """
 
     def __init__(self, cfg: Config, trainer: Trainer, mngr, data: TrainData, run_dir: Path, start: int, progress):
         self.cfg, self.trainer, self.mngr, self.data, self.run_dir = cfg, trainer, mngr, data, run_dir
         self.start, self.last_good = start, start if start > 0 else None
-        self.metrics_path = run_dir / "metrics.jsonl"
+        self.metrics = monitoring.MetricsLog(cfg, run_dir)
+        self.profile = monitoring.Profile(profile_steps(cfg.train), run_dir / "profile")
+        self.timer, self.lr = monitoring.Timer(), lr_schedule(cfg)
         self.fpt, self.peak = flops_per_token(cfg), peak_flops(cfg)
         self.read_every = 1 if trainer.mesh.devices.flat[0].platform == "cpu" else cfg.train.log_every
         show = progress and jax.process_index() == 0
         self.bar = tqdm(total=cfg.train.steps, initial=start, disable=not show, dynamic_ncols=True)
-        self.t0, self.tokens_since = time.perf_counter(), 0.0
+        self.tokens_since = 0.0
         self.unread: list[tuple[int, dict]] = []
         self.summary = {"run_dir": str(run_dir), "step": start}
 
     def run(self, state: dict, stop_at: int | None) -> dict:
         tr = self.cfg.train
         try:
-            for step in range(self.start + 1, tr.steps + 1):
-                state, metrics = self.trainer.step(state, next(self.data.train))
-                self.unread.append((step, metrics))
-                logging = step % tr.log_every == 0 or step == tr.steps
-                evaluating = step % tr.eval_every == 0 or step == tr.steps
-                saving = step % tr.save_every == 0 or step == tr.steps or step == stop_at
-                if len(self.unread) >= self.read_every or logging or evaluating or saving:
-                    metrics = self.read_metrics()
-                if logging:
-                    self.log(step, metrics)
-                if evaluating:
-                    self.evaluate(step, state["params"])
-                if saving:
-                    self.save(step, state)
-                self.bar.update(1)
-                if step == stop_at:
-                    break
+            with monitoring.StopSignals() as signals:
+                for step in range(self.start + 1, tr.steps + 1):
+                    with self.timer.phase("data"):
+                        batch = next(self.data.train)
+                    self.profile.before(step)
+                    state, metrics = self.trainer.step(state, batch)
+                    self.unread.append((step, metrics))
+                    logging = step % tr.log_every == 0 or step == tr.steps
+                    evaluating = step % tr.eval_every == 0 or step == tr.steps
+                    saving = step % tr.save_every == 0 or step == tr.steps or step == stop_at
+                    stopping = False
+                    if len(self.unread) >= self.read_every or logging or evaluating or saving:
+                        metrics = self.read_metrics()
+                        stopping = monitoring.stop_agreed(signals.received is not None)
+                    if logging:
+                        self.log(step, metrics)
+                    if evaluating:
+                        with self.timer.phase("eval"):
+                            self.evaluate(step, state["params"])
+                    if saving or stopping:
+                        with self.timer.phase("checkpoint"):
+                            self.save(step, state)
+                    self.profile.after(step, state)
+                    self.bar.update(1)
+                    if stopping:
+                        self.mngr.wait_until_finished()
+                        raise Preempted(signals.received or "a signal on another process", step, self.run_dir)
+                    if step == stop_at:
+                        break
         finally:
+            self.profile.stop()
             self.bar.close()
+            self.metrics.close()
         return {**self.summary, "params": state["params"]}
 
     def read_metrics(self) -> dict:
@@ -503,20 +531,30 @@ class Loop:
         return m
 
     def log(self, step: int, metrics: dict) -> None:
-        tps = self.tokens_since / (time.perf_counter() - self.t0)
+        wall, fractions = self.timer.interval()
+        tps = self.tokens_since / wall
         loss = self.summary["loss"]
-        record = {"step": step, "loss": loss, "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tps}
+        record = {
+            "step": step,
+            "loss": loss,
+            "lr": float(self.lr(step - 1)),  # the rate the step's update used (optax counts from 0)
+            "grad_norm": float(metrics["grad_norm"]),
+            "tokens_per_s": tps,
+            "time_fraction": fractions,  # of the interval's wall time: data, eval, checkpoint, step
+        }
         if self.peak:
             record["mfu"] = tps * self.fpt / (self.peak * jax.device_count())
-        append_jsonl(self.metrics_path, record)
+        self.metrics.write(record)
         mfu = f"{record['mfu']:.1%}" if self.peak else "n/a"
-        self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mfu=mfu)
-        self.t0, self.tokens_since = time.perf_counter(), 0.0
+        waits = f"data {fractions['data']:.0%} ckpt {fractions['checkpoint']:.0%}"
+        self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mfu=mfu, wait=waits)
+        self.tokens_since = 0.0
 
     def evaluate(self, step: int, params) -> None:
         ev = self.trainer.evaluate(params, self.data.val)
         if ev:
-            append_jsonl(self.metrics_path, {"step": step, **ev})
+            self.metrics.write({"step": step, **ev})
+            self.metrics.flush()
             self.summary.update(ev)
             self.bar.write(f"step {step}: val_loss {ev['val_loss']:.4f}  val_ppl {ev['val_ppl']:.2f}")
 

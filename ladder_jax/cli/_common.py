@@ -6,19 +6,30 @@ import argparse
 import sys
 from pathlib import Path
 
+import jax
+
 from ..config import ConfigError
 from ..errors import LadderError
+from ..training import Preempted
 
 REFUSED = 2  # the exit status of input that cannot work (argparse's usage errors exit 2 too)
+# training stopped by SIGTERM/SIGINT after saving the step in flight: rerun to resume (sysexits'
+# EX_TEMPFAIL, "try again later", which a scheduler's requeue rule can match)
+PREEMPTED = 75
 
 
 def run(args: argparse.Namespace) -> int:
-    """Call the parsed verb's handler; refused input is one line on stderr and status 2."""
+    """Call the parsed verb's handler; refused input is one line on stderr and status 2, a
+    preempted training run one line and status 75."""
     try:
         return args.handler(args)
     except LadderError as e:
         print(f"error: {e}", file=sys.stderr)
         return REFUSED
+    except Preempted as e:
+        if jax.process_index() == 0:
+            print(f"stopped: {e}", file=sys.stderr)
+        return PREEMPTED
 
 
 class VerbParser(argparse.ArgumentParser):

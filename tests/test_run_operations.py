@@ -1,0 +1,138 @@
+"""A training run as an operator sees it: stopped by a signal and resumed, watched in TensorBoard
+and W&B, profiled (ladder_jax.monitoring and the loop in ladder_jax.training)."""
+
+import json
+import signal
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from ladder_jax import checkpoint as ckpt
+from ladder_jax import training
+from ladder_jax.config import ConfigError
+
+from .conftest import small_config
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ops")
+    rng = np.random.RandomState(0)
+    (d / "text.txt").write_text("".join(rng.choice(list("abcdefgh ij\n"), 20_000)))
+    return str(d / "text.txt")
+
+
+def config(corpus, **extra):
+    return small_config(
+        "ladder",
+        1,
+        2,
+        model__n_layers=2,
+        train__data=corpus,
+        train__steps=STEPS,
+        train__batch_size=4,
+        train__log_every=1,
+        train__eval_every=STEPS,
+        train__save_every=100,
+        **extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def watched(corpus, tmp_path_factory, monkeypatch_module):
+    """One uninterrupted run with TensorBoard, W&B (offline) and a profile of steps 2-3."""
+    monkeypatch_module.setenv("WANDB_SILENT", "true")
+    cfg = config(corpus, train__profile="2:4", train__wandb="ladder-jax-test", train__wandb_mode="offline")
+    run = tmp_path_factory.mktemp("watched") / "run"
+    result = training.train(cfg, run, progress=False, log=lambda *_: None)
+    return cfg, run, result
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def test_sigterm_saves_the_step_in_flight_and_the_rerun_resumes_bit_exactly(watched, corpus, tmp_path, monkeypatch):
+    _, _, uninterrupted = watched
+    cfg, run = config(corpus), tmp_path / "run"
+    step = training.Trainer.step
+    calls = []
+
+    def signalled_step(self, state, batch):  # the signal arrives while step 3 is in flight
+        calls.append(1)
+        out = step(self, state, batch)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(training.Trainer, "step", signalled_step)
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(training.Preempted, match="SIGTERM at step 3: saved checkpoint 3") as stopped:
+        training.train(cfg, run, progress=False, log=lambda *_: None)
+    assert stopped.value.step == 3 and ckpt.latest_step(run) == 3
+    assert signal.getsignal(signal.SIGTERM) is handler  # the loop's handlers are gone
+    monkeypatch.setattr(training.Trainer, "step", step)
+    notes = []
+    resumed = training.train(cfg, run, progress=False, log=notes.append)
+    assert notes == [f"resumed {run} at step 3"] and resumed["step"] == STEPS
+    for a, b in zip(jax.tree.leaves(jax.device_get(resumed["params"])), jax.tree.leaves(uninterrupted["params"])):
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_metrics_reach_tensorboard_wandb_and_metrics_jsonl(watched):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run, _ = watched
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "loss" in r]
+    assert [r["step"] for r in logged] == list(range(1, STEPS + 1))
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_ppl", "time/data", "time/step"):
+        assert key in events.Tags()["scalars"], key
+    loss = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert loss == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in logged]
+    assert [e.step for e in events.Scalars("val_loss")] == [STEPS]
+    # the learning rate each step's update used: linear warmup from 0 (tiny's 30 warmup steps)
+    lr = [e.value for e in events.Scalars("lr")]
+    assert lr[0] == 0.0 and all(b > a for a, b in zip(lr, lr[1:]))
+    for r in logged:  # where each interval went: fractions of its wall time
+        assert set(r["time_fraction"]) == {"data", "eval", "checkpoint", "step"}
+        assert sum(r["time_fraction"].values()) == pytest.approx(1.0)
+    (offline,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
+    assert b"val_loss" in offline.read_bytes() and (run / "wandb_id").read_text()
+
+
+def test_profile_traces_the_steps_asked_for_with_layer_names(watched):
+    _, run, _ = watched
+    (trace,) = (run / "profile").glob("plugins/profile/*/*.xplane.pb")
+    data = trace.read_bytes()
+    assert b"layer0" in data and b"attention" in data and b"mlp" in data  # jax.named_scope per layer and module
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.profile=0:3", "outside the run's steps 1..6"),
+        ("train.profile=5:9", "outside the run's steps 1..6"),
+        ("train.profile=3", "is not START:END"),
+        ("train.wandb_mode=cloud", "train.wandb_mode='cloud' is not a mode; choose from online, offline"),
+    ],
+)
+def test_bad_monitoring_settings_are_one_line_before_anything_runs(override, message, corpus):
+    key, value = override.split("=")
+    with pytest.raises(ConfigError, match=message):
+        config(corpus, **{key.replace(".", "__"): value})
+
+
+def test_wandb_without_its_package_is_refused_before_compiling(corpus, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    with pytest.raises(ConfigError, match=r"pip install 'ladder_jax\[wandb\]'"):
+        training.train(config(corpus, train__wandb="p"), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
