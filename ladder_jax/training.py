@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -416,6 +415,8 @@ def record_run(cfg: Config, run_dir: Path, init_from) -> None:
 
 def restore_state(trainer: Trainer, mngr: ocp.CheckpointManager, step: int, it) -> dict:
     """Parameters and optimizer state of checkpoint `step`; `it` resumes where that step left it."""
+    import grain  # here, not at the top: the train step (benchmarks, a bare GPU machine) needs no grain
+
     target = trainer.abstract_state()
     restored = mngr.restore(
         step,
@@ -560,6 +561,8 @@ class Loop:
 
     def save(self, step: int, state: dict) -> None:
         # params and opt_state apart: inference reads params only
+        import grain
+
         items = {k: ocp.args.StandardSave(v) for k, v in state.items()}
         data = grain.checkpoint.CheckpointSave(self.data.train)
         self.mngr.save(step, args=ocp.args.Composite(**items, data=data), force=True)

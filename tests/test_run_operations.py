@@ -136,3 +136,20 @@ def test_wandb_without_its_package_is_refused_before_compiling(corpus, tmp_path,
     with pytest.raises(ConfigError, match=r"pip install 'ladder_jax\[wandb\]'"):
         training.train(config(corpus, train__wandb="p"), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_library_and_its_commands_import_without_the_data_serving_and_metrics_extras():
+    # A bare GPU machine (jax, flax, optax, orbax) measures the train step and decoding: nothing
+    # at import time may need grain, array_record, the server's packages or the metric writers.
+    import subprocess
+
+    blocked = ("grain", "array_record", "fastapi", "uvicorn", "openai", "tensorboardX", "wandb")
+    code = (
+        "import builtins, sys\n"
+        "real = builtins.__import__\n"
+        f"def guard(name, *a, **k):\n    assert name.split('.')[0] not in {blocked!r}, name\n    return real(name, *a, **k)\n"
+        "builtins.__import__ = guard\n"
+        "import ladder_jax.training, ladder_jax.decode, ladder_jax.engine, ladder_jax.cli\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
