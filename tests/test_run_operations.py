@@ -2,6 +2,7 @@
 and W&B, profiled (ladder_jax.monitoring and the loop in ladder_jax.training)."""
 
 import json
+import re
 import signal
 import sys
 
@@ -153,3 +154,49 @@ def test_the_library_and_its_commands_import_without_the_data_serving_and_metric
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_one_of_two_processes_signalled_stops_both_at_one_step_and_the_rerun_resumes(corpus, tmp_path):
+    # 2 processes x 4 CPU devices over gloo, fsdp groups spanning both; SIGTERM to process 1 alone
+    import os
+    import subprocess
+    import time
+    from pathlib import Path
+
+    steps, run = 40, tmp_path / "run"
+    port = 20000 + (os.getpid() + 7) % 20000
+    cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"), "--no-progress"]
+    cmd += ["--sample-tokens", "0", "--cpu-devices", "4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    over = [f"train.data={corpus}", f"train.steps={steps}", "train.batch_size=8", "train.seq_len=32"]
+    over += ["train.log_every=1", "train.eval_every=1000", "train.save_every=1000", "train.eval_batches=2"]
+    over += ["mesh.fsdp=4", "mesh.tensor=2", "model.d_model=64", "model.n_layers=2", "model.ffn_dim=128"]
+    over += ["model.n_heads=8", "model.n_kv_heads=2", "model.max_seq_len=64"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+
+    def start():
+        return [
+            subprocess.Popen(
+                [*cmd, "--process-id", str(i), "--run-dir", str(run), *over],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for i in range(2)
+        ]
+
+    procs, deadline = start(), time.time() + 240
+    while not (run / "metrics.jsonl").exists() and time.time() < deadline and procs[1].poll() is None:
+        time.sleep(0.2)  # the first step's metrics: both processes are in the loop
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [75, 75], outs
+    stopped = re.search(r"stopped: (SIGTERM|a signal on another process) at step (\d+): saved checkpoint", outs[0])
+    assert stopped, outs[0]
+    step = int(stopped.group(2))
+    assert 1 <= step < steps and ckpt.latest_step(run) == step
+    procs = start()
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert f"resumed {run} at step {step}" in outs[0] and f"step {steps}: loss" in outs[0]
+    assert ckpt.latest_step(run) == steps
