@@ -50,6 +50,21 @@ class VerbParser(argparse.ArgumentParser):
             self._parsing = False
 
 
+def script_verb(sub, name: str, help: str, description: str, arguments) -> None:
+    """A verb that is also a script of its own (train.py, infer.py): key=value overrides may come
+    before, between or after its options."""
+    p = sub.add_parser(name, help=help, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.intermixed = True
+    arguments(p)
+
+
+def script_main(description: str, arguments, argv=None) -> int:
+    """Such a verb run as its script: the same arguments, the same handler."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    arguments(p)
+    return run(p.parse_intermixed_args(argv))
+
+
 def verb_group(sub, name: str, help: str, description: str | None, required: bool = True):
     """A verb with sub-verbs of its own (`spd sensitivity`, `spd apply`); returns it and its sub-verbs."""
     p = sub.add_parser(name, help=help, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -37,7 +37,7 @@ from ..errors import LadderError
 from ..instruments import decode_speed
 from ..mesh import init_runtime, make_mesh
 from ..tokenizer import get_tokenizer
-from ._common import decoding_overrides, run
+from ._common import decoding_overrides, script_main, script_verb
 from ._format import markdown_table
 
 
@@ -46,21 +46,12 @@ class InputError(LadderError):
 
 
 def add(sub) -> None:
-    p = sub.add_parser(
-        "infer",
-        help="decode with a run, or benchmark the variants' decode speed",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.intermixed = True
-    arguments(p)
+    script_verb(sub, "infer", "decode with a run, or benchmark the variants' decode speed", __doc__, arguments)
 
 
 def main(argv=None) -> int:
     """`python infer.py ...`: this verb as a script of its own."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    arguments(p)
-    return run(p.parse_intermixed_args(argv))  # key=value overrides may come before, between or after options
+    return script_main(__doc__, arguments, argv)
 
 
 def arguments(ap: argparse.ArgumentParser) -> None:

@@ -13,25 +13,16 @@ from ..config import load_config
 from ..mesh import init_runtime
 from ..tokenizer import get_tokenizer
 from ..training import train
-from ._common import run
+from ._common import script_main, script_verb
 
 
 def add(sub) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train (or resume) a run",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.intermixed = True
-    arguments(p)
+    script_verb(sub, "train", "train (or resume) a run", __doc__, arguments)
 
 
 def main(argv=None) -> int:
     """`python train.py ...`: this verb as a script of its own."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    arguments(p)
-    return run(p.parse_intermixed_args(argv))  # key=value overrides may come before, between or after options
+    return script_main(__doc__, arguments, argv)
 
 
 def arguments(ap: argparse.ArgumentParser) -> None:
