@@ -21,7 +21,7 @@ from ladder_jax.mesh import make_mesh
 from ladder_jax.plan import lookup
 from ladder_jax.training import Trainer, TrainingError, global_batch, loss_sums_fn, train
 
-from .conftest import small_config
+from .conftest import TEST_XLA_FLAGS, small_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [
@@ -240,7 +240,7 @@ def test_two_processes_train_together_with_fsdp_across_both(corpus, tmp_path):
         "model.ffn_dim=128",
         "model.max_seq_len=64",
     ]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(TEST_XLA_FLAGS)}  # the suite's compile flags
     procs = [
         subprocess.Popen(
             [*cmd, "--process-id", str(i), "--run-dir", str(tmp_path / "run"), *over],
