@@ -1,6 +1,7 @@
 """Training on 8 fake CPU devices: the loss falls, resume is exact, a killed save is skipped,
 gradients do not depend on the mesh, and bad input stops before anything compiles."""
 
+import functools
 import json
 import os
 import re
@@ -109,11 +110,19 @@ def _batch():
     return val_batches(windows, 8, 1)[0]
 
 
+@functools.cache
+def _host_params(plan):
+    """`plan`'s random parameters, made once on one device and placed on each mesh: init_params
+    gives the same values on every mesh (the optimizer-step test below makes them on each)."""
+    cfg = small_config(plan, model__init_std=0.1)
+    return jax.device_get(M.init_params(cfg.model, make_mesh(cfg), 0))
+
+
 def _grads(plan, shape, remat="none", scan=False):
     data, fsdp, tensor = shape
     cfg = small_config(plan, data, tensor, mesh__fsdp=fsdp, model__init_std=0.1)
     mesh = make_mesh(cfg)
-    params = M.init_params(cfg.model, mesh, 0)  # the same values on every mesh
+    params = jax.device_put(_host_params(plan), M.param_shardings(cfg.model, mesh))
     loss = lambda p, b: (lambda s, c: s / c)(*loss_sums_fn(cfg.model, mesh, remat, scan)(p, b))  # noqa: E731
     return jax.device_get(jax.jit(jax.grad(loss))(params, global_batch(mesh, _batch())))
 
