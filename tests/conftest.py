@@ -1,4 +1,7 @@
-"""Every test runs on 8 fake CPU devices (asked for before JAX starts its backends)."""
+"""Every test runs on 8 fake CPU devices (asked for before JAX starts its backends), compiled
+for a short compile rather than a fast program."""
+
+import os
 
 import jax
 import pytest
@@ -6,6 +9,14 @@ import pytest
 from ladder_jax.config import load_config
 from ladder_jax.mesh import force_cpu_devices
 
+# The suite's time is XLA:CPU compiling tiny programs that then run a few times. LLVM's -O0 and
+# the classic loop emitters (instead of the fusion emitters) halve those compiles; the programs
+# compute the same values to float32 rounding, and every tolerance in the suite stays as it is.
+# Read when JAX starts its CPU backend, so set here, before any test runs; the user's own
+# XLA_FLAGS come after these and win.
+TEST_XLA_FLAGS = ["--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"]
+if not os.environ.get("XLA_FLAGS", "").startswith(TEST_XLA_FLAGS[0]):  # xdist workers inherit them
+    os.environ["XLA_FLAGS"] = " ".join([*TEST_XLA_FLAGS, os.environ.get("XLA_FLAGS", "")]).strip()
 force_cpu_devices(8)
 
 # A small GQA model: 8 query heads over 2 KV heads, so tensor=2 splits the KV heads and

@@ -23,8 +23,9 @@ def host_ram(monkeypatch, nbytes):
 def test_params_that_do_not_fit_stop_in_one_line_before_they_are_created_or_loaded(
     tmp_path, monkeypatch, capsys, devices
 ):
-    # The measured numbers: parameter bytes of the 8 CPU devices, sharing one host's RAM.
-    cfg = small_config(tensor=8)
+    # The measured numbers: parameter bytes of the 8 CPU devices, sharing one host's RAM. Every
+    # command below uses this model on this mesh: the one init program they measure compiles once.
+    cfg = small_config(tensor=8, model__init_std=0.1)
     mesh = make_mesh(cfg)
     per_device = memory.param_bytes_per_device(cfg.model, mesh)
     assert per_device == M.bytes_per_device(cfg.model, 8)
@@ -34,13 +35,16 @@ def test_params_that_do_not_fit_stop_in_one_line_before_they_are_created_or_load
     # Random initialisation counts XLA's temporaries too.
     assert memory.init_bytes_per_device(cfg.model, mesh) >= per_device
 
-    run = save_small_run(tmp_path)
+    run = save_small_run(tmp_path, n_layers=4, tensor=8)
     host_ram(monkeypatch, 1000)
     monkeypatch.setattr(M, "init_params", lambda *a, **k: pytest.fail("random parameters were created"))
     monkeypatch.setattr(ckpt.ocp.CheckpointManager, "restore", lambda *a, **k: pytest.fail("a checkpoint was loaded"))
-    small = [*SMALL, f"train.data={tmp_path / 'text.txt'}", "train.batch_size=8"]
+    model = [*SMALL, "model.init_std=0.1", "mesh.data=1", "mesh.tensor=8"]
+    small = [*model, f"train.data={tmp_path / 'text.txt'}", "train.batch_size=8"]
+    bench = ["--benchmark", *model, "--variants", "standard", "--batch-sizes", "1", "--prompt-len", "8"]
+    bench += ["--gen-len", "8"]  # max_seq_len stays 64: the same model as cfg
     commands = [
-        (infer.main, ["--benchmark", "mesh.tensor=8", "--variants", "standard", "--batch-sizes", "1"], 2),
+        (infer.main, bench, 2),
         (infer.main, ["--checkpoint", str(run), "--prompt", "ab", "--max-new-tokens", "4"], 2),
         (train_script.main, ["--run-dir", str(tmp_path / "new"), "--no-progress", *small, "train.steps=1"], 2),
     ]

@@ -1,6 +1,7 @@
 """Training on 8 fake CPU devices: the loss falls, resume is exact, a killed save is skipped,
 gradients do not depend on the mesh, and bad input stops before anything compiles."""
 
+import functools
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from ladder_jax.mesh import make_mesh
 from ladder_jax.plan import lookup
 from ladder_jax.training import Trainer, TrainingError, global_batch, loss_sums_fn, train
 
-from .conftest import small_config
+from .conftest import TEST_XLA_FLAGS, small_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [
@@ -109,11 +110,19 @@ def _batch():
     return val_batches(windows, 8, 1)[0]
 
 
+@functools.cache
+def _host_params(plan):
+    """`plan`'s random parameters, made once on one device and placed on each mesh: init_params
+    gives the same values on every mesh (the optimizer-step test below makes them on each)."""
+    cfg = small_config(plan, model__init_std=0.1)
+    return jax.device_get(M.init_params(cfg.model, make_mesh(cfg), 0))
+
+
 def _grads(plan, shape, remat="none", scan=False):
     data, fsdp, tensor = shape
     cfg = small_config(plan, data, tensor, mesh__fsdp=fsdp, model__init_std=0.1)
     mesh = make_mesh(cfg)
-    params = M.init_params(cfg.model, mesh, 0)  # the same values on every mesh
+    params = jax.device_put(_host_params(plan), M.param_shardings(cfg.model, mesh))
     loss = lambda p, b: (lambda s, c: s / c)(*loss_sums_fn(cfg.model, mesh, remat, scan)(p, b))  # noqa: E731
     return jax.device_get(jax.jit(jax.grad(loss))(params, global_batch(mesh, _batch())))
 
@@ -240,7 +249,7 @@ def test_two_processes_train_together_with_fsdp_across_both(corpus, tmp_path):
         "model.ffn_dim=128",
         "model.max_seq_len=64",
     ]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(TEST_XLA_FLAGS)}  # the suite's compile flags
     procs = [
         subprocess.Popen(
             [*cmd, "--process-id", str(i), "--run-dir", str(tmp_path / "run"), *over],
