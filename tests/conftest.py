@@ -1,6 +1,7 @@
 """Every test runs on 8 fake CPU devices (asked for before JAX starts its backends), compiled
 for a short compile rather than a fast program."""
 
+import importlib.util
 import os
 
 import jax
@@ -13,10 +14,14 @@ from ladder_jax.mesh import force_cpu_devices
 # the classic loop emitters (instead of the fusion emitters) halve those compiles; the programs
 # compute the same values to float32 rounding, and every tolerance in the suite stays as it is.
 # Read when JAX starts its CPU backend, so set here, before any test runs; the user's own
-# XLA_FLAGS come after these and win.
+# XLA_FLAGS come after these and win. Not where a GPU or TPU compiler is installed: the deviceless
+# tests read the schedules those compilers give users, with the flags users have.
 TEST_XLA_FLAGS = ["--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"]
-if not os.environ.get("XLA_FLAGS", "").startswith(TEST_XLA_FLAGS[0]):  # xdist workers inherit them
-    os.environ["XLA_FLAGS"] = " ".join([*TEST_XLA_FLAGS, os.environ.get("XLA_FLAGS", "")]).strip()
+DEVICELESS_COMPILERS = any(importlib.util.find_spec(m) for m in ("libtpu", "jax_cuda12_plugin"))
+if not DEVICELESS_COMPILERS and not os.environ.get("XLA_FLAGS", "").startswith(TEST_XLA_FLAGS[0]):
+    os.environ["XLA_FLAGS"] = " ".join(
+        [*TEST_XLA_FLAGS, os.environ.get("XLA_FLAGS", "")]
+    ).strip()  # xdist workers inherit it
 force_cpu_devices(8)
 
 # A small GQA model: 8 query heads over 2 KV heads, so tensor=2 splits the KV heads and

@@ -14,7 +14,7 @@ from ladder_jax import checkpoint as ckpt
 from ladder_jax import training
 from ladder_jax.config import ConfigError
 
-from .conftest import small_config
+from .conftest import TEST_XLA_FLAGS, small_config
 
 STEPS = 6
 
@@ -156,14 +156,15 @@ def test_the_library_and_its_commands_import_without_the_data_serving_and_metric
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_one_of_two_processes_signalled_stops_both_at_one_step_and_the_rerun_resumes(corpus, tmp_path):
-    # 2 processes x 4 CPU devices over gloo, fsdp groups spanning both; SIGTERM to process 1 alone
+def test_two_processes_train_together_stop_together_on_one_sigterm_and_resume(corpus, tmp_path):
+    # 2 processes x 4 CPU devices over gloo, fsdp groups spanning both (devices 0-3 are process 0's,
+    # 4-7 process 1's); SIGTERM to process 1 alone, then the same command again to the end
     import os
     import subprocess
     import time
     from pathlib import Path
 
-    steps, run = 40, tmp_path / "run"
+    steps, run = 16, tmp_path / "run"
     port = 20000 + (os.getpid() + 7) % 20000
     cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"), "--no-progress"]
     cmd += ["--sample-tokens", "0", "--cpu-devices", "4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
@@ -171,7 +172,7 @@ def test_one_of_two_processes_signalled_stops_both_at_one_step_and_the_rerun_res
     over += ["train.log_every=1", "train.eval_every=1000", "train.save_every=1000", "train.eval_batches=2"]
     over += ["mesh.fsdp=4", "mesh.tensor=2", "model.d_model=64", "model.n_layers=2", "model.ffn_dim=128"]
     over += ["model.n_heads=8", "model.n_kv_heads=2", "model.max_seq_len=64"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(TEST_XLA_FLAGS)}  # the suite's compile flags
 
     def start():
         return [

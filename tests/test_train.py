@@ -22,9 +22,8 @@ from ladder_jax.mesh import make_mesh
 from ladder_jax.plan import lookup
 from ladder_jax.training import Trainer, TrainingError, global_batch, loss_sums_fn, train
 
-from .conftest import TEST_XLA_FLAGS, small_config
+from .conftest import small_config
 
-ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [
     "train.seq_len=32",
     "train.batch_size=8",
@@ -219,51 +218,6 @@ def test_read_only_run_directory_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "mkdir", refuse)
     with pytest.raises(ckpt.CheckpointError, match="cannot write to .*Permission denied.*train.out_dir"):
         ckpt.check_writable(tmp_path / "run")
-
-
-def test_two_processes_train_together_with_fsdp_across_both(corpus, tmp_path):
-    port = 20000 + os.getpid() % 20000
-    cmd = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "--no-progress",
-        "--sample-tokens",
-        "0",
-        "--cpu-devices",
-        "4",
-        "--coordinator",
-        f"127.0.0.1:{port}",
-        "--num-processes",
-        "2",
-    ]
-    over = [
-        *TRAIN,
-        f"train.data={corpus}",
-        "train.steps=2",
-        "train.save_every=2",
-        "train.eval_every=2",
-        "mesh.fsdp=4",  # devices 0-3 are process 0's, 4-7 process 1's: fsdp groups span both
-        "mesh.tensor=2",
-        "model.d_model=64",
-        "model.n_layers=2",
-        "model.ffn_dim=128",
-        "model.max_seq_len=64",
-    ]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(TEST_XLA_FLAGS)}  # the suite's compile flags
-    procs = [
-        subprocess.Popen(
-            [*cmd, "--process-id", str(i), "--run-dir", str(tmp_path / "run"), *over],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    assert "step 2: loss" in outs[0]
-    assert ckpt.latest_step(tmp_path / "run") == 2
 
 
 def test_a_checkpoint_restores_and_resumes_on_another_mesh(corpus, tmp_path, devices):
