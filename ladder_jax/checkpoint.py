@@ -348,6 +348,31 @@ def _release(run_dir: Path, record: dict) -> None:
         path.unlink(missing_ok=True)
 
 
+def check_shared(run_dir: Path) -> None:
+    """Every process of a multi-process run must see one run directory: orbax writes each host's
+    shards and process 0 the metadata into it. Each process leaves a marker named for this job
+    and checks that it sees every process's; all refuse together if any does not."""
+    n = jax.process_count()
+    if n == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    job = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))
+    marker = lambda i: run_dir / f".process-{i}-of-{n}-{job:08x}"  # noqa: E731
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker(jax.process_index()).write_text(socket.gethostname())
+    multihost_utils.sync_global_devices("ladder_jax: storage markers written")
+    seen = np.asarray(multihost_utils.process_allgather(np.int32(sum(marker(i).exists() for i in range(n)))))
+    multihost_utils.sync_global_devices("ladder_jax: storage markers read")
+    marker(jax.process_index()).unlink(missing_ok=True)
+    if (seen < n).any():
+        p = int(np.argmin(seen))
+        raise CheckpointError(
+            f"run directory {run_dir} is not one storage for all {n} processes (process {p} sees {seen[p]} of "
+            f"the {n} processes' files): give a run directory on a filesystem every host mounts (NFS, Filestore, gcsfuse)"
+        )
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: str | Path):
     """Hold `run_dir/train.lock` while the block runs: a second trainer into the same directory
@@ -375,6 +400,7 @@ def run_lock(run_dir: str | Path):
     if error:
         raise CheckpointError(error)
     try:
+        check_shared(run_dir)
         yield
     finally:
         if record is not None:

@@ -201,3 +201,34 @@ def test_two_processes_train_together_stop_together_on_one_sigterm_and_resume(co
     assert [p.returncode for p in procs] == [0, 0], outs
     assert f"resumed {run} at step {step}" in outs[0] and f"step {steps}: loss" in outs[0]
     assert ckpt.latest_step(run) == steps
+
+
+def test_a_multi_process_run_whose_directory_each_process_sees_alone_stops_in_one_line(corpus, tmp_path):
+    # the same run name in each process's own local directory: orbax would write half a checkpoint in each
+    import os
+    import subprocess
+    from pathlib import Path
+
+    port = 20000 + (os.getpid() + 13) % 20000
+    cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"), "--no-progress"]
+    cmd += ["--cpu-devices", "4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    over = [f"train.data={corpus}", "train.steps=2", "train.batch_size=8", "train.seq_len=32", "mesh.tensor=2"]
+    over += ["model.d_model=64", "model.n_layers=1", "model.ffn_dim=128", "model.max_seq_len=64"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(TEST_XLA_FLAGS)}
+    procs = [
+        subprocess.Popen(
+            [*cmd, "--process-id", str(i), "--run-dir", str(tmp_path / f"host{i}" / "run"), *over],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], outs
+    for out in outs:
+        (line,) = [x for x in out.splitlines() if x.startswith("error: ")]
+        assert "is not one storage for all 2 processes" in line and "every host mounts" in line, out
+        assert "Traceback" not in out, out
+    assert not list((tmp_path / "host0" / "run").glob("checkpoints")) and not list(tmp_path.rglob(".process-*"))
