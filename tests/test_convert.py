@@ -371,3 +371,24 @@ def test_an_existing_output_directory_is_not_touched(hf, tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="already exists and is not empty"):
         convert.to_hf_dir(hf[LLAMA3_NAME].run, tmp_path / "out")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"] and len(list(tmp_path.iterdir())) == 1
+
+
+# What Meta's model cards and transformers report for three of them, written down independently.
+PUBLISHED_PARAMETERS = {
+    "llama-3.1-70b": 70_553_706_496,
+    "llama-3.1-405b": 405_853_388_800,
+    "llama-2-70b": 68_976_648_192,
+}
+
+
+def test_describe_counts_the_parameters_transformers_counts_for_every_llama_preset():
+    from transformers import AutoModelForCausalLM
+
+    presets = ["llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b"]
+    for preset in [*presets, "llama-2-7b", "llama-2-70b"]:
+        cfg = load_config(preset)
+        with torch.device("meta"):  # shapes only: nothing allocated
+            hf = AutoModelForCausalLM.from_config(LlamaConfig(**convert.hf_config_json(cfg.model, "bfloat16")))
+        n = sum(p.numel() for p in hf.parameters())  # tied embeddings count once
+        assert M.count_params(cfg.model) == n == PUBLISHED_PARAMETERS.get(preset, n), preset
+        assert f"({n:,})" in M.describe(cfg), preset
