@@ -213,9 +213,11 @@ def test_round_trip_through_transformers(hf, name, tmp_path, devices):
     assert again.model.rope_scaling == cfg.model.rope_scaling
 
 
-def test_bfloat16_checkpoints_convert_both_ways(hf, tmp_path, devices):
+def test_bfloat16_checkpoints_convert_both_ways(hf, tmp_path, devices, capsys):
     original = hf[LLAMA3_NAME]
-    out = convert.to_hf_dir(original.run, tmp_path / "bf16", dtype="bfloat16")
+    out = tmp_path / "bf16"  # exported from the command line
+    assert main(["convert", "to-hf", str(original.run), str(out), "--dtype", "bfloat16"]) == 0
+    assert f"wrote {out}: LlamaForCausalLM.from_pretrained" in capsys.readouterr().out
     back = LlamaForCausalLM.from_pretrained(out)
     assert back.dtype == torch.bfloat16
     for k, v in back.state_dict().items():
