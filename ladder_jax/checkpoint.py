@@ -14,11 +14,10 @@ import dataclasses
 import json
 import os
 import secrets
-import shutil
 import socket
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path as LocalPath
 
 import jax
 import numpy as np
@@ -33,6 +32,7 @@ from .errors import LadderError
 from .memory import check_params_fit
 from .mesh import make_mesh
 from .plan import lookup
+from .storage import ObjectLock, Path, free_bytes, is_remote, path, write_atomic
 from .tokenizer import copy_tokenizer_files, get_tokenizer
 
 
@@ -41,30 +41,30 @@ class CheckpointError(LadderError):
 
 
 def save_config(run_dir: Path, cfg: Config) -> None:
-    tmp = run_dir / "config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, run_dir / "config.yaml")
+    write_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def load_run_config(run_dir: str | Path, overrides=()) -> Config:
     """The config a run was saved with, with optional `key=value` overrides (plan, mesh, ...)."""
-    path = Path(run_dir) / "config.yaml"
-    if not Path(run_dir).is_dir():
+    run_dir = path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir} is not a directory; give a run directory made by train.py or convert")
-    if not path.exists():
+    if not config_path.exists():
         raise CheckpointError(
             f"{run_dir} has no config.yaml, so it is not a ladder_jax run; give a directory made by train.py or convert"
         )
     try:
-        saved = from_dict(yaml.safe_load(path.read_text()))
+        saved = from_dict(yaml.safe_load(config_path.read_text()))
     except ConfigError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    return load_config(path, overrides) if overrides else saved
+        raise CheckpointError(f"{config_path}: {e}") from None
+    return load_config(config_path, overrides) if overrides else saved
 
 
 def manager(run_dir: str | Path, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
-    return ocp.CheckpointManager(Path(run_dir).absolute() / "checkpoints", options=options)
+    run_dir = path(run_dir)
+    return ocp.CheckpointManager((run_dir if is_remote(run_dir) else run_dir.absolute()) / "checkpoints", options=options)
 
 
 def check_same_shapes(expected: Config, found: Config, where: str) -> None:
@@ -75,9 +75,9 @@ def check_same_shapes(expected: Config, found: Config, where: str) -> None:
     have = M.abstract_params(stored(found.model))
     flat_want = dict(jax.tree_util.tree_flatten_with_path(want)[0])
     flat_have = dict(jax.tree_util.tree_flatten_with_path(have)[0])
-    for path, w in flat_want.items():
-        name = jax.tree_util.keystr(path)
-        h = flat_have.get(path)
+    for key, w in flat_want.items():
+        name = jax.tree_util.keystr(key)
+        h = flat_have.get(key)
         if h is None:
             raise CheckpointError(
                 f"{where} has no parameter {name} (it is a {found.model.name} model with plan '{found.model.plan}'); use a checkpoint of the same shape"
@@ -119,7 +119,7 @@ def save_params(run_dir: str | Path, params: dict, step: int = 0) -> None:
 
 
 def latest_step(run_dir: str | Path) -> int | None:
-    if not (Path(run_dir) / "checkpoints").is_dir():
+    if not (path(run_dir) / "checkpoints").is_dir():
         return None
     return manager(run_dir, create=False).latest_step()
 
@@ -134,7 +134,7 @@ def restore_params(run_dir: str | Path, cfg: Config, mesh: Mesh, step: int | Non
     `cfg` may differ from the run's own config in the plan (standard -> ladder, ...) and the mesh,
     as long as every parameter keeps its shape.
     """
-    run_dir = Path(run_dir)
+    run_dir = path(run_dir)
     saved = load_run_config(run_dir)
     check_same_shapes(cfg, saved, str(run_dir))
     check_same_function(cfg, saved, mesh.shape["tensor"], str(run_dir))
@@ -189,12 +189,12 @@ def load_run(run_dir: str | Path, overrides=(), devices=None) -> Run:
     """A run with optional `key=value` overrides (mesh, plan), its parameters placed on a fresh mesh."""
     cfg = load_run_config(run_dir, overrides)
     mesh = make_mesh(cfg, devices)
-    return Run(Path(run_dir), cfg, mesh, restore_params(run_dir, cfg, mesh))
+    return Run(path(run_dir), cfg, mesh, restore_params(run_dir, cfg, mesh))
 
 
 def latest_run(root: str | Path = "runs", preset: str = "tiny") -> Path:
     """The most recently written run of this preset under `root` that has a complete checkpoint."""
-    root = Path(root)
+    root = path(root)
     runs = [p for p in root.glob("*/config.yaml")] if root.is_dir() else []
     candidates = []
     for cfg_path in runs:
@@ -204,16 +204,17 @@ def latest_run(root: str | Path = "runs", preset: str = "tiny") -> Path:
         except Exception:
             continue
         if name == preset and latest_step(run) is not None:
-            candidates.append((cfg_path.stat().st_mtime, run))
+            candidates.append((cfg_path.stat().mtime, str(run), run))
     if not candidates:
         raise CheckpointError(
             f"no trained '{preset}' run under {root}/; run `python train.py` first or pass --checkpoint RUN_DIR"
         )
-    return max(candidates)[1]
+    return max(candidates)[2]
 
 
 def check_writable(run_dir: Path, need_bytes: int = 0) -> None:
     """Fail early, in one line, when the run directory cannot take checkpoints."""
+    run_dir = path(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{socket.gethostname()}-{os.getpid()}"  # one per process: hosts share it
@@ -221,10 +222,10 @@ def check_writable(run_dir: Path, need_bytes: int = 0) -> None:
         probe.unlink()
     except OSError as e:
         raise CheckpointError(
-            f"cannot write to {run_dir} ({e.strerror}); choose another train.out_dir or fix its permissions"
+            f"cannot write to {run_dir} ({e.strerror or e}); choose another train.out_dir or fix its permissions"
         ) from None
-    free = shutil.disk_usage(run_dir).free
-    if need_bytes and free < need_bytes:
+    free = free_bytes(run_dir)
+    if need_bytes and free is not None and free < need_bytes:
         raise CheckpointError(
             f"{run_dir} has {free / 2**20:.0f} MiB free but a checkpoint needs about {need_bytes / 2**20:.0f} MiB; free space or choose another train.out_dir"
         )
@@ -232,6 +233,7 @@ def check_writable(run_dir: Path, need_bytes: int = 0) -> None:
 
 def check_new_directory(out: Path) -> None:
     """Refuse to write into a directory that holds anything: a user's files are never touched."""
+    out = path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out} already exists and is not empty; give a new directory")
 
@@ -240,10 +242,10 @@ def save_run(out: Path, cfg: Config, params: dict, source: Path, report: tuple[s
     """A new run directory made from `source` (config.yaml, orbax step 0, the source's tokenizer
     and a JSON report of how it was made, `report` = (file name, record)), written atomically."""
     with building(out) as tmp:
-        save_config(tmp, cfg)
         save_params(tmp, params)
         copy_tokenizer_files(source, tmp)
         (tmp / report[0]).write_text(json.dumps(report[1], indent=1))
+        save_config(tmp, cfg)  # last: what makes the directory a run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +257,7 @@ LOCK_NAME = "train.lock"
 def _process_start(pid: int) -> int | None:
     """When a process started (clock ticks since boot, Linux), to tell a live pid from a reused one."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = LocalPath(f"/proc/{pid}/stat").read_text()
         return int(stat.rsplit(")", 1)[1].split()[19])
     except (OSError, ValueError, IndexError):
         return None
@@ -279,7 +281,7 @@ def _alive(holder: dict) -> bool:
     return start is None or holder.get("start") is None or start == holder["start"]
 
 
-def _read_lock(path: Path) -> dict | None:
+def _read_lock(path: LocalPath) -> dict | None:
     try:
         holder = json.loads(path.read_text())
     except FileNotFoundError:
@@ -289,7 +291,7 @@ def _read_lock(path: Path) -> dict | None:
     return holder if isinstance(holder, dict) else {}
 
 
-def _create_lock(path: Path, record: dict) -> bool:
+def _create_lock(path: LocalPath, record: dict) -> bool:
     """Create `path` holding `record` atomically: a complete file or none. False if it exists."""
     tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}")
     tmp.write_text(json.dumps(record))
@@ -310,7 +312,7 @@ def _create_lock(path: Path, record: dict) -> bool:
         tmp.unlink(missing_ok=True)
 
 
-def _acquire(run_dir: Path) -> dict:
+def _acquire(run_dir: LocalPath) -> dict:
     path = run_dir / LOCK_NAME
     record = {
         "host": socket.gethostname(),
@@ -342,7 +344,7 @@ def _acquire(run_dir: Path) -> dict:
     raise CheckpointError(f"could not take {path} (other trainers keep taking it); try again")
 
 
-def _release(run_dir: Path, record: dict) -> None:
+def _release(run_dir: LocalPath, record: dict) -> None:
     path = run_dir / LOCK_NAME
     if _read_lock(path) == record:  # never remove a lock that is not ours
         path.unlink(missing_ok=True)
@@ -369,24 +371,54 @@ def check_shared(run_dir: Path) -> None:
         p = int(np.argmin(seen))
         raise CheckpointError(
             f"run directory {run_dir} is not one storage for all {n} processes (process {p} sees {seen[p]} of "
-            f"the {n} processes' files): give a run directory on a filesystem every host mounts (NFS, Filestore, gcsfuse)"
+            f"the {n} processes' files): give a run directory every host sees, gs://BUCKET/... or a filesystem every host mounts (NFS, Filestore)"
         )
 
 
+def _acquire_object(run_dir: Path, timeout: float) -> ObjectLock:
+    """The run lock on object storage. A holder on this host whose process is gone is taken over
+    at once (as locally); any other once its heartbeat is older than `timeout` seconds."""
+    lock = ObjectLock(run_dir / LOCK_NAME, timeout)
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid())}
+    record["since"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    for _ in range(5):
+        if lock.create(record):
+            return lock
+        holder, generation, age = lock.read()
+        if holder is None:  # released meanwhile
+            continue
+        dead_here = holder.get("host") == socket.gethostname() and not _alive(holder)
+        if not dead_here and age < timeout:
+            raise CheckpointError(
+                f"{run_dir} is being trained by pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')} "
+                f"(heartbeat {age:.0f} s ago, {lock.path}); wait for it to end, give another --run-dir, or wait "
+                f"train.lock_timeout={timeout:g} s after its last heartbeat for a takeover"
+            )
+        if lock.take_over(generation):
+            return lock
+    raise CheckpointError(f"could not take {run_dir / LOCK_NAME} (other trainers keep taking it); try again")
+
+
 @contextlib.contextmanager
-def run_lock(run_dir: str | Path):
+def run_lock(run_dir: str | Path, timeout: float = 300.0):
     """Hold `run_dir/train.lock` while the block runs: a second trainer into the same directory
     is refused in one line (CheckpointError); readers (infer.py, convert, spd, lp) never look at
     it. A lock whose process died on this host (pid gone, or reused by a process that started
-    later) is taken over. Multi-host: process 0 alone holds it and tells the others its verdict,
-    so every process of a job refuses or proceeds together."""
-    run_dir = Path(run_dir)
-    created = not run_dir.exists()
-    record, error = None, ""
+    later) is taken over. On gs:// the lock is an object with a heartbeat (ObjectLock), taken
+    over also when its heartbeat is `timeout` seconds old. Multi-host: process 0 alone holds it
+    and tells the others its verdict, so every process of a job refuses or proceeds together."""
+    run_dir = path(run_dir)
+    remote = is_remote(run_dir)
+    created = not remote and not run_dir.exists()
+    held, error = None, ""
     if jax.process_index() == 0:
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            record = _acquire(run_dir)
+            if remote:
+                held = _acquire_object(run_dir, timeout)
+                held.start_heartbeat()
+            else:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                held = _acquire(LocalPath(run_dir))
         except CheckpointError as e:
             error = str(e)
         except OSError as e:
@@ -403,18 +435,31 @@ def run_lock(run_dir: str | Path):
         check_shared(run_dir)
         yield
     finally:
-        if record is not None:
-            _release(run_dir, record)
+        if isinstance(held, ObjectLock):
+            held.release()
+        elif held is not None:
+            _release(LocalPath(run_dir), held)
             if created:  # a run refused before it wrote anything leaves no directory behind
                 with contextlib.suppress(OSError):
-                    run_dir.rmdir()
+                    os.rmdir(run_dir)
 
 
 @contextlib.contextmanager
 def building(out: Path):
     """A temporary sibling of `out` to fill; renamed to `out` only when the block succeeds, so a
-    failed or killed conversion leaves no half-written run behind."""
+    failed or killed conversion leaves no half-written run behind. Object storage has no
+    directory rename: there the block fills `out` itself, is removed on failure, and writes
+    config.yaml last, so a killed one is no run (load_run_config refuses it)."""
+    out = path(out)
     check_new_directory(out)
+    if is_remote(out):
+        try:
+            yield out
+        except BaseException:
+            with contextlib.suppress(OSError):
+                out.rmtree()
+            raise
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f"{out.name}.tmp-{secrets.token_hex(4)}"
     tmp.mkdir()
@@ -422,4 +467,5 @@ def building(out: Path):
         yield tmp
         os.replace(tmp, out)  # replaces an empty `out` too
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            tmp.rmtree()

@@ -149,6 +149,8 @@ class TrainConfig:
     wandb: str = ""
     wandb_mode: str = "online"  # or "offline": written under RUN/wandb, `wandb sync` uploads it later
     profile: str = ""  # "START:END": a jax.profiler trace of steps START..END-1 under RUN/profile
+    # On gs:// run directories: seconds after its holder's last heartbeat that a run lock is taken over
+    lock_timeout: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -390,6 +392,7 @@ def _check_train(cfg: Config) -> None:
         "save_every",
         "keep",
         "log_every",
+        "lock_timeout",
     ):
         if getattr(tr, key) <= 0:
             raise ConfigError(f"train.{key} must be positive, got {getattr(tr, key)}")

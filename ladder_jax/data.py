@@ -13,18 +13,19 @@ read through grain, one record per document. Both are packed by the same PackedW
 
 from __future__ import annotations
 
-import glob
 import gzip
+import io
 import json
 import sysconfig
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path as LocalPath
 
 import numpy as np
 
 from .errors import LadderError
+from .storage import Path, expand, path, stage
 
 
 class DataError(LadderError):
@@ -39,7 +40,7 @@ class Document:
 
 def stdlib_documents() -> list[Document]:
     """The running Python's own standard-library sources (no site-packages): real code and English."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = LocalPath(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
     return [Document(str(p.relative_to(root)), p.read_text("utf-8", errors="replace")) for p in files]
 
@@ -49,63 +50,64 @@ def input_files(spec, what: str = "train.data") -> list[str]:
     patterns = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
     paths: list[str] = []
     for pattern in (p for p in patterns if p):
-        matched = sorted(glob.glob(pattern, recursive=True))
+        matched = expand(pattern)
         if not matched:
             raise DataError(f"{what}: '{pattern}' matches no file; give an existing path or glob (or 'stdlib')")
-        paths += [m for m in matched if Path(m).is_file()]
+        paths += matched
     return paths
 
 
-def parquet_row_groups(path: str, text_field: str) -> int:
+def parquet_row_groups(name: str, text_field: str) -> int:
     """The row groups of a Parquet file that has the text column (refused in one line otherwise)."""
     import pyarrow.parquet as pq
 
-    meta = pq.ParquetFile(path)
+    meta = pq.ParquetFile(path(name).open("rb"))
     if text_field not in meta.schema_arrow.names:
         raise DataError(
-            f"{path} has no column '{text_field}' (it has {', '.join(meta.schema_arrow.names)}); "
+            f"{name} has no column '{text_field}' (it has {', '.join(meta.schema_arrow.names)}); "
             f"name the text column with --text-field / train.text_field"
         )
     return meta.num_row_groups
 
 
-def read_documents(path: str, text_field: str = "text", row_group: int | None = None) -> Iterator[Document]:
+def read_documents(name: str, text_field: str = "text", row_group: int | None = None) -> Iterator[Document]:
     """The documents of one file: a text file is one; JSONL (optionally .gz) one per line's
     `text_field`; Parquet one per row of its `text_field` column (one row group, or all)."""
-    if path.endswith(".parquet"):
+    if name.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        f = pq.ParquetFile(path)
-        groups = range(parquet_row_groups(path, text_field)) if row_group is None else [row_group]
+        f = pq.ParquetFile(path(name).open("rb"))
+        groups = range(parquet_row_groups(name, text_field)) if row_group is None else [row_group]
         row = 0
         for g in groups:
             if row_group is not None:
                 row = sum(f.metadata.row_group(i).num_rows for i in range(g))
             for text in f.read_row_group(g, columns=[text_field]).column(0).to_pylist():
-                yield Document(f"{path}:{row}", "" if text is None else str(text))
+                yield Document(f"{name}:{row}", "" if text is None else str(text))
                 row += 1
-    elif path.endswith((".jsonl", ".jsonl.gz")):
-        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+    elif name.endswith((".jsonl", ".jsonl.gz")):
+        raw = path(name).open("rb")
+        with io.TextIOWrapper(gzip.GzipFile(fileobj=raw) if name.endswith(".gz") else raw, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n} is not valid JSON ({e.msg}); fix the line or remove it") from None
+                    raise DataError(f"{name}:{n} is not valid JSON ({e.msg}); fix the line or remove it") from None
                 if not isinstance(record, dict) or text_field not in record:
                     raise DataError(
-                        f"{path}:{n} has no '{text_field}' field; name the field holding the text with "
+                        f"{name}:{n} has no '{text_field}' field; name the field holding the text with "
                         f"--text-field / train.text_field"
                     )
-                yield Document(f"{path}:{n}", str(record[text_field]))
+                yield Document(f"{name}:{n}", str(record[text_field]))
     else:
-        yield Document(path, Path(path).read_text("utf-8", errors="replace"))
+        yield Document(name, path(name).read_bytes().decode("utf-8", errors="replace"))
 
 
 def file_documents(spec: str, text_field: str = "text") -> list[Document]:
     """Text files, globs (comma-separated), JSONL (optionally .gz) or Parquet files."""
-    return [d for path in input_files(spec) for d in read_documents(path, text_field)]
+    return [d for f in input_files(spec) for d in read_documents(f, text_field)]
 
 
 def load_documents(spec: str, text_field: str = "text") -> list[Document]:
@@ -198,7 +200,7 @@ class Datasets:
 def build_datasets(train_cfg, tokenizer) -> Datasets:
     """Train and validation windows: from a prepared directory (streamed from disk), or the
     stdlib / files tokenized here into memory. Both go through the same PackedWindows."""
-    if train_cfg.data != "stdlib" and Path(train_cfg.data).is_dir():
+    if train_cfg.data != "stdlib" and "," not in train_cfg.data and path(train_cfg.data).is_dir():
         train = open_prepared(train_cfg.data, "train", tokenizer, train_cfg.seq_len)
         val = open_prepared(train_cfg.data, "val", tokenizer, train_cfg.seq_len)
     else:
@@ -248,19 +250,19 @@ class TokenRecords:
 
 
 def read_manifest(directory: str | Path) -> dict:
-    path = Path(directory) / MANIFEST
-    if not path.exists():
+    manifest = path(directory) / MANIFEST
+    if not manifest.exists():
         raise DataError(
             f"train.data={directory} has no {MANIFEST}: its prepare did not finish; rerun the same "
             f"`python -m ladder_jax data prepare` command (it keeps the finished shards)"
         )
-    return json.loads(path.read_text())
+    return json.loads(manifest.read_text())
 
 
 def open_prepared(directory: str | Path, split: str, tokenizer, seq_len: int) -> PackedWindows:
     """One split of a prepared directory, checked against the tokenizer and its own manifest
     (every shard present, with the size and record count listed) before anything is read."""
-    directory = Path(directory)
+    directory = path(directory)
     manifest = read_manifest(directory)
     ours, theirs = tokenizer_identity(tokenizer), manifest["tokenizer"]
     if ours != theirs:
@@ -278,18 +280,24 @@ def open_prepared(directory: str | Path, split: str, tokenizer, seq_len: int) ->
             + (" or with a larger --val-fraction" if split == "val" else "")
         )
     for shard in info["shards"]:
-        path = directory / shard["path"]
-        size = path.stat().st_size if path.exists() else None
+        shard_path = directory / shard["path"]
+        size = shard_path.stat().length if shard_path.exists() else None
         if size != shard["bytes"]:
             what = "is missing" if size is None else f"has {size} bytes, the manifest says {shard['bytes']} (truncated)"
-            raise DataError(f"shard {path} {what}; rerun the prepare command into a new --out directory")
+            raise DataError(f"shard {shard_path} {what}; rerun the prepare command into a new --out directory")
+    # array_record reads local files only: shards on gs:// are staged into a local cache (storage.stage)
+    local = stage([(directory / shard["path"], shard["bytes"]) for shard in info["shards"]])
     try:
-        records = TokenRecords([str(directory / shard["path"]) for shard in info["shards"]], manifest["dtype"])
+        records = TokenRecords(local, manifest["dtype"])
     except Exception as e:  # a shard of the right size that array_record cannot read
         raise DataError(
             f"a shard of {directory} is unreadable ({str(e).splitlines()[0]}); rerun the prepare command into a new --out directory"
         ) from None
-    offsets = np.load(directory / info["offsets"], mmap_mode="r")  # mapped: memory does not grow with the corpus
+    offsets_path = directory / info["offsets"]
+    if not offsets_path.exists():
+        raise DataError(f"{offsets_path} is missing; rerun the prepare command into a new --out directory")
+    (offsets_file,) = stage([(offsets_path, offsets_path.stat().length)])
+    offsets = np.load(offsets_file, mmap_mode="r")  # mapped: memory does not grow with the corpus
     if len(records) != info["documents"] or len(offsets) != info["documents"] + 1 or offsets[-1] != info["tokens"]:
         raise DataError(
             f"the {split} split of {directory} has {len(records)} records and {len(offsets) - 1} offsets but its "

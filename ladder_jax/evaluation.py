@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import json
 import re
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -38,6 +37,7 @@ from .data import open_prepared
 from .decode import bucket_length, generate, vocab_parallel_argmax
 from .errors import LadderError
 from .mesh import BATCH, batch_shards
+from .storage import Path, path
 from .tokenizer import HFTokenizer, get_tokenizer
 from .training import vocab_parallel_nll
 
@@ -81,7 +81,7 @@ class LadderLM(TemplateLM):
         super().__init__()
         if isinstance(overrides, str):
             overrides = [o for o in overrides.split(";") if o]
-        self.run_dir, self.overrides = Path(checkpoint), list(overrides)
+        self.run_dir, self.overrides = path(checkpoint), list(overrides)
         self.cfg = run.cfg if run is not None else ckpt.load_run_config(self.run_dir, self.overrides)
         if run is not None:
             self.__dict__["run"] = run  # the cached property, already known
@@ -242,7 +242,7 @@ def task_manager(names: list[str], include_path=None, builtin: bool = True):
     ten seconds and more) is read only when `include_path` does not hold every name."""
     from lm_eval.tasks import TaskManager
 
-    if include_path is not None and not Path(include_path).is_dir():
+    if include_path is not None and not path(include_path).is_dir():
         raise EvalError(f"--include-path {include_path} is not a directory of task YAMLs")
     tm = TaskManager(include_path=str(include_path), include_defaults=False) if include_path else None
     if tm is None or (builtin and not all(n in tm.task_index for n in names)):

@@ -2,6 +2,8 @@
 
 - `MetricsLog`: every record goes to `RUN/metrics.jsonl`, TensorBoard event files under
   `RUN/tensorboard`, and Weights & Biases when `train.wandb` names a project; process 0 only.
+  On object storage (gs://), which cannot append, these files are written to a local mirror
+  and copied into the run directory at each flush (every log interval).
 - `StopSignals`: SIGTERM (spot TPU VMs, queued resources, SLURM before a preemption) and SIGINT
   set a flag instead of killing the process, so the loop can save the step in flight; every
   process agrees on the step to stop at (`stop_agreed`).
@@ -19,12 +21,12 @@ import secrets
 import signal
 import threading
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 
 from .config import Config, ConfigError, to_dict
+from .storage import LocalMirror, Path
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # The scalars TensorBoard and W&B get (metrics.jsonl keeps every key of a record).
@@ -45,17 +47,19 @@ def check_wandb(cfg: Config) -> None:
 class MetricsLog:
     """metrics.jsonl, TensorBoard and (optionally) W&B for one run; only process 0 writes."""
 
-    def __init__(self, cfg: Config, run_dir: Path):
-        self.path = run_dir / "metrics.jsonl"
+    def __init__(self, cfg: Config, run_dir: Path, mirror: LocalMirror):
+        self.mirror, self.path = mirror, mirror.local / "metrics.jsonl"
         self.active = jax.process_index() == 0
         self.tensorboard = self.wandb = None
         if not self.active:
             return
         from tensorboardX import SummaryWriter
 
-        self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), flush_secs=30)
+        mirror.local.mkdir(parents=True, exist_ok=True)
+        mirror.pull("metrics.jsonl")  # a resumed run appends to what it wrote before
+        self.tensorboard = SummaryWriter(str(mirror.local / "tensorboard"), flush_secs=30)
         if cfg.train.wandb:
-            self.wandb = _wandb_run(cfg, run_dir)
+            self.wandb = _wandb_run(cfg, run_dir, mirror.local)
 
     def write(self, record: dict) -> None:
         if not self.active:
@@ -73,16 +77,20 @@ class MetricsLog:
     def flush(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.flush()
+            self.mirror.sync()
 
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+        if self.active:
+            self.mirror.sync()
 
 
-def _wandb_run(cfg: Config, run_dir: Path):
-    """A W&B run that a resumed training run continues: its id is kept in RUN/wandb_id."""
+def _wandb_run(cfg: Config, run_dir: Path, local):
+    """A W&B run that a resumed training run continues: its id is kept in RUN/wandb_id; its own
+    files (offline runs) under the local mirror's `wandb/`."""
     import wandb
 
     id_file = run_dir / "wandb_id"
@@ -91,7 +99,7 @@ def _wandb_run(cfg: Config, run_dir: Path):
     return wandb.init(
         project=cfg.train.wandb,
         mode=cfg.train.wandb_mode,
-        dir=str(run_dir),
+        dir=str(local),
         name=run_dir.name,
         id=run_id,
         resume="allow",
@@ -139,8 +147,9 @@ def stop_agreed(local: bool) -> bool:
 class Profile:
     """A jax.profiler trace from the start of step `steps.start` to the end of step `steps.stop - 1`."""
 
-    def __init__(self, steps: range | None, out: Path):
-        self.steps, self.out, self.tracing = steps, out, False
+    def __init__(self, steps: range | None, mirror: LocalMirror):
+        self.steps, self.mirror, self.tracing = steps, mirror, False
+        self.out = mirror.local / "profile"
 
     def before(self, step: int) -> None:
         if self.steps is not None and step == self.steps.start:
@@ -156,6 +165,7 @@ class Profile:
         if self.tracing:
             jax.profiler.stop_trace()
             self.tracing = False
+            self.mirror.sync()
 
 
 class Timer:

@@ -16,7 +16,6 @@ import multiprocessing as mp
 import os
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from pathlib import Path
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
@@ -32,6 +31,7 @@ from .data import (
     read_documents,
     tokenizer_identity,
 )
+from .storage import Path, is_remote, local_dir_for, path, size_and_version, write_atomic
 from .tokenizer import ByteTokenizer, HFTokenizer, get_tokenizer
 
 SPLITS = ("train", "val")
@@ -46,14 +46,14 @@ def load_tokenizer(spec: str, config: str | None = None):
 
     if spec == "bytes":
         return ByteTokenizer()
-    path = Path(spec)
-    if path.is_dir():
-        return get_tokenizer(load_run_config(path), path)
-    if path.is_file():
+    source = path(spec)
+    if source.is_dir():
+        return get_tokenizer(load_run_config(source), source)
+    if source.is_file():
         if config is None:
             raise DataError(f"--tokenizer {spec} needs --config PRESET for its BOS/EOS ids (e.g. --config ladder-1b)")
         m = load_config(config).model
-        return HFTokenizer(path, m.bos_id, m.eos_id, m.pad_id)
+        return HFTokenizer(source, m.bos_id, m.eos_id, m.pad_id)
     raise DataError(f"--tokenizer {spec} is neither 'bytes', a run directory nor a tokenizer.json file")
 
 
@@ -66,16 +66,16 @@ def plan_units(paths: list[str], text_field: str) -> list[dict]:
             units.append({"files": list(text), "row_group": None})
             text.clear()
 
-    for path in paths:
-        if path.endswith(".parquet"):
+    for name in paths:
+        if name.endswith(".parquet"):
             flush_text()
-            units += [{"files": [path], "row_group": g} for g in range(parquet_row_groups(path, text_field))]
-        elif path.endswith((".jsonl", ".jsonl.gz")):
+            units += [{"files": [name], "row_group": g} for g in range(parquet_row_groups(name, text_field))]
+        elif name.endswith((".jsonl", ".jsonl.gz")):
             flush_text()
-            units.append({"files": [path], "row_group": None})
+            units.append({"files": [name], "row_group": None})
         else:
-            text.append(path)
-            if sum(os.path.getsize(p) for p in text) >= TEXT_UNIT_BYTES:
+            text.append(name)
+            if sum(size_and_version(p)[0] for p in text) >= TEXT_UNIT_BYTES:
                 flush_text()
     flush_text()
     return units
@@ -83,22 +83,32 @@ def plan_units(paths: list[str], text_field: str) -> list[dict]:
 
 def _stamp(files: list[str]) -> list:
     """What a finished unit remembers of its inputs, to redo it when one changes."""
-    return [[f, os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
+    return [[f, *size_and_version(f)] for f in files]
 
 
 def _done(out: Path, k: int, unit: dict) -> dict | None:
-    path = out / f"unit-{k:05d}.json"
-    if not path.exists():
+    unit_file = out / f"unit-{k:05d}.json"
+    if not unit_file.exists():
         return None
-    record = json.loads(path.read_text())
+    record = json.loads(unit_file.read_text())
     complete = all((out / record[s]["path"]).exists() for s in SPLITS if record[s]["documents"])
     return record if complete and record["inputs"] == _stamp(unit["files"]) else None
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+def _write_json(file: Path, obj) -> None:
+    write_atomic(file, json.dumps(obj, indent=1))
+
+
+def _publish(work, out: Path, k: int, record: dict) -> None:
+    """A unit written in the local `work` directory, copied into `out` on object storage (array_record
+    writes local files only): its shards first, its unit record last, as locally."""
+    if not is_remote(out):
+        return
+    names = [record[s]["path"] for s in SPLITS]
+    names += [n.replace(".arrayrecord", ".lengths.npy") for n in names] + [f"unit-{k:05d}.json"]
+    for name in names:
+        (out / name).write_bytes((work / name).read_bytes())
+        (work / name).unlink()
 
 
 # Worker processes: a tokenizer and the shared progress counters, set once per process.
@@ -115,8 +125,8 @@ def _prepare_unit(out: Path, k: int, unit: dict, text_field: str, val_fraction: 
     writers = {s: ArrayRecordWriter(str(out / f"{names[s]}.arrayrecord.tmp"), WRITER_OPTIONS) for s in SPLITS}
     lengths = {s: [] for s in SPLITS}
     pending_docs = pending_tokens = 0
-    for path in unit["files"]:
-        for doc in read_documents(path, text_field, unit["row_group"]):
+    for name in unit["files"]:
+        for doc in read_documents(name, text_field, unit["row_group"]):
             if not doc.text.strip():
                 continue
             ids = encode(tokenizer, doc.text)
@@ -167,7 +177,8 @@ def prepare(
         raise DataError(f"--val-fraction {val_fraction} must be in [0, 1)")
     if workers < 1:
         raise DataError(f"--workers {workers} must be at least 1")
-    out = Path(out)
+    out = path(out)
+    work = local_dir_for(out, "prepare")  # `out` itself unless on gs://
     paths = input_files(inputs, "prepare")
     if not paths:
         raise DataError(f"prepare: {' '.join(inputs)} names no file; give text, JSONL or Parquet files")
@@ -181,14 +192,15 @@ def prepare(
         "dtype": dtype,
     }
     _start(out, args)
+    work.mkdir(parents=True, exist_ok=True)
     records = {k: r for k, u in enumerate(units) if (r := _done(out, k, u)) is not None}
     if records:
         log(
             f"{out}: {len(records)} of {len(units)} units already done, preparing the other {len(units) - len(records)}"
         )
     t0 = time.perf_counter()
-    tokens = _tokenize(out, units, records, tokenizer, workers, (text_field, val_fraction, dtype), progress)
-    manifest = {"format": 1, **args, "splits": {s: _finish_split(out, s, units, records) for s in SPLITS}}
+    tokens = _tokenize((work, out), units, records, tokenizer, workers, (text_field, val_fraction, dtype), progress)
+    manifest = {"format": 1, **args, "splits": {s: _finish_split(work, out, s, units, records) for s in SPLITS}}
     _check_splits(manifest["splits"], inputs, val_fraction)
     _write_json(out / MANIFEST, manifest)
     dt = time.perf_counter() - t0
@@ -214,9 +226,10 @@ def _start(out: Path, args: dict) -> None:
     (out / MANIFEST).unlink(missing_ok=True)  # re-made from the units at the end
 
 
-def _tokenize(out: Path, units, records: dict, tokenizer, workers: int, options, progress: bool) -> int:
-    """Tokenize the units not in `records` (added to it as each is done), with a progress bar;
-    returns the tokens written."""
+def _tokenize(dirs: tuple, units, records: dict, tokenizer, workers: int, options, progress: bool) -> int:
+    """Tokenize the units not in `records` (added to it as each is done) into `dirs` = (work, out),
+    with a progress bar; returns the tokens written."""
+    work, out = dirs
     todo = [k for k in range(len(units)) if k not in records]
     docs, tokens = (mp.get_context("spawn").Value("q", 0) for _ in range(2))  # counters the workers add to
     bar = tqdm(total=len(units), initial=len(records), unit="unit", disable=not progress, dynamic_ncols=True)
@@ -227,12 +240,13 @@ def _tokenize(out: Path, units, records: dict, tokenizer, workers: int, options,
         bar.set_postfix(docs_s=f"{docs.value / dt:,.0f}", tok_s=f"{tokens.value / dt:,.0f}")
 
     def done(k: int, record: dict) -> None:
+        _publish(work, out, k, record)
         records[k] = record
         show()
         bar.update(1)
 
     try:
-        _run_units(out, units, todo, tokenizer, docs, tokens, workers, options, done, show)
+        _run_units(work, units, todo, tokenizer, docs, tokens, workers, options, done, show)
     finally:
         bar.close()
     return tokens.value
@@ -272,19 +286,24 @@ def _run_units(out, units, todo, tokenizer, docs, tokens, workers, options, done
             raise
 
 
-def _finish_split(out: Path, split: str, units: list[dict], records: dict) -> dict:
-    """A split's shards in unit order and its offsets array (where each document starts)."""
+def _finish_split(work, out: Path, split: str, units: list[dict], records: dict) -> dict:
+    """A split's shards in unit order and its offsets array (where each document starts), built
+    in the local `work` directory and copied into `out` when that is on object storage."""
     shards = [records[k][split] for k in range(len(units)) if records[k][split]["documents"]]
     n_docs = sum(s["documents"] for s in shards)
-    offsets = np.lib.format.open_memmap(out / f"{split}.offsets.npy.tmp", "w+", np.int64, (n_docs + 1,))
+    offsets = np.lib.format.open_memmap(work / f"{split}.offsets.npy.tmp", "w+", np.int64, (n_docs + 1,))
     offsets[0], at = 0, 0
     for shard in shards:  # one shard's lengths in memory at a time
-        lengths = np.load(out / shard["path"].replace(".arrayrecord", ".lengths.npy"))
+        with (out / shard["path"].replace(".arrayrecord", ".lengths.npy")).open("rb") as f:
+            lengths = np.load(f)
         offsets[at + 1 : at + 1 + len(lengths)] = offsets[at] + np.cumsum(lengths)
         at += len(lengths)
     offsets.flush()
     del offsets
-    os.replace(out / f"{split}.offsets.npy.tmp", out / f"{split}.offsets.npy")
+    name = f"{split}.offsets.npy"
+    os.replace(work / f"{name}.tmp", work / name)
+    if is_remote(out):
+        (out / name).write_bytes((work / name).read_bytes())
     return {
         "documents": n_docs,
         "tokens": sum(s["tokens"] for s in shards),

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from datetime import datetime
-from pathlib import Path
 
 import numpy as np
 
 from .errors import LadderError
+from .storage import Path, path
 
 BYTE_VOCAB = 259  # 256 bytes + BOS, EOS, PAD
 # What a run directory keeps of a Hugging Face tokenizer (copied by convert, SPD, LP and training).
@@ -24,8 +23,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config
 
 def copy_tokenizer_files(source: str | Path, target: str | Path, files=TOKENIZER_FILES) -> None:
     for name in files:
-        if (Path(source) / name).exists():
-            shutil.copyfile(Path(source) / name, Path(target) / name)
+        if (path(source) / name).exists():
+            (path(target) / name).write_bytes((path(source) / name).read_bytes())
 
 
 class TokenizerError(LadderError):
@@ -82,19 +81,20 @@ class ByteTokenizer(ChatTemplated):
 class HFTokenizer(ChatTemplated):
     """A `tokenizer.json` read with the `tokenizers` package (optional extra `hf`)."""
 
-    def __init__(self, path: str | Path, bos_id: int, eos_id: int, pad_id: int):
-        """`path`: tokenizer.json; tokenizer_config.json and generation_config.json next to it are
+    def __init__(self, file: str | Path, bos_id: int, eos_id: int, pad_id: int):
+        """`file`: tokenizer.json (local or gs://); tokenizer_config.json and generation_config.json next to it are
         read when present."""
         try:
             from tokenizers import Tokenizer
         except ImportError as e:
             raise ImportError("reading tokenizer.json needs the 'tokenizers' package: pip install -e '.[hf]'") from e
-        self.tok = Tokenizer.from_file(str(path))
-        self.fingerprint = "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        data = path(file).read_bytes()  # local or gs://: tokenizers reads only local files
+        self.tok = Tokenizer.from_str(data.decode())
+        self.fingerprint = "sha256:" + hashlib.sha256(data).hexdigest()
         self.vocab_size = self.tok.get_vocab_size()
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
-        self.config = read_json_if_present(Path(path).parent / "tokenizer_config.json")
-        generation = read_json_if_present(Path(path).parent / "generation_config.json")
+        self.config = read_json_if_present(path(file).parent / "tokenizer_config.json")
+        generation = read_json_if_present(path(file).parent / "generation_config.json")
         self.special = {}  # bos_token, eos_token, ...: the names templates see
         for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
             token = self.config.get(key)
@@ -121,8 +121,8 @@ class HFTokenizer(ChatTemplated):
         return self.tok.decode(list(ids), skip_special_tokens=True)
 
 
-def read_json_if_present(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+def read_json_if_present(file: Path) -> dict:
+    return json.loads(file.read_text()) if file.exists() else {}
 
 
 def render_chat_template(template: str, messages: list[dict], special_tokens: dict) -> str:
@@ -169,8 +169,8 @@ def render_chat_template(template: str, messages: list[dict], special_tokens: di
 def get_tokenizer(cfg, run_dir: str | Path | None = None):
     """The run's tokenizer.json if it has one, else bytes (which needs a 259-token vocabulary)."""
     m = cfg.model
-    if run_dir is not None and (Path(run_dir) / "tokenizer.json").exists():
-        return HFTokenizer(Path(run_dir) / "tokenizer.json", m.bos_id, m.eos_id, m.pad_id)
+    if run_dir is not None and (path(run_dir) / "tokenizer.json").exists():
+        return HFTokenizer(path(run_dir) / "tokenizer.json", m.bos_id, m.eos_id, m.pad_id)
     if m.vocab_size != BYTE_VOCAB:
         raise TokenizerError(
             f"model.vocab_size={m.vocab_size} needs a tokenizer.json (the byte tokenizer has {BYTE_VOCAB} tokens); "

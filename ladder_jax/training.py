@@ -15,7 +15,6 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +33,7 @@ from .data import build_datasets, train_iterator, val_batches
 from .errors import LadderError
 from .memory import check_training_fits
 from .mesh import BATCH, batch_shards, make_mesh
+from .storage import LocalMirror, Path, path
 from .tokenizer import copy_tokenizer_files, get_tokenizer
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "mask")
@@ -335,7 +335,7 @@ def train(
     """
     mesh, trainer = resolve(cfg)
     run_dir = run_directory(cfg, run_dir)
-    with ckpt.run_lock(run_dir):
+    with ckpt.run_lock(run_dir, cfg.train.lock_timeout):
         resume = open_run_directory(cfg, run_dir, init_from)
         data = open_data(cfg, init_from if init_from is not None else run_dir)
         # Random parameters count XLA's temporaries too.
@@ -361,9 +361,9 @@ def train(
 
 def run_directory(cfg: Config, run_dir: str | Path | None = None) -> Path:
     if run_dir is not None:
-        return Path(run_dir)
+        return path(run_dir)
     name = cfg.train.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Path(cfg.train.out_dir) / name
+    return path(cfg.train.out_dir) / name
 
 
 def resolve(cfg: Config) -> tuple[Mesh, Trainer]:
@@ -463,8 +463,9 @@ class Loop:
     def __init__(self, cfg: Config, trainer: Trainer, mngr, data: TrainData, run_dir: Path, start: int, progress):
         self.cfg, self.trainer, self.mngr, self.data, self.run_dir = cfg, trainer, mngr, data, run_dir
         self.start, self.last_good = start, start if start > 0 else None
-        self.metrics = monitoring.MetricsLog(cfg, run_dir)
-        self.profile = monitoring.Profile(profile_steps(cfg.train), run_dir / "profile")
+        mirror = LocalMirror(run_dir, f"runs-p{jax.process_index()}")  # the run dir itself unless on gs://
+        self.metrics = monitoring.MetricsLog(cfg, run_dir, mirror)
+        self.profile = monitoring.Profile(profile_steps(cfg.train), mirror)
         self.timer, self.lr = monitoring.Timer(), lr_schedule(cfg)
         self.fpt, self.peak = flops_per_token(cfg), peak_flops(cfg)
         self.read_every = 1 if trainer.mesh.devices.flat[0].platform == "cpu" else cfg.train.log_every
@@ -550,6 +551,7 @@ class Loop:
         waits = f"data {fractions['data']:.0%} ckpt {fractions['checkpoint']:.0%}"
         self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mfu=mfu, wait=waits)
         self.tokens_since = 0.0
+        self.metrics.flush()  # event files reach the run directory every log interval
 
     def evaluate(self, step: int, params) -> None:
         ev = self.trainer.evaluate(params, self.data.val)

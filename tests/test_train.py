@@ -16,6 +16,7 @@ import pytest
 
 from ladder_jax import checkpoint as ckpt
 from ladder_jax import model as M
+from ladder_jax import storage
 from ladder_jax.config import ConfigError, replace
 from ladder_jax.data import DataError, PackedWindows, val_batches
 from ladder_jax.mesh import make_mesh
@@ -215,7 +216,7 @@ def test_read_only_run_directory_is_refused(tmp_path, monkeypatch):
     def refuse(*a, **k):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(Path, "mkdir", refuse)
+    monkeypatch.setattr(type(storage.path(tmp_path)), "mkdir", refuse)
     with pytest.raises(ckpt.CheckpointError, match="cannot write to .*Permission denied.*train.out_dir"):
         ckpt.check_writable(tmp_path / "run")
 

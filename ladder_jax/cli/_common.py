@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import jax
 
 from ..config import ConfigError
 from ..errors import LadderError
+from ..storage import Path
 from ..training import Preempted
 
 REFUSED = 2  # the exit status of input that cannot work (argparse's usage errors exit 2 too)

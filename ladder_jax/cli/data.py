@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
+from ..storage import Path
 from ._common import verb_group
 
 

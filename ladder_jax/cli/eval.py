@@ -4,9 +4,9 @@ text, on any run and plan."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from ..mesh import init_runtime
+from ..storage import Path
 from ._common import cpu_devices, evaluation, overrides, verb_group
 
 

@@ -24,7 +24,6 @@ import argparse
 import codecs
 import json
 import sys
-from pathlib import Path
 
 import jax
 from jax.sharding import Mesh
@@ -36,6 +35,7 @@ from ..decode import check_request
 from ..errors import LadderError
 from ..instruments import decode_speed
 from ..mesh import init_runtime, make_mesh
+from ..storage import Path, path
 from ..tokenizer import get_tokenizer
 from ._common import decoding_overrides, script_main, script_verb
 from ._format import markdown_table
@@ -109,11 +109,11 @@ def infer_or_benchmark(args) -> int:
 # Prompts
 
 
-def read_prompts_file(path: str | Path) -> list[str]:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"prompts file {path} does not exist; give a text file with one prompt per line")
-    raw = path.read_bytes()
+def read_prompts_file(name: str | Path) -> list[str]:
+    file = path(name)
+    if not file.is_file():
+        raise InputError(f"prompts file {file} does not exist; give a text file with one prompt per line")
+    raw = file.read_bytes()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -193,7 +193,7 @@ def resolve_run(args) -> Path:
     if args.checkpoint is None:
         preset = load_config(args.config or "tiny").model.name
         return checkpoint.latest_run(args.runs_dir, preset)
-    run_dir = Path(args.checkpoint)
+    run_dir = path(args.checkpoint)
     saved = checkpoint.load_run_config(run_dir)  # one-line CheckpointError for a missing or foreign directory
     if args.config is not None:
         wanted = load_config(args.config).model.name
@@ -364,7 +364,7 @@ def benchmark(args) -> int:
             "jax": jax.__version__,
             **{k: getattr(args, k) for k in ("prompt_len", "gen_len", "runs", "warmup")},
         }
-        Path(args.json).write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
+        path(args.json).write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
     return 0
 
 

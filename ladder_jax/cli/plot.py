@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..instruments import plots
+from ..storage import Path
 
 
 def add(sub) -> None:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from .. import checkpoint
 from ..errors import LadderError
 from ..mesh import init_runtime
+from ..storage import is_remote, path
 from ..tokenizer import get_tokenizer
 from ._common import cpu_devices, decoding_overrides, overrides
 
@@ -47,7 +46,7 @@ def start_server(args) -> int:
     if args.slots < 1 or not 0 < args.port < 65536:
         raise ServeError(f"--slots {args.slots} / --port {args.port}: give at least 1 slot and a port in 1..65535")
     init_runtime(args.cpu_devices)
-    run_dir = Path(args.checkpoint)
+    run_dir = path(args.checkpoint)
     run_overrides = decoding_overrides(args.overrides)
     cfg = checkpoint.load_run_config(run_dir, run_overrides)
     tokenizer = get_tokenizer(cfg, run_dir)
@@ -55,7 +54,7 @@ def start_server(args) -> int:
         raise ServeError(f"--max-len {args.max_len}; give 1..model.max_seq_len={cfg.model.max_seq_len}")
     run = checkpoint.load_run(run_dir, run_overrides)
     engine = Engine(run.cfg.model, run.mesh, run.params, args.slots, args.max_len)
-    name = args.model_name or run_dir.resolve().name
+    name = args.model_name or (run_dir if is_remote(run_dir) else run_dir.resolve()).name
     print(
         f"serving '{name}' ({run.cfg.model.plan}) on http://{args.host}:{args.port}/v1 with {engine.slots} slots",
         flush=True,

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..mesh import init_runtime
 from ..methods import spd
+from ..storage import Path
 from ._common import checkpoint, cpu_devices, metric_option, metric_tasks, overrides, task_measure, verb_group
 
 

@@ -4,9 +4,9 @@ needs matplotlib: pip install -e '.[plot]')."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from ..errors import LadderError
+from ..storage import Path, path
 
 
 class PlotError(LadderError):
@@ -26,12 +26,21 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, out) -> None:
+    """Write a figure as PNG to a local or gs:// path, and close it."""
+    with path(out).open("wb") as f:
+        fig.savefig(f, format="png", dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
 def read_metrics(run_dir: Path) -> tuple[list, list]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
+    metrics = path(run_dir) / "metrics.jsonl"
+    if not metrics.exists():
         raise PlotError(f"{run_dir} has no metrics.jsonl; give run directories made by train.py")
     train, val = [], []
-    for line in path.read_text().splitlines():
+    for line in metrics.read_text().splitlines():
         r = json.loads(line)
         if "loss" in r:
             train.append((r["step"], r["loss"]))
@@ -43,7 +52,7 @@ def read_metrics(run_dir: Path) -> tuple[list, list]:
 def plot_runs(run_dirs, out: Path, labels=None) -> Path:
     if labels and len(labels) != len(run_dirs):
         raise PlotError(f"--labels gives {len(labels)} labels for {len(run_dirs)} runs; give one label per run")
-    runs = [(Path(run), read_metrics(Path(run))) for run in run_dirs]  # every run is checked before drawing
+    runs = [(path(run), read_metrics(run)) for run in run_dirs]  # every run is checked before drawing
     plt = pyplot()
     if plt is None:
         raise PlotError("plotting needs matplotlib: pip install -e '.[plot]'")
@@ -63,6 +72,5 @@ def plot_runs(run_dirs, out: Path, labels=None) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out)
     return out

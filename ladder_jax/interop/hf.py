@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import jax
 import ml_dtypes
@@ -47,6 +46,7 @@ from ..memory import check_params_fit
 from ..mesh import make_mesh
 from ..plan import lookup
 from ..schedules import SCHEDULES
+from ..storage import Path, is_remote, path
 from ..tokenizer import copy_tokenizer_files
 
 DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16)}
@@ -73,14 +73,19 @@ class StoredTensor:
     shape: tuple[int, ...]
 
     def load(self) -> np.ndarray:
-        """A read-only memory map: nothing is read until it is used."""
+        """A read-only memory map: nothing is read until it is used (on gs://, the tensor's bytes)."""
+        if is_remote(self.file):
+            with self.file.open("rb") as f:
+                f.seek(self.offset)
+                data = f.read(math.prod(self.shape) * self.dtype.itemsize)
+            return np.frombuffer(data, self.dtype).reshape(self.shape)
         return np.memmap(self.file, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape)
 
 
 def read_safetensors_header(path: Path) -> dict[str, StoredTensor]:
     """Every tensor of a safetensors file, checked against the file's size (truncated downloads)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    size = path.stat().length
+    with path.open("rb") as f:
         head = f.read(8)
         header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
         if not 0 < header_len <= size - 8:
@@ -121,7 +126,7 @@ def write_safetensors(path: Path, specs: list[tuple[str, tuple[int, ...], np.dty
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the format pads the header so the data starts 8-byte aligned
-    with open(path, "wb") as f:
+    with path.open("wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
         for name, shape, dtype in specs:
@@ -376,7 +381,7 @@ def from_hf(
     `tensor`: the run's mesh.tensor, and the devices the parameters are spread over while
     converting (a model too large for one device needs more).
     """
-    hf_dir, out_run = Path(hf_dir), Path(out_run)
+    hf_dir, out_run = path(hf_dir), path(out_run)
     cfg = replace(hf_model_config(hf_dir, plan, dtype), mesh={"tensor": tensor})
     stored = hf_tensors(hf_dir)
     tensors = check_tensors(cfg.model, stored)
@@ -465,7 +470,7 @@ def to_hf_dir(
     run_dir: str | Path, out_dir: str | Path, dtype: str | None = None, max_shard_bytes: int = 5 * 10**9
 ) -> Path:
     """Write a standard-plan run as a transformers-loadable directory; returns `out_dir`."""
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    run_dir, out_dir = path(run_dir), path(out_dir)
     saved = checkpoint.load_run_config(run_dir)
     check_exportable(saved, run_dir)
     if checkpoint.latest_step(run_dir) is None:

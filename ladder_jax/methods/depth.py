@@ -29,7 +29,6 @@ import dataclasses
 import datetime
 import json
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +38,9 @@ from .. import checkpoint as C
 from .. import model as M
 from ..checkpoint import Run
 from ..config import Config, ConfigError, ModelConfig, replace
-from ..instruments.plots import pyplot
+from ..instruments.plots import pyplot, save_figure
 from ..plan import lookup, parse_plan
+from ..storage import Path, path
 from ..training import evaluate
 
 TRANSFORMS = ("shuffle", "merge", "prune", "parallel")
@@ -363,8 +363,7 @@ def plot(result: dict, out: Path, title: str) -> Path | None:
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out)
     return out
 
 
@@ -450,7 +449,7 @@ def check_study(
         raise DepthError(f"--seeds {seeds}: give at least one shuffle order")
     cells = plan_study(cfg.model, kinds, lengths, seeds, start, seed)
     settings = {"transforms": kinds, "deltas": lengths, "seeds": seeds, "seed": seed, "start": start}
-    return StudyRequest(Path(checkpoint), tuple(overrides), settings, cells)
+    return StudyRequest(path(checkpoint), tuple(overrides), settings, cells)
 
 
 def study_run(req: StudyRequest, out: Path) -> tuple[dict, Path, Path | None]:

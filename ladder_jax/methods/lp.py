@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 from .. import checkpoint as C
 from ..checkpoint import Run
 from ..config import ConfigError
 from ..decode import generate
-from ..instruments.plots import pyplot
+from ..instruments.plots import pyplot, save_figure
 from ..plan import parse_plan
+from ..storage import Path
 from ..training import evaluate
 
 
@@ -143,8 +143,7 @@ def plot(rows: list[dict], out: Path, title: str) -> Path | None:
     # Below the axes: inside them it covers one curve or the other, wherever it goes.
     fig.legend(loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out)
     return out
 
 

@@ -22,7 +22,6 @@ import hashlib
 import itertools
 import json
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -35,9 +34,10 @@ from .. import model as M
 from ..checkpoint import Run
 from ..config import Config, ConfigError, ModelConfig
 from ..errors import LadderError
-from ..instruments.plots import pyplot
+from ..instruments.plots import pyplot, save_figure
 from ..layers import Attention, RMSNorm, rope_frequencies, rope_tables
 from ..plan import parse_plan
+from ..storage import Path, path
 from ..training import evaluate, make_optimizer
 
 CLASSES = ("insensitive", "sensitive", "extremely sensitive")
@@ -483,15 +483,15 @@ def plot_sensitivity(report: dict, out: Path) -> Path | None:
     ax.set_title(f"{report['model']}: SPD sensitivity at tensor={report['tensor']}")
     fig.legend(handles=legend, loc="lower center", ncol=2, fontsize=8, frameon=False)  # below: bars reach any corner
     fig.tight_layout(rect=(0, 0.12, 1, 1))
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out)
     return out
 
 
-def read_sensitivity(path) -> dict:
-    if not Path(path).is_file():
-        raise SPDError(f"--sensitivity {path} is not a file; run `python -m ladder_jax spd sensitivity` first")
-    return json.loads(Path(path).read_text())
+def read_sensitivity(name) -> dict:
+    file = path(name)
+    if not file.is_file():
+        raise SPDError(f"--sensitivity {name} is not a file; run `python -m ladder_jax spd sensitivity` first")
+    return json.loads(file.read_text())
 
 
 def apply(
