@@ -68,21 +68,31 @@ def test_stops_cancels_and_bad_requests(engine):
     assert jax.device_count() == 8
 
 
-def test_infer_samples_with_the_flags_and_refuses_bad_ones(engine, capsys, tmp_path):
-    import io
-
+def test_infer_sampling_flags_end_to_end(engine, capsys, tmp_path):
+    # A saved run of the engine's model, decoded by infer.py on its mesh: one prompt of 6 tokens
+    # and 16 new on data=2 are the engine's shapes, so the greedy and sampled programs are its own.
     import infer
-    from ladder_jax.cli import infer as infer_verb
+    from ladder_jax import checkpoint
     from ladder_jax.tokenizer import ByteTokenizer
 
-    from .test_decode import model_on
-
     cfg, mesh, params = model_on("ladder", 2, 4)
-    tokenizer, out = ByteTokenizer(), io.StringIO()
-    got = infer_verb.complete(
-        cfg, mesh, params, tokenizer, ["Hello"], [PROMPTS[0]], 16, out, io.StringIO(), sampling=SAMPLED
-    )
-    tokens = decode.generate(cfg.model, mesh, params, [PROMPTS[0]], 16, eos_id=257, sampling=SAMPLED).tokens[0]
-    assert got == [tokenizer.decode(tokens)] and out.getvalue() == "Hello" + got[0] + "\n"
-    assert infer.main(["--checkpoint", str(tmp_path), "--prompt", "x", "--top-p", "1.5"]) == 2
+    run = tmp_path / "run"
+    checkpoint.check_writable(run)
+    checkpoint.save_config(run, cfg)
+    checkpoint.save_params(run, params, step=1)
+
+    def completion(*flags):
+        argv = ["--checkpoint", str(run), "--prompt", "Hello", "--max-new-tokens", "16", "mesh.data=2", "mesh.tensor=4"]
+        assert infer.main([*argv, *flags]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("Hello") and out.endswith("\n")
+        return out[len("Hello") : -1]
+
+    greedy = decode.generate(cfg.model, mesh, params, [PROMPTS[0]], 16, eos_id=257).tokens[0]
+    assert completion("--temperature", "0", "--seed", "5") == ByteTokenizer().decode(greedy)
+    assert completion("--temperature", "1", "--top-k", "1", "--seed", "5") == ByteTokenizer().decode(greedy)  # argmax
+    sampled = completion("--temperature", "1", "--seed", "1")
+    assert completion("--temperature", "1", "--seed", "1") == sampled != completion("--temperature", "1", "--seed", "2")
+    assert sampled != ByteTokenizer().decode(greedy)
+    assert infer.main(["--checkpoint", str(run), "--prompt", "x", "--top-p", "1.5"]) == 2
     assert "error: " in capsys.readouterr().err
