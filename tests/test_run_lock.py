@@ -1,5 +1,6 @@
 """One trainer per run directory: a second is refused in one line while the first lives, a dead
-one's lock is taken over, and the lock goes when the run ends."""
+one's (or a corrupt) lock is taken over, the lock goes when the run ends, and a lock another live
+process holds is never removed."""
 
 import json
 import os
