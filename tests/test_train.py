@@ -20,9 +20,9 @@ from ladder_jax.config import ConfigError, replace
 from ladder_jax.data import DataError, PackedWindows, val_batches
 from ladder_jax.mesh import make_mesh
 from ladder_jax.plan import lookup
-from ladder_jax.training import Trainer, TrainingError, get_trainer, global_batch, loss_sums_fn, train
+from ladder_jax.training import Trainer, TrainingError, global_batch, loss_sums_fn, train
 
-from .conftest import small_config
+from .conftest import saved_state, small_config
 
 TRAIN = [
     "train.seq_len=32",
@@ -73,17 +73,6 @@ def test_loss_decreases_and_resume_continues_exactly(corpus, tmp_path, devices):
     assert jax.tree.structure(want) == jax.tree.structure(got)
     for path, w, g in zip(*zip(*jax.tree_util.tree_leaves_with_path(want)), jax.tree.leaves(got)):
         assert w.dtype == g.dtype and np.array_equal(w, g), jax.tree_util.keystr(path)
-
-
-def saved_state(cfg, run_dir, step):
-    """A run's checkpointed parameters and optimizer state, on the host."""
-    import orbax.checkpoint as ocp
-
-    target = get_trainer(cfg, make_mesh(cfg)).abstract_state()
-    items = {k: ocp.args.StandardRestore(target[k]) for k in ("params", "opt_state")}
-    with ckpt.manager(run_dir, create=False) as saved:
-        restored = saved.restore(step, args=ocp.args.Composite(**items))
-    return jax.device_get({k: restored[k] for k in items})
 
 
 def test_a_save_killed_midway_is_never_restored(corpus, tmp_path, devices):
