@@ -9,7 +9,7 @@ with a line, so one run always returns a complete report of what it measured):
 
 - decode: per-token latency of llama-3.1-8b (random bfloat16 weights, tensor 1) at batch 1, 8,
   32, 64 with every row's new token at position 1023 (a 1024-token context); the bytes a step
-  must read (`decode_traffic.floor_bytes`) over that time, as a fraction of the device's spec
+  must read (`ladder_jax.instruments.traffic.floor_bytes`) over that time, as a fraction of the device's spec
   bandwidth (ladder_jax/accelerators.yaml) and of a plain copy measured here first;
 - prefill: 8192 tokens of llama-3.1-8b, `model.attention=cudnn` against `xla`;
 - layer: `layer_decode.py`'s table (llama-2-70b at tensor 8: one device's shapes) against the
@@ -39,8 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-import decode_traffic  # noqa: E402 (the benchmarks beside this one)
-import layer_decode  # noqa: E402
+import layer_decode  # noqa: E402 (the benchmarks beside this one)
 import serve_throughput  # noqa: E402
 
 
@@ -216,6 +215,7 @@ def bandwidth_rows(run: Run):
 
 def decode_rows(run: Run):
     from ladder_jax.config import load_config
+    from ladder_jax.instruments.traffic import floor_bytes
 
     sh = run.shapes
     m = load_config(sh.decode_config, sh.overrides).model
@@ -224,7 +224,7 @@ def decode_rows(run: Run):
 
         def measure(b=b):
             t = layer_decode.time_steps(m, mesh, b, sh.context, sh.runs, 3, position=sh.context - 1)
-            floor = decode_traffic.floor_bytes(m, 1, b, sh.context, sh.context)
+            floor = floor_bytes(m, 1, b, sh.context, sh.context)
             rate = floor["total"] / t
             return {
                 "batch": b,
