@@ -11,7 +11,7 @@ import numpy as np
 from .conftest import TEST_XLA_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
-# The GPU machine has none of these (docs/analysis.md, "A GPU run"): every part must run without them.
+# The GPU machine has none of these (benchmarks/RESULTS.md, "One GPU, one command"): every part must run without them.
 MISSING_ON_THE_GPU_MACHINE = ("grain", "array_record", "fastapi", "uvicorn", "openai")
 
 
