@@ -2,6 +2,7 @@
 tiny shapes) must keep working between GPU runs, on the packages the GPU machine has."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ def dry_run(out: Path, *args: str) -> dict:
         f"sys.argv = ['gpu_run.py', '--dry-run', '--out', {str(out)!r}, *{list(args)!r}]\n"
         f"runpy.run_path({str(ROOT / 'benchmarks' / 'gpu_run.py')!r}, run_name='__main__')\n"
     )
-    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(TEST_XLA_FLAGS), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(TEST_XLA_FLAGS), "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     return json.loads((out / "gpu_run.json").read_text())
