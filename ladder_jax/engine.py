@@ -108,7 +108,7 @@ class Engine:
     def check(self, request: Request) -> Request:
         """Raise DecodeError (one line) for a request this engine cannot serve; return it."""
         decode.check_request(self.cfg, [request.prompt], request.max_new_tokens)
-        request.sampling.check()
+        request.sampling.check(self.cfg.vocab_size)
         total = len(request.prompt) + request.max_new_tokens
         if total > self.cache_len:
             raise DecodeError(
