@@ -39,6 +39,7 @@ from .config import Config, ModelConfig, dtype_of
 from .errors import LadderError
 from .memory import free_device_bytes
 from .mesh import BATCH, batch_shards
+from .training import vocab_parallel_nll
 
 TENSOR = M.TENSOR
 MIN_BUCKET = 16
@@ -298,11 +299,34 @@ def next_tokens(local_logits, produced, sampling: tuple):
     return vocab_parallel_sample(local_logits, produced, *sampling)
 
 
+def vocab_parallel_logprobs(local_logits, tokens, n: int):
+    """(log p(token) (B,), the n most likely ids (B, n), their log p (B, n)) from this device's
+    vocab shard of the logits (B, V/T): the evaluation harness's float32 log-softmax
+    (`training.vocab_parallel_nll`) of the model's own distribution, before any temperature or
+    cut. The n best need no gather of the logits: each device offers its n best, one all-gather
+    of n x tensor candidates per row, the best n of those (ties to the lower id)."""
+    v_local = local_logits.shape[-1]
+    values, ids = jax.lax.top_k(local_logits, min(n, v_local))
+    ids = ids.astype(jnp.int32) + jax.lax.axis_index(TENSOR) * v_local
+    values, ids = (jax.lax.all_gather(x, TENSOR, axis=1, tiled=True) for x in (values, ids))
+    top_ids = jnp.take_along_axis(ids, jax.lax.top_k(values, n)[1], axis=1)
+    top_ids = jax.lax.pmin(top_ids, TENSOR)  # equal on every device; says so to shard_map's types
+    logprobs = -vocab_parallel_nll(local_logits[:, None, :], jnp.concatenate([tokens[:, None], top_ids], axis=1))
+    return logprobs[:, 0], top_ids, logprobs[:, 1:]
+
+
+def logprob_specs(logprobs: int) -> tuple:
+    """The extra output of the prefill and the step with `logprobs` > 0."""
+    return ((ROWS, ROWS_BY_SEQ, ROWS_BY_SEQ),) if logprobs else ()
+
+
 @functools.lru_cache(maxsize=32)
-def prefill_fn(cfg: ModelConfig, mesh: Mesh, cache_len: int, sample: bool = False):
+def prefill_fn(cfg: ModelConfig, mesh: Mesh, cache_len: int, sample: bool = False, logprobs: int = 0):
     """jit(params, tokens (B, S) right-padded, lengths (B,)[, sampling]) -> (first new token (B,), KV cache).
 
     With `sample`, the call takes the four per-row arrays of `sampling_arrays` after the lengths.
+    With `logprobs` > 0 it also returns (log p of the first tokens, the `logprobs` most likely
+    ids, their log p): see `vocab_parallel_logprobs`.
 
     The cache is created here, so a generation allocates it once. The prompt attends over a
     cache of its own length S, and only then is the cache padded to `cache_len`: attention over
@@ -319,10 +343,14 @@ def prefill_fn(cfg: ModelConfig, mesh: Mesh, cache_len: int, sample: bool = Fals
         room = ((0, 0), (0, cache_len - prompt_len), (0, 0), (0, 0))
         cache = [(jnp.pad(k, room), jnp.pad(v, room)) for k, v in cache]
         last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # (B, 1, D)
-        return next_tokens(model.head(last)[:, 0], lengths, sampling), cache
+        logits = model.head(last)[:, 0]
+        new = next_tokens(logits, lengths, sampling)
+        extra = (vocab_parallel_logprobs(logits, new, logprobs),) if logprobs else ()
+        return new, cache, *extra
 
     specs = M.cache_specs(cfg)
-    return jax.jit(M.sharded(cfg, mesh, body, (ROWS_BY_SEQ, ROWS, *sampling_specs(sample)), (ROWS, specs)))
+    in_specs = (ROWS_BY_SEQ, ROWS, *sampling_specs(sample))
+    return jax.jit(M.sharded(cfg, mesh, body, in_specs, (ROWS, specs, *logprob_specs(logprobs))))
 
 
 def sampling_specs(sample: bool) -> tuple:
@@ -330,10 +358,12 @@ def sampling_specs(sample: bool) -> tuple:
 
 
 @functools.lru_cache(maxsize=32)
-def step_fn(cfg: ModelConfig, mesh: Mesh, sample: bool = False):
+def step_fn(cfg: ModelConfig, mesh: Mesh, sample: bool = False, logprobs: int = 0):
     """jit(params, tokens (B,), positions (B,), cache[, sampling]) -> (next tokens, positions + 1, cache).
 
     With `sample`, the call takes the four per-row arrays of `sampling_arrays` after the cache.
+    With `logprobs` > 0 it also returns (log p of the next tokens, the `logprobs` most likely
+    ids, their log p): see `vocab_parallel_logprobs`.
 
     Outputs feed the next call as they are, so a generation makes no host-to-device copies after
     the prefill. The cache is donated: each step updates it in place.
@@ -341,11 +371,14 @@ def step_fn(cfg: ModelConfig, mesh: Mesh, sample: bool = False):
 
     def body(model, tokens, positions, cache, *sampling):
         logits, cache = model(tokens[:, None], positions[:, None], cache=cache)
-        return next_tokens(logits[:, 0], positions + 1, sampling), positions + 1, cache
+        new = next_tokens(logits[:, 0], positions + 1, sampling)
+        extra = (vocab_parallel_logprobs(logits[:, 0], new, logprobs),) if logprobs else ()
+        return new, positions + 1, cache, *extra
 
     specs = M.cache_specs(cfg)
     in_specs = (ROWS, ROWS, specs, *sampling_specs(sample))
-    return jax.jit(M.sharded(cfg, mesh, body, in_specs, (ROWS, ROWS, specs)), donate_argnums=3)
+    out_specs = (ROWS, ROWS, specs, *logprob_specs(logprobs))
+    return jax.jit(M.sharded(cfg, mesh, body, in_specs, out_specs), donate_argnums=3)
 
 
 def abstract_step_args(cfg: ModelConfig, mesh: Mesh, batch: int, cache_len: int) -> tuple:

@@ -6,7 +6,7 @@ import pytest
 
 from ladder_jax import decode
 from ladder_jax.decode import Sampling
-from ladder_jax.engine import Engine, Request
+from ladder_jax.engine import MAX_LOGPROBS, Engine, Request
 
 from . import test_decode
 from .test_decode import model_on
@@ -39,8 +39,8 @@ def test_requests_coming_and_going_get_what_they_get_alone_without_recompiling(e
     assert engine.busy_slots == 0
     for r, p, n, s in zip(requests, PROMPTS, NEW, settings):  # what each gets alone here
         assert engine.run([Request(p, n, s)])[0].tokens == r.tokens, p
-    step = decode.step_fn(cfg, mesh, True)
-    prefill = decode.prefill_fn(cfg, mesh, engine.cache_len, True)
+    step = decode.step_fn(cfg, mesh, True, MAX_LOGPROBS)
+    prefill = decode.prefill_fn(cfg, mesh, engine.cache_len, True, MAX_LOGPROBS)
     assert step._cache_size() == 1 and prefill._cache_size() == 1  # every prompt is in the 16-token bucket
     # What the static decoder gives a prompt alone, greedy and sampled.
     for r, s in zip(requests[:2], settings):
