@@ -3,10 +3,12 @@
     python -m ladder_jax serve --checkpoint runs/tiny-... [overrides] [--port 8000 --slots 8]
 
 Endpoints: POST /v1/completions and /v1/chat/completions (JSON, or server-sent events with
-"stream": true), GET /v1/models and /health. Prompts are tokenized as transformers does (BOS only
-when the tokenizer adds one; chat messages through the model's chat template), generation stops
-at every end id of generation_config.json and at the request's stop strings. Sampling settings
-(temperature, top_p, top_k, seed) are per request; temperature 0 is greedy.
+"stream": true), GET /v1/models, /health and /metrics (Prometheus). Prompts are tokenized as
+transformers does (BOS only when the tokenizer adds one; chat messages through the model's chat
+template), generation stops at every end id of generation_config.json and at the request's stop
+strings. Sampling settings (temperature, top_p, top_k, seed) are per request; temperature 0 is
+greedy. `n` samples share one prefill; `logprobs`/`top_logprobs` come from every decode step;
+with an API key, /v1 wants `Authorization: Bearer <key>`. docs/serving.md lists every field.
 
 One engine thread runs the decode loop; request handlers hand it requests and receive tokens
 through an asyncio queue. A request the model cannot serve gets a 400 with a one-line message;

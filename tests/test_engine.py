@@ -1,6 +1,8 @@
 """Continuous batching on 8 fake CPU devices: requests of different lengths and sampling settings
 arriving while others decode get the tokens they get alone, and nothing recompiles."""
 
+import dataclasses
+
 import jax
 import pytest
 
@@ -66,6 +68,28 @@ def test_stops_cancels_and_bad_requests(engine):
     with pytest.raises(decode.DecodeError, match="temperature=-1"):
         engine.submit(Request(PROMPTS[1], 3, Sampling(temperature=-1)))
     assert jax.device_count() == 8
+
+
+def test_samples_of_one_prompt_wait_for_their_slots_and_share_one_prefill(engine):
+    busy = engine.submit(Request(PROMPTS[1], 6))
+    engine.step()
+    group = [Request(PROMPTS[2], 5, dataclasses.replace(SAMPLED, seed=s), logprobs=2) for s in (7, 8)]
+    engine.submit_group(group)
+    prefills = engine.prefills
+    engine.step()  # one slot is free, the group needs two: it waits
+    assert engine.waiting_requests == 2 and engine.prefills == prefills and not busy.done.is_set()
+    while not all(r.done.is_set() for r in group):
+        engine.step()
+    assert busy.done.is_set() and engine.prefills == prefills + 1 and engine.waiting_requests == 0
+    assert group[0].tokens != group[1].tokens
+    assert (
+        group[0].tokens == engine.run([Request(PROMPTS[2], 5, SAMPLED)])[0].tokens
+    )  # the first takes the prefill's token
+    for r in group:
+        assert len(r.token_logprobs) == 5 and all(len(e.top) == 2 for e in r.token_logprobs)
+        assert all(e.top[0][1] >= e.top[1][1] and e.logprob <= e.top[0][1] + 1e-6 for e in r.token_logprobs)
+    with pytest.raises(decode.DecodeError, match="3 samples of one prompt but the engine has 2 slots"):
+        engine.submit_group([Request(PROMPTS[2], 5)] * 3)
 
 
 def test_infer_samples_with_the_flags_and_refuses_bad_ones(engine, capsys, tmp_path):
