@@ -181,7 +181,7 @@ class Sample:
         self.index, self.request, self.text = index, request, text
         self.metrics, self.start, self.last = server.metrics, start, None
 
-    def on_token(self) -> None:
+    def record_token(self) -> None:
         now = time.perf_counter()
         if self.last is None:
             self.metrics.first_token.observe(now - self.start)
@@ -190,7 +190,7 @@ class Sample:
         self.last = now
         self.metrics.generation_tokens.inc()
 
-    def on_done(self, reason: str) -> None:
+    def record_end(self, reason: str) -> None:
         self.metrics.e2e.observe(time.perf_counter() - self.start)
         reason = {"cancelled": "abort"}.get(reason, reason)  # vLLM's word for it
         self.metrics.success.labels(**self.metrics.label, finished_reason=reason).inc()
@@ -271,14 +271,14 @@ class Server:
         for sample in samples:
 
             def on_token(token, s=sample):
-                s.on_token()
+                s.record_token()
                 piece, go_on = s.text.push(token)
                 scored = [(token, s.request.token_logprobs[-1])] if logprobs is not None else []
                 loop.call_soon_threadsafe(events.put_nowait, (s.index, piece, scored))
                 return go_on
 
             def on_done(reason, s=sample):
-                s.on_done(reason)
+                s.record_end(reason)
                 loop.call_soon_threadsafe(events.put_nowait, (s.index, s.text.flush(), [], reason))
 
             sample.request.on_token, sample.request.on_done = on_token, on_done
