@@ -49,8 +49,9 @@ def shard_config(m, tensor: int, n_layers: int):
     )
 
 
-def time_steps(cfg, mesh, batch: int, cache_len: int, runs: int, warmup: int) -> float:
-    """Median seconds of one decode step of `cfg` (tensor=1) at `batch` rows over a `cache_len` cache."""
+def time_steps(cfg, mesh, batch: int, cache_len: int, runs: int, warmup: int, position: int | None = None) -> float:
+    """Median seconds of one decode step of `cfg` (tensor=1) at `batch` rows over a `cache_len` cache,
+    every row at `position` (default mid-cache)."""
     import jax
     import numpy as np
     from jax.sharding import NamedSharding
@@ -62,8 +63,9 @@ def time_steps(cfg, mesh, batch: int, cache_len: int, runs: int, warmup: int) ->
     cache = M.init_cache(cfg, mesh, batch, cache_len)
     rows = NamedSharding(mesh, decode.ROWS)
     tokens = jax.device_put(np.ones(batch, np.int32), rows)
-    # Attention runs over the whole allocated cache (masked) whatever the position; mid-cache is typical.
-    positions = jax.device_put(np.full(batch, cache_len // 2, np.int32), rows)
+    # The decode attention reads the cache up to the furthest row's position (in key blocks).
+    position = cache_len // 2 if position is None else position
+    positions = jax.device_put(np.full(batch, position, np.int32), rows)
     step = decode.step_fn(cfg, mesh)
     times = []
     for k in range(warmup + runs):
@@ -92,6 +94,79 @@ def read_bandwidth(mib: int, runs: int) -> float:
     return x.nbytes / statistics.median(times)
 
 
+def copy_bandwidth(mib: int, runs: int) -> float:
+    """Bytes/s (read + written) of a jitted elementwise copy of a `mib` MiB bfloat16 array: the
+    bandwidth a kernel that streams memory reaches on the default device."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((mib * 2**20 // 2,), jnp.bfloat16)
+    copy = jax.jit(lambda a: a + jnp.bfloat16(1))  # a real read and write (XLA keeps no copy of `a * 1`)
+    copy(x).block_until_ready()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        copy(x).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * x.nbytes / statistics.median(times)
+
+
+def layer_row(m, hw, costs, mesh, tensor: int, batch: int, cache_len: int, layers, runs: int, warmup: int):
+    """One batch size's row: the per-layer time (difference of two layer counts) against the
+    latency model, or None when the difference is below the timing noise."""
+    l1, l2 = layers
+    t1, t2 = (time_steps(shard_config(m, tensor, n), mesh, batch, cache_len, runs, warmup) for n in (l1, l2))
+    if t2 <= t1:  # the layers' time is below the timing noise: say so rather than print a rate
+        print(
+            f"{batch:>5} not measurable: {l2} layers took no longer than {l1} ({t2 * 1e3:.3f} vs {t1 * 1e3:.3f} ms); raise --layers L2 or --runs"
+        )
+        return None
+    per_layer = (t2 - t1) / (l2 - l1)
+    nbytes = (
+        costs["attention"].weight_bytes
+        + costs["mlp"].weight_bytes
+        + batch * cache_len * costs["attention"].kv_bytes_per_position
+    )
+    from ladder_jax.instruments.perf.cost import module_time
+
+    ours = dataclasses.replace(hw, attention_expands_kv=False)  # our attention reads the cache once per KV head
+    model_s = module_time(costs["attention"], "attention", ours, batch, batch, cache_len) + module_time(
+        costs["mlp"], "mlp", ours, batch, batch, 0.0
+    )
+    return {
+        "batch": batch,
+        "ms_per_layer": per_layer * 1e3,
+        "model_ms_per_layer": model_s * 1e3,
+        "bytes_per_layer": nbytes,
+        "achieved_gb_s": nbytes / per_layer / 1e9,
+        "share_of_spec": nbytes / per_layer / hw.hbm_bandwidth,
+        "step_ms": {str(l1): t1 * 1e3, str(l2): t2 * 1e3},
+    }
+
+
+HEADER = f"{'batch':>5} {'ms/layer':>9} {'model ms':>9} {'model/meas':>10} {'MB read':>8} {'GB/s':>7} {'of spec':>7}"
+
+
+def format_row(row: dict) -> str:
+    return (
+        f"{row['batch']:>5} {row['ms_per_layer']:>9.4f} {row['model_ms_per_layer']:>9.4f} "
+        f"{row['model_ms_per_layer'] / row['ms_per_layer']:>10.2f} {row['bytes_per_layer'] / 1e6:>8.1f} "
+        f"{row['achieved_gb_s']:>7.1f} {row['share_of_spec']:>7.0%}"
+    )
+
+
+def check_layer_bytes(m, costs, tensor: int, layers) -> None:
+    """The layer the benchmark times holds the bytes the latency model prices."""
+    from ladder_jax import model as M
+
+    l1, l2 = layers
+    layer_bytes = (
+        M.bytes_per_device(shard_config(m, tensor, l2), 1) - M.bytes_per_device(shard_config(m, tensor, l1), 1)
+    ) // (l2 - l1)
+    priced = costs["attention"].weight_bytes + costs["mlp"].weight_bytes
+    assert layer_bytes == priced, f"the measured layer holds {layer_bytes} bytes, the latency model prices {priced}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="llama-2-70b", help="preset name or YAML path")
@@ -117,7 +192,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from ladder_jax.config import ConfigError, load_config
-    from ladder_jax.instruments.perf.cost import check_tensor, module_costs, module_time
+    from ladder_jax.instruments.perf.cost import check_tensor, module_costs
     from ladder_jax.instruments.perf.hardware import PerfModelError, load_hardware
 
     try:
@@ -141,15 +216,7 @@ def main(argv=None) -> int:
     device = jax.devices()[0]
     mesh = make_mesh(Config(mesh=MeshConfig(data=1, tensor=1)), [device])
     costs = module_costs(dataclasses.replace(m, plan="standard"), args.tensor)
-    from ladder_jax import model as M
-
-    layer_bytes = (
-        M.bytes_per_device(shard_config(m, args.tensor, l2), 1)
-        - M.bytes_per_device(shard_config(m, args.tensor, l1), 1)
-    ) // (l2 - l1)
-    priced = costs["attention"].weight_bytes + costs["mlp"].weight_bytes
-    assert layer_bytes == priced, f"the measured layer holds {layer_bytes} bytes, the latency model prices {priced}"
-    ours = dataclasses.replace(hw, attention_expands_kv=False)  # our attention reads the cache once per KV head
+    check_layer_bytes(m, costs, args.tensor, (l1, l2))
     probe = read_bandwidth(args.probe_mib, args.runs)
     what = f"{m.name} at tensor={args.tensor} (one device: {m.n_heads // args.tensor} heads, {max(1, m.n_kv_heads // args.tensor)} KV heads, FFN {m.ffn_dim // args.tensor})"
     print(
@@ -158,44 +225,13 @@ def main(argv=None) -> int:
     print(
         f"plain read of {args.probe_mib} MiB: {probe / 1e9:.1f} GB/s ({probe / hw.hbm_bandwidth:.0%} of {hw.name}'s {hw.hbm_bandwidth / 1e9:.0f} GB/s)"
     )
+    print(HEADER)
     rows = []
-    header = (
-        f"{'batch':>5} {'ms/layer':>9} {'model ms':>9} {'model/meas':>10} {'MB read':>8} {'GB/s':>7} {'of spec':>7}"
-    )
-    print(header)
     for b in args.batch:
-        t1, t2 = (
-            time_steps(shard_config(m, args.tensor, n), mesh, b, args.cache_len, args.runs, args.warmup)
-            for n in (l1, l2)
-        )
-        if t2 <= t1:  # the layers' time is below the timing noise: say so rather than print a rate
-            print(
-                f"{b:>5} not measurable: {l2} layers took no longer than {l1} ({t2 * 1e3:.3f} vs {t1 * 1e3:.3f} ms); raise --layers L2 or --runs"
-            )
-            continue
-        per_layer = (t2 - t1) / (l2 - l1)
-        nbytes = (
-            costs["attention"].weight_bytes
-            + costs["mlp"].weight_bytes
-            + b * args.cache_len * costs["attention"].kv_bytes_per_position
-        )
-        model_s = module_time(costs["attention"], "attention", ours, b, b, args.cache_len) + module_time(
-            costs["mlp"], "mlp", ours, b, b, 0.0
-        )
-        row = {
-            "batch": b,
-            "ms_per_layer": per_layer * 1e3,
-            "model_ms_per_layer": model_s * 1e3,
-            "bytes_per_layer": nbytes,
-            "achieved_gb_s": nbytes / per_layer / 1e9,
-            "share_of_spec": nbytes / per_layer / hw.hbm_bandwidth,
-            "step_ms": {str(l1): t1 * 1e3, str(l2): t2 * 1e3},
-        }
-        rows.append(row)
-        print(
-            f"{b:>5} {row['ms_per_layer']:>9.4f} {row['model_ms_per_layer']:>9.4f} {model_s / per_layer:>10.2f} {nbytes / 1e6:>8.1f} "
-            f"{row['achieved_gb_s']:>7.1f} {row['share_of_spec']:>7.0%}"
-        )
+        row = layer_row(m, hw, costs, mesh, args.tensor, b, args.cache_len, (l1, l2), args.runs, args.warmup)
+        if row is not None:
+            rows.append(row)
+            print(format_row(row))
     if args.json:
         args.json.write_text(
             json.dumps(

@@ -49,16 +49,28 @@ def workload(n: int, max_tokens: int, seed: int) -> list[tuple[str, int]]:
     ]
 
 
-def run_static(cfg, mesh, params, tokenizer, requests, batch: int) -> tuple[float, int]:
+def run_static(cfg, mesh, params, prompts, wants, batch: int, stop_ids) -> tuple[float, int]:
+    """`prompts` (token ids) in arrival order, `batch` at a time, each batch decoded with
+    decode.generate up to its longest request: (seconds, tokens the requests asked for and got)."""
     from ladder_jax import decode
 
     start, tokens = time.perf_counter(), 0
-    for i in range(0, len(requests), batch):
-        group = requests[i : i + batch]
-        prompts = [tokenizer.encode_prompt(text) for text, _ in group]
-        out = decode.generate(cfg.model, mesh, params, prompts, max(n for _, n in group), eos_id=tokenizer.stop_ids)
-        tokens += sum(min(len(row), n) for row, (_, n) in zip(out.tokens, group))
+    for i in range(0, len(prompts), batch):
+        group, asked = prompts[i : i + batch], wants[i : i + batch]
+        out = decode.generate(cfg.model, mesh, params, group, max(asked), eos_id=stop_ids)
+        tokens += sum(min(len(row), n) for row, n in zip(out.tokens, asked))
     return time.perf_counter() - start, tokens
+
+
+def run_engine(engine, prompts, wants, stop_ids) -> tuple[float, int]:
+    """The same requests submitted at once to the continuous-batching engine, without HTTP:
+    (seconds, tokens made)."""
+    from ladder_jax.engine import Request
+
+    requests = [Request(p, n, stop_ids=frozenset(stop_ids)) for p, n in zip(prompts, wants)]
+    start = time.perf_counter()
+    engine.run(requests)
+    return time.perf_counter() - start, sum(len(r.tokens) for r in requests)
 
 
 def run_server(url: str, name: str, requests, concurrency: int) -> tuple[float, int]:
@@ -103,8 +115,10 @@ def main(argv=None) -> int:
         params = M.init_params(cfg.model, mesh, args.seed)
         tokenizer = get_tokenizer(cfg)
 
-        run_static(cfg, mesh, params, tokenizer, requests, args.concurrency)  # compiles every batch's shapes
-        static_s, static_tokens = run_static(cfg, mesh, params, tokenizer, requests, args.concurrency)
+        prompts, wants = [tokenizer.encode_prompt(text) for text, _ in requests], [n for _, n in requests]
+        static = (cfg, mesh, params, prompts, wants, args.concurrency, tokenizer.stop_ids)
+        run_static(*static)  # compiles every batch's shapes
+        static_s, static_tokens = run_static(*static)
 
         cache_len = min(cfg.model.max_seq_len, decode.bucket_length(60, cfg.model.max_seq_len) + args.max_tokens)
         app = serve.Server(Engine(cfg.model, mesh, params, args.slots, cache_len), tokenizer, "bench")

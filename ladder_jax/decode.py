@@ -10,10 +10,11 @@ donates the cache back to itself.
 
 Greedy choice is vocab-parallel inside the shard_map: each device takes the max and argmax of
 its own vocab shard, and two scalar reductions over `tensor` pick the winner. Full logits are
-never gathered. Sampling (`vocab_parallel_sample`) is too: temperature alone is a Gumbel-max over
-each device's shard with noise of its own, picked the same way; top-k and top-p gather only each
-device's best `CANDIDATES` tokens. The sampling settings are per-row inputs of the compiled
-functions, so one executable serves any mix of greedy and sampled rows.
+never gathered. Sampling (`vocab_parallel_sample`) is too: a Gumbel-max over the kept tokens,
+each device drawing noise for its own shard; top-k and top-p are exact over the whole vocabulary,
+their boundaries found as float32 thresholds by rounds of counting over the shards (`kept_tokens`).
+The sampling settings are per-row inputs of the compiled functions, so one executable serves any
+mix of greedy and sampled rows.
 
 Every schedule of the layer plan decodes, because the model's forward carries each schedule's
 pending outputs (ladder's late all-reduces) through the layers within one call.
@@ -38,12 +39,13 @@ from .config import Config, ModelConfig, dtype_of
 from .errors import LadderError
 from .memory import free_device_bytes
 from .mesh import BATCH, batch_shards
+from .training import vocab_parallel_nll
 
 TENSOR = M.TENSOR
 MIN_BUCKET = 16
-# top-k and top-p choose among at most this many tokens per row: each device offers its best
-# CANDIDATES, and the best CANDIDATES of those are the global best (a nucleus wider than this is cut).
-CANDIDATES = 64
+# Bits of a top-k/top-p threshold fixed per round (`vocab_parallel_threshold`): 32 / RADIX_BITS
+# rounds, each one psum of 2**RADIX_BITS - 1 sums per row (a binary search each in the sorted shard).
+RADIX_BITS = 4
 ROWS = P(BATCH)
 ROWS_BY_SEQ = P(BATCH, None)
 
@@ -71,12 +73,14 @@ class Sampling:
     top_p: float = 1.0
     seed: int = 0
 
-    def check(self) -> Sampling:
-        """Raise DecodeError (one line) for settings that cannot work; return self."""
+    def check(self, vocab_size: int | None = None) -> Sampling:
+        """Raise DecodeError (one line) for settings that cannot work (top_k above `vocab_size`,
+        when given); return self."""
         if not (self.temperature >= 0 and np.isfinite(self.temperature)):
             raise DecodeError(f"temperature={self.temperature}; give 0 (greedy) or a positive number")
-        if not 0 <= self.top_k <= CANDIDATES:
-            raise DecodeError(f"top_k={self.top_k}; give 0 (off) or 1..{CANDIDATES}")
+        if self.top_k < 0 or (vocab_size is not None and self.top_k > vocab_size):
+            most = "the vocabulary size" if vocab_size is None else vocab_size
+            raise DecodeError(f"top_k={self.top_k}; give 0 (off) or 1..{most}")
         if not 0 < self.top_p <= 1:
             raise DecodeError(f"top_p={self.top_p}; give a number in (0, 1] (1 is off)")
         if not 0 <= self.seed < 2**31:
@@ -201,46 +205,91 @@ def vocab_parallel_sample(local_logits, produced, temperature, top_k, top_p, see
     """Token ids (B,) drawn from this device's vocab shard of the logits (B, V/T), per row:
     greedy where temperature is 0, else softmax(logits / temperature) cut to the top_k tokens
     (0: all) and then to the nucleus of mass top_p (renormalised after top-k, as transformers
-    does). `produced` (B,): the position of the token drawn; with the seed it fixes the noise.
+    does), both over the whole vocabulary (`kept_tokens`). `produced` (B,): the position of the
+    token drawn; with the seed it fixes the noise.
 
     Every token gets its own Gumbel noise, drawn by the device that holds it (a key folded with
-    the position and the device index: one draw per step). Temperature alone is a Gumbel-max:
-    each device proposes its best noisy logit, as the argmax does. For top-k/top-p each device
-    offers its CANDIDATES best tokens with their noisy logits, one all-gather collects them, and
-    every device takes the best noisy logit among the kept ones: a Gumbel-max over the kept set.
-    Draws depend on the seed, the position and the mesh's tensor size, not on other rows."""
+    the position and the device index: one draw per step), and the best noisy logit among the
+    kept tokens wins, picked as the argmax does: a Gumbel-max over the kept set. Draws depend on
+    the seed, the position and the mesh's tensor size, not on other rows."""
     v_local = local_logits.shape[-1]
-    shard = jax.lax.axis_index(TENSOR)
     scaled = local_logits / jnp.maximum(temperature, 1e-6)[:, None]
-    stream = produced * jax.lax.axis_size(TENSOR) + shard
+    stream = produced * jax.lax.axis_size(TENSOR) + jax.lax.axis_index(TENSOR)
     noise = jax.vmap(lambda s, i: jax.random.gumbel(jax.random.fold_in(jax.random.key(s), i), (v_local,)))(seed, stream)
-    plain = vocab_parallel_argmax(scaled + noise)
-
-    values, ids = jax.lax.top_k(scaled, min(CANDIDATES, v_local))
-    noisy = jnp.take_along_axis(scaled + noise, ids, axis=1)
-
-    def gather(x):
-        return jax.lax.all_gather(x, TENSOR, axis=1, tiled=True)
-
-    values, noisy, ids = gather(values), gather(noisy), gather(ids.astype(jnp.int32) + shard * v_local)
-    values, order = jax.lax.top_k(values, min(CANDIDATES, values.shape[-1]))  # best first
-    noisy, ids = jnp.take_along_axis(noisy, order, axis=1), jnp.take_along_axis(ids, order, axis=1)
-    rank = jnp.arange(values.shape[-1])[None]
-    in_top_k = (top_k[:, None] == 0) | (rank < top_k[:, None])
-    # The nucleus is measured in probabilities of the whole vocabulary, or of the top k when set.
-    top = jax.lax.pmax(scaled.max(-1), TENSOR)
-    total = jax.lax.psum(jnp.exp(scaled - top[:, None]).sum(-1), TENSOR)
-    weights = jnp.where(in_top_k, jnp.exp(values - top[:, None]), 0.0)
-    total = jnp.where(top_k > 0, weights.sum(-1), total)
-    mass_before = (jnp.cumsum(weights, axis=-1) - weights) / total[:, None]
-    keep = in_top_k & (mass_before < top_p[:, None])
-    pick = jnp.argmax(jnp.where(keep, noisy, -jnp.inf), axis=-1)
-    # Every device drew the same token; all_gather's result is typed per device, so one scalar
-    # reduction states that it is replicated.
-    filtered = jax.lax.pmin(jnp.take_along_axis(ids, pick[:, None], axis=1)[:, 0], TENSOR)
-
-    sampled = jnp.where((top_k > 0) | (top_p < 1), filtered, plain)
+    keep = kept_tokens(scaled, top_k, top_p)
+    sampled = vocab_parallel_argmax(jnp.where(keep, scaled + noise, -jnp.inf))
     return jnp.where(temperature > 0, sampled, vocab_parallel_argmax(local_logits))
+
+
+def ordered_keys(x):
+    """uint32 keys that order as the float32 values `x` do (the sign bit flipped for positives,
+    every bit for negatives): thresholds on values become thresholds on 32-bit integers."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def vocab_parallel_threshold(keys_sorted, weights_sorted, target):
+    """Per row, the largest key t with sum(weights where key >= t) >= target over the whole
+    vocabulary (0 if none), found from the top bit down, RADIX_BITS a round: each round sums the
+    weights at or above 2**RADIX_BITS - 1 candidate thresholds, one psum over `tensor` for all.
+    keys_sorted (B, V/T) uint32: this device's keys, high to low, so the keys at or above a
+    threshold are a prefix (its length by binary search) and their weights a prefix sum of
+    weights_sorted (B, V/T, >= 0, in the same order). target (B,)."""
+    prefix_sums = jnp.cumsum(weights_sorted, axis=-1)
+    prefix_sums = jnp.concatenate([jnp.zeros_like(prefix_sums[:, :1]), prefix_sums], axis=-1)
+    ascending = ~keys_sorted
+    digits = jnp.arange(1, 2**RADIX_BITS, dtype=jnp.uint32)
+    t = jnp.zeros(keys_sorted.shape[:1], jnp.uint32)
+    for shift in range(32 - RADIX_BITS, -1, -RADIX_BITS):
+        candidates = t[:, None] | (digits << shift)[None]  # (B, D)
+        at_or_above = jax.vmap(functools.partial(jnp.searchsorted, side="right"))(ascending, ~candidates)
+        sums = jax.lax.psum(jnp.take_along_axis(prefix_sums, at_or_above, axis=-1), TENSOR)
+        best = jnp.where(sums >= target[:, None], digits[None], 0).max(-1)
+        t = t | (best << shift)
+    return t
+
+
+def rank_by_id(mask):
+    """Per row, each True entry's 0-based rank by token id among the row's True entries over the
+    whole vocabulary: the order a stable sort keeps among tied values. mask (B, V/T) bool."""
+    counts = mask.sum(-1, dtype=jnp.int32)
+    earlier = (
+        jax.lax.all_gather(counts, TENSOR)
+        * (jnp.arange(jax.lax.axis_size(TENSOR)) < jax.lax.axis_index(TENSOR))[:, None]
+    )
+    return jnp.cumsum(mask, -1, dtype=jnp.int32) - mask + earlier.sum(0)[:, None]
+
+
+def kept_tokens(scaled, top_k, top_p):
+    """Which tokens of this device's shard (B, V/T) transformers' top-k and then top-p keep, per
+    row, as a stable descending sort of the whole row would rank them (ties by lower id first),
+    without gathering the row. scaled: logits over the temperature; top_k 0 and top_p 1 are off.
+
+    Top-k: the k-th largest value is the largest t with at least k values >= t; the tokens above
+    it are kept, and of those equal to it the lowest ids until there are k. Top-p, over the top-k
+    set renormalised: a token is kept while the mass ranked before it is below top_p, so the
+    boundary is the largest t whose mass at or above it reaches top_p; of the tokens equal to it,
+    those whose mass before (the mass above plus the lower ids equal to it) is below top_p."""
+    keys = ordered_keys(scaled)
+    order = jnp.argsort(~keys, axis=-1)  # high to low, sorted once for both thresholds
+    keys_sorted = jnp.take_along_axis(keys, order, axis=-1)
+    t_k = vocab_parallel_threshold(keys_sorted, jnp.ones(keys.shape, jnp.int32), top_k)
+    above = keys > t_k[:, None]
+    tied = keys == t_k[:, None]
+    n_above = jax.lax.psum(above.sum(-1, dtype=jnp.int32), TENSOR)
+    in_top_k = above | (tied & (n_above[:, None] + rank_by_id(tied) < top_k[:, None]))
+    in_top_k = in_top_k | (top_k[:, None] == 0)
+
+    top = jax.lax.pmax(scaled.max(-1), TENSOR)
+    weights = jnp.where(in_top_k, jnp.exp(scaled - top[:, None]), 0.0)
+    target = top_p * jax.lax.psum(weights.sum(-1), TENSOR)
+    t_p = vocab_parallel_threshold(keys_sorted, jnp.take_along_axis(weights, order, axis=-1), target)
+    above = in_top_k & (keys > t_p[:, None])
+    tied = in_top_k & (keys == t_p[:, None])
+    mass_above = jax.lax.psum(jnp.where(above, weights, 0).sum(-1), TENSOR)
+    mass_before = mass_above[:, None] + rank_by_id(tied) * weights
+    in_top_p = above | (tied & (mass_before < target[:, None])) | (top_p[:, None] >= 1)
+    return in_top_k & in_top_p
 
 
 def next_tokens(local_logits, produced, sampling: tuple):
@@ -250,11 +299,34 @@ def next_tokens(local_logits, produced, sampling: tuple):
     return vocab_parallel_sample(local_logits, produced, *sampling)
 
 
+def vocab_parallel_logprobs(local_logits, tokens, n: int):
+    """(log p(token) (B,), the n most likely ids (B, n), their log p (B, n)) from this device's
+    vocab shard of the logits (B, V/T): the evaluation harness's float32 log-softmax
+    (`training.vocab_parallel_nll`) of the model's own distribution, before any temperature or
+    cut. The n best need no gather of the logits: each device offers its n best, one all-gather
+    of n x tensor candidates per row, the best n of those (ties to the lower id)."""
+    v_local = local_logits.shape[-1]
+    values, ids = jax.lax.top_k(local_logits, min(n, v_local))
+    ids = ids.astype(jnp.int32) + jax.lax.axis_index(TENSOR) * v_local
+    values, ids = (jax.lax.all_gather(x, TENSOR, axis=1, tiled=True) for x in (values, ids))
+    top_ids = jnp.take_along_axis(ids, jax.lax.top_k(values, n)[1], axis=1)
+    top_ids = jax.lax.pmin(top_ids, TENSOR)  # equal on every device; says so to shard_map's types
+    logprobs = -vocab_parallel_nll(local_logits[:, None, :], jnp.concatenate([tokens[:, None], top_ids], axis=1))
+    return logprobs[:, 0], top_ids, logprobs[:, 1:]
+
+
+def logprob_specs(logprobs: int) -> tuple:
+    """The extra output of the prefill and the step with `logprobs` > 0."""
+    return ((ROWS, ROWS_BY_SEQ, ROWS_BY_SEQ),) if logprobs else ()
+
+
 @functools.lru_cache(maxsize=32)
-def prefill_fn(cfg: ModelConfig, mesh: Mesh, cache_len: int, sample: bool = False):
+def prefill_fn(cfg: ModelConfig, mesh: Mesh, cache_len: int, sample: bool = False, logprobs: int = 0):
     """jit(params, tokens (B, S) right-padded, lengths (B,)[, sampling]) -> (first new token (B,), KV cache).
 
     With `sample`, the call takes the four per-row arrays of `sampling_arrays` after the lengths.
+    With `logprobs` > 0 it also returns (log p of the first tokens, the `logprobs` most likely
+    ids, their log p): see `vocab_parallel_logprobs`.
 
     The cache is created here, so a generation allocates it once. The prompt attends over a
     cache of its own length S, and only then is the cache padded to `cache_len`: attention over
@@ -271,10 +343,14 @@ def prefill_fn(cfg: ModelConfig, mesh: Mesh, cache_len: int, sample: bool = Fals
         room = ((0, 0), (0, cache_len - prompt_len), (0, 0), (0, 0))
         cache = [(jnp.pad(k, room), jnp.pad(v, room)) for k, v in cache]
         last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # (B, 1, D)
-        return next_tokens(model.head(last)[:, 0], lengths, sampling), cache
+        logits = model.head(last)[:, 0]
+        new = next_tokens(logits, lengths, sampling)
+        extra = (vocab_parallel_logprobs(logits, new, logprobs),) if logprobs else ()
+        return new, cache, *extra
 
     specs = M.cache_specs(cfg)
-    return jax.jit(M.sharded(cfg, mesh, body, (ROWS_BY_SEQ, ROWS, *sampling_specs(sample)), (ROWS, specs)))
+    in_specs = (ROWS_BY_SEQ, ROWS, *sampling_specs(sample))
+    return jax.jit(M.sharded(cfg, mesh, body, in_specs, (ROWS, specs, *logprob_specs(logprobs))))
 
 
 def sampling_specs(sample: bool) -> tuple:
@@ -282,10 +358,12 @@ def sampling_specs(sample: bool) -> tuple:
 
 
 @functools.lru_cache(maxsize=32)
-def step_fn(cfg: ModelConfig, mesh: Mesh, sample: bool = False):
+def step_fn(cfg: ModelConfig, mesh: Mesh, sample: bool = False, logprobs: int = 0):
     """jit(params, tokens (B,), positions (B,), cache[, sampling]) -> (next tokens, positions + 1, cache).
 
     With `sample`, the call takes the four per-row arrays of `sampling_arrays` after the cache.
+    With `logprobs` > 0 it also returns (log p of the next tokens, the `logprobs` most likely
+    ids, their log p): see `vocab_parallel_logprobs`.
 
     Outputs feed the next call as they are, so a generation makes no host-to-device copies after
     the prefill. The cache is donated: each step updates it in place.
@@ -293,11 +371,14 @@ def step_fn(cfg: ModelConfig, mesh: Mesh, sample: bool = False):
 
     def body(model, tokens, positions, cache, *sampling):
         logits, cache = model(tokens[:, None], positions[:, None], cache=cache)
-        return next_tokens(logits[:, 0], positions + 1, sampling), positions + 1, cache
+        new = next_tokens(logits[:, 0], positions + 1, sampling)
+        extra = (vocab_parallel_logprobs(logits[:, 0], new, logprobs),) if logprobs else ()
+        return new, positions + 1, cache, *extra
 
     specs = M.cache_specs(cfg)
     in_specs = (ROWS, ROWS, specs, *sampling_specs(sample))
-    return jax.jit(M.sharded(cfg, mesh, body, in_specs, (ROWS, ROWS, specs)), donate_argnums=3)
+    out_specs = (ROWS, ROWS, specs, *logprob_specs(logprobs))
+    return jax.jit(M.sharded(cfg, mesh, body, in_specs, out_specs), donate_argnums=3)
 
 
 def abstract_step_args(cfg: ModelConfig, mesh: Mesh, batch: int, cache_len: int) -> tuple:
@@ -361,7 +442,7 @@ def generate(
     if len(rows_sampling) != n:
         raise DecodeError(f"{len(rows_sampling)} sampling settings for {n} prompts; give one, or one per prompt")
     for s in rows_sampling:
-        s.check()
+        s.check(cfg.vocab_size)
     check_cache_fits(cfg, mesh, shape)
     sample = not all(s.greedy for s in rows_sampling)
     tokens, lengths = padded_prompts(cfg, shape, prompts)

@@ -8,6 +8,12 @@ inputs), so requests of any length and sampling settings share it and nothing re
 come and go. A finished request frees its slot before the next step. Idle slots decode a padding
 token at position 0 of their own row, which the next insert overwrites.
 
+Samples of one prompt (`submit_group`, OpenAI's `n`) share its prefill: the prompt is prefilled
+once and its cache row copied into a slot per sample. The first sample takes the prefill's token;
+the others start one step back, at the prompt's last token, so the decode step draws their first
+token with their own seeds. Every step also returns each row's log-probabilities (the chosen
+token's and the MAX_LOGPROBS most likely), read to the host only when a request asks for them.
+
 One thread drives the engine (`run` or `serve_forever`); `submit` may be called from any thread.
 """
 
@@ -33,6 +39,16 @@ from .decode import GREEDY, ROWS, ROWS_BY_SEQ, DecodeError, Sampling
 from .mesh import batch_shards
 
 log = logging.getLogger("ladder_jax.engine")
+MAX_LOGPROBS = 20  # the most likely tokens a request may ask log-probabilities for (OpenAI's limit)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprobs:
+    """log p of a generated token and of the `top` most likely tokens at its position (ids, log p),
+    under the model's own distribution (before temperature and cuts)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]
 
 
 @dataclasses.dataclass(eq=False)
@@ -47,7 +63,9 @@ class Request:
     stop_ids: frozenset[int] = frozenset()
     on_token: Callable[[int], bool | None] | None = None
     on_done: Callable[[str], None] | None = None
+    logprobs: int | None = None  # None: none; k: each token's log p and the k most likely (0..MAX_LOGPROBS)
     tokens: list[int] = dataclasses.field(default_factory=list)
+    token_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)  # one per token, if asked
     finish_reason: str | None = None
     cancelled: bool = False  # set from any thread; the engine frees the slot before its next step
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
@@ -98,8 +116,10 @@ class Engine:
         self.tokens = np.full(self.slots, cfg.pad_id, np.int32)
         self.positions = np.zeros(self.slots, np.int32)
         self.sampling = [GREEDY] * self.slots
-        self.waiting: queue.Queue[Request] = queue.Queue()
+        self.waiting: queue.Queue[list[Request] | None] = queue.Queue()  # groups of samples of one prompt
+        self.held: list[Request] = []  # the next group, until it has a slot per sample
         self.steps = 0
+        self.prefills = 0
         self.finished: collections.Counter[str] = collections.Counter()  # requests ended, by reason
         self._stop = threading.Event()
 
@@ -108,7 +128,9 @@ class Engine:
     def check(self, request: Request) -> Request:
         """Raise DecodeError (one line) for a request this engine cannot serve; return it."""
         decode.check_request(self.cfg, [request.prompt], request.max_new_tokens)
-        request.sampling.check()
+        request.sampling.check(self.cfg.vocab_size)
+        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
+            raise DecodeError(f"logprobs={request.logprobs}; give 0..{MAX_LOGPROBS} most likely tokens")
         total = len(request.prompt) + request.max_new_tokens
         if total > self.cache_len:
             raise DecodeError(
@@ -118,8 +140,20 @@ class Engine:
         return request
 
     def submit(self, request: Request) -> Request:
-        self.waiting.put(self.check(request))
-        return request
+        return self.submit_group([request])[0]
+
+    def submit_group(self, requests: Sequence[Request]) -> list[Request]:
+        """Samples of one prompt (equal prompts, each its own sampling, seed and callbacks): one
+        prefill, then a slot each; they start together once that many slots are free."""
+        group = [self.check(r) for r in requests]
+        if len(group) > self.slots:
+            raise DecodeError(
+                f"{len(group)} samples of one prompt but the engine has {self.slots} slots; ask for fewer"
+            )
+        if any(list(r.prompt) != list(group[0].prompt) for r in group):
+            raise DecodeError("the samples of a group must share one prompt")
+        self.waiting.put(group)
+        return group
 
     def stop(self) -> None:
         self._stop.set()
@@ -128,6 +162,12 @@ class Engine:
     @property
     def busy_slots(self) -> int:
         return sum(r is not None for r in self.active)
+
+    @property
+    def waiting_requests(self) -> int:
+        """Requests submitted and not yet in a slot."""
+        with self.waiting.mutex:
+            return sum(len(g) for g in self.waiting.queue if g) + len(self.held)
 
     # -- the engine's thread
 
@@ -161,7 +201,7 @@ class Engine:
             return
         per_row = decode.sampling_arrays(self.sampling)
         rows = NamedSharding(self.mesh, ROWS)
-        new, _, self.cache = decode.step_fn(self.cfg, self.mesh, True)(
+        new, _, self.cache, logprobs = decode.step_fn(self.cfg, self.mesh, True, MAX_LOGPROBS)(
             self.params,
             jax.device_put(self.tokens, rows),
             jax.device_put(self.positions, rows),
@@ -169,53 +209,79 @@ class Engine:
             *(jax.device_put(a, rows) for a in per_row),
         )
         self.steps += 1
-        new = np.asarray(new)
+        new, logprobs = np.asarray(new), self._host_logprobs(logprobs, self.active)
         for slot, r in enumerate(self.active):
             if r is not None:
                 self.positions[slot] += 1
-                self._deliver(slot, int(new[slot]))
+                self._deliver(slot, int(new[slot]), logprobs and logprobs(slot))
 
     def _admit(self, block: bool) -> None:
-        while None in self.active:
-            try:
-                r = self.waiting.get(timeout=0.05) if block else self.waiting.get_nowait()
-            except queue.Empty:
-                return
-            if r is None:  # stop() woke us
+        while True:
+            group = self.held or self._next_group(block)
+            if not group:
                 return
             block = False
-            if r.cancelled:
-                r.finish_reason = "cancelled"
-                self._done(r)
-                continue
-            self._prefill_into(self.active.index(None), r)
+            for r in group:
+                if r.cancelled:
+                    r.finish_reason = "cancelled"
+                    self._done(r)
+            group = [r for r in group if not r.cancelled]
+            free = [slot for slot, r in enumerate(self.active) if r is None]
+            self.held = group if len(group) > len(free) else []
+            if self.held:
+                return
+            if group:
+                self._prefill_into(free[: len(group)], group)
 
-    def _prefill_into(self, slot: int, r: Request) -> None:
+    def _next_group(self, block: bool) -> list[Request] | None:
+        try:
+            return self.waiting.get(timeout=0.05) if block else self.waiting.get_nowait()
+        except queue.Empty:
+            return None  # (a None in the queue: stop() woke us)
+
+    def _prefill_into(self, slots: list[int], group: list[Request]) -> None:
+        self.prefills += 1
+        first = group[0]
         rows = batch_shards(self.mesh)  # one prompt, and padding rows up to the data axis
-        bucket = decode.bucket_length(len(r.prompt), self.cache_len)
+        bucket = decode.bucket_length(len(first.prompt), self.cache_len)
         tokens = np.full((rows, bucket), self.cfg.pad_id, np.int32)
-        tokens[0, : len(r.prompt)] = r.prompt
+        tokens[0, : len(first.prompt)] = first.prompt
         lengths = np.ones(rows, np.int32)
-        lengths[0] = len(r.prompt)
+        lengths[0] = len(first.prompt)
         sharding = NamedSharding(self.mesh, ROWS)
-        per_row = decode.sampling_arrays([r.sampling] + [GREEDY] * (rows - 1))
-        first, new_cache = decode.prefill_fn(self.cfg, self.mesh, self.cache_len, True)(
+        per_row = decode.sampling_arrays([first.sampling] + [GREEDY] * (rows - 1))
+        new, new_cache, logprobs = decode.prefill_fn(self.cfg, self.mesh, self.cache_len, True, MAX_LOGPROBS)(
             self.params,
             jax.device_put(tokens, NamedSharding(self.mesh, ROWS_BY_SEQ)),
             jax.device_put(lengths, sharding),
             *(jax.device_put(a, sharding) for a in per_row),
         )
-        self.cache = self.insert(self.cache, new_cache, np.int32(slot))
-        self.active[slot] = r
-        self.sampling[slot] = r.sampling
-        self.positions[slot] = len(r.prompt)
-        self._deliver(slot, int(np.asarray(first)[0]))
+        for slot, r in zip(slots, group):
+            self.cache = self.insert(self.cache, new_cache, np.int32(slot))
+            self.active[slot], self.sampling[slot] = r, r.sampling
+            # The other samples decode the prompt's last token again to draw a first token of their own.
+            self.tokens[slot], self.positions[slot] = r.prompt[-1], len(r.prompt) - 1
+        self.positions[slots[0]] = len(first.prompt)
+        logprobs = self._host_logprobs(logprobs, [first])
+        self._deliver(slots[0], int(np.asarray(new)[0]), logprobs and logprobs(0))
 
-    def _deliver(self, slot: int, token: int) -> None:
+    @staticmethod
+    def _host_logprobs(device_logprobs, requests) -> Callable[[int], TokenLogprobs] | None:
+        """row -> TokenLogprobs, reading the step's log-probabilities only if a request asks."""
+        if all(r is None or r.logprobs is None for r in requests):
+            return None
+        chosen, ids, values = (np.asarray(a) for a in device_logprobs)
+        return lambda row: TokenLogprobs(
+            float(chosen[row]), tuple(zip(ids[row].tolist(), values[row].tolist(), strict=True))
+        )
+
+    def _deliver(self, slot: int, token: int, logprobs: TokenLogprobs | None = None) -> None:
         r = self.active[slot]
         if token in r.stop_ids:
             return self._finish(slot, "stop")
         r.tokens.append(token)
+        if r.logprobs is not None:
+            r.token_logprobs.append(dataclasses.replace(logprobs, top=logprobs.top[: r.logprobs]))
         self.tokens[slot] = token
         if r.on_token is not None and r.on_token(token) is False:
             return self._finish(slot, "stop")

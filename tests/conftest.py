@@ -75,3 +75,18 @@ def save_small_run(directory, n_layers=3, tensor=2, **extra):
     ckpt.save_config(run, cfg)
     ckpt.save_params(run, M.init_params(cfg.model, make_mesh(cfg), 0))
     return run
+
+
+def saved_state(cfg, run_dir, step):
+    """A run's checkpointed parameters and optimizer state, on the host."""
+    import orbax.checkpoint as ocp
+
+    from ladder_jax import checkpoint as ckpt
+    from ladder_jax.mesh import make_mesh
+    from ladder_jax.training import get_trainer
+
+    target = get_trainer(cfg, make_mesh(cfg)).abstract_state()
+    items = {k: ocp.args.StandardRestore(target[k]) for k in ("params", "opt_state")}
+    with ckpt.manager(run_dir, create=False) as saved:
+        restored = saved.restore(step, args=ocp.args.Composite(**items))
+    return jax.device_get({k: restored[k] for k in items})

@@ -144,6 +144,32 @@ def test_a_killed_prepare_is_refused_and_a_rerun_keeps_the_finished_shards(prepa
         prepare(inputs, copy, BYTES, workers=1, val_fraction=0.1, **quiet)
 
 
+def test_a_rerun_redoes_a_unit_whose_input_changed_and_keeps_the_others(corpus, tmp_path):
+    # Two units: the text files, and the JSONL; the JSONL changes between the runs.
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for f in [*corpus.glob("*.txt"), corpus / "a.jsonl.gz"]:
+        shutil.copy(f, raw / f.name)
+    inputs = [str(raw / "*.txt"), str(raw / "a.jsonl.gz")]
+    out = tmp_path / "out"
+    prepare(inputs, out, BYTES, workers=1, val_fraction=0.2, **quiet)
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("*-00000.arrayrecord")}
+    with gzip.open(raw / "a.jsonl.gz", "wt") as f:
+        for k in range(40):
+            f.write(json.dumps({"text": f"a changed document {k} " * (k % 5 + 1)}) + "\n")
+    notes = []
+    prepare(inputs, out, BYTES, workers=1, val_fraction=0.2, progress=False, log=notes.append)
+    assert notes[0].endswith("1 of 2 units already done, preparing the other 1")
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*-00000.arrayrecord")} == kept
+    # The same windows as a NumPy packing of the documents now in the inputs.
+    train_docs, val_docs = split_documents(load_documents(",".join(inputs)), 0.2)
+    assert any("a changed document" in d.text for d in train_docs)
+    for split, split_docs in (("train", train_docs), ("val", val_docs)):
+        assert_windows_equal(
+            open_prepared(out, split, BYTES, SEQ), reference_windows([d.text.encode() for d in split_docs], SEQ)
+        )
+
+
 def test_hosts_split_the_batches_and_the_iterator_resumes(prepared):
     windows = open_prepared(prepared[0], "train", BYTES, SEQ)
     it = train_iterator(windows, 8, seed=3)

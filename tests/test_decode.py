@@ -16,7 +16,7 @@ import infer
 from ladder_jax import checkpoint, decode
 from ladder_jax import model as M
 from ladder_jax.cli import infer as infer_verb
-from ladder_jax.config import load_config
+from ladder_jax.config import load_config, replace
 from ladder_jax.mesh import make_mesh
 from ladder_jax.tokenizer import ByteTokenizer
 
@@ -273,27 +273,29 @@ def test_complete_streams_the_prompt_and_its_greedy_continuation(devices):
     assert "KV cache" in log.getvalue() and "ms/token" in log.getvalue()
 
 
-def test_infer_decodes_a_prompts_file_with_a_saved_run(tmp_path, capsys, devices):
-    import orbax.checkpoint as ocp
+def test_infer_decodes_a_prompts_file_with_the_latest_complete_run(tmp_path, capsys, devices):
+    import os
 
     cfg, mesh, params = model_on("standard", 1, 8)
-    run = tmp_path / "run"
-    run.mkdir()
-    checkpoint.save_config(run, cfg)
-    with checkpoint.manager(run) as saver:
-        saver.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+    runs = tmp_path / "runs"
+    # Oldest to newest: two complete runs, a run with no complete checkpoint yet, another preset's.
+    for k, name in enumerate(["older", "latest", "incomplete", "other-preset"]):
+        run = runs / name
+        (run / "checkpoints").mkdir(parents=True)
+        checkpoint.save_config(run, cfg if name != "other-preset" else replace(cfg, model={"name": "other"}))
+        if name in ("older", "latest", "other-preset"):
+            checkpoint.save_params(run, params, step=1)
+        os.utime(run / "config.yaml", ns=(k * 10**9, k * 10**9))
     texts = ["Hello", "naïve"]
     (tmp_path / "prompts.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
-    assert (
-        infer.main(
-            ["--checkpoint", str(run), "--prompts-file", str(tmp_path / "prompts.txt"), "--max-new-tokens", str(NEW)]
-        )
-        == 0
-    )
+    argv = ["--runs-dir", str(runs), "--prompts-file", str(tmp_path / "prompts.txt"), "--max-new-tokens", str(NEW)]
+    assert infer.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith(f"{runs / 'latest'}: tiny plan 'standard'"), err
     # Two prompts of 6 and 7 tokens with BOS: the shapes the first test compiled on this mesh.
     tokens = decode.generate(cfg, mesh, params, [[256, *t.encode()] for t in texts], NEW, eos_id=257).tokens
     completions = [bytes(t for t in row if t < 256).decode("utf-8", errors="replace") for row in tokens]
-    assert capsys.readouterr().out == "".join(f"[{i}] {t}{c}\n" for i, (t, c) in enumerate(zip(texts, completions)))
+    assert out == "".join(f"[{i}] {t}{c}\n" for i, (t, c) in enumerate(zip(texts, completions)))
 
 
 def test_benchmark_prints_a_table_and_writes_json(tmp_path, capsys, devices):

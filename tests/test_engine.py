@@ -1,12 +1,14 @@
 """Continuous batching on 8 fake CPU devices: requests of different lengths and sampling settings
 arriving while others decode get the tokens they get alone, and nothing recompiles."""
 
+import dataclasses
+
 import jax
 import pytest
 
 from ladder_jax import decode
 from ladder_jax.decode import Sampling
-from ladder_jax.engine import Engine, Request
+from ladder_jax.engine import MAX_LOGPROBS, Engine, Request
 
 from . import test_decode
 from .test_decode import model_on
@@ -39,8 +41,8 @@ def test_requests_coming_and_going_get_what_they_get_alone_without_recompiling(e
     assert engine.busy_slots == 0
     for r, p, n, s in zip(requests, PROMPTS, NEW, settings):  # what each gets alone here
         assert engine.run([Request(p, n, s)])[0].tokens == r.tokens, p
-    step = decode.step_fn(cfg, mesh, True)
-    prefill = decode.prefill_fn(cfg, mesh, engine.cache_len, True)
+    step = decode.step_fn(cfg, mesh, True, MAX_LOGPROBS)
+    prefill = decode.prefill_fn(cfg, mesh, engine.cache_len, True, MAX_LOGPROBS)
     assert step._cache_size() == 1 and prefill._cache_size() == 1  # every prompt is in the 16-token bucket
     # What the static decoder gives a prompt alone, greedy and sampled.
     for r, s in zip(requests[:2], settings):
@@ -68,21 +70,53 @@ def test_stops_cancels_and_bad_requests(engine):
     assert jax.device_count() == 8
 
 
-def test_infer_samples_with_the_flags_and_refuses_bad_ones(engine, capsys, tmp_path):
-    import io
+def test_samples_of_one_prompt_wait_for_their_slots_and_share_one_prefill(engine):
+    busy = engine.submit(Request(PROMPTS[1], 6))
+    engine.step()
+    group = [Request(PROMPTS[2], 5, dataclasses.replace(SAMPLED, seed=s), logprobs=2) for s in (7, 8)]
+    engine.submit_group(group)
+    prefills = engine.prefills
+    engine.step()  # one slot is free, the group needs two: it waits
+    assert engine.waiting_requests == 2 and engine.prefills == prefills and not busy.done.is_set()
+    while not all(r.done.is_set() for r in group):
+        engine.step()
+    assert busy.done.is_set() and engine.prefills == prefills + 1 and engine.waiting_requests == 0
+    assert group[0].tokens != group[1].tokens
+    assert (
+        group[0].tokens == engine.run([Request(PROMPTS[2], 5, SAMPLED)])[0].tokens
+    )  # the first takes the prefill's token
+    for r in group:
+        assert len(r.token_logprobs) == 5 and all(len(e.top) == 2 for e in r.token_logprobs)
+        assert all(e.top[0][1] >= e.top[1][1] and e.logprob <= e.top[0][1] + 1e-6 for e in r.token_logprobs)
+    with pytest.raises(decode.DecodeError, match="3 samples of one prompt but the engine has 2 slots"):
+        engine.submit_group([Request(PROMPTS[2], 5)] * 3)
 
+
+def test_infer_sampling_flags_end_to_end(engine, capsys, tmp_path):
+    # A saved run of the engine's model, decoded by infer.py on its mesh: one prompt of 6 tokens
+    # and 16 new on data=2 are the engine's shapes, so the greedy and sampled programs are its own.
     import infer
-    from ladder_jax.cli import infer as infer_verb
+    from ladder_jax import checkpoint
     from ladder_jax.tokenizer import ByteTokenizer
 
-    from .test_decode import model_on
-
     cfg, mesh, params = model_on("ladder", 2, 4)
-    tokenizer, out = ByteTokenizer(), io.StringIO()
-    got = infer_verb.complete(
-        cfg, mesh, params, tokenizer, ["Hello"], [PROMPTS[0]], 16, out, io.StringIO(), sampling=SAMPLED
-    )
-    tokens = decode.generate(cfg.model, mesh, params, [PROMPTS[0]], 16, eos_id=257, sampling=SAMPLED).tokens[0]
-    assert got == [tokenizer.decode(tokens)] and out.getvalue() == "Hello" + got[0] + "\n"
-    assert infer.main(["--checkpoint", str(tmp_path), "--prompt", "x", "--top-p", "1.5"]) == 2
+    run = tmp_path / "run"
+    checkpoint.check_writable(run)
+    checkpoint.save_config(run, cfg)
+    checkpoint.save_params(run, params, step=1)
+
+    def completion(*flags):
+        argv = ["--checkpoint", str(run), "--prompt", "Hello", "--max-new-tokens", "16", "mesh.data=2", "mesh.tensor=4"]
+        assert infer.main([*argv, *flags]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("Hello") and out.endswith("\n")
+        return out[len("Hello") : -1]
+
+    greedy = decode.generate(cfg.model, mesh, params, [PROMPTS[0]], 16, eos_id=257).tokens[0]
+    assert completion("--temperature", "0", "--seed", "5") == ByteTokenizer().decode(greedy)
+    assert completion("--temperature", "1", "--top-k", "1", "--seed", "5") == ByteTokenizer().decode(greedy)  # argmax
+    sampled = completion("--temperature", "1", "--seed", "1")
+    assert completion("--temperature", "1", "--seed", "1") == sampled != completion("--temperature", "1", "--seed", "2")
+    assert sampled != ByteTokenizer().decode(greedy)
+    assert infer.main(["--checkpoint", str(run), "--prompt", "x", "--top-p", "1.5"]) == 2
     assert "error: " in capsys.readouterr().err

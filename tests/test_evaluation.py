@@ -177,7 +177,11 @@ def test_perplexity_cli_equals_hf(tiny, tmp_path):
             logp = torch.log_softmax(tiny["hf"](torch.tensor([inp])).logits[0].double(), -1).numpy()
         want += sum(logp[len(inp) - len(pred) + k, t] for k, t in enumerate(pred))
     assert strided["windows"] > 2 and strided["loglikelihood"] == pytest.approx(want, rel=1e-5)
-    assert strided["token_perplexity"] < r["token_perplexity"] or strided["loglikelihood"] != r["loglikelihood"]
+    # Both score every token once: the first window all 64, each next one 8 more (64 before it in context).
+    n = len(tokens)
+    assert r["tokens"] == strided["tokens"] == n and strided["windows"] == 1 + -(-(n - 64) // 8)
+    for scored in (r, strided):
+        assert scored["token_perplexity"] == pytest.approx(np.exp(-scored["loglikelihood"] / n), rel=1e-6)
     # The same document from a prepared directory's split scores the same.
     prepared = tmp_path / "prepared"
     prep = ["data", "prepare", str(tmp_path / "doc.txt"), "--out", str(prepared), "--tokenizer", str(tiny["run"])]

@@ -55,6 +55,33 @@ def test_sharded_logits_equal_tensor_1(single_device, mesh_shape):
     np.testing.assert_allclose(run(plan, *mesh_shape, params), logits, atol=2e-5, rtol=1e-4)
 
 
+def test_bfloat16_compute_matches_the_float64_reference_within_bfloat16_rounding(devices):
+    # float32 parameters, bfloat16 activations (train.py's mixed precision): the logits and the
+    # loss stay within a few bfloat16 roundings (eps = 2^-7) of the float64 reference.
+    from ladder_jax.training import global_batch, loss_sums_fn
+
+    cfg, mesh, params = build("ladder")  # the parameters single_device made: init compiled once
+    bf16 = small_config("ladder", model__init_std=0.1, model__dtype="bfloat16").model
+    ref = reference_forward(jax.device_get(params), TOKENS, cfg, cfg.layer_schedules)
+    got = np.asarray(M.logits(bf16, mesh, params, TOKENS), np.float64)
+    eps, rms = 2.0**-7, np.sqrt(np.mean(ref**2))
+    np.testing.assert_allclose(got, ref, rtol=8 * eps, atol=8 * eps * rms)
+    assert np.sqrt(np.mean((got - ref) ** 2)) < 2 * eps * rms  # a few roundings, not an accumulation in bfloat16
+    assert np.abs(got - ref).max() > 1e-3  # it did compute in bfloat16 (float32 is within 2e-5)
+    inputs, targets = TOKENS[:, :-1], TOKENS[:, 1:]
+    batch = {
+        "inputs": inputs,
+        "targets": targets,
+        "segment_ids": np.zeros_like(inputs),
+        "positions": np.broadcast_to(np.arange(inputs.shape[1]), inputs.shape),
+        "mask": np.ones(inputs.shape, np.float32),
+    }
+    nll, count = jax.jit(loss_sums_fn(bf16, mesh))(params, global_batch(mesh, batch))
+    logp = ref[:, :-1] - np.log(np.exp(ref[:, :-1]).sum(-1, keepdims=True))
+    want = -np.take_along_axis(logp, targets[..., None], -1).mean()
+    assert float(nll) / float(count) == pytest.approx(want, rel=2.0**-8)
+
+
 def test_ladder_differs_from_standard_with_the_same_parameters(devices):
     cfg, mesh, params = build("ladder")
     ladder = np.asarray(M.logits(cfg, mesh, params, TOKENS))

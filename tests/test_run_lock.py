@@ -1,5 +1,6 @@
 """One trainer per run directory: a second is refused in one line while the first lives, a dead
-one's lock is taken over, and the lock goes when the run ends."""
+one's (or a corrupt) lock is taken over, the lock goes when the run ends, and a lock another live
+process holds is never removed."""
 
 import json
 import os
@@ -72,3 +73,31 @@ def test_a_run_refused_after_taking_the_lock_releases_it_and_leaves_no_directory
     with pytest.raises(DataError):
         train(cfg, tmp_path / "new", progress=False, log=lambda *_: None)
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("content", ["", '{"host": "h", "pi', "[1, 2]"], ids=["empty", "truncated", "not-a-record"])
+def test_a_corrupt_lock_is_taken_over_and_released(tmp_path, content):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ckpt.LOCK_NAME).write_text(content)
+    cfg = small_config(train__data=str(tmp_path / "missing-*.txt"), train__steps=1)
+    with pytest.raises(DataError):  # past the lock: refused by the next phase, the data
+        train(cfg, run, progress=False, log=lambda *_: None)
+    assert not (run / ckpt.LOCK_NAME).exists() and run.is_dir()
+
+
+def test_a_run_never_removes_a_lock_that_another_live_process_holds(tmp_path):
+    run = tmp_path / "run"
+    other = subprocess.Popen(["sleep", "120"])
+    try:
+        with ckpt.run_lock(run):
+            # Someone deleted this run's lock and another trainer took the directory meanwhile.
+            (run / ckpt.LOCK_NAME).write_text(json.dumps(lock_of(other.pid)))
+        assert json.loads((run / ckpt.LOCK_NAME).read_text())["pid"] == other.pid  # still theirs
+        with pytest.raises(ckpt.CheckpointError, match=f"is being trained by pid {other.pid}"):
+            with ckpt.run_lock(run):
+                pass
+        assert json.loads((run / ckpt.LOCK_NAME).read_text())["pid"] == other.pid
+    finally:
+        other.kill()
+        other.wait()

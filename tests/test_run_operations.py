@@ -14,7 +14,7 @@ from ladder_jax import checkpoint as ckpt
 from ladder_jax import training
 from ladder_jax.config import ConfigError
 
-from .conftest import TEST_XLA_FLAGS, small_config
+from .conftest import TEST_XLA_FLAGS, saved_state, small_config
 
 STEPS = 6
 
@@ -84,6 +84,11 @@ def test_sigterm_saves_the_step_in_flight_and_the_rerun_resumes_bit_exactly(watc
     assert notes == [f"resumed {run} at step 3"] and resumed["step"] == STEPS
     for a, b in zip(jax.tree.leaves(jax.device_get(resumed["params"])), jax.tree.leaves(uninterrupted["params"])):
         np.testing.assert_array_equal(a, np.asarray(b))
+    # and the optimizer state both saved at the last step, bit for bit
+    want, got = saved_state(cfg, watched[1], STEPS), saved_state(cfg, run, STEPS)
+    assert jax.tree.structure(want) == jax.tree.structure(got)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
 
 
 def test_metrics_reach_tensorboard_wandb_and_metrics_jsonl(watched):

@@ -1,29 +1,41 @@
-"""Vocab-parallel sampling on 8 fake CPU devices against a NumPy reference of the same
-distribution: many draws with a fixed seed match its probabilities, top-k/top-p never leave the
-kept set, and temperature 0 is the greedy argmax."""
+"""Vocab-parallel sampling against an exact NumPy reference, at tensor 1 and 4: the kept sets of
+top-k/top-p equal a stable sort's (ties included), many draws with a fixed seed pass a chi-square
+goodness-of-fit test against the exact distribution (a nucleus and a top-k wider than 64 tokens),
+the same test rejects the old 64-candidate sampler and a 5% temperature error, and temperature 0
+is the greedy argmax."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from scipy import stats
 
 from ladder_jax import decode
 from ladder_jax.mesh import make_mesh
 
 from .conftest import small_config
 
-VOCAB = 256  # 32 columns per device on tensor=8
+VOCAB = 256  # 64 columns per device on tensor=4
 DRAWS = 4_000
-# (temperature, top_k, top_p): temperature alone, top-k, top-p, both, and greedy.
-CASES = [(0.7, 0, 1.0), (1.0, 10, 1.0), (1.3, 0, 0.8), (1.0, 20, 0.5), (0.0, 0, 1.0)]
+SIGNIFICANCE = 1e-3  # the fit test rejects below this p-value
+LEAST = 25  # expected draws per chi-square bin at least
+# One strong token and a standard-normal tail, as a language model's next token often looks: the
+# tail's share of the mass moves fast with the temperature, which gives the test its power.
+LOGITS = np.random.RandomState(0).randn(VOCAB).astype(np.float32)
+LOGITS[7] = 6.0
+# (temperature, top_k, top_p): temperature alone, a 158-token nucleus, top-k 100 alone, top-k 100
+# then a 77-token nucleus of it, and greedy.
+CASES = [(0.7, 0, 1.0), (1.0, 0, 0.95), (1.0, 100, 1.0), (1.0, 100, 0.95), (0.0, 0, 1.0)]
+WIDE = [1, 3]  # more than 64 tokens kept: what the 64-candidate sampler cut
+REPLICATED = P()
 
 
 def reference(logits, temperature, top_k, top_p):
     """transformers' order: temperature, then top-k, then top-p on the renormalised top k."""
     probs = np.exp((logits - logits.max()) / temperature)
     probs /= probs.sum()
-    order = np.argsort(-probs, kind="stable")
+    order = np.argsort(-logits, kind="stable")
     keep = np.zeros_like(probs, bool)
     keep[order[: top_k or len(probs)]] = True
     probs = np.where(keep, probs, 0) / probs[keep].sum()
@@ -33,58 +45,115 @@ def reference(logits, temperature, top_k, top_p):
     return probs / probs.sum(), keep
 
 
-@pytest.fixture(scope="module")
-def draws(devices):
+def cut_at_64(logits, temperature, top_k, top_p):
+    """The distribution of the sampler this one replaced: top-k and top-p among the best 64
+    tokens only (at any tensor degree, for distinct logits), the nucleus measured against the
+    whole vocabulary's softmax unless top-k is set."""
+    weights = np.exp((logits - logits.max()) / temperature)
+    best = np.argsort(-logits, kind="stable")[:64]
+    rank = np.arange(64)
+    in_top_k = rank < (min(top_k, 64) or 64)
+    total = weights[best][in_top_k].sum() if top_k else weights.sum()
+    before = (np.cumsum(weights[best] * in_top_k) - weights[best] * in_top_k) / total
+    probs = np.zeros_like(weights)
+    kept = best[in_top_k & (before < top_p)]
+    probs[kept] = weights[kept]
+    return probs / probs.sum()
+
+
+def fit_p_value(tokens, want):
+    """Pearson's chi-square goodness of fit of `tokens` to the probabilities `want`: tokens in
+    order of probability, grouped until each bin expects LEAST draws (a draw of a token `want`
+    excludes gives 0)."""
+    if (want[tokens] == 0).any():
+        return 0.0
+    counts = np.bincount(tokens, minlength=len(want))
+    observed, expected, o, e = [], [], 0, 0.0
+    for t in np.argsort(-want, kind="stable")[: (want > 0).sum()]:
+        o, e = o + counts[t], e + want[t] * len(tokens)
+        if e >= LEAST:
+            observed, expected, o, e = observed + [o], expected + [e], 0, 0.0
+    observed[-1], expected[-1] = observed[-1] + o, expected[-1] + e
+    return stats.chisquare(observed, expected).pvalue
+
+
+def sharded(fn, tensor: int, n_in: int, out_specs=REPLICATED):
+    """fn(logits' vocab shard, n_in replicated per-row arrays) on a mesh of `tensor` devices."""
+    mesh = make_mesh(small_config(tensor=tensor))
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(None, "tensor"),) + (P(),) * n_in, out_specs=out_specs))
+
+
+@pytest.fixture(scope="module", params=[1, 4], ids=["tensor1", "tensor4"])
+def draws(devices, request):
     """DRAWS tokens per case from one compiled call: each row draws at its own position."""
-    mesh = make_mesh(small_config(tensor=8))
-    logits = np.random.RandomState(0).randn(VOCAB).astype(np.float32) * 2.0
     rows = len(CASES) * DRAWS
     temperature, top_k, top_p = (
         np.repeat(np.array(c, dtype), DRAWS) for c, dtype in zip(zip(*CASES), ("f4", "i4", "f4"))
     )
-    fn = jax.jit(
-        jax.shard_map(
-            decode.vocab_parallel_sample, mesh=mesh, in_specs=(P(None, "tensor"),) + (P(),) * 5, out_specs=P()
-        )
-    )
-    tokens = fn(
-        jnp.broadcast_to(logits, (rows, VOCAB)),
+    tokens = sharded(decode.vocab_parallel_sample, request.param, 5)(
+        jnp.broadcast_to(LOGITS, (rows, VOCAB)),
         jnp.arange(rows, dtype=jnp.int32),
         temperature,
         top_k,
         top_p,
         jnp.full((rows,), 1234, jnp.int32),
     )
-    return logits, np.asarray(tokens).reshape(len(CASES), DRAWS)
+    return np.asarray(tokens).reshape(len(CASES), DRAWS)
 
 
 @pytest.mark.parametrize("case", range(len(CASES)), ids=[f"T{t}-k{k}-p{p}" for t, k, p in CASES])
-def test_draws_follow_the_reference_distribution_and_stay_in_the_kept_set(draws, case):
-    logits, tokens = draws
+def test_draws_fit_the_exact_distribution(draws, case):
     temperature, top_k, top_p = CASES[case]
-    got = tokens[case]
+    got = draws[case]
     if temperature == 0:
-        assert (got == logits.argmax()).all()
+        assert (got == LOGITS.argmax()).all()
         return
-    want, keep = reference(logits.astype(np.float64), temperature, top_k, top_p)
+    want, keep = reference(LOGITS.astype(np.float64), temperature, top_k, top_p)
     assert keep[got].all(), f"tokens outside the kept set: {sorted(set(got[~keep[got]]))}"
-    freq = np.bincount(got, minlength=VOCAB) / DRAWS
-    # The total variation of DRAWS draws from `want` has expectation about
-    # 0.4 * sum(sqrt(p / DRAWS)) and a spread far below it; this bound is twice that expectation.
-    tv, bound = 0.5 * np.abs(freq - want).sum(), 0.8 * np.sqrt(want / DRAWS).sum()
-    assert tv < bound
-    if top_k:
-        assert keep.sum() <= top_k
-    assert len(set(got)) == keep.sum() or keep.sum() > 30  # every kept token of a small set is drawn
+    assert fit_p_value(got, want) > SIGNIFICANCE
+    assert case not in WIDE or keep.sum() > 64
+
+
+@pytest.mark.parametrize("case", WIDE, ids=[f"T{CASES[c][0]}-k{CASES[c][1]}-p{CASES[c][2]}" for c in WIDE])
+def test_the_fit_rejects_the_64_candidate_cut_and_a_5_percent_temperature_error(case):
+    temperature, top_k, top_p = CASES[case]
+    logits = LOGITS.astype(np.float64)
+    want, _ = reference(logits, temperature, top_k, top_p)
+    rng = np.random.RandomState(0)
+    for wrong in [
+        cut_at_64(logits, temperature, top_k, top_p),
+        reference(logits, temperature * 1.05, top_k, top_p)[0],
+        reference(logits, temperature / 1.05, top_k, top_p)[0],
+    ]:
+        assert fit_p_value(rng.choice(VOCAB, DRAWS, p=wrong), want) < SIGNIFICANCE
+    assert fit_p_value(rng.choice(VOCAB, DRAWS, p=want), want) > SIGNIFICANCE
+
+
+def test_kept_sets_equal_a_stable_sorts_with_ties_and_masked_columns(devices):
+    """Rows of logits rounded to one decimal (many ties, also at the boundaries) or not, some with
+    -inf columns (the padded vocabulary's), and top-k/top-p around 64 and up to the vocabulary."""
+    rng = np.random.RandomState(1)
+    logits = rng.randn(160, VOCAB).astype(np.float32) * 2
+    logits[::2] = logits[::2].round(1)
+    logits[::5, rng.randint(VOCAB, size=20)] = -np.inf
+    top_k = rng.choice([0, 1, 2, 63, 64, 65, 100, 255, VOCAB], len(logits)).astype(np.int32)
+    top_p = rng.choice([1.0, 0.3, 0.5, 0.9, 0.99, 1e-6], len(logits)).astype(np.float32)
+    got = np.asarray(sharded(decode.kept_tokens, 4, 2, P(None, "tensor"))(logits, top_k, top_p))
+    for row, k, p, keep in zip(logits, top_k, top_p, got):
+        want = reference(row.astype(np.float64), 1.0, k, p)[1]
+        finite = np.isfinite(row)  # -inf columns have probability 0 either way
+        assert (keep[finite] == want[finite]).all(), (k, p, np.nonzero(keep[finite] != want[finite]))
 
 
 def test_bad_sampling_settings_are_refused_in_one_line():
     for settings, message in [
         (dict(temperature=-0.5), "temperature=-0.5; give 0"),
-        (dict(top_k=decode.CANDIDATES + 1), f"give 0 \\(off\\) or 1..{decode.CANDIDATES}"),
+        (dict(top_k=VOCAB + 1), f"top_k={VOCAB + 1}; give 0 \\(off\\) or 1..{VOCAB}"),
+        (dict(top_k=-1), "top_k=-1"),
         (dict(top_p=0.0), "top_p=0.0; give a number in \\(0, 1\\]"),
         (dict(seed=-1), "seed=-1"),
     ]:
         with pytest.raises(decode.DecodeError, match=message) as e:
-            decode.Sampling(**settings).check()
+            decode.Sampling(**settings).check(VOCAB)
         assert "\n" not in str(e.value)
+    assert decode.Sampling(temperature=1.0, top_k=VOCAB).check(VOCAB).top_k == VOCAB

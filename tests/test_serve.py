@@ -1,6 +1,8 @@
 """The OpenAI-compatible server, in-process on a loopback port, driven by the official `openai`
 client: completions and chat, streamed and not, 32 concurrent mixed requests whose greedy results
-equal their single-request results, bad input answered with a 400, a disconnect freeing its slot."""
+equal their single-request results, log-probabilities equal to a full forward's log-softmax, n
+samples from one prefill, usage in streams, an API key, Prometheus metrics, bad input answered
+with a 4xx, a disconnect freeing its slot."""
 
 import concurrent.futures
 import http.client
@@ -8,9 +10,12 @@ import json
 import time
 import urllib.parse
 
+import numpy as np
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from ladder_jax import model as M
 from ladder_jax import serve
 from ladder_jax.cli import main
 from ladder_jax.engine import Engine
@@ -19,6 +24,7 @@ from ladder_jax.tokenizer import ByteTokenizer
 from .test_decode import model_on
 
 NAME = "tiny-test"
+KEY = "sk-test"
 CHAT = "{% for m in messages %}<{{ m.role }}>{{ m.content | trim }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
 
 
@@ -29,22 +35,34 @@ def server(devices):
     cfg, mesh, params = model_on("ladder", 2, 4)
     tokenizer = ByteTokenizer()
     tokenizer.chat_template = CHAT
-    app = serve.Server(Engine(cfg.model, mesh, params, slots=2, cache_len=32), tokenizer, NAME)
+    app = serve.Server(Engine(cfg.model, mesh, params, slots=2, cache_len=32), tokenizer, NAME, api_key=KEY)
     with serve.serving_in_thread(app) as url:
         yield app, url
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server[1] + "/v1", api_key="none", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=server[1] + "/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
-def post(url, path, body: bytes, stream=False):
+def post(url, path, body: bytes, key=KEY):
     """A raw POST over the standard library: (connection, response) for bodies the client would not send."""
     address = urllib.parse.urlsplit(url)
     connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
-    connection.request("POST", path, body, {"content-type": "application/json"})
+    headers = {"content-type": "application/json"} | ({"authorization": f"Bearer {key}"} if key else {})
+    connection.request("POST", path, body, headers)
     return connection, connection.getresponse()
+
+
+def get(url, path) -> str:
+    address = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
+    connection.request("GET", path)
+    reply = connection.getresponse()
+    text = reply.read().decode()
+    connection.close()
+    assert reply.status == 200, text
+    return text
 
 
 def complete(client, prompt, **kw):
@@ -53,11 +71,7 @@ def complete(client, prompt, **kw):
 
 def test_completions_chat_streaming_models_and_health(server, client):
     assert [m.id for m in client.models.list()] == [NAME]
-    address = urllib.parse.urlsplit(server[1])
-    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
-    connection.request("GET", "/health")
-    assert json.loads(connection.getresponse().read())["status"] == "ok"
-    connection.close()
+    assert json.loads(get(server[1], "/health"))["status"] == "ok"
     whole = complete(client, "Hello", max_tokens=12, temperature=0)
     assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 12
     assert whole.usage.prompt_tokens == 6  # BOS and five bytes
@@ -103,10 +117,25 @@ def test_concurrent_mixed_requests_equal_their_single_request_results(client):
     assert all(n == job[1] for (_, n), job in zip(together, jobs))
 
 
+CHAT_BODY = {"model": NAME, "messages": [{"role": "user", "content": "hi"}]}
+
+
 @pytest.mark.parametrize(
     "body, message",
     [
         (b"{not json", "JSON"),
+        (json.dumps({"model": NAME, "prompt": "x", "n": 9}), "n=9; give 1..8 samples"),
+        (json.dumps({"model": NAME, "prompt": "x", "n": 3}), "3 samples of one prompt but the engine has 2 slots"),
+        (json.dumps({"model": NAME, "prompt": "x", "logprobs": 21}), "logprobs=21; give 0..20"),
+        (json.dumps({"model": NAME, "prompt": "x", "logprobs": -1}), "logprobs=-1; give 0..20"),
+        (json.dumps({**CHAT_BODY, "logprobs": True, "top_logprobs": 21}), "top_logprobs=21; give 0..20"),
+        (json.dumps({**CHAT_BODY, "top_logprobs": 2}), "top_logprobs needs logprobs: true"),
+        (json.dumps({"model": NAME, "prompt": "x", "top_k": 260}), "top_k=260; give 0 (off) or 1..259"),
+        (json.dumps({"model": NAME, "prompt": "x", "top_p": 1.5}), "top_p=1.5"),
+        (
+            json.dumps({"model": NAME, "prompt": "x", "stream_options": {"include_usage": True}}),
+            "only allowed with stream",
+        ),
         (json.dumps({"model": NAME, "prompt": "x", "frobnicate": 1}), "frobnicate: Extra inputs are not permitted"),
         (json.dumps({"model": NAME, "prompt": "x" * 40, "max_tokens": 4}), "above the engine's 32 positions"),
         (json.dumps({"model": NAME, "prompt": "x", "max_tokens": 0}), "ask for at least 1 new token"),
@@ -117,10 +146,12 @@ def test_concurrent_mixed_requests_equal_their_single_request_results(client):
     ],
 )
 def test_bad_requests_get_a_400_with_a_message(server, body, message):
-    connection, reply = post(server[1], "/v1/completions", body if isinstance(body, bytes) else body.encode())
+    path = "/v1/chat/completions" if "messages" in str(body) else "/v1/completions"
+    connection, reply = post(server[1], path, body if isinstance(body, bytes) else body.encode())
     text = reply.read().decode()
     connection.close()
-    assert reply.status == 400 and message in json.loads(text)["error"]["message"], text
+    error = json.loads(text)["error"]["message"]
+    assert reply.status == 400 and message in error and "\n" not in error, text
 
 
 def test_a_client_disconnecting_mid_stream_frees_its_slot(server, client):
@@ -145,3 +176,96 @@ def test_serve_refuses_a_bad_command_line_in_one_line(tmp_path, capsys):
     assert err.startswith("error: ") and "missing" in err and "\n" not in err
     assert main(["serve", "--checkpoint", str(tmp_path), "--slots", "0"]) == 2
     assert "give at least 1 slot" in capsys.readouterr().err
+
+
+def test_a_missing_or_wrong_api_key_gets_a_401_and_the_server_goes_on(server, client):
+    body = json.dumps({"model": NAME, "prompt": "x", "max_tokens": 1}).encode()
+    for key, word in [(None, "missing"), ("sk-wrong", "wrong")]:
+        connection, reply = post(server[1], "/v1/completions", body, key=key)
+        error = json.loads(reply.read())["error"]
+        connection.close()
+        assert reply.status == 401 and error["message"].startswith(f"{word} API key") and "\n" not in error["message"]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server[1] + "/v1", api_key="sk-wrong", max_retries=0).models.list()
+    assert complete(client, "x", max_tokens=2, temperature=0).usage.completion_tokens == 2
+
+
+def full_log_softmax(app, tokens):
+    """log-softmax (float64, NumPy) of a full forward's logits after each of `tokens`: the reference."""
+    cfg, mesh, params = app.engine.cfg, app.engine.mesh, app.engine.params
+    rows = np.array([tokens, tokens], np.int32)  # the data axis holds 2 rows
+    logits = np.asarray(M.forward_fn(cfg, mesh)(params, rows, M.default_positions(rows)))[0, :, : cfg.vocab_size]
+    logits = logits.astype(np.float64)
+    return (
+        logits
+        - logits.max(-1, keepdims=True)
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    )
+
+
+def test_logprobs_equal_a_full_forwards_log_softmax_streamed_or_not(server, client):
+    app = server[0]
+    messages = [{"role": "user", "content": "hi"}]
+    kw = dict(model=NAME, messages=messages, max_tokens=6, temperature=0.8, seed=3, logprobs=True, top_logprobs=4)
+    whole = client.chat.completions.create(**kw).choices[0].logprobs.content
+    ids = [t.bytes[0] if t.bytes else None for t in whole]
+    assert None not in ids  # byte tokens: one byte each
+    reference = full_log_softmax(app, list(b"<user>hi\n<assistant>") + ids)[-len(ids) - 1 : -1]
+    for token, id_, want in zip(whole, ids, reference):
+        assert abs(token.logprob - want[id_]) < 1e-4
+        best = np.argsort(-want, kind="stable")[:4]
+        assert [t.bytes[0] for t in token.top_logprobs] == best.tolist()
+        np.testing.assert_allclose([t.logprob for t in token.top_logprobs], want[best], atol=1e-4)
+    chunks = client.chat.completions.create(**kw, stream=True)
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.bytes, t.logprob) for t in streamed] == [(t.bytes, t.logprob) for t in whole]
+    plain = client.chat.completions.create(**{**kw, "logprobs": False, "top_logprobs": None})
+    assert plain.choices[0].logprobs is None
+    greedy = complete(client, "Hello", max_tokens=5, temperature=0, logprobs=2).choices[0].logprobs
+    assert len(greedy.tokens) == len(greedy.token_logprobs) == len(greedy.top_logprobs) == 5
+    for chosen, top in zip(greedy.token_logprobs, greedy.top_logprobs):
+        assert chosen == max(top.values()) and len(top) <= 3  # greedy picks the most likely; 2 and the chosen
+
+
+def test_n_samples_share_one_prefill_and_streams_carry_usage(server, client):
+    engine = server[0].engine
+    prefills = engine.prefills
+    kw = dict(prompt="Hello", max_tokens=8, temperature=1.0, seed=5)
+    two = complete(client, n=2, **kw)
+    assert engine.prefills == prefills + 1
+    texts = [c.text for c in sorted(two.choices, key=lambda c: c.index)]
+    assert texts[0] == complete(client, **kw).choices[0].text and texts[0] != texts[1]
+    assert two.usage.prompt_tokens == 6 and two.usage.completion_tokens == 16
+    chunks = list(complete(client, n=2, stream=True, stream_options={"include_usage": True}, **kw))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
+    assert all(c.usage is None for c in chunks[:-1])
+    assert ["".join(c.choices[0].text for c in chunks[:-1] if c.choices[0].index == i) for i in (0, 1)] == texts
+
+
+def metric_values(url) -> dict:
+    return {
+        (s.name, s.labels.get("le")): s.value
+        for family in text_string_to_metric_families(get(url, "/metrics"))
+        for s in family.samples
+    }
+
+
+def test_metrics_report_latencies_requests_and_cache_use_in_prometheus_text(server, client):
+    url = server[1]
+    body = {"model": NAME, "prompt": "Hello", "max_tokens": 20, "temperature": 0, "stream": True}
+    before = metric_values(url)
+    connection, reply = post(url, "/v1/completions", json.dumps(body).encode())
+    assert reply.readline().startswith(b"data: ")  # the request is in a slot now
+    during = metric_values(url)
+    reply.read()
+    connection.close()
+    assert during[("ladder_jax:num_requests_running", None)] == 1
+    assert during[("ladder_jax:kv_cache_usage_perc", None)] == 0.5  # 1 of the 2 slots
+    assert during[("ladder_jax:num_requests_waiting", None)] == 0
+    after = metric_values(url)
+    assert after[("ladder_jax:num_requests_running", None)] == 0
+    for name in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds"):
+        assert after[(f"ladder_jax:{name}_count", None)] > before[(f"ladder_jax:{name}_count", None)]
+        assert after[(f"ladder_jax:{name}_bucket", "+Inf")] == after[(f"ladder_jax:{name}_count", None)]
+    tokens = "ladder_jax:generation_tokens_total", None
+    assert after[tokens] == before[tokens] + 20

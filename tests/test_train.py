@@ -23,7 +23,7 @@ from ladder_jax.mesh import make_mesh
 from ladder_jax.plan import lookup
 from ladder_jax.training import Trainer, TrainingError, global_batch, loss_sums_fn, train
 
-from .conftest import small_config
+from .conftest import saved_state, small_config
 
 TRAIN = [
     "train.seq_len=32",
@@ -68,7 +68,12 @@ def test_loss_decreases_and_resume_continues_exactly(corpus, tmp_path, devices):
     train(cfg, tmp_path / "resumed", progress=False, log=notes.append)
     assert notes == [f"resumed {tmp_path / 'resumed'} at step 4"]
     resumed = losses(tmp_path / "resumed")
-    np.testing.assert_allclose([resumed[s] for s in range(5, 9)], [full[s] for s in range(5, 9)], rtol=1e-6)
+    assert [resumed[s] for s in range(5, 9)] == [full[s] for s in range(5, 9)]
+    # Bit for bit: the parameters and the optimizer state of both runs' last checkpoints.
+    want, got = saved_state(cfg, tmp_path / "straight", 8), saved_state(cfg, tmp_path / "resumed", 8)
+    assert jax.tree.structure(want) == jax.tree.structure(got)
+    for path, w, g in zip(*zip(*jax.tree_util.tree_leaves_with_path(want)), jax.tree.leaves(got)):
+        assert w.dtype == g.dtype and np.array_equal(w, g), jax.tree_util.keystr(path)
 
 
 def test_a_save_killed_midway_is_never_restored(corpus, tmp_path, devices):
@@ -156,23 +161,28 @@ def test_an_optimizer_step_on_data_fsdp_tensor_or_in_micro_batches_equals_one_de
             np.testing.assert_allclose(g, w, atol=2e-6, rtol=2e-4)
 
 
-def test_trainable_filter_freezes_everything_else(corpus, tmp_path, devices):
+@pytest.mark.parametrize(
+    "plan, trainable, trained",
+    [("standard", "layers:1", {1}), ("standard,lp@1:3", "lp_pairs", {1, 2})],
+    ids=["layers:1", "lp_pairs"],
+)
+def test_trainable_filter_freezes_everything_else(plan, trainable, trained, corpus, tmp_path, devices):
     cfg = config(
         corpus,
         "train.steps=2",
         "train.save_every=2",
         "train.eval_every=8",
-        "train.trainable=layers:1",
+        f"train.trainable={trainable}",
+        plan=plan,
         data=1,
         tensor=8,
     )
-    cfg0 = small_config("standard", 1, 8)
-    before = jax.device_get(M.init_params(cfg0.model, make_mesh(cfg0), 0))
+    before = jax.device_get(M.init_params(cfg.model, make_mesh(cfg), cfg.train.seed))
     after = jax.device_get(train(cfg, tmp_path / "r", progress=False, log=lambda *_: None)["params"])
     changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before, after)
-    assert all(jax.tree.leaves(changed["layers"][1]))
+    for i in range(cfg.model.n_layers):
+        assert set(jax.tree.leaves(changed["layers"][i])) == {i in trained}, i  # every parameter of a layer, or none
     assert not any(jax.tree.leaves({k: v for k, v in changed.items() if k != "layers"}))
-    assert not any(jax.tree.leaves([changed["layers"][i] for i in (0, 2, 3)]))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, devices):
@@ -190,7 +200,21 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, dev
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
-def test_bad_input_fails_before_compiling(corpus, tmp_path, devices):
+@pytest.fixture
+def compiles():
+    """Names of the XLA programs compiled while the test runs (JAX's own compile events)."""
+    seen = []
+
+    def listener(event, seconds, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            seen.append(kwargs.get("fun_name", "?"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    yield seen
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_bad_input_fails_before_compiling(corpus, tmp_path, devices, compiles):
     with pytest.raises(DataError, match="matches no file"):
         train(config(str(tmp_path / "nothing*.txt")), tmp_path / "a", progress=False)
     (tmp_path / "blank.txt").write_text("   \n\t\n")
@@ -210,6 +234,9 @@ def test_bad_input_fails_before_compiling(corpus, tmp_path, devices):
         ro.mkdir(mode=0o500)
         with pytest.raises(ckpt.CheckpointError, match="cannot write"):
             train(config(corpus), ro / "run", progress=False)
+    # Nothing of the model compiled: at most the scalar zero optax's init makes eagerly while
+    # the optimizer state's shapes are traced (jax.eval_shape), once per process.
+    assert set(compiles) <= {"jit(convert_element_type)"}, compiles
 
 
 def test_read_only_run_directory_is_refused(tmp_path, monkeypatch):
@@ -249,17 +276,33 @@ def test_a_tensor_dependent_plan_is_restored_only_at_its_tensor_degree(tmp_path,
         ckpt.restore_params(run, standard, make_mesh(standard))
 
 
-def test_plot_draws_several_runs_into_one_png(tmp_path):
+def test_plot_draws_each_runs_train_and_validation_losses_into_one_png(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
     from ladder_jax.instruments.plots import plot_runs
 
-    for name, losses in (("a", [3.0, 2.5, 2.0]), ("b", [3.1, 2.7, 2.4])):
+    saved, save = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: saved.append(fig) or save(fig, *a, **k))
+    curves = {"a": [3.0, 2.5, 2.0], "b": [3.1, 2.7, 2.4]}
+    for name, train_losses in curves.items():
         (tmp_path / name).mkdir()
-        rows = [{"step": i + 1, "loss": v} for i, v in enumerate(losses)] + [
-            {"step": 3, "val_loss": losses[-1] + 0.1, "val_ppl": 9.0}
-        ]
+        rows = [{"step": i + 1, "loss": v} for i, v in enumerate(train_losses)]
+        rows += [{"step": 3, "val_loss": train_losses[-1] + 0.1, "val_ppl": 9.0}]
         (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     out = plot_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "loss.png")
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (fig,) = saved
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert set(lines) == {"a train", "a val", "b train", "b val"}
+    for name, train_losses in curves.items():
+        train_line, val_line = lines[f"{name} train"], lines[f"{name} val"]
+        assert np.array_equal(
+            train_line.get_xydata(), [[1, train_losses[0]], [2, train_losses[1]], [3, train_losses[2]]]
+        )
+        assert np.array_equal(val_line.get_xydata(), [[3, train_losses[-1] + 0.1]])
+        assert val_line.get_color() == train_line.get_color()  # a run's two curves in one colour
+    assert lines["a train"].get_color() != lines["b train"].get_color()
 
 
 def test_a_full_disk_is_refused_with_the_numbers(tmp_path):

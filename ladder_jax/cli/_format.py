@@ -58,6 +58,10 @@ def schedule_report(m, mesh, target, batch: int, cache_len: int, flags: str, row
             f"\n{r['variant']}: {r['all_reduces']} all-reduces over 'tensor', {r['async']} async, {r['overlapped']} with GEMMs inside "
             f"({r['overlap_next_module']} with the next module's), {r['merged']} merged; ladder acceptance: {'yes' if r['ladder_overlaps'] else 'no'}"
         )
+        lines.append(
+            f"  memory traffic per device: {r['hbm_bytes'] / 2**20:.1f} MiB against a floor of {r['floor_bytes'] / 2**20:.1f} MiB "
+            f"(weights once, KV cache up to the position): {r['hbm_over_floor']:.2f}x; {r['kernels']} kernels per step"
+        )
         shown = r["exposed"][:12] + ([f"... {len(r['exposed']) - 12} more"] if len(r["exposed"]) > 12 else [])
         lines.append(f"  exposed ({len(r['exposed'])}): {', '.join(shown) or 'none'}")
         lines.append(f"  {'#':>3s} {'all-reduce':26s} {'kind':5s} {'bytes':>9s} {'reduces':28s} GEMMs inside")

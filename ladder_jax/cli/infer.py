@@ -78,7 +78,7 @@ def arguments(ap: argparse.ArgumentParser) -> None:
         "--top-k",
         type=int,
         default=0,
-        help=f"sample among the k most likely tokens (0: off, at most {decode.CANDIDATES})",
+        help="sample among the k most likely tokens (0: off, at most the vocabulary size)",
     )
     ap.add_argument("--top-p", type=float, default=1.0, help="sample within the nucleus of this probability (1: off)")
     ap.add_argument(
@@ -214,7 +214,7 @@ def infer(args) -> int:
     tokenizer = get_tokenizer(cfg, run_dir)
     prompts = [tokenizer.encode_prompt(t) for t in texts]
     check_request(cfg.model, prompts, args.max_new_tokens)
-    sampling = decode.Sampling(args.temperature, args.top_k, args.top_p, args.seed).check()
+    sampling = decode.Sampling(args.temperature, args.top_k, args.top_p, args.seed).check(cfg.model.vocab_size)
     run = checkpoint.load_run(run_dir, overrides)
     complete(
         run.cfg,

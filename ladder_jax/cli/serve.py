@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from .. import checkpoint
 from ..errors import LadderError
 from ..mesh import init_runtime
@@ -29,6 +31,11 @@ def add(sub) -> None:
         "--max-len", type=int, help="positions per slot's KV cache: prompt + new tokens (default model.max_seq_len)"
     )
     p.add_argument("--model-name", help="the model id clients send (default: the run directory's name)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("LADDER_JAX_API_KEY"),
+        help="/v1 requests must send 'Authorization: Bearer KEY' (default: $LADDER_JAX_API_KEY; unset: open)",
+    )
     cpu_devices(p)
     overrides(p, "mesh.tensor=8 model.plan=ladder")
     p.set_defaults(handler=start_server)
@@ -39,7 +46,7 @@ def start_server(args) -> int:
         from .. import serve
     except ImportError as e:
         raise ServeError(
-            f"the server needs fastapi, uvicorn and jinja2 ({e.name} is missing): pip install -e '.[serve]'"
+            f"the server needs fastapi, uvicorn, jinja2 and prometheus-client ({e.name} is missing): pip install -e '.[serve]'"
         ) from None
     from ..engine import Engine
 
@@ -59,5 +66,5 @@ def start_server(args) -> int:
         f"serving '{name}' ({run.cfg.model.plan}) on http://{args.host}:{args.port}/v1 with {engine.slots} slots",
         flush=True,
     )
-    serve.serve(serve.Server(engine, tokenizer, name), args.host, args.port)
+    serve.serve(serve.Server(engine, tokenizer, name, args.api_key or None), args.host, args.port)
     return 0

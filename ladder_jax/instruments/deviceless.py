@@ -23,11 +23,13 @@ from jax.experimental import topologies
 from jax.sharding import Mesh
 
 from .. import accelerators, decode
+from ..attention import DECODE_KEY_BLOCK
 from ..config import Config, ModelConfig
 from ..errors import LadderError
 from ..mesh import batch_shards, make_mesh
 from ..plan import parse_plan
 from ..training import BATCH_KEYS, get_trainer
+from . import traffic
 from .hlo import Instr, collective_axis, is_matmul, mesh_axis_groups, parse_hlo, shape_bytes
 
 TARGETS_DIR = Path(__file__).parent / "targets"
@@ -387,12 +389,29 @@ def schedule_rows(
             {
                 "variant": plan,
                 "layers": c.n_layers,
+                **step_traffic(c, mesh, text, batch, min(cache_len, c.max_seq_len)),
                 **schedule_summary(ars),
                 "ladder_overlaps": ladder_overlaps(ars),
                 "all_reduce_list": [{**asdict(a), "overlapped": a.overlapped} for a in ars],
             }
         )
     return rows
+
+
+def step_traffic(cfg: ModelConfig, mesh: Mesh, text: str, batch: int, cache_len: int) -> dict:
+    """A decode step's device-memory traffic per device (its scheduled HLO `text`, every row at the
+    last cache position) against the floor, and its kernels per step (what a runtime without CUDA
+    graphs launches per token)."""
+    trips = traffic.keys_read(cache_len, cache_len) // min(DECODE_KEY_BLOCK, cache_len)
+    moved = traffic.hbm_traffic(text, trips)
+    floor = traffic.floor_bytes(cfg, mesh.shape["tensor"], batch, cache_len, cache_len)
+    return {
+        "hbm_bytes": moved["total"],
+        "floor_bytes": floor["total"],
+        "hbm_over_floor": moved["total"] / floor["total"],
+        "on_chip_operand_bytes": moved["on_chip"],  # what XLA's cost analysis adds on TPU (not HBM traffic)
+        "kernels": kernel_counts(text)["kernels"],
+    }
 
 
 def train_memory(cfg: Config, mesh: Mesh, hbm_bytes: int) -> dict:

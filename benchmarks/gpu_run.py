@@ -1,0 +1,544 @@
+"""Every single-GPU figure the project needs, in one command: one JSON and one Markdown table.
+
+    python benchmarks/gpu_run.py --out gpu_run          # one H100/H200: about 7 minutes, compiles included
+    python benchmarks/gpu_run.py --dry-run --out /tmp/g # every part on CPU with tiny shapes, well under a minute
+
+Parts, in this order, each with its own time budget (seconds of wall time, compiles included;
+a row that would start after its part's budget, or after the whole run's `--budget`, is skipped
+with a line, so one run always returns a complete report of what it measured):
+
+- decode: per-token latency of llama-3.1-8b (random bfloat16 weights, tensor 1) at batch 1, 8,
+  32, 64 with every row's new token at position 1023 (a 1024-token context); the bytes a step
+  must read (`ladder_jax.instruments.traffic.floor_bytes`) over that time, as a fraction of the device's spec
+  bandwidth (ladder_jax/accelerators.yaml) and of a plain copy measured here first;
+- prefill: 8192 tokens of llama-3.1-8b, `model.attention=cudnn` against `xla`;
+- layer: `layer_decode.py`'s table (llama-2-70b at tensor 8: one device's shapes) against the
+  latency model (the h100-nvlink profile, with the spec numbers of the device at hand);
+- serve: llama-3.2-1b's continuous-batching engine (ladder_jax/engine.py, driven in-process
+  without HTTP: the GPU machine has no fastapi/uvicorn/openai, and HTTP adds nothing to a
+  throughput on one device) against the same requests as static batches (`decode.generate`);
+- train: a train step of llama-3.2-1b and ladder-1b at 8 x 2048, tokens/s and MFU, `triton`
+  against `xla` attention, remat none and full (the layers as one scan: it compiles one layer).
+
+Needs jax, flax, optax, orbax and pyyaml only (none of grain, array_record or the serving extras).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import layer_decode  # noqa: E402 (the benchmarks beside this one)
+import serve_throughput  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    decode_config: str
+    decode_batches: tuple[int, ...]
+    context: int
+    prefill_tokens: int
+    layer_config: str
+    layer_tensor: int
+    layer_batches: tuple[int, ...]
+    layer_cache: int
+    layer_layers: tuple[int, int]
+    serve_config: str
+    serve_requests: int
+    serve_concurrency: int
+    serve_max_tokens: int
+    train_configs: tuple[tuple[str, str, tuple[str, ...]], ...]  # (label, preset, overrides)
+    train_grid: tuple[tuple[str, str], ...]  # (attention, remat) pairs
+    train_batch: int
+    train_seq: int
+    probe_mib: int
+    runs: int
+    budgets: dict  # part -> seconds
+    overrides: tuple[str, ...] = ()  # applied to every model (the dry run's tiny shapes)
+
+
+GPU = Shapes(
+    decode_config="llama-3.1-8b",
+    decode_batches=(1, 8, 32, 64),
+    context=1024,
+    prefill_tokens=8192,
+    layer_config="llama-2-70b",
+    layer_tensor=8,
+    layer_batches=(1, 8, 32, 64),
+    layer_cache=1536,
+    layer_layers=(2, 6),
+    serve_config="llama-3.2-1b",
+    serve_requests=64,
+    serve_concurrency=16,
+    serve_max_tokens=128,
+    train_configs=(("llama-3.2-1b", "llama-3.2-1b", ()), ("ladder-1b", "ladder-1b", ())),
+    train_grid=(("triton", "none"), ("xla", "none"), ("triton", "full"), ("xla", "full")),
+    train_batch=8,
+    train_seq=2048,
+    probe_mib=2048,
+    runs=10,
+    budgets={"bandwidth": 15, "decode": 110, "prefill": 40, "layer": 50, "serve": 50, "train": 140},
+)
+TINY = ("model.n_layers=2", "model.d_model=128", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=256")
+DRY = Shapes(
+    decode_config="tiny",
+    decode_batches=(1, 4),
+    context=64,
+    prefill_tokens=128,
+    layer_config="tiny",
+    layer_tensor=2,
+    layer_batches=(1,),
+    layer_cache=64,
+    layer_layers=(1, 5),
+    serve_config="tiny",
+    serve_requests=4,
+    serve_concurrency=2,
+    serve_max_tokens=16,
+    train_configs=(("llama-3.2-1b", "tiny", ()), ("ladder-1b", "tiny", ("model.plan=ladder",))),
+    train_grid=(("triton", "none"), ("xla", "full")),  # both kernels and both remats in half the compiles
+    train_batch=2,
+    train_seq=128,
+    probe_mib=8,
+    runs=2,
+    budgets={"bandwidth": 30, "decode": 60, "prefill": 60, "layer": 60, "serve": 60, "train": 60},
+    overrides=TINY,
+)
+
+
+def median_seconds(fn, runs: int, warmup: int = 1) -> tuple[float, float]:
+    """(median seconds of `fn()` over `runs` calls, seconds of the first call: the compile)."""
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    for _ in range(warmup - 1):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), first
+
+
+class Run:
+    """The device, its spec, the whole run's deadline, and each part's rows and skip lines."""
+
+    def __init__(self, shapes: Shapes, budget: float, cpu: bool = False):
+        import jax
+
+        from ladder_jax import accelerators
+
+        self.shapes, self.end = shapes, time.perf_counter() + budget
+        self.device = jax.devices("cpu" if cpu else None)[0]
+        self.spec = accelerators.for_device_kind(self.device.device_kind)
+        self.report = {
+            "device": self.device.device_kind,
+            "platform": self.device.platform,
+            "spec": dataclasses.asdict(self.spec) if self.spec else None,
+            "jax": jax.__version__,
+            "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "budget_s": budget,
+            "parts": {},
+        }
+
+    def mesh(self):
+        from ladder_jax.config import Config, MeshConfig
+        from ladder_jax.mesh import make_mesh
+
+        return make_mesh(Config(mesh=MeshConfig(data=1, tensor=1)), [self.device])
+
+    def part(self, name: str, rows_of):
+        """Run a part: `rows_of(keep)` yields (label, measure) pairs; each measure() returns a row
+        dict. Past the deadline a row is skipped with a line; a row that raises records one line."""
+        budget = self.shapes.budgets[name]
+        deadline = min(self.end, time.perf_counter() + budget)
+        out = self.report["parts"][name] = {"budget_s": budget, "rows": [], "skipped": []}
+        start = time.perf_counter()
+        print(f"== {name} (budget {budget} s)", flush=True)
+        rows = rows_of()
+        while True:
+            try:  # setting a part up (a config, a check) may fail too: one line, and the part ends
+                label, measure = next(rows)
+            except StopIteration:
+                break
+            except Exception as e:
+                out["skipped"].append(f"{name}: {_line(e)}")
+                break
+            if time.perf_counter() > deadline:
+                line = f"{label}: skipped, the {name} budget ({budget} s) or the run's is spent"
+            else:
+                try:
+                    out["rows"].append({"label": label, **measure()})
+                    line = json.dumps(out["rows"][-1])
+                except Exception as e:  # one line in the report; the other rows and parts still run
+                    line = f"{label}: {_line(e)}"
+            if not line.startswith("{"):
+                out["skipped"].append(line)
+            print(f"   {line}", flush=True)
+            gc.collect()
+        out["seconds"] = round(time.perf_counter() - start, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The parts
+
+
+def bandwidth_rows(run: Run):
+    sh = run.shapes
+
+    def probe():
+        copy = layer_decode.copy_bandwidth(sh.probe_mib, sh.runs)
+        read = layer_decode.read_bandwidth(sh.probe_mib, sh.runs)
+        run.copy_bytes_s = copy
+        peak = run.spec.hbm_bandwidth if run.spec else None
+        return {
+            "mib": sh.probe_mib,
+            "copy_gb_s": copy / 1e9,
+            "read_gb_s": read / 1e9,
+            "copy_of_peak": _share(copy, peak),
+        }
+
+    yield "plain copy and read", probe
+
+
+def decode_rows(run: Run):
+    from ladder_jax.config import load_config
+    from ladder_jax.instruments.traffic import floor_bytes
+
+    sh = run.shapes
+    m = load_config(sh.decode_config, sh.overrides).model
+    mesh, peak = run.mesh(), run.spec.hbm_bandwidth if run.spec else None
+    for b in sh.decode_batches:
+
+        def measure(b=b):
+            t = layer_decode.time_steps(m, mesh, b, sh.context, sh.runs, 3, position=sh.context - 1)
+            floor = floor_bytes(m, 1, b, sh.context, sh.context)
+            rate = floor["total"] / t
+            return {
+                "batch": b,
+                "ms_per_token": t * 1e3,
+                "tokens_per_s": b / t,
+                "floor_mb": floor["total"] / 1e6,
+                "gb_s": rate / 1e9,
+                "of_peak": _share(rate, peak),
+                "of_copy": _share(rate, getattr(run, "copy_bytes_s", None)),
+            }
+
+        yield f"{m.name} batch {b}", measure
+
+
+def prefill_rows(run: Run):
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding
+
+    from ladder_jax import attention, decode
+    from ladder_jax import model as M
+    from ladder_jax.config import load_config
+    from ladder_jax.training import flops_per_token
+
+    sh, mesh, n = run.shapes, run.mesh(), run.shapes.prefill_tokens
+    for impl in ("cudnn", "xla"):
+
+        def measure(impl=impl):
+            cfg = load_config(sh.decode_config, [*sh.overrides, f"model.attention={impl}", f"train.seq_len={n}"])
+            attention.check_platform(impl, run.device.platform)  # cudnn on a CPU: one line, no compile
+            params = M.init_params(cfg.model, mesh, 0)
+            fn = decode.prefill_fn(cfg.model, mesh, n)
+            tokens = jax.device_put(np.ones((1, n), np.int32), NamedSharding(mesh, decode.ROWS_BY_SEQ))
+            lengths = jax.device_put(np.full(1, n, np.int32), NamedSharding(mesh, decode.ROWS))
+            t, first = median_seconds(lambda: jax.block_until_ready(fn(params, tokens, lengths)), sh.runs)
+            flops = flops_per_token(cfg) / 3 * n  # the forward: a third of a train step's FLOPs per token
+            return {
+                "attention": impl,
+                "tokens": n,
+                "ms": t * 1e3,
+                "tokens_per_s": n / t,
+                "mfu": _share(flops / t, run.spec.matmul_flops if run.spec else None),
+                "first_call_s": first,
+            }
+
+        yield f"{sh.decode_config} prefill {n} tokens, attention={impl}", measure
+
+
+def layer_rows(run: Run):
+    from ladder_jax.config import load_config
+    from ladder_jax.instruments.perf.cost import check_tensor, module_costs
+    from ladder_jax.instruments.perf.hardware import load_hardware
+
+    sh = run.shapes
+    m = load_config(sh.layer_config, sh.overrides).model
+    hw = load_hardware("h100-nvlink")
+    if run.spec and run.spec.name != hw.name:  # the calibrated profile, on the spec sheet of the device at hand
+        hw = dataclasses.replace(hw, hbm_bandwidth=run.spec.hbm_bandwidth, matmul_flops=run.spec.matmul_flops)
+    check_tensor(m, hw, sh.layer_tensor)
+    costs = module_costs(dataclasses.replace(m, plan="standard"), sh.layer_tensor)
+    layer_decode.check_layer_bytes(m, costs, sh.layer_tensor, sh.layer_layers)
+    mesh = run.mesh()
+    for b in sh.layer_batches:
+
+        def measure(b=b):
+            args = (m, hw, costs, mesh, sh.layer_tensor, b, sh.layer_cache, sh.layer_layers, sh.runs, 3)
+            row = layer_decode.layer_row(*args)
+            if row is None:
+                raise RuntimeError("the layers' time is below the timing noise")
+            return {
+                "model_over_measured": row["model_ms_per_layer"] / row["ms_per_layer"],
+                "mb_read": row["bytes_per_layer"] / 1e6,
+                **row,
+            }
+
+        yield f"{m.name} tensor {sh.layer_tensor} (one device's shapes) batch {b}", measure
+
+
+def serve_rows(run: Run):
+    import numpy as np
+
+    from ladder_jax import decode
+    from ladder_jax import model as M
+    from ladder_jax.config import load_config
+    from ladder_jax.engine import Engine
+
+    sh = run.shapes
+    cfg = load_config(sh.serve_config, [*sh.overrides, "mesh.data=1", "mesh.tensor=1"])
+    m, mesh = cfg.model, run.mesh()
+    wants = [n for _, n in serve_throughput.workload(sh.serve_requests, sh.serve_max_tokens, 0)]
+    rng = np.random.default_rng(0)
+    prompts = [[m.bos_id, *rng.integers(0, m.vocab_size, rng.integers(8, 49)).tolist()] for _ in wants]
+    stop = {m.eos_id}
+
+    def measure():
+        params = M.init_params(m, mesh, 0)
+        static = (cfg, mesh, params, prompts, wants, sh.serve_concurrency, stop)
+        serve_throughput.run_static(*static)  # compiles every batch's shapes
+        static_s, static_tokens = serve_throughput.run_static(*static)
+        cache_len = decode.bucket_length(50, m.max_seq_len) + sh.serve_max_tokens
+        engine = Engine(m, mesh, params, sh.serve_concurrency, cache_len)
+        serve_throughput.run_engine(engine, prompts[: 2 * sh.serve_concurrency], [2] * 2 * sh.serve_concurrency, stop)
+        engine_s, engine_tokens = serve_throughput.run_engine(engine, prompts, wants, stop)
+        return {
+            "requests": len(prompts),
+            "concurrency": sh.serve_concurrency,
+            "static_tokens_per_s": static_tokens / static_s,
+            "engine_tokens_per_s": engine_tokens / engine_s,
+            "static_requests_per_s": len(prompts) / static_s,
+            "engine_requests_per_s": len(prompts) / engine_s,
+            "engine_over_static": (engine_tokens / engine_s) / (static_tokens / static_s),
+        }
+
+    yield f"{m.name} engine (no HTTP) against static batches of {sh.serve_concurrency}", measure
+
+
+def train_rows(run: Run):
+    import numpy as np
+
+    from ladder_jax import model as M
+    from ladder_jax.config import load_config
+    from ladder_jax.data import PackedWindows, val_batches
+    from ladder_jax.mesh import make_mesh
+    from ladder_jax.training import Trainer, flops_per_token
+
+    sh = run.shapes
+    # Kernels and remat policies outermost: a run short of time still compares both models.
+    for impl, remat in sh.train_grid:
+        for label, preset, extra in sh.train_configs:
+
+            def measure(label=label, preset=preset, extra=extra, impl=impl, remat=remat):
+                over = [*sh.overrides, *extra, f"train.batch_size={sh.train_batch}", f"train.seq_len={sh.train_seq}"]
+                over += [f"model.attention={impl}", f"train.remat={remat}", "mesh.data=1", "mesh.tensor=1"]
+                # the layers as one scan: a compile of one layer instead of 16 or 40 (minutes of a
+                # 7-minute run); the same computation (Transformer.residual)
+                cfg = load_config(preset, [*over, "train.scan_layers=true"])
+                mesh = make_mesh(cfg, [run.device])
+                trainer = Trainer(cfg, mesh)
+                state = [trainer.init_state(M.init_params(cfg.model, mesh, 0))]
+                n = sh.train_batch * (sh.train_seq + 1) + 1
+                ids = np.random.default_rng(0).integers(0, cfg.model.vocab_size, n).astype(np.int32)
+                (batch,) = val_batches(PackedWindows.of_arrays([ids], sh.train_seq), sh.train_batch, 1)
+
+                def step():
+                    state[0], metrics = trainer.step(state[0], batch)
+                    float(metrics["loss"])
+
+                t, first = median_seconds(step, sh.runs)
+                tokens_s = sh.train_batch * sh.train_seq / t
+                return {
+                    "config": label,
+                    "attention": impl,
+                    "remat": remat,
+                    "step_s": t,
+                    "tokens_per_s": tokens_s,
+                    "mfu": _share(flops_per_token(cfg) * tokens_s, run.spec.matmul_flops if run.spec else None),
+                    "first_call_s": first,
+                }
+
+            yield f"{label} train {sh.train_batch}x{sh.train_seq} attention={impl} remat={remat}", measure
+
+
+PARTS = {
+    "bandwidth": bandwidth_rows,
+    "decode": decode_rows,
+    "prefill": prefill_rows,
+    "layer": layer_rows,
+    "serve": serve_rows,
+    "train": train_rows,
+}
+
+
+def _line(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+def _share(x: float, of: float | None) -> float | None:
+    return None if not of else x / of
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def _f(x, spec: str = ".1f") -> str:
+    return "—" if x is None else (f"{x:.0%}" if spec == "%" else format(x, spec))
+
+
+def markdown(report: dict) -> str:
+    p = report["parts"]
+    spec = report["spec"]
+    out = [
+        f"# gpu_run: {report['device']} ({report['platform']}), jax {report['jax']}, {report['date']}",
+        "",
+        f"Spec ({spec['name'] if spec else 'none: not an accelerator in ladder_jax/accelerators.yaml'}): "
+        + (
+            f"{spec['hbm_bandwidth'] / 1e9:.0f} GB/s HBM, {spec['matmul_flops'] / 1e12:.0f} TFLOP/s bf16."
+            if spec
+            else ""
+        ),
+    ]
+
+    def table(name, title, cols):
+        part = p.get(name)
+        if part is None:
+            return
+        out.extend(["", f"## {title} ({part['seconds']} s of {part['budget_s']} s)", ""])
+        out.append("| " + " | ".join(h for h, _, _ in cols) + " |")
+        out.append("|" + " --- |" * len(cols))
+        for r in part["rows"]:
+            out.append("| " + " | ".join(_f(r.get(k), f) if f else str(r.get(k)) for _, k, f in cols) + " |")
+        out.extend(f"- {line}" for line in part["skipped"])
+
+    table(
+        "bandwidth",
+        "Plain copy and read",
+        [
+            ("MiB", "mib", ""),
+            ("copy GB/s (read+write)", "copy_gb_s", ".0f"),
+            ("read GB/s", "read_gb_s", ".0f"),
+            ("copy of spec", "copy_of_peak", "%"),
+        ],
+    )
+    table(
+        "decode",
+        "Decode, tensor 1, 1024-token context",
+        [
+            ("batch", "batch", ""),
+            ("ms/token", "ms_per_token", ".2f"),
+            ("tokens/s", "tokens_per_s", ".0f"),
+            ("floor MB", "floor_mb", ".0f"),
+            ("GB/s", "gb_s", ".0f"),
+            ("of spec", "of_peak", "%"),
+            ("of copy", "of_copy", "%"),
+        ],
+    )
+    table(
+        "prefill",
+        "Prefill",
+        [
+            ("attention", "attention", ""),
+            ("tokens", "tokens", ""),
+            ("ms", "ms", ".1f"),
+            ("tokens/s", "tokens_per_s", ".0f"),
+            ("MFU", "mfu", "%"),
+            ("first call s", "first_call_s", ".1f"),
+        ],
+    )
+    table(
+        "layer",
+        "layer_decode (latency model)",
+        [
+            ("batch", "batch", ""),
+            ("ms/layer", "ms_per_layer", ".4f"),
+            ("model ms", "model_ms_per_layer", ".4f"),
+            ("model/meas", "model_over_measured", ".2f"),
+            ("MB read", "mb_read", ".1f"),
+            ("GB/s", "achieved_gb_s", ".0f"),
+            ("of spec", "share_of_spec", "%"),
+        ],
+    )
+    table(
+        "serve",
+        "Serving: engine against static batches",
+        [
+            ("requests", "requests", ""),
+            ("concurrency", "concurrency", ""),
+            ("static tok/s", "static_tokens_per_s", ".0f"),
+            ("engine tok/s", "engine_tokens_per_s", ".0f"),
+            ("engine/static", "engine_over_static", ".2f"),
+        ],
+    )
+    table(
+        "train",
+        "Train step",
+        [
+            ("config", "config", ""),
+            ("attention", "attention", ""),
+            ("remat", "remat", ""),
+            ("step s", "step_s", ".3f"),
+            ("tokens/s", "tokens_per_s", ".0f"),
+            ("MFU", "mfu", "%"),
+            ("first call s", "first_call_s", ".1f"),
+        ],
+    )
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("gpu_run"), help="folder for gpu_run.json and gpu_run.md")
+    ap.add_argument("--dry-run", action="store_true", help="every part on CPU with tiny shapes")
+    ap.add_argument("--budget", type=float, default=400.0, help="seconds for the whole run (each part has its own too)")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {','.join(PARTS)}")
+    args = ap.parse_args(argv)
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        print(f"error: unknown part '{unknown[0]}'; choose from {', '.join(PARTS)}", file=sys.stderr)
+        return 2
+    import jax
+
+    run = Run(DRY if args.dry_run else GPU, args.budget, cpu=args.dry_run)
+    with jax.default_device(run.device):  # the probes' arrays too
+        for name in parts:
+            run.part(name, lambda name=name: PARTS[name](run))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_run.json").write_text(json.dumps(run.report, indent=1))
+    table = markdown(run.report)
+    (args.out / "gpu_run.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

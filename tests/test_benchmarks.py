@@ -1,0 +1,81 @@
+"""benchmarks/gpu_run.py, the one command a GPU session runs: its dry run (every part on CPU with
+tiny shapes) must keep working between GPU runs, on the packages the GPU machine has."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .conftest import TEST_XLA_FLAGS
+
+ROOT = Path(__file__).resolve().parents[1]
+# The GPU machine has none of these (benchmarks/RESULTS.md, "One GPU, one command"): every part must run without them.
+MISSING_ON_THE_GPU_MACHINE = ("grain", "array_record", "fastapi", "uvicorn", "openai")
+
+
+def dry_run(out: Path, *args: str) -> dict:
+    code = (
+        "import builtins, runpy, sys\n"
+        "real = builtins.__import__\n"
+        f"def guard(name, *a, **k):\n    assert name.split('.')[0] not in {MISSING_ON_THE_GPU_MACHINE!r}, name\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = guard\n"
+        f"sys.argv = ['gpu_run.py', '--dry-run', '--out', {str(out)!r}, *{list(args)!r}]\n"
+        f"runpy.run_path({str(ROOT / 'benchmarks' / 'gpu_run.py')!r}, run_name='__main__')\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(TEST_XLA_FLAGS), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return json.loads((out / "gpu_run.json").read_text())
+
+
+def tiny_step_floor_bytes(batch: int, keys: int) -> int:
+    """The dry run's decode model (tiny: 2 layers, d 128, 4 heads of 32 over 2 KV heads, FFN 256,
+    vocab 259 padded to 384, untied float32): every weight but the embedding table, and k and v
+    of `keys` positions per row and layer."""
+    d, layers, hd, heads, kv, ffn, vocab = 128, 2, 32, 4, 2, 256, 384
+    per_layer = d * heads * hd * 2 + 2 * d * kv * hd + 3 * d * ffn + 2 * d
+    weights = layers * per_layer + d + d * vocab
+    return 4 * (weights + 2 * layers * batch * keys * kv * hd)
+
+
+def test_the_gpu_run_dry_run_reports_every_part_with_numbers_without_the_data_and_serving_packages(tmp_path):
+    report = dry_run(tmp_path)
+    parts = report["parts"]
+    assert list(parts) == ["bandwidth", "decode", "prefill", "layer", "serve", "train"]
+    # one layer of tiny may hide in a loaded CPU's timing noise: that part then says so in a line
+    noise = ["tiny tensor 2 (one device's shapes) batch 1: RuntimeError: the layers' time is below the timing noise"]
+    if parts["layer"]["skipped"] == noise:
+        parts.pop("layer")
+    for name, part in parts.items():
+        assert part["rows"], (name, part["skipped"])
+        for row in part["rows"]:
+            numbers = [
+                v for k, v in row.items() if isinstance(v, float) and k not in ("of_peak", "mfu", "copy_of_peak")
+            ]
+            assert numbers and all(np.isfinite(numbers)) and min(numbers) > 0, (name, row)
+    # cuDNN cannot run on a CPU: the one row the dry run skips, with its reason
+    assert [s.split(":")[0] for p in parts.values() for s in p["skipped"]] == [
+        "tiny prefill 128 tokens, attention=cudnn"
+    ]
+    decode = {r["batch"]: r for r in parts["decode"]["rows"]}
+    assert sorted(decode) == [1, 4]
+    for b, row in decode.items():  # the tokens sit at position 63 of a 64-position cache: all 64 keys are read
+        assert row["floor_mb"] * 1e6 == tiny_step_floor_bytes(b, 64)
+        assert np.isclose(row["gb_s"] * row["ms_per_token"] * 1e6, row["floor_mb"] * 1e6)
+    train = {(r["config"], r["attention"], r["remat"]) for r in parts["train"]["rows"]}
+    assert train == {(c, a, r) for c in ("llama-3.2-1b", "ladder-1b") for a, r in (("triton", "none"), ("xla", "full"))}
+    table = (tmp_path / "gpu_run.md").read_text()
+    for title in ("Decode", "Prefill", "layer_decode", "Serving", "Train step", "attention=cudnn: AttentionError"):
+        assert title in table
+
+
+def test_a_gpu_run_past_its_budget_skips_every_row_with_a_line_and_still_writes_its_report(tmp_path):
+    parts = dry_run(tmp_path, "--budget", "0")["parts"]
+    assert len(parts) == 6
+    for name, part in parts.items():
+        assert not part["rows"] and part["skipped"], name
+        assert all("budget" in line and "spent" in line for line in part["skipped"]), part["skipped"]
