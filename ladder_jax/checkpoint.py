@@ -283,6 +283,13 @@ def _alive(holder: dict) -> bool:
     return start is None or holder.get("start") is None or start == holder["start"]
 
 
+def _younger_than(path: LocalPath, seconds: float) -> bool:
+    try:
+        return time.time() - os.stat(path).st_mtime < seconds
+    except OSError:
+        return False
+
+
 def _read_lock(path: LocalPath) -> dict | None:
     try:
         holder = json.loads(path.read_text())
@@ -322,11 +329,14 @@ def _acquire(run_dir: LocalPath) -> dict:
         "start": _process_start(os.getpid()),
         "since": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    for _ in range(5):
+    for _ in range(50):
         if _create_lock(path, record):
             return record
         holder = _read_lock(path)
         if holder is None:  # released meanwhile
+            continue
+        if holder == {} and _younger_than(path, 2.0):  # without hard links a lock is created, then filled
+            time.sleep(0.1)
             continue
         if holder and _alive(holder):
             raise CheckpointError(

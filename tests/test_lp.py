@@ -67,3 +67,8 @@ def test_sweep_refuses_a_mixed_plan_and_an_odd_delta():
         lp.lp_plan("standard,ladder@2:", 4, 0, 2)
     with pytest.raises(ConfigError, match="a run of 3 'lp' layers"):
         lp.lp_plan("standard", 4, 0, 3)
+
+
+def test_a_negative_budget_is_refused_before_the_run_loads(tmp_path):
+    with pytest.raises(ConfigError, match="--budget -0.1 is negative"):
+        lp.check_sweep(tmp_path / "no-run", [], None, budget=-0.1)

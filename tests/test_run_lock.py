@@ -80,6 +80,8 @@ def test_a_corrupt_lock_is_taken_over_and_released(tmp_path, content):
     run = tmp_path / "run"
     run.mkdir()
     (run / ckpt.LOCK_NAME).write_text(content)
+    old = os.stat(run / ckpt.LOCK_NAME).st_mtime - 60  # a fresh unreadable lock may be one being written: waited for
+    os.utime(run / ckpt.LOCK_NAME, (old, old))
     cfg = small_config(train__data=str(tmp_path / "missing-*.txt"), train__steps=1)
     with pytest.raises(DataError):  # past the lock: refused by the next phase, the data
         train(cfg, run, progress=False, log=lambda *_: None)

@@ -119,26 +119,26 @@ def read_prompts_file(name: str | Path) -> list[str]:
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise InputError(
-            f"{path} line {line}: byte 0x{raw[e.start]:02x} is not UTF-8; save the file as UTF-8"
+            f"{file} line {line}: byte 0x{raw[e.start]:02x} is not UTF-8; save the file as UTF-8"
         ) from None
     prompts = []
     for n, line in enumerate(text.splitlines(), 1):
-        if path.suffix == ".jsonl":
+        if file.suffix == ".jsonl":
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise InputError(f"{path} line {n} is not JSON ({e.msg}); write one JSON object per line") from None
+                raise InputError(f"{file} line {n} is not JSON ({e.msg}); write one JSON object per line") from None
             prompt = record.get("prompt", record.get("text")) if isinstance(record, dict) else None
             if not isinstance(prompt, str):
-                raise InputError(f'{path} line {n} has no string "prompt" or "text" field; give each line one')
+                raise InputError(f'{file} line {n} has no string "prompt" or "text" field; give each line one')
             line = prompt
         if not line:
-            raise InputError(f"{path} line {n} is an empty prompt; remove the line or write a prompt on it")
+            raise InputError(f"{file} line {n} is an empty prompt; remove the line or write a prompt on it")
         prompts.append(line)
     if not prompts:
-        raise InputError(f"{path} holds no prompts; write one prompt per line")
+        raise InputError(f"{file} holds no prompts; write one prompt per line")
     return prompts
 
 

@@ -7,7 +7,7 @@ import argparse
 from .. import checkpoint as ckpt
 from ..mesh import init_runtime
 from ..methods import depth, lp
-from ..storage import Path, path
+from ..storage import Path
 from ._common import checkpoint, cpu_devices, metric_option, metric_tasks, overrides, task_measure, verb_group
 
 
@@ -88,7 +88,7 @@ def _add_transform(verbs) -> None:
 
 
 def sweep(args) -> int:
-    cfg, max_delta = lp.check_sweep(args.checkpoint, args.overrides, args.max_delta)
+    cfg, max_delta = lp.check_sweep(args.checkpoint, args.overrides, args.max_delta, args.budget)
     tasks = metric_tasks(args)  # an unknown task is refused before the run loads
     init_runtime(args.cpu_devices)
     run = ckpt.load_run(args.checkpoint, args.overrides)
@@ -104,7 +104,7 @@ def sweep(args) -> int:
     value = pick.get("val_ppl", pick.get("score"))
     print(f"suggested: Δ={pick['delta']} (model.plan={pick['plan']}), {what} {value:.3f} (cost {pick['cost']:+.1%})")
     print(
-        f"fine-tune the pairs: python train.py --init-from {args.checkpoint} --config {path(args.checkpoint) / 'config.yaml'} "
+        f"fine-tune the pairs: python train.py --init-from {args.checkpoint} --config {args.checkpoint / 'config.yaml'} "
         f"'model.plan={pick['plan']}' train.trainable=lp_pairs train.steps=100"
     )
     return 0
@@ -131,6 +131,6 @@ def transform(args) -> int:
     print(f"{t}: {cfg.model.n_layers} -> {new.n_layers} layers, model.plan={new.plan}")
     print(f"wrote {args.out}; decode: python infer.py --checkpoint {args.out}")
     print(
-        f"fine-tune: python train.py --init-from {args.out} --config {path(args.out) / 'config.yaml'} train.steps=100"
+        f"fine-tune: python train.py --init-from {args.out} --config {args.out / 'config.yaml'} train.steps=100"
     )
     return 0

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from .. import storage
 from ..config import load_config
 from ..instruments.perf import calibrate, cost, hardware
 from ..mesh import force_cpu_devices
@@ -51,7 +52,7 @@ def _predict_options(q) -> None:
         help="batch of the tensor-size sweep in the plot (default: the first --batch)",
     )
     q.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    q.add_argument("--out", type=Path, help="write perfmodel.json and perfmodel.png here")
+    q.add_argument("--out", type=storage.Path, help="write perfmodel.json and perfmodel.png here (local or gs://)")
 
 
 def predict(args) -> int:

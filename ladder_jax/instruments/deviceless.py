@@ -28,6 +28,7 @@ from ..config import Config, ModelConfig
 from ..errors import LadderError
 from ..mesh import batch_shards, make_mesh
 from ..plan import parse_plan
+from ..storage import path
 from ..training import BATCH_KEYS, get_trainer
 from . import traffic
 from .hlo import Instr, collective_axis, is_matmul, mesh_axis_groups, parse_hlo, shape_bytes
@@ -381,9 +382,9 @@ def schedule_rows(
         c = dataclasses.replace(cfg, plan=plan)
         text = decode_step_hlo(c, mesh, batch * batch_shards(mesh), min(cache_len, c.max_seq_len), compiler_options)
         if dump:
-            Path(dump).mkdir(parents=True, exist_ok=True)
+            path(dump).mkdir(parents=True, exist_ok=True)
             safe = re.sub(r"[^\w@:,.-]", "_", plan)
-            (Path(dump) / f"{c.name}-{safe}.hlo.txt").write_text(text)
+            (path(dump) / f"{c.name}-{safe}.hlo.txt").write_text(text)
         ars = scheduled_all_reduces(text, mesh)
         rows.append(
             {

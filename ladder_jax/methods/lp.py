@@ -171,8 +171,10 @@ def write_report(
 # `lp sweep` on a run directory
 
 
-def check_sweep(checkpoint: Path, overrides, max_delta: int | None):
+def check_sweep(checkpoint: Path, overrides, max_delta: int | None, budget: float = 0.0):
     """(the run's config, the largest Δ), checked against the saved config before anything loads."""
+    if budget < 0:  # Δ=0 costs 0: a negative budget would leave no row to suggest
+        raise ConfigError(f"--budget {budget} is negative; give the cost you accept as a fraction >= 0 (e.g. 0.05)")
     cfg = C.load_run_config(checkpoint, overrides)
     C.require_shared_layout(cfg, "lp sweep")
     max_delta = check_max_delta(max_delta, cfg.model.n_layers)

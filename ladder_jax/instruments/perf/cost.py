@@ -44,7 +44,7 @@ from ... import model
 from ...config import Config, ConfigError, MeshConfig, ModelConfig, TrainConfig, validate
 from ...mesh import make_mesh
 from ...plan import lookup, parse_plan, plan_steps
-from ..plots import pyplot
+from ..plots import pyplot, save_figure
 from ..sync import cpu_analysis_config, decode_report
 from .hardware import Hardware, PerfModelError, load_hardware
 
@@ -483,8 +483,7 @@ def plot(rows: list[dict], sweep: list[dict], out: Path, title: str, published: 
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out)
     return out
 
 
