@@ -152,8 +152,9 @@ class PackedWindows:
     a memory-mapped array for a prepared directory). A window reads only the documents it covers.
     """
 
-    def __init__(self, documents: Sequence, offsets: np.ndarray, seq_len: int):
+    def __init__(self, documents: Sequence, offsets: np.ndarray, seq_len: int, host_local: bool = False):
         self.documents, self.offsets, self.seq_len = documents, offsets, seq_len
+        self.host_local = host_local  # this process's own documents (open_prepared with a host)
 
     @classmethod
     def of_arrays(cls, arrays: Sequence[np.ndarray], seq_len: int) -> PackedWindows:
@@ -197,21 +198,24 @@ class Datasets:
     val: PackedWindows
 
 
-def build_datasets(train_cfg, tokenizer) -> Datasets:
-    """Train and validation windows: from a prepared directory (streamed from disk), or the
-    stdlib / files tokenized here into memory. Both go through the same PackedWindows."""
+def build_datasets(train_cfg, tokenizer, host: tuple[int, int] = (0, 1)) -> Datasets:
+    """Train and validation windows: from a prepared directory (streamed from disk; in a
+    multi-process run, `host` = (index, count), each process's own train shards), or the stdlib /
+    files tokenized here into memory. Both go through the same PackedWindows."""
     if train_cfg.data != "stdlib" and "," not in train_cfg.data and path(train_cfg.data).is_dir():
-        train = open_prepared(train_cfg.data, "train", tokenizer, train_cfg.seq_len)
-        val = open_prepared(train_cfg.data, "val", tokenizer, train_cfg.seq_len)
+        train = open_prepared(train_cfg.data, "train", tokenizer, train_cfg.seq_len, host)
+        val = open_prepared(train_cfg.data, "val", tokenizer, train_cfg.seq_len)  # small: every host reads it whole
     else:
         docs = load_documents(train_cfg.data, train_cfg.text_field)
         train_docs, val_docs = split_documents(docs, train_cfg.val_fraction)
         train = PackedWindows.of_arrays([encode(tokenizer, d.text) for d in train_docs], train_cfg.seq_len)
         val = PackedWindows.of_arrays([encode(tokenizer, d.text) for d in val_docs], train_cfg.seq_len)
-    if len(train) < train_cfg.batch_size:
+    batch = train_cfg.batch_size // host[1] if train.host_local else train_cfg.batch_size
+    if len(train) < batch:
+        where = f"process {host[0]}'s shards of train.data give" if train.host_local else "train.data gives"
         raise DataError(
-            f"train.data gives {len(train)} training windows of {train_cfg.seq_len} tokens, fewer than one batch "
-            f"({train_cfg.batch_size}); add text or lower train.seq_len / train.batch_size"
+            f"{where} {len(train)} training windows of {train_cfg.seq_len} tokens, fewer than one batch "
+            f"({batch}); add text or lower train.seq_len / train.batch_size"
         )
     return Datasets(train, val)
 
@@ -259,9 +263,13 @@ def read_manifest(directory: str | Path) -> dict:
     return json.loads(manifest.read_text())
 
 
-def open_prepared(directory: str | Path, split: str, tokenizer, seq_len: int) -> PackedWindows:
-    """One split of a prepared directory, checked against the tokenizer and its own manifest
-    (every shard present, with the size and record count listed) before anything is read."""
+def open_prepared(directory: str | Path, split: str, tokenizer, seq_len: int, host: tuple[int, int] = (0, 1)):
+    """One split of a prepared directory (PackedWindows), checked against the tokenizer and its own
+    manifest (every shard present, with the size and record count listed) before anything is read.
+
+    `host` = (process index, process count): in a multi-process run each process reads only its
+    own shards (every count-th from its index), the only ones it stages from gs://; its windows
+    are then its own (`host_local`), and the train iterator does not split them again."""
     directory = path(directory)
     manifest = read_manifest(directory)
     ours, theirs = tokenizer_identity(tokenizer), manifest["tokenizer"]
@@ -279,31 +287,54 @@ def open_prepared(directory: str | Path, split: str, tokenizer, seq_len: int) ->
             f"the {split} split of {directory} is empty; prepare it from more documents"
             + (" or with a larger --val-fraction" if split == "val" else "")
         )
-    for shard in info["shards"]:
+    shards = info["shards"]
+    for shard in shards:
         shard_path = directory / shard["path"]
         size = shard_path.stat().length if shard_path.exists() else None
         if size != shard["bytes"]:
             what = "is missing" if size is None else f"has {size} bytes, the manifest says {shard['bytes']} (truncated)"
             raise DataError(f"shard {shard_path} {what}; rerun the prepare command into a new --out directory")
+    index, count = host
+    mine = list(range(index, len(shards), count))
+    if not mine:
+        raise DataError(
+            f"the {split} split of {directory} has {len(shards)} shards for {count} processes, and each process "
+            f"reads its own: prepare it from at least {count} files or Parquet row groups"
+        )
+    offsets = _offsets(directory, info)
+    if count > 1:  # this host's documents only, back to back
+        starts = np.r_[0, np.cumsum([s["documents"] for s in shards])]
+        lengths = [np.diff(offsets[starts[k] : starts[k + 1] + 1]) for k in mine]
+        offsets = np.r_[0, np.cumsum(np.concatenate(lengths))]
     # array_record reads local files only: shards on gs:// are staged into a local cache (storage.stage)
-    local = stage([(directory / shard["path"], shard["bytes"]) for shard in info["shards"]])
+    local = stage([(directory / shards[k]["path"], shards[k]["bytes"]) for k in mine])
     try:
         records = TokenRecords(local, manifest["dtype"])
     except Exception as e:  # a shard of the right size that array_record cannot read
         raise DataError(
             f"a shard of {directory} is unreadable ({str(e).splitlines()[0]}); rerun the prepare command into a new --out directory"
         ) from None
+    if len(records) != len(offsets) - 1:
+        raise DataError(
+            f"the {split} split of {directory} has {len(records)} records in {len(mine)} shards but its manifest "
+            f"lists {len(offsets) - 1} documents there; rerun the prepare command into a new --out directory"
+        )
+    return PackedWindows(records, offsets, seq_len, host_local=count > 1)
+
+
+def _offsets(directory: Path, info: dict) -> np.ndarray:
+    """Where each document of a split starts, checked against the manifest."""
     offsets_path = directory / info["offsets"]
     if not offsets_path.exists():
         raise DataError(f"{offsets_path} is missing; rerun the prepare command into a new --out directory")
     (offsets_file,) = stage([(offsets_path, offsets_path.stat().length)])
     offsets = np.load(offsets_file, mmap_mode="r")  # mapped: memory does not grow with the corpus
-    if len(records) != info["documents"] or len(offsets) != info["documents"] + 1 or offsets[-1] != info["tokens"]:
+    if len(offsets) != info["documents"] + 1 or offsets[-1] != info["tokens"]:
         raise DataError(
-            f"the {split} split of {directory} has {len(records)} records and {len(offsets) - 1} offsets but its "
-            f"manifest lists {info['documents']} documents; rerun the prepare command into a new --out directory"
+            f"{offsets_path} lists {len(offsets) - 1} documents but the manifest {info['documents']}; "
+            f"rerun the prepare command into a new --out directory"
         )
-    return PackedWindows(records, offsets, seq_len)
+    return offsets
 
 
 def train_iterator(windows: PackedWindows, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1):
@@ -312,7 +343,10 @@ def train_iterator(windows: PackedWindows, batch_size: int, seed: int, process_i
         raise DataError(f"train.batch_size={batch_size} does not split over {process_count} processes")
     import grain
 
-    ds = grain.MapDataset.source(windows).shuffle(seed=seed)[process_index::process_count].repeat()
+    ds = grain.MapDataset.source(windows).shuffle(seed=seed)
+    if not windows.host_local:  # windows every host shares: each takes every process_count-th
+        ds = ds[process_index::process_count]
+    ds = ds.repeat()
     return iter(ds.batch(batch_size // process_count, drop_remainder=True).to_iter_dataset())
 
 

@@ -397,8 +397,8 @@ class TrainData:
 def open_data(cfg: Config, tokenizer_dir: Path) -> TrainData:
     """The corpus, tokenized by the tokenizer of `tokenizer_dir` (the run, or the run it starts from)."""
     tr = cfg.train
-    datasets = build_datasets(tr, get_tokenizer(cfg, tokenizer_dir))
     pid, pcount = jax.process_index(), jax.process_count()
+    datasets = build_datasets(tr, get_tokenizer(cfg, tokenizer_dir), (pid, pcount))
     return TrainData(
         train_iterator(datasets.train, tr.batch_size, tr.seed, pid, pcount),
         val_batches(datasets.val, tr.batch_size, tr.eval_batches, pid, pcount),

@@ -240,3 +240,24 @@ def test_bad_input_is_one_line(prepared, corpus, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and len(err.splitlines()) == 1, err
         assert re.search(message, err), err
+
+
+def test_each_process_reads_only_its_own_shards(prepared):
+    out = prepared[0]
+    shards = json.loads((out / "manifest.json").read_text())["splits"]["train"]["shards"]
+    assert len(shards) == 2  # the text files are one unit, the JSONL another
+    whole = open_prepared(out, "train", BYTES, SEQ)  # checked against a NumPy packing above
+    first = np.cumsum([0] + [s["documents"] for s in shards])
+    for p in range(2):
+        mine = open_prepared(out, "train", BYTES, SEQ, host=(p, 2))
+        texts = [
+            bytes(whole.documents[d][1:-1].astype(np.uint8))
+            for k in range(p, len(shards), 2)
+            for d in range(first[k], first[k + 1])
+        ]
+        assert mine.host_local and len(mine.documents) == len(texts)
+        assert_windows_equal(mine, reference_windows(texts, SEQ))
+        it = train_iterator(mine, 8, 3, p, 2)  # its windows are its own: not split again
+        assert next(it)["inputs"].shape == (4, SEQ)
+    with pytest.raises(DataError, match=f"has {len(shards)} shards for {len(shards) + 1} processes"):
+        open_prepared(out, "train", BYTES, SEQ, host=(len(shards), len(shards) + 1))

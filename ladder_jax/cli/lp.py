@@ -130,7 +130,5 @@ def transform(args) -> int:
     new = depth.transform_to_new_run(args.checkpoint, t, args.out, args.overrides)
     print(f"{t}: {cfg.model.n_layers} -> {new.n_layers} layers, model.plan={new.plan}")
     print(f"wrote {args.out}; decode: python infer.py --checkpoint {args.out}")
-    print(
-        f"fine-tune: python train.py --init-from {args.out} --config {args.out / 'config.yaml'} train.steps=100"
-    )
+    print(f"fine-tune: python train.py --init-from {args.out} --config {args.out / 'config.yaml'} train.steps=100")
     return 0
