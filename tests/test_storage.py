@@ -231,3 +231,27 @@ def test_the_gcs_run_lock_refuses_a_live_holder_and_takes_over_a_dead_or_silent_
         time.sleep(0.3)
         assert json.loads((run / ckpt.LOCK_NAME).read_text())["heartbeat"] > first
         assert not lock.create({"pid": 1})  # created only if absent
+
+
+def test_convert_reads_a_hugging_face_directory_on_gcs_and_exports_back_to_gcs(gcs, tmp_path):
+    import safetensors.numpy
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ladder_jax.interop import hf as convert
+
+    from .test_convert import TIED
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**TIED)).save_pretrained(tmp_path / "hf", safe_serialization=True)
+    for f in (tmp_path / "hf").iterdir():
+        storage.path(f"gs://{BUCKET}/hf/{f.name}").write_bytes(f.read_bytes())
+    hf_in, run, hf_out = f"gs://{BUCKET}/hf", f"gs://{BUCKET}/converted", f"gs://{BUCKET}/exported"
+    convert.from_hf(hf_in, run, plan="standard")
+    assert ckpt.latest_step(run) == 0 and storage.path(run + "/config.yaml").exists()
+    convert.to_hf_dir(run, hf_out)
+    original = safetensors.numpy.load_file(tmp_path / "hf" / "model.safetensors")
+    exported = safetensors.numpy.load((storage.path(hf_out) / "model.safetensors").read_bytes())
+    assert original.keys() == exported.keys()
+    for name, w in original.items():
+        np.testing.assert_array_equal(exported[name], w, err_msg=name)

@@ -376,7 +376,7 @@ def check_tensors(m: ModelConfig, stored: dict[str, StoredTensor]) -> list[Tenso
 def from_hf(
     hf_dir: str | Path, out_run: str | Path, plan: str = "standard", dtype: str | None = None, tensor: int = 1
 ) -> Config:
-    """Convert a local HF Llama directory into a run directory; returns the run's config.
+    """Convert an HF Llama directory (local or gs://) into a run directory; returns the run's config.
 
     `tensor`: the run's mesh.tensor, and the devices the parameters are spread over while
     converting (a model too large for one device needs more).
