@@ -91,6 +91,13 @@ def insert_fn(sharding: NamedSharding):
     return jax.jit(insert, donate_argnums=0, out_shardings=sharding)
 
 
+@functools.lru_cache(maxsize=8)
+def merge_fn(sharding: NamedSharding):
+    """jit(device tokens, host_set, host tokens) -> the host's tokens where it set them. Its output
+    has one sharding whatever the inputs' spelling of it, so the step compiles once."""
+    return jax.jit(lambda device, host_set, host: jnp.where(host_set, host, device), out_shardings=sharding)
+
+
 class Engine:
     def __init__(self, cfg: ModelConfig, mesh: Mesh, params, slots: int = 8, cache_len: int | None = None):
         self.cfg, self.mesh, self.params = cfg, mesh, params
@@ -118,6 +125,13 @@ class Engine:
         self.sampling = [GREEDY] * self.slots
         self.waiting: queue.Queue[list[Request] | None] = queue.Queue()  # groups of samples of one prompt
         self.held: list[Request] = []  # the next group, until it has a slot per sample
+        self.host_set = np.zeros(self.slots, bool)  # rows whose next input token the host set
+        self.last_new = None  # the last step's tokens, on the device
+        # Steps dispatched and not yet read. XLA:CPU with fake devices deadlocks with more than
+        # one in flight (decode.generate); an accelerator gets the next step queued while the
+        # host reads this one.
+        self.in_flight: collections.deque = collections.deque()
+        self.max_in_flight = 1 if mesh.devices.flat[0].platform == "cpu" else 2
         self.steps = 0
         self.prefills = 0
         self.finished: collections.Counter[str] = collections.Counter()  # requests ended, by reason
@@ -179,6 +193,8 @@ class Engine:
                 self.step()
             except Exception:
                 log.exception("decode step failed")
+                self.in_flight.clear()
+                self.last_new = None
                 for slot, r in enumerate(self.active):
                     if r is not None:
                         self._finish(slot, "error")
@@ -189,30 +205,52 @@ class Engine:
             self.submit(r)
         while not all(r.done.is_set() for r in requests):
             self.step()
+        while self.in_flight:  # steps past the last token: nothing of theirs is delivered
+            self._read(self.in_flight.popleft())
         return list(requests)
 
     def step(self) -> None:
-        """Admit waiting requests into free slots, then advance every busy slot by one token."""
-        self._admit(block=self.busy_slots == 0)
+        """Admit waiting requests into free slots, dispatch a decode step of every busy slot, and
+        read the oldest step in flight once `max_in_flight` are (at once on XLA:CPU)."""
+        self._admit(block=self.busy_slots == 0 and not self.in_flight)
         for slot, r in enumerate(self.active):
             if r is not None and r.cancelled:
                 self._finish(slot, "cancelled")
-        if self.busy_slots == 0:
-            return
+        if self.busy_slots:
+            self._dispatch()
+        if self.in_flight and (len(self.in_flight) >= self.max_in_flight or not self.busy_slots):
+            self._read(self.in_flight.popleft())
+
+    def _dispatch(self) -> None:
+        """Queue a decode step. Its input tokens are the previous step's output on the device,
+        except in rows the host set since (a new request, a freed slot): the host does not wait
+        for a step's tokens to send the next."""
         per_row = decode.sampling_arrays(self.sampling)
         rows = NamedSharding(self.mesh, ROWS)
+        tokens = jax.device_put(self.tokens, rows)
+        last = tokens if self.last_new is None else self.last_new  # (one program, so one step compile)
+        tokens = merge_fn(rows)(last, jax.device_put(self.host_set, rows), tokens)
         new, _, self.cache, logprobs = decode.step_fn(self.cfg, self.mesh, True, MAX_LOGPROBS)(
             self.params,
-            jax.device_put(self.tokens, rows),
+            tokens,
             jax.device_put(self.positions, rows),
             self.cache,
             *(jax.device_put(a, rows) for a in per_row),
         )
         self.steps += 1
-        new, logprobs = np.asarray(new), self._host_logprobs(logprobs, self.active)
+        self.last_new = new
+        self.host_set[:] = False
+        self.in_flight.append((new, logprobs, list(self.active)))
         for slot, r in enumerate(self.active):
             if r is not None:
                 self.positions[slot] += 1
+
+    def _read(self, dispatched) -> None:
+        """Deliver a step's tokens to the requests that were in its rows and still are."""
+        new, logprobs, requests = dispatched
+        new, logprobs = np.asarray(new), self._host_logprobs(logprobs, requests)
+        for slot, r in enumerate(requests):
+            if r is not None and self.active[slot] is r:
                 self._deliver(slot, int(new[slot]), logprobs and logprobs(slot))
 
     def _admit(self, block: bool) -> None:
@@ -261,6 +299,7 @@ class Engine:
             self.active[slot], self.sampling[slot] = r, r.sampling
             # The other samples decode the prompt's last token again to draw a first token of their own.
             self.tokens[slot], self.positions[slot] = r.prompt[-1], len(r.prompt) - 1
+            self.host_set[slot] = True
         self.positions[slots[0]] = len(first.prompt)
         logprobs = self._host_logprobs(logprobs, [first])
         self._deliver(slots[0], int(np.asarray(new)[0]), logprobs and logprobs(0))
@@ -282,7 +321,7 @@ class Engine:
         r.tokens.append(token)
         if r.logprobs is not None:
             r.token_logprobs.append(dataclasses.replace(logprobs, top=logprobs.top[: r.logprobs]))
-        self.tokens[slot] = token
+        self.tokens[slot] = token  # read by the next step only if the host sets this row (host_set)
         if r.on_token is not None and r.on_token(token) is False:
             return self._finish(slot, "stop")
         if len(r.tokens) >= r.max_new_tokens:
@@ -293,6 +332,7 @@ class Engine:
         self.active[slot] = None
         self.sampling[slot] = GREEDY
         self.tokens[slot], self.positions[slot] = self.cfg.pad_id, 0
+        self.host_set[slot] = True
         r.finish_reason = reason
         self._done(r)
 

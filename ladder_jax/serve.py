@@ -104,29 +104,46 @@ def error(status: int, message: str, kind: str = "invalid_request_error") -> JSO
 class TextOut:
     """The text of a request's tokens, cut at the first stop string. `push` runs on the engine's
     thread and returns (text that is safe to send now, whether to go on): the tail that could
-    still begin a stop string, or an unfinished character, is held back."""
+    still begin a stop string, or an unfinished character, is held back.
+
+    Detokenization is incremental, as vLLM's: each token decodes only the window of ids from
+    `prefix` (the start of the last text emitted) on, and the new text is what that window adds
+    to the text of ids[prefix:read]. A window whose text ends in an unfinished character (U+FFFD)
+    emits nothing and grows until the character completes. Stop strings are searched in the
+    unsent text only (what is held back plus the new piece), so a token costs the same at any
+    output length."""
 
     def __init__(self, tokenizer, stops: list[str]):
         self.tokenizer, self.stops = tokenizer, stops
         self.ids: list[int] = []
-        self.text, self.sent = "", 0
+        self.prefix = self.read = 0  # ids[prefix:read] decode to text already taken
+        self.unsent = ""  # text taken from the ids and not yet sent
+        self.ended = False
         self.hold = max((len(s) for s in stops), default=1) - 1
 
     def push(self, token: int) -> tuple[str, bool]:
         self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids)
-        cut = min((i for i in (self.text.find(s) for s in self.stops) if i >= 0), default=-1)
+        seen = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix :])
+        if len(text) > len(seen) and not text.endswith("\ufffd"):
+            self.unsent += text[len(seen) :]
+            self.prefix, self.read = self.read, len(self.ids)
+        cut = min((i for i in (self.unsent.find(s) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:
-            self.text = self.text[:cut]
+            self.unsent, self.ended = self.unsent[:cut], True
             return self.flush(), False
-        end = len(self.text) - self.hold
-        if self.text.endswith("\ufffd"):
-            end = min(end, len(self.text) - 1)
-        new, self.sent = self.text[self.sent : max(end, self.sent)], max(end, self.sent)
+        send = max(len(self.unsent) - self.hold, 0)
+        new, self.unsent = self.unsent[:send], self.unsent[send:]
         return new, True
 
     def flush(self) -> str:
-        new, self.sent = self.text[self.sent :], len(self.text)
+        """Everything not sent yet: at the end, an unfinished character too (as U+FFFD)."""
+        if not self.ended:
+            seen = self.tokenizer.decode(self.ids[self.prefix : self.read])
+            self.unsent += self.tokenizer.decode(self.ids[self.prefix :])[len(seen) :]
+            self.prefix = self.read = len(self.ids)
+            self.ended = True
+        new, self.unsent = self.unsent, ""
         return new
 
 

@@ -120,3 +120,32 @@ def test_infer_sampling_flags_end_to_end(engine, capsys, tmp_path):
     assert sampled != ByteTokenizer().decode(greedy)
     assert infer.main(["--checkpoint", str(run), "--prompt", "x", "--top-p", "1.5"]) == 2
     assert "error: " in capsys.readouterr().err
+
+
+def test_the_next_step_is_dispatched_before_the_previous_steps_tokens_are_read(engine, monkeypatch):
+    # As on an accelerator: two steps in flight. Each dispatch waits for its own step here, so
+    # XLA:CPU never runs two at once (fake devices deadlock so); what is tested is the order.
+    alone = [engine.run([Request(p, n)])[0].tokens for p, n in zip(PROMPTS[2:4], NEW[2:4])]
+    events, dispatch, read = [], engine._dispatch, engine._read
+
+    def dispatch_and_wait():
+        dispatch()
+        jax.block_until_ready(engine.last_new)
+        events.append(("dispatch", engine.steps))
+
+    def read_oldest(dispatched):
+        events.append(("read", next(i for i, d in enumerate(order) if d is dispatched[0]) + 1))
+        read(dispatched)
+
+    order = []
+    monkeypatch.setattr(engine, "max_in_flight", 2)
+    monkeypatch.setattr(engine, "_dispatch", lambda: (dispatch_and_wait(), order.append(engine.last_new)))
+    monkeypatch.setattr(engine, "_read", read_oldest)
+    steps = engine.steps
+    together = engine.run([Request(p, n) for p, n in zip(PROMPTS[2:4], NEW[2:4])])
+    assert [r.tokens for r in together] == alone and engine.busy_slots == 0 and not engine.in_flight
+    n = engine.steps - steps
+    # Step k + 1 goes out before step k's tokens come back; the last step is read after its dispatch.
+    want = [("dispatch", steps + 1)] + [e for k in range(1, n) for e in (("dispatch", steps + k + 1), ("read", k))]
+    assert events == want + [("read", n)]
+    assert n == max(NEW[2:4])  # one step past the longer request's last token (the prefill gives the first)

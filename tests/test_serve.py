@@ -269,3 +269,52 @@ def test_metrics_report_latencies_requests_and_cache_use_in_prometheus_text(serv
         assert after[(f"ladder_jax:{name}_bucket", "+Inf")] == after[(f"ladder_jax:{name}_count", None)]
     tokens = "ladder_jax:generation_tokens_total", None
     assert after[tokens] == before[tokens] + 20
+
+
+class CountingTokenizer(ByteTokenizer):
+    """The byte tokenizer, recording how many ids each decode call reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def decode(self, ids) -> str:
+        self.reads.append(len(ids))
+        return super().decode(ids)
+
+
+def streamed(text_out, tokens) -> tuple[list[str], bool]:
+    """The pieces `push` sends for `tokens` (stopping where it says so) and the flush at the end."""
+    pieces, go_on = [], True
+    for t in tokens:
+        piece, go_on = text_out.push(t)
+        pieces.append(piece)
+        if not go_on:
+            break
+    return pieces + [text_out.flush()], go_on
+
+
+def test_text_out_streams_multibyte_characters_whole_and_cuts_stop_strings_exactly():
+    text = "aé€😀 naïve 😀€"
+    tokens = list(text.encode())
+    pieces, go_on = streamed(serve.TextOut(ByteTokenizer(), []), tokens)
+    assert "".join(pieces) == text and go_on
+    assert all("\ufffd" not in p for p in pieces) and pieces[:4] == ["a", "", "é", ""]
+    for stop in ["😀", "ïv", "€", "e 😀", "a", "naïve 😀€!", "\ufffd"]:  # stops that start inside a character's bytes
+        pieces, go_on = streamed(serve.TextOut(ByteTokenizer(), [stop, "zz"]), tokens)
+        cut = text.find(stop)
+        assert "".join(pieces) == (text if cut < 0 else text[:cut]) and go_on == (cut < 0), stop
+        sent = "".join(pieces[:-1])  # before the end, never a character of the stop string
+        assert cut < 0 or len(sent) <= cut
+    # An unfinished character at the end comes out as U+FFFD, as a full decode gives it.
+    pieces, _ = streamed(serve.TextOut(ByteTokenizer(), []), tokens[:-2])
+    assert "".join(pieces) == ByteTokenizer().decode(tokens[:-2]) and pieces[-1].endswith("\ufffd")
+
+
+def test_text_out_decodes_a_window_per_token_whatever_the_output_length():
+    words = ("héllo wörld, 😀 " * 400).encode()  # 8,800 byte tokens
+    tokenizer = CountingTokenizer()
+    pieces, _ = streamed(serve.TextOut(tokenizer, ["\n\n"]), list(words))
+    assert "".join(pieces) == words.decode()
+    assert max(tokenizer.reads) <= 8  # the last character taken and the one coming: 4 bytes each at most
+    assert len(tokenizer.reads) <= 2 * len(words) + 2
