@@ -1,6 +1,6 @@
 """An OpenAI-compatible HTTP server over the continuous-batching engine (FastAPI + uvicorn).
 
-    python -m ladder_jax serve --checkpoint runs/tiny-... [overrides] [--port 8000 --slots 8]
+    python -m ladder_jax serve --checkpoint runs/tiny-... [overrides] [--port 8000 --max-running 8]
 
 Endpoints: POST /v1/completions and /v1/chat/completions (JSON, or server-sent events with
 "stream": true), GET /v1/models, /health and /metrics (Prometheus). Prompts are tokenized as
@@ -12,7 +12,7 @@ with an API key, /v1 wants `Authorization: Bearer <key>`. docs/serving.md lists 
 
 One engine thread runs the decode loop; request handlers hand it requests and receive tokens
 through an asyncio queue. A request the model cannot serve gets a 400 with a one-line message;
-a client that disconnects has its request cancelled and its slot freed.
+a client that disconnects has its request cancelled and its row and KV pages freed.
 """
 
 from __future__ import annotations
@@ -162,12 +162,12 @@ class Metrics:
             return kind(f"ladder_jax:{name}", doc, labels, registry=self.registry, **kw)
 
         for name, doc, read in [
-            ("num_requests_running", "Requests in decode slots.", lambda: engine.busy_slots),
-            ("num_requests_waiting", "Requests waiting for a slot.", lambda: engine.waiting_requests),
+            ("num_requests_running", "Requests decoding.", lambda: engine.busy_slots),
+            ("num_requests_waiting", "Requests waiting for a row and pages.", lambda: engine.waiting_requests),
             (
                 "kv_cache_usage_perc",
-                "KV cache usage, 1 is all: the share of the cache's slot rows held by requests.",
-                lambda: engine.busy_slots / engine.slots,
+                "KV cache usage, 1 is all: the share of the KV cache's pages held by requests.",
+                lambda: engine.pages_in_use / engine.total_pages,
             ),
         ]:
             metric(prom.Gauge, name, doc).labels(**label).set_function(read)
@@ -361,7 +361,8 @@ class Server:
 
         @app.get("/health")
         async def health():
-            return {"status": "ok", "busy_slots": self.engine.busy_slots, "slots": self.engine.slots}
+            e = self.engine
+            return {"status": "ok", "busy_slots": e.busy_slots, "slots": e.slots, "kv_pages_in_use": e.pages_in_use}
 
         @app.get("/metrics")
         async def metrics():
