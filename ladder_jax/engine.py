@@ -77,7 +77,7 @@ class Request:
     tokens: list[int] = dataclasses.field(default_factory=list)
     token_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)  # one per token, if asked
     finish_reason: str | None = None
-    cancelled: bool = False  # set from any thread; the engine frees the slot before its next step
+    cancelled: bool = False  # set from any thread; the engine frees its row and pages before its next step
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -258,7 +258,7 @@ class Engine:
 
     @property
     def waiting_requests(self) -> int:
-        """Requests submitted and not yet in a slot."""
+        """Requests submitted and not yet running (waiting for a row and pages)."""
         with self.waiting.mutex:
             return sum(len(g) for g in self.waiting.queue if g) + len(self.held)
 

@@ -422,7 +422,7 @@ class Server:
                 **extra,
             }
 
-        def cancel():  # no-op once done; frees the slots if the client went away
+        def cancel():  # no-op once done; frees the rows and pages if the client went away
             for s in samples:
                 s.request.cancel()
 
@@ -460,7 +460,7 @@ class Server:
                     yield f"data: {json.dumps(record([], usage=usage()))}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
-                cancel()  # the client disconnected (or we are done): free the slots
+                cancel()  # the client disconnected (or we are done): free the rows and pages
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
