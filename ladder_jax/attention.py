@@ -23,7 +23,9 @@ with one warning line under `auto`, and stops with one line (AttentionError) whe
 
 Decoding (one new token per row over a KV cache) always uses `decode_attention`: an online
 softmax over key blocks up to the furthest row's position, so a step reads the keys written so
-far, not the whole allocation.
+far, not the whole allocation. Over the serving engine's paged cache, `paged_decode_attention`
+runs the same online softmax over blocks gathered through each row's page table (XLA on every
+platform; JAX's Pallas TPU paged-attention kernel is not used yet).
 """
 
 from __future__ import annotations
