@@ -32,7 +32,7 @@ def parse_args(argv=None):
     ap.add_argument("--plans", default="standard,ladder", help="comma-separated layer plans (';' if they hold commas)")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=8, help="client threads, and the static batch size")
-    ap.add_argument("--slots", type=int, default=8, help="the engine's decode slots")
+    ap.add_argument("--slots", type=int, default=8, help="the engine's --max-running (rows of its decode step)")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--cpu-devices", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)

@@ -23,7 +23,9 @@ with one warning line under `auto`, and stops with one line (AttentionError) whe
 
 Decoding (one new token per row over a KV cache) always uses `decode_attention`: an online
 softmax over key blocks up to the furthest row's position, so a step reads the keys written so
-far, not the whole allocation.
+far, not the whole allocation. Over the serving engine's paged cache, `paged_decode_attention`
+runs the same online softmax over blocks gathered through each row's page table (XLA on every
+platform; JAX's Pallas TPU paged-attention kernel is not used yet).
 """
 
 from __future__ import annotations
@@ -326,30 +328,64 @@ def decode_attention(q, cache_k, cache_v, positions, dtype, block: int = DECODE_
     already written). Keys are read in blocks in a loop whose trip count is ceil((max position
     + 1) / block), with an online softmax, so the cost of a step grows with the tokens so far.
     """
-    bsz, _, kv, g, hd = q.shape
     t = cache_k.shape[1]
     block = min(block, t)
-    qf = q[:, 0].astype(jnp.float32) / math.sqrt(hd)  # (B, K, G, hd)
-    n_blocks = (jnp.max(positions) + block) // block
 
-    def body(i, carry):
-        m, total, acc = carry
+    def read(i):
         # The last block may start earlier than i * block (the slice stays inside the cache);
         # keys before i * block were counted by the previous block and are masked here.
         first = i * block
         start = jnp.minimum(first, t - block)
-        kb = jax.lax.dynamic_slice_in_dim(cache_k, start, block, axis=1).astype(jnp.float32)
-        vb = jax.lax.dynamic_slice_in_dim(cache_v, start, block, axis=1).astype(jnp.float32)
+        kb = jax.lax.dynamic_slice_in_dim(cache_k, start, block, axis=1)
+        vb = jax.lax.dynamic_slice_in_dim(cache_v, start, block, axis=1)
         idx = start + jnp.arange(block)
-        valid = (idx[None] >= first) & (idx[None] <= positions[:, None])  # (B, block)
-        s = jnp.einsum("bkgd,btkd->bkgt", qf, kb)
+        return kb, vb, (idx[None] >= first) & (idx[None] <= positions[:, None])
+
+    n_blocks = (jnp.max(positions) + block) // block
+    return _online_softmax(q, read, n_blocks, dtype, (q, cache_k, positions))
+
+
+def paged_decode_attention(q, k_pages, v_pages, page_table, positions, dtype, block: int = DECODE_KEY_BLOCK):
+    """`decode_attention` over a paged cache: row b's keys at position p are in page
+    page_table[b, p // page_size] at offset p % page_size. The pages of a block of positions
+    are gathered (an XLA gather, on every platform); ids past the pool (no page yet) read zeros,
+    which the position mask leaves out.
+
+    q: (B, 1, K, G, hd); k_pages/v_pages: (pages, page_size, K, hd); page_table: (B, W) int32;
+    positions: (B,) of the new token (its key is already written)."""
+    n_pages, page_size = k_pages.shape[:2]
+    per_block = max(1, min(block // page_size, page_table.shape[1]))
+    width = -(-page_table.shape[1] // per_block) * per_block
+    table = jnp.pad(page_table, ((0, 0), (0, width - page_table.shape[1])), constant_values=n_pages)
+    bsz, span = q.shape[0], per_block * page_size
+
+    def read(i):
+        ids = jax.lax.dynamic_slice_in_dim(table, i * per_block, per_block, axis=1)  # (B, per_block)
+        kb, vb = (p.at[ids].get(mode="fill", fill_value=0).reshape(bsz, span, *p.shape[2:]) for p in (k_pages, v_pages))
+        idx = i * span + jnp.arange(span)
+        return kb, vb, idx[None] <= positions[:, None]
+
+    n_blocks = (jnp.max(positions) + span) // span
+    return _online_softmax(q, read, n_blocks, dtype, (q, k_pages, page_table, positions))
+
+
+def _online_softmax(q, read, n_blocks, dtype, inputs):
+    """softmax(q k / sqrt(hd)) v of one query per row over n_blocks blocks of keys, read(i) ->
+    (keys (B, block, K, hd), values, valid (B, block)); `inputs`: the arrays the result varies with."""
+    bsz, _, kv, g, hd = q.shape
+    qf = q[:, 0].astype(jnp.float32) / math.sqrt(hd)  # (B, K, G, hd)
+
+    def body(i, carry):
+        m, total, acc = carry
+        kb, vb, valid = read(i)
+        s = jnp.einsum("bkgd,btkd->bkgt", qf, kb.astype(jnp.float32))
         s = jnp.where(valid[:, None, None], s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
         p = jnp.exp(s - m_safe[..., None])
         scale = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
         total = total * scale + p.sum(axis=-1)
-        acc = acc * scale[..., None] + jnp.einsum("bkgt,btkd->bkgd", p, vb)
+        acc = acc * scale[..., None] + jnp.einsum("bkgt,btkd->bkgd", p, vb.astype(jnp.float32))
         return m_new, total, acc
 
     init = (
@@ -358,7 +394,7 @@ def decode_attention(q, cache_k, cache_v, positions, dtype, block: int = DECODE_
         jnp.zeros((bsz, kv, g, hd), jnp.float32),
     )
     # Under shard_map the loop carry must vary over the mesh axes its updates vary over.
-    axes = frozenset().union(*(_varying(x) for x in (q, cache_k, positions)))
+    axes = frozenset().union(*(_varying(x) for x in inputs))
     init = jax.tree.map(lambda x: _cast_varying(x, axes), init)
     _, total, acc = jax.lax.fori_loop(0, n_blocks, body, init)
     return (acc / total[..., None]).astype(dtype)[:, None]

@@ -381,6 +381,27 @@ def step_fn(cfg: ModelConfig, mesh: Mesh, sample: bool = False, logprobs: int = 
     return jax.jit(M.sharded(cfg, mesh, body, in_specs, out_specs), donate_argnums=3)
 
 
+@functools.lru_cache(maxsize=32)
+def paged_step_fn(cfg: ModelConfig, mesh: Mesh, logprobs: int = 0):
+    """`step_fn` (sampled) over a paged KV cache: jit(params, tokens (B,), positions (B,), pages,
+    page_table (B, W), temperature, top_k, top_p, seed) -> (next tokens, positions + 1, pages[,
+    logprobs]). pages: per layer (k, v) pools of (pages, page_size, kv slots, head_dim), the pages
+    over `data` (each data shard a pool of its own, which its rows' page ids index) and the kv
+    slots over `tensor`, as the dense cache's rows and slots (`model.CACHE_SPEC`). The pools are
+    donated."""
+
+    def body(model, tokens, positions, pages, page_table, *sampling):
+        logits, pages = model(tokens[:, None], positions[:, None], cache=pages, page_table=page_table)
+        new = next_tokens(logits[:, 0], positions + 1, sampling)
+        extra = (vocab_parallel_logprobs(logits[:, 0], new, logprobs),) if logprobs else ()
+        return new, positions + 1, pages, *extra
+
+    specs = M.cache_specs(cfg)
+    in_specs = (ROWS, ROWS, specs, ROWS_BY_SEQ, *sampling_specs(True))
+    out_specs = (ROWS, ROWS, specs, *logprob_specs(logprobs))
+    return jax.jit(M.sharded(cfg, mesh, body, in_specs, out_specs), donate_argnums=3)
+
+
 def abstract_step_args(cfg: ModelConfig, mesh: Mesh, batch: int, cache_len: int) -> tuple:
     """(params, tokens, positions, cache) of a decode step as sharded abstract values: what the
     step compiles for, with nothing allocated."""

@@ -103,7 +103,7 @@ class Attention(nnx.Module):
         self.o_proj = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), std / math.sqrt(2 * cfg.n_layers), pd)
 
     @jax.named_scope("attention")  # profiles and HLO dumps name the module
-    def __call__(self, x, rope, positions, *, kv_head=None, cache=None, segment_ids=None):
+    def __call__(self, x, rope, positions, *, kv_head=None, cache=None, segment_ids=None, page_table=None):
         """x: (B, S, D) normed input; positions: (B, S) absolute positions of these tokens.
 
         kv_head: when every device holds all KV heads (fewer KV heads than devices), the index of
@@ -112,6 +112,8 @@ class Attention(nnx.Module):
         cache up to each row's position. Attention runs `model.attention` (ladder_jax.attention).
         A list of caches splits this device's KV heads (and the query heads over them) into that
         many groups, each with its own cache (a split lp pair keeps its heads in both layers' caches).
+        page_table (B, W): the cache is paged, (k, v) pools of (pages, page_size, kv_local, hd),
+        row b's position p in page page_table[b, p // page_size]; decode steps only.
         Returns (partial output (B, S, D), updated cache(s) or None).
         """
         dt = self.dtype
@@ -141,20 +143,30 @@ class Attention(nnx.Module):
                     v[:, :, g * per : (g + 1) * per],
                     positions,
                     cache[g],
+                    page_table,
                 )
                 for g in range(n)
             ]
             out = jnp.concatenate([o for o, _ in parts], axis=2)
             cache = [c for _, c in parts] + cache[n:]
         else:
-            out, cache = self._cached(q, k, v, positions, cache)
+            out, cache = self._cached(q, k, v, positions, cache, page_table)
         out = out.reshape(b, s, hl, hd)
         return jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(dt)), cache
 
-    def _cached(self, q, k, v, positions, cache):
+    def _cached(self, q, k, v, positions, cache, page_table=None):
         """Attention of grouped queries q (B, S, K, G, hd) with the new k, v written into `cache`."""
         dt, s = self.dtype, q.shape[1]
         ck, cv = cache
+        if page_table is not None:
+            if s != 1:
+                raise ValueError(f"a paged cache takes one new token per row (a decode step), got {s}")
+            pos, page_size = positions[:, 0], ck.shape[1]
+            page = jnp.take_along_axis(page_table, (pos // page_size)[:, None], axis=1)[:, 0]
+            # Rows without a page there (ids past the pool: idle rows) write nothing.
+            ck = ck.at[page, pos % page_size].set(k[:, 0].astype(ck.dtype), mode="drop")
+            cv = cv.at[page, pos % page_size].set(v[:, 0].astype(cv.dtype), mode="drop")
+            return attention.paged_decode_attention(q, ck, cv, page_table, pos, dt), (ck, cv)
         # An indexed scatter writes only the new rows; a vmapped dynamic_update_slice
         # compiles to a select that rewrites the whole cache every decode step.
         rows = jnp.arange(positions.shape[0])[:, None]

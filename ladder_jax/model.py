@@ -55,25 +55,39 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(cfg, rngs=rngs)
         self.lm_head = None if cfg.tie_embeddings else LMHead(cfg, rngs=rngs)
 
-    def __call__(self, tokens, positions, *, cache=None, segment_ids=None, remat="none", scan=False):
+    def __call__(self, tokens, positions, *, cache=None, segment_ids=None, remat="none", scan=False, page_table=None):
         """Local-view forward; must run under a shard_map with `fsdp` and `tensor` axes.
 
-        tokens, positions: (B, S) int32. cache: optional list of per-layer (k, v) local shards.
+        tokens, positions: (B, S) int32. cache: optional list of per-layer (k, v) local shards
+        (with `page_table` (B, W), per-layer page pools: see layers.Attention).
         Returns (logits for this device's vocab shard (B, S, V/T) float32 with padding columns at
         -inf, updated cache or None). `remat` (a config.REMAT_POLICIES name) and `scan` change how
         the layers are compiled, never what they compute (see `residual`).
         """
-        x, new_cache, _ = self.residual(tokens, positions, cache=cache, segment_ids=segment_ids, remat=remat, scan=scan)
+        x, new_cache, _ = self.residual(
+            tokens, positions, cache=cache, segment_ids=segment_ids, remat=remat, scan=scan, page_table=page_table
+        )
         return self.head(x), new_cache
 
-    def residual(self, tokens, positions, *, cache=None, segment_ids=None, remat="none", scan=False, hidden=False):
+    def residual(
+        self,
+        tokens,
+        positions,
+        *,
+        cache=None,
+        segment_ids=None,
+        remat="none",
+        scan=False,
+        hidden=False,
+        page_table=None,
+    ):
         """The layers over the embedding: (the settled residual before the final norm (B, S, D),
         updated cache or None, and with `hidden` the embedding and then the residual after each
         step of the plan, else []). A scan over layers carries no KV cache: refused with one."""
         if scan and cache is not None:
             raise ValueError("scan over layers carries no KV cache; run a forward with a cache unrolled (scan=False)")
         cfg = self.cfg
-        ctx = layer_context(cfg, rope_tables(positions, rope_frequencies(cfg)), positions, segment_ids)
+        ctx = layer_context(cfg, rope_tables(positions, rope_frequencies(cfg)), positions, segment_ids, page_table)
         x = self.embed_tokens(tokens)
         stream, new_cache, states = Stream(x), [None] * cfg.n_layers, [x] if hidden else []
         steps = cfg.layer_steps
@@ -176,13 +190,14 @@ def fsdp_gather(module: nnx.Module) -> nnx.Module:
     return nnx.merge(gdef, jax.tree.map(gather, state, is_leaf=lambda v: isinstance(v, nnx.Variable)))
 
 
-def layer_context(cfg: ModelConfig, rope, positions, segment_ids=None) -> LayerContext:
+def layer_context(cfg: ModelConfig, rope, positions, segment_ids=None, page_table=None) -> LayerContext:
     """What every schedule calls: the psum over `tensor`, and attention with this call's rope,
-    positions and document segments, which returns the layer's updated (k, v) cache with its
+    positions, document segments and page table (a paged cache), which returns the layer's updated (k, v) cache with its
     output (a split lp pair's attention takes and returns the list of both its layers' caches)."""
 
     def attend(attn, h, kv):
-        return attn(h, rope, positions, kv_head=local_kv_head(cfg, attn), cache=kv, segment_ids=segment_ids)
+        kv_head = local_kv_head(cfg, attn)
+        return attn(h, rope, positions, kv_head=kv_head, cache=kv, segment_ids=segment_ids, page_table=page_table)
 
     first_half = jax.lax.axis_index(TENSOR) < jax.lax.axis_size(TENSOR) // 2
     return LayerContext(

@@ -1,6 +1,6 @@
 """An OpenAI-compatible HTTP server over the continuous-batching engine (FastAPI + uvicorn).
 
-    python -m ladder_jax serve --checkpoint runs/tiny-... [overrides] [--port 8000 --slots 8]
+    python -m ladder_jax serve --checkpoint runs/tiny-... [overrides] [--port 8000 --max-running 8]
 
 Endpoints: POST /v1/completions and /v1/chat/completions (JSON, or server-sent events with
 "stream": true), GET /v1/models, /health and /metrics (Prometheus). Prompts are tokenized as
@@ -12,7 +12,7 @@ with an API key, /v1 wants `Authorization: Bearer <key>`. docs/serving.md lists 
 
 One engine thread runs the decode loop; request handlers hand it requests and receive tokens
 through an asyncio queue. A request the model cannot serve gets a 400 with a one-line message;
-a client that disconnects has its request cancelled and its slot freed.
+a client that disconnects has its request cancelled and its row and KV pages freed.
 """
 
 from __future__ import annotations
@@ -104,29 +104,46 @@ def error(status: int, message: str, kind: str = "invalid_request_error") -> JSO
 class TextOut:
     """The text of a request's tokens, cut at the first stop string. `push` runs on the engine's
     thread and returns (text that is safe to send now, whether to go on): the tail that could
-    still begin a stop string, or an unfinished character, is held back."""
+    still begin a stop string, or an unfinished character, is held back.
+
+    Detokenization is incremental, as vLLM's: each token decodes only the window of ids from
+    `prefix` (the start of the last text emitted) on, and the new text is what that window adds
+    to the text of ids[prefix:read]. A window whose text ends in an unfinished character (U+FFFD)
+    emits nothing and grows until the character completes. Stop strings are searched in the
+    unsent text only (what is held back plus the new piece), so a token costs the same at any
+    output length."""
 
     def __init__(self, tokenizer, stops: list[str]):
         self.tokenizer, self.stops = tokenizer, stops
         self.ids: list[int] = []
-        self.text, self.sent = "", 0
+        self.prefix = self.read = 0  # ids[prefix:read] decode to text already taken
+        self.unsent = ""  # text taken from the ids and not yet sent
+        self.ended = False
         self.hold = max((len(s) for s in stops), default=1) - 1
 
     def push(self, token: int) -> tuple[str, bool]:
         self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids)
-        cut = min((i for i in (self.text.find(s) for s in self.stops) if i >= 0), default=-1)
+        seen = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix :])
+        if len(text) > len(seen) and not text.endswith("\ufffd"):
+            self.unsent += text[len(seen) :]
+            self.prefix, self.read = self.read, len(self.ids)
+        cut = min((i for i in (self.unsent.find(s) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:
-            self.text = self.text[:cut]
+            self.unsent, self.ended = self.unsent[:cut], True
             return self.flush(), False
-        end = len(self.text) - self.hold
-        if self.text.endswith("\ufffd"):
-            end = min(end, len(self.text) - 1)
-        new, self.sent = self.text[self.sent : max(end, self.sent)], max(end, self.sent)
+        send = max(len(self.unsent) - self.hold, 0)
+        new, self.unsent = self.unsent[:send], self.unsent[send:]
         return new, True
 
     def flush(self) -> str:
-        new, self.sent = self.text[self.sent :], len(self.text)
+        """Everything not sent yet: at the end, an unfinished character too (as U+FFFD)."""
+        if not self.ended:
+            seen = self.tokenizer.decode(self.ids[self.prefix : self.read])
+            self.unsent += self.tokenizer.decode(self.ids[self.prefix :])[len(seen) :]
+            self.prefix = self.read = len(self.ids)
+            self.ended = True
+        new, self.unsent = self.unsent, ""
         return new
 
 
@@ -145,12 +162,12 @@ class Metrics:
             return kind(f"ladder_jax:{name}", doc, labels, registry=self.registry, **kw)
 
         for name, doc, read in [
-            ("num_requests_running", "Requests in decode slots.", lambda: engine.busy_slots),
-            ("num_requests_waiting", "Requests waiting for a slot.", lambda: engine.waiting_requests),
+            ("num_requests_running", "Requests decoding.", lambda: engine.busy_slots),
+            ("num_requests_waiting", "Requests waiting for a row and pages.", lambda: engine.waiting_requests),
             (
                 "kv_cache_usage_perc",
-                "KV cache usage, 1 is all: the share of the cache's slot rows held by requests.",
-                lambda: engine.busy_slots / engine.slots,
+                "KV cache usage, 1 is all: the share of the KV cache's pages held by requests.",
+                lambda: engine.pages_in_use / engine.total_pages,
             ),
         ]:
             metric(prom.Gauge, name, doc).labels(**label).set_function(read)
@@ -344,7 +361,8 @@ class Server:
 
         @app.get("/health")
         async def health():
-            return {"status": "ok", "busy_slots": self.engine.busy_slots, "slots": self.engine.slots}
+            e = self.engine
+            return {"status": "ok", "busy_slots": e.busy_slots, "slots": e.slots, "kv_pages_in_use": e.pages_in_use}
 
         @app.get("/metrics")
         async def metrics():
@@ -404,7 +422,7 @@ class Server:
                 **extra,
             }
 
-        def cancel():  # no-op once done; frees the slots if the client went away
+        def cancel():  # no-op once done; frees the rows and pages if the client went away
             for s in samples:
                 s.request.cancel()
 
@@ -442,7 +460,7 @@ class Server:
                     yield f"data: {json.dumps(record([], usage=usage()))}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
-                cancel()  # the client disconnected (or we are done): free the slots
+                cancel()  # the client disconnected (or we are done): free the rows and pages
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 

@@ -113,6 +113,31 @@ def test_decode_attention_reads_each_row_up_to_its_position():
         np.testing.assert_allclose(np.asarray(got)[row, 0], want, atol=1e-5)
 
 
+def test_paged_decode_attention_reads_each_rows_pages_in_table_order():
+    r = np.random.default_rng(3)
+    b, t, kv, g, hd, page = 3, 40, 2, 2, 16, 8  # 5 pages per row; blocks of 2 pages: the last is half past the table
+    q = jnp.asarray(r.normal(size=(b, 1, kv, g, hd)), jnp.float32)
+    ck, cv = (np.asarray(r.normal(size=(b, t, kv, hd)), np.float32) for _ in range(2))
+    positions = np.array([3, 17, 39])
+    # Each row's pages scattered over a pool of 20 in a random order; pages past a row's position
+    # are not in its table (the pool size: no page) or hold another request's leftovers.
+    order = r.permutation(20)[: b * 5].reshape(b, 5)
+    table = np.where(np.arange(5)[None] <= positions[:, None] // page, order, 20).astype(np.int32)
+    pool_k, pool_v = (np.full((20, page, kv, hd), 1e4, np.float32) for _ in range(2))
+    for row in range(b):
+        for i in range(5):
+            pool_k[order[row, i]], pool_v[order[row, i]] = (
+                ck[row, i * page : (i + 1) * page],
+                cv[row, i * page : (i + 1) * page],
+            )
+    stale = np.arange(t)[None, :, None, None] > positions[:, None, None, None]
+    ck, cv = np.where(stale, 1e4, ck), np.where(stale, -1e4, cv)
+    paged = jax.jit(A.paged_decode_attention, static_argnums=(5, 6))
+    got = paged(q, pool_k, pool_v, table, positions, jnp.float32, 16)
+    want = jax.jit(A.decode_attention, static_argnums=(4, 5))(q, ck, cv, positions, jnp.float32, 16)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
 def test_train_loss_with_the_splash_kernel_matches_xla_and_its_gradients_under_fsdp_remat_and_scan(devices):
     # A kernel makes the model's shard_map run with check_vma=False (attention.may_use_kernel);
     # the loss and every gradient must still equal the checked xla program's.

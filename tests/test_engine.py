@@ -4,9 +4,11 @@ arriving while others decode get the tokens they get alone, and nothing recompil
 import dataclasses
 
 import jax
+import numpy as np
 import pytest
 
 from ladder_jax import decode
+from ladder_jax import model as M
 from ladder_jax.decode import Sampling
 from ladder_jax.engine import MAX_LOGPROBS, Engine, Request
 
@@ -24,7 +26,7 @@ def engine(devices):
     cfg, mesh, params = model_on("ladder", 2, 4)
     # Two slots of 32 positions: the shapes of a single 16-token prompt and 16 new tokens in
     # decode.generate on data=2, so the static decoder's results alone compile nothing new.
-    return Engine(cfg.model, mesh, params, slots=2, cache_len=32)
+    return Engine(cfg.model, mesh, params, max_running=2, cache_len=32)
 
 
 def test_requests_coming_and_going_get_what_they_get_alone_without_recompiling(engine):
@@ -41,8 +43,8 @@ def test_requests_coming_and_going_get_what_they_get_alone_without_recompiling(e
     assert engine.busy_slots == 0
     for r, p, n, s in zip(requests, PROMPTS, NEW, settings):  # what each gets alone here
         assert engine.run([Request(p, n, s)])[0].tokens == r.tokens, p
-    step = decode.step_fn(cfg, mesh, True, MAX_LOGPROBS)
-    prefill = decode.prefill_fn(cfg, mesh, engine.cache_len, True, MAX_LOGPROBS)
+    step = decode.paged_step_fn(cfg, mesh, MAX_LOGPROBS)
+    prefill = decode.prefill_fn(cfg, mesh, 16, True, MAX_LOGPROBS)
     assert step._cache_size() == 1 and prefill._cache_size() == 1  # every prompt is in the 16-token bucket
     # What the static decoder gives a prompt alone, greedy and sampled.
     for r, s in zip(requests[:2], settings):
@@ -62,6 +64,7 @@ def test_stops_cancels_and_bad_requests(engine):
     cancelled.cancel()
     engine.step()
     assert cancelled.finish_reason == "cancelled" and engine.busy_slots == 0 and len(cancelled.tokens) < 12
+    assert engine.pages_in_use == 0 and engine.unpromised == [engine.shard_pages] * engine.data
     with pytest.raises(decode.DecodeError, match="above the engine's 32 positions") as e:
         engine.submit(Request(PROMPTS[1], 30))
     assert "\n" not in str(e.value)
@@ -120,3 +123,97 @@ def test_infer_sampling_flags_end_to_end(engine, capsys, tmp_path):
     assert sampled != ByteTokenizer().decode(greedy)
     assert infer.main(["--checkpoint", str(run), "--prompt", "x", "--top-p", "1.5"]) == 2
     assert "error: " in capsys.readouterr().err
+
+
+def test_the_next_step_is_dispatched_before_the_previous_steps_tokens_are_read(engine, monkeypatch):
+    # As on an accelerator: two steps in flight. Each dispatch waits for its own step here, so
+    # XLA:CPU never runs two at once (fake devices deadlock so); what is tested is the order.
+    alone = [engine.run([Request(p, n)])[0].tokens for p, n in zip(PROMPTS[2:4], NEW[2:4])]
+    events, dispatch, read = [], engine._dispatch, engine._read
+
+    def dispatch_and_wait():
+        dispatch()
+        jax.block_until_ready(engine.last_new)
+        events.append(("dispatch", engine.steps))
+
+    def read_oldest(dispatched):
+        events.append(("read", next(i for i, d in enumerate(order) if d is dispatched[0]) + 1))
+        read(dispatched)
+
+    order = []
+    monkeypatch.setattr(engine, "max_in_flight", 2)
+    monkeypatch.setattr(engine, "_dispatch", lambda: (dispatch_and_wait(), order.append(engine.last_new)))
+    monkeypatch.setattr(engine, "_read", read_oldest)
+    steps = engine.steps
+    together = engine.run([Request(p, n) for p, n in zip(PROMPTS[2:4], NEW[2:4])])
+    assert [r.tokens for r in together] == alone and engine.busy_slots == 0 and not engine.in_flight
+    n = engine.steps - steps
+    # Step k + 1 goes out before step k's tokens come back; the last step is read after its dispatch.
+    want = [("dispatch", steps + 1)] + [e for k in range(1, n) for e in (("dispatch", steps + k + 1), ("read", k))]
+    assert events == want + [("read", n)]
+    assert n == max(NEW[2:4])  # one step past the longer request's last token (the prefill gives the first)
+
+
+PAGED_CASES = [
+    (plan, shape)
+    for plan in ("standard", "ladder", "standard,ladder@-2:", "spd", "lp@0:2")
+    for shape in ((2, 4), (1, 2))
+]
+
+
+@pytest.mark.parametrize(
+    "plan, mesh_shape", [pytest.param(p, m, id=f"{p}-data{m[0]}xtensor{m[1]}") for p, m in PAGED_CASES]
+)
+def test_paged_cache_gives_the_dense_decoders_tokens_and_log_probabilities(plan, mesh_shape, devices):
+    cfg, mesh, params = model_on(plan, *mesh_shape)
+    # Pages of 8 positions: the 13-token prompt and its 16 new tokens span four of them.
+    engine = Engine(cfg.model, mesh, params, max_running=2, cache_len=32, page_size=8)
+    a = engine.submit(Request(PROMPTS[1], NEW[0], logprobs=3))
+    for _ in range(3):
+        engine.step()
+    # b joins mid-stream; c waits for a row and joins when a or b leaves.
+    b, c = Request(PROMPTS[0], NEW[0], logprobs=3), Request(PROMPTS[0], 5)
+    engine.run([b, c])
+    engine.run([a])
+    assert engine.pages_in_use == 0 and engine.unpromised == [engine.shard_pages] * engine.data
+    assert sorted(engine.free_pages[0]) == list(range(engine.shard_pages))
+    dense = decode.generate(cfg.model, mesh, params, test_decode.PROMPTS, NEW[0]).tokens  # the dense cache
+    assert a.tokens == dense[1] and b.tokens == dense[0] and c.tokens == dense[0][:5]
+    # Log-probabilities: a NumPy log-softmax of a full forward's logits (float64).
+    seqs = np.full((2, 32), cfg.model.pad_id, np.int32)
+    for row, r in enumerate((a, b)):
+        seqs[row, : len(r.prompt) + len(r.tokens)] = list(r.prompt) + r.tokens
+    logits = np.asarray(M.logits(cfg.model, mesh, params, seqs), np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    for row, r in enumerate((a, b)):
+        want = logp[row, len(r.prompt) - 1 : len(r.prompt) - 1 + len(r.tokens)]
+        got = [e.logprob for e in r.token_logprobs]
+        np.testing.assert_allclose(got, want[np.arange(len(r.tokens)), r.tokens], atol=2e-5)
+        top = np.array([[lp for _, lp in e.top] for e in r.token_logprobs])
+        np.testing.assert_allclose(top, -np.sort(-want, axis=-1)[:, :3], atol=2e-5)
+
+
+def test_requests_wait_for_pages_and_give_them_back_and_too_many_are_refused(engine):
+    cfg, mesh, params = engine.cfg, engine.mesh, engine.params
+    # Four rows (two per data shard) but three pages of 8 positions per shard.
+    small = Engine(cfg, mesh, params, max_running=4, cache_len=32, page_size=8, kv_pages=6)
+    assert (small.slots, small.shard_pages, small.total_pages) == (4, 3, 6)
+    with pytest.raises(decode.DecodeError, match="needs 4 pages of 8 positions, above the 3 of the KV cache's pool"):
+        small.submit(Request(PROMPTS[1], 16))  # 13 + 16 positions
+    with pytest.raises(decode.DecodeError, match="3 samples of 3 pages each do not fit the KV cache's 6 pages"):
+        small.submit_group([Request(PROMPTS[0], 16) for _ in range(3)])
+    jobs = [(PROMPTS[0], 16), (PROMPTS[0], 10), (PROMPTS[3], 9)]  # 3, 2 and 3 pages
+    requests = [small.submit(Request(p, n)) for p, n in jobs]
+    small.step()
+    # The third waits with two rows free: its shard's pages are promised to the first two.
+    assert small.busy_slots == 2 and small.waiting_requests == 1 and small.pages_in_use == 2
+    while not requests[1].done.is_set():
+        small.step()
+    small.step()
+    assert small.busy_slots == 2 and small.waiting_requests == 0  # in once the second gave its pages back
+    while not all(r.done.is_set() for r in requests):
+        small.step()
+    assert small.pages_in_use == 0 and small.unpromised == [3, 3]
+    for r, (p, n) in zip(requests, jobs):
+        assert r.tokens == engine.run([Request(p, n)])[0].tokens

@@ -35,7 +35,7 @@ def server(devices):
     cfg, mesh, params = model_on("ladder", 2, 4)
     tokenizer = ByteTokenizer()
     tokenizer.chat_template = CHAT
-    app = serve.Server(Engine(cfg.model, mesh, params, slots=2, cache_len=32), tokenizer, NAME, api_key=KEY)
+    app = serve.Server(Engine(cfg.model, mesh, params, max_running=2, cache_len=32), tokenizer, NAME, api_key=KEY)
     with serve.serving_in_thread(app) as url:
         yield app, url
 
@@ -167,6 +167,7 @@ def test_a_client_disconnecting_mid_stream_frees_its_slot(server, client):
             break
         time.sleep(0.05)
     assert app.engine.busy_slots == 0 and app.engine.finished["cancelled"] == cancelled + 1
+    assert app.engine.pages_in_use == 0
     assert complete(client, "Hello", max_tokens=3, temperature=0).usage.completion_tokens == 3  # still serving
 
 
@@ -174,8 +175,10 @@ def test_serve_refuses_a_bad_command_line_in_one_line(tmp_path, capsys):
     assert main(["serve", "--checkpoint", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "missing" in err and "\n" not in err
-    assert main(["serve", "--checkpoint", str(tmp_path), "--slots", "0"]) == 2
-    assert "give at least 1 slot" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", str(tmp_path), "--max-running", "0"]) == 2
+    assert "give at least 1 running request" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", str(tmp_path), "--page-size", "0"]) == 2
+    assert "--page-size 0" in capsys.readouterr().err
 
 
 def test_a_missing_or_wrong_api_key_gets_a_401_and_the_server_goes_on(server, client):
@@ -260,12 +263,63 @@ def test_metrics_report_latencies_requests_and_cache_use_in_prometheus_text(serv
     reply.read()
     connection.close()
     assert during[("ladder_jax:num_requests_running", None)] == 1
-    assert during[("ladder_jax:kv_cache_usage_perc", None)] == 0.5  # 1 of the 2 slots
+    # 4 pages of 16 positions (2 per data shard); 6 prompt tokens and up to 20 new hold 1 or 2.
+    assert during[("ladder_jax:kv_cache_usage_perc", None)] in (0.25, 0.5)
     assert during[("ladder_jax:num_requests_waiting", None)] == 0
     after = metric_values(url)
     assert after[("ladder_jax:num_requests_running", None)] == 0
+    assert after[("ladder_jax:kv_cache_usage_perc", None)] == 0
     for name in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds"):
         assert after[(f"ladder_jax:{name}_count", None)] > before[(f"ladder_jax:{name}_count", None)]
         assert after[(f"ladder_jax:{name}_bucket", "+Inf")] == after[(f"ladder_jax:{name}_count", None)]
     tokens = "ladder_jax:generation_tokens_total", None
     assert after[tokens] == before[tokens] + 20
+
+
+class CountingTokenizer(ByteTokenizer):
+    """The byte tokenizer, recording how many ids each decode call reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def decode(self, ids) -> str:
+        self.reads.append(len(ids))
+        return super().decode(ids)
+
+
+def streamed(text_out, tokens) -> tuple[list[str], bool]:
+    """The pieces `push` sends for `tokens` (stopping where it says so) and the flush at the end."""
+    pieces, go_on = [], True
+    for t in tokens:
+        piece, go_on = text_out.push(t)
+        pieces.append(piece)
+        if not go_on:
+            break
+    return pieces + [text_out.flush()], go_on
+
+
+def test_text_out_streams_multibyte_characters_whole_and_cuts_stop_strings_exactly():
+    text = "aé€😀 naïve 😀€"
+    tokens = list(text.encode())
+    pieces, go_on = streamed(serve.TextOut(ByteTokenizer(), []), tokens)
+    assert "".join(pieces) == text and go_on
+    assert all("\ufffd" not in p for p in pieces) and pieces[:4] == ["a", "", "é", ""]
+    for stop in ["😀", "ïv", "€", "e 😀", "a", "naïve 😀€!", "\ufffd"]:  # stops that start inside a character's bytes
+        pieces, go_on = streamed(serve.TextOut(ByteTokenizer(), [stop, "zz"]), tokens)
+        cut = text.find(stop)
+        assert "".join(pieces) == (text if cut < 0 else text[:cut]) and go_on == (cut < 0), stop
+        sent = "".join(pieces[:-1])  # before the end, never a character of the stop string
+        assert cut < 0 or len(sent) <= cut
+    # An unfinished character at the end comes out as U+FFFD, as a full decode gives it.
+    pieces, _ = streamed(serve.TextOut(ByteTokenizer(), []), tokens[:-2])
+    assert "".join(pieces) == ByteTokenizer().decode(tokens[:-2]) and pieces[-1].endswith("\ufffd")
+
+
+def test_text_out_decodes_a_window_per_token_whatever_the_output_length():
+    words = ("héllo wörld, 😀 " * 400).encode()  # 8,800 byte tokens
+    tokenizer = CountingTokenizer()
+    pieces, _ = streamed(serve.TextOut(tokenizer, ["\n\n"]), list(words))
+    assert "".join(pieces) == words.decode()
+    assert max(tokenizer.reads) <= 8  # the last character taken and the one coming: 4 bytes each at most
+    assert len(tokenizer.reads) <= 2 * len(words) + 2

@@ -26,9 +26,22 @@ def add(sub) -> None:
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="run directory (train.py or convert from-hf)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--slots", type=int, default=8, help="requests decoded together (default 8)")
     p.add_argument(
-        "--max-len", type=int, help="positions per slot's KV cache: prompt + new tokens (default model.max_seq_len)"
+        "--max-running",
+        "--slots",
+        dest="max_running",
+        type=int,
+        default=8,
+        help="requests decoded together: the compiled decode batch (default 8)",
+    )
+    p.add_argument(
+        "--max-len", type=int, help="positions a request may hold: prompt + new tokens (default model.max_seq_len)"
+    )
+    p.add_argument("--page-size", type=int, default=16, help="positions per KV cache page (default 16)")
+    p.add_argument(
+        "--kv-pages",
+        type=int,
+        help="KV cache pages in all (default: --max-running x --max-len positions' worth)",
     )
     p.add_argument("--model-name", help="the model id clients send (default: the run directory's name)")
     p.add_argument(
@@ -50,8 +63,12 @@ def start_server(args) -> int:
         ) from None
     from ..engine import Engine
 
-    if args.slots < 1 or not 0 < args.port < 65536:
-        raise ServeError(f"--slots {args.slots} / --port {args.port}: give at least 1 slot and a port in 1..65535")
+    if args.max_running < 1 or not 0 < args.port < 65536:
+        raise ServeError(
+            f"--max-running {args.max_running} / --port {args.port}: give at least 1 running request and a port in 1..65535"
+        )
+    if args.page_size < 1 or (args.kv_pages is not None and args.kv_pages < 1):
+        raise ServeError(f"--page-size {args.page_size} / --kv-pages {args.kv_pages}: give at least 1")
     init_runtime(args.cpu_devices)
     run_dir = path(args.checkpoint)
     run_overrides = decoding_overrides(args.overrides)
@@ -60,10 +77,11 @@ def start_server(args) -> int:
     if args.max_len is not None and not 0 < args.max_len <= cfg.model.max_seq_len:
         raise ServeError(f"--max-len {args.max_len}; give 1..model.max_seq_len={cfg.model.max_seq_len}")
     run = checkpoint.load_run(run_dir, run_overrides)
-    engine = Engine(run.cfg.model, run.mesh, run.params, args.slots, args.max_len)
+    engine = Engine(run.cfg.model, run.mesh, run.params, args.max_running, args.max_len, args.page_size, args.kv_pages)
     name = args.model_name or (run_dir if is_remote(run_dir) else run_dir.resolve()).name
     print(
-        f"serving '{name}' ({run.cfg.model.plan}) on http://{args.host}:{args.port}/v1 with {engine.slots} slots",
+        f"serving '{name}' ({run.cfg.model.plan}) on http://{args.host}:{args.port}/v1: up to {engine.slots} "
+        f"requests at once over {engine.total_pages} KV pages of {engine.page_size} positions",
         flush=True,
     )
     serve.serve(serve.Server(engine, tokenizer, name, args.api_key or None), args.host, args.port)
