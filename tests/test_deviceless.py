@@ -254,6 +254,18 @@ def test_ladder_acceptance_needs_the_next_modules_gemms():
     assert not ladder_overlaps([ars[0], mk("layers.0.attn", None), ars[2]])
 
 
+def test_an_all_reduce_says_whether_it_reduces_a_gradient_and_in_which_layer_scope():
+    mk = lambda op_name: deviceless.ScheduledAllReduce("a", "tensor", False, 8, [], [], False, op_name)  # noqa: E731
+    fwd = mk("jit(loss)/jvp()/shard_map/layer1/psum")
+    bwd = mk("jit(loss)/transpose(jvp())/shard_map/scan_layers1-2/while/body/closed_call/psum")
+    loss = mk("jit(loss)/transpose(jvp())/shard_map/psum")
+    assert [(a.backward, a.scope) for a in (fwd, bwd, loss)] == [
+        (False, "layer1"),
+        (True, "scan_layers1-2"),
+        (True, ""),
+    ]
+
+
 TRAFFIC_HLO = """HloModule m, is_scheduled=true
 
 %gemm (param_0.1: bf16[1,1024], param_1.1: bf16[1024,1024]) -> bf16[1,1024] {

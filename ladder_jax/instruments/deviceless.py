@@ -206,10 +206,23 @@ class ScheduledAllReduce:
     reduces: list[str]  # the modules whose outputs it sums (more than one: XLA merged them)
     gemms_inside: list[str]  # GEMMs scheduled between start and done, by weight
     overlaps_next: bool  # one of them belongs to the module after the one it reduces
+    op_name: str = ""  # JAX's name for it, e.g. 'jit(f)/transpose(jvp())/shard_map/layer1/psum'
 
     @property
     def overlapped(self) -> bool:
         return bool(self.gemms_inside)
+
+    @property
+    def backward(self) -> bool:
+        """A transpose: the backward pass's reduction of a gradient (else forward, or a remat's recompute)."""
+        return "transpose(" in self.op_name
+
+    @property
+    def scope(self) -> str:
+        """The model's named scope it was traced in ('layer1', 'scan_layers1-3', 'embed'); '' for the loss."""
+        parts = self.op_name.split("/")
+        named = [p for p in parts[:-1] if re.fullmatch(r"layers?[\d-]+|scan_layers[\d-]+|embed|head", p)]
+        return named[-1] if named else ""
 
 
 def _next_module(module: str) -> str:
@@ -279,6 +292,7 @@ def scheduled_all_reduces(text: str, mesh: Mesh) -> list[ScheduledAllReduce]:
         reduces = _reduced_modules(ins.name, index, is_gemm)
         nexts = {_next_module(r) for r in reduces} - {""}
         overlaps = any(module_of(g) in nexts for g in gemms)
+        op_name = re.search(r'op_name="([^"]*)"', ar.attrs)
         out.append(
             ScheduledAllReduce(
                 ins.name,
@@ -288,6 +302,7 @@ def scheduled_all_reduces(text: str, mesh: Mesh) -> list[ScheduledAllReduce]:
                 reduces,
                 gemms,
                 overlaps,
+                op_name.group(1) if op_name else "",
             )
         )
     return out
