@@ -68,19 +68,20 @@ def fsdp_collectives(text: str) -> Counter:
 
 def report(text: str, mesh, label: str, seconds: float) -> None:
     ars = [a for a in deviceless.scheduled_all_reduces(text, mesh) if a.axis == "tensor"]
-    fwd = [a for a in ars if not a.backward]
-    bwd = [a for a in ars if a.backward]
+    fwd = [a for a in ars if not a.backward and not a.recomputed]
+    bwd = [a for a in ars if a.backward or a.recomputed]
     count = lambda xs: (
         f"{len(xs)} ({sum(a.async_ for a in xs)} async, {sum(a.overlapped for a in xs)} with GEMMs inside)"
     )  # noqa: E731
     print(
-        f"\n{label}: compiled in {seconds:.1f} s; all-reduces over tensor: forward {count(fwd)}, backward {count(bwd)}"
+        f"\n{label}: compiled in {seconds:.1f} s; all-reduces over tensor: forward {count(fwd)}, "
+        f"backward {count(bwd)}, of which {sum(a.recomputed for a in ars)} a remat's recompute"
     )
     for a in ars:
         where = a.scope or "loss"
         inside = Counter(re.sub(r"^layers\.(\d+)\.(\w+)\..*", r"L\1.\2", g) for g in a.gemms_inside)
         print(
-            f"  {'bwd' if a.backward else 'fwd'} {where:14s} {'async' if a.async_ else 'SYNC ':5s} "
+            f"  {'bwd' if a.backward else 'rem' if a.recomputed else 'fwd'} {where:14s} {'async' if a.async_ else 'SYNC ':5s} "
             f"{a.bytes / 2**20:7.2f} MiB  sums {'+'.join(a.reduces)[:28] or '-':28s} "
             f"GEMMs inside: {len(a.gemms_inside):2d} {dict(inside) if inside else ''}"
         )

@@ -259,10 +259,12 @@ def test_an_all_reduce_says_whether_it_reduces_a_gradient_and_in_which_layer_sco
     fwd = mk("jit(loss)/jvp()/shard_map/layer1/psum")
     bwd = mk("jit(loss)/transpose(jvp())/shard_map/scan_layers1-2/while/body/closed_call/psum")
     loss = mk("jit(loss)/transpose(jvp())/shard_map/psum")
-    assert [(a.backward, a.scope) for a in (fwd, bwd, loss)] == [
-        (False, "layer1"),
-        (True, "scan_layers1-2"),
-        (True, ""),
+    again = mk("jit(loss)/transpose(jvp())/shard_map/layer0/layer0/checkpoint/rematted_computation/psum")
+    assert [(a.backward, a.recomputed, a.scope) for a in (fwd, bwd, loss, again)] == [
+        (False, False, "layer1"),
+        (True, False, "scan_layers1-2"),
+        (True, False, ""),
+        (False, True, "layer0"),
     ]
 
 

@@ -215,7 +215,12 @@ class ScheduledAllReduce:
     @property
     def backward(self) -> bool:
         """A transpose: the backward pass's reduction of a gradient (else forward, or a remat's recompute)."""
-        return "transpose(" in self.op_name
+        return "transpose(" in self.op_name and not self.recomputed
+
+    @property
+    def recomputed(self) -> bool:
+        """A forward all-reduce run again in the backward pass (`train.remat`)."""
+        return "rematted_computation" in self.op_name
 
     @property
     def scope(self) -> str:
