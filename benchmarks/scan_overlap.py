@@ -26,44 +26,27 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-
 from ladder_jax.config import load_config
 from ladder_jax.instruments import deviceless
 from ladder_jax.instruments.hlo import parse_hlo
 from ladder_jax.mesh import apply_xla_flags, tpu_flags
-from ladder_jax.model import abstract_params, param_shardings
-from ladder_jax.training import BATCH_KEYS, loss_sums_fn
-
-FSDP_OPS = ("all-gather", "reduce-scatter", "all-gather-start", "reduce-scatter-start")
-
-
-def step_fn(cfg, mesh, step: str, remat: str, scan: bool):
-    sums = loss_sums_fn(cfg.model, mesh, remat, scan)
-    if step == "forward":
-        return sums
-
-    def loss(params, batch):  # named `params` so the HLO's parameters carry the weights' names
-        total, count = sums(params, batch)
-        return total / count
-
-    return jax.grad(loss)
 
 
 def fsdp_collectives(text: str) -> Counter:
-    """The fsdp gathers and reduce-scatters by form: sync, or async (a start/done pair or a TPU
-    async collective fusion) with what XLA fused them into."""
+    """The gathers and reduce-scatters (fsdp's) by form: sync (one op), or async (a start/done
+    pair; a TPU async collective fusion counts once, at its start)."""
     comps, entry = parse_hlo(text)
     out: Counter = Counter()
     for ins in deviceless._linear(comps, entry):
-        inner = [i.opcode for c in ins.calls for i in comps.get(c, [])]
-        kind = next((op for op in FSDP_OPS if ins.opcode == op or op in inner), None)
-        if kind is None or ins.opcode.endswith("-done") or "collective-done" in ins.name:
-            continue
-        sync = ins.opcode in ("all-gather", "reduce-scatter")
-        out[f"{kind.removesuffix('-start')} {'sync' if sync else 'async'}"] += 1
-    return out
+        if ins.opcode in ("all-gather", "reduce-scatter"):
+            out[f"{ins.opcode} sync"] += 1
+        elif ins.opcode in ("all-gather-start", "reduce-scatter-start"):
+            out[f"{ins.opcode.removesuffix('-start')} async"] += 1
+        elif ins.opcode == "async-start" or ins.name.startswith("async-collective-start"):
+            inner = {i.opcode for c in ins.calls for i in comps.get(c, [])}
+            for op in ("all-gather", "reduce-scatter"):
+                out[f"{op} async"] += op in inner
+    return +out
 
 
 def report(text: str, mesh, label: str, seconds: float) -> None:
@@ -129,18 +112,12 @@ def main() -> None:
             ],
         )
         mesh = deviceless.target_mesh(cfg, target)
-        params = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            abstract_params(cfg.model),
-            param_shardings(cfg.model, mesh),
-        )
-        batch = {k: jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32) for k in BATCH_KEYS}
-        batch["mask"] = jax.ShapeDtypeStruct((args.batch, args.seq), jnp.float32)
         for remat in args.remat.split(","):
             for scan in (s.strip().lower() == "true" for s in args.scan.split(",")):
-                fn = step_fn(cfg, mesh, args.step, remat, scan)
                 start = time.perf_counter()
-                text = jax.jit(fn).lower(params, batch).compile(options or None).as_text()
+                text = deviceless.train_hlo(
+                    cfg.model, mesh, args.batch, args.seq, remat, scan, options or None, args.step == "train"
+                )
                 label = f"{plan}, remat={remat}, {'scanned' if scan else 'unrolled'}"
                 report(text, mesh, label, time.perf_counter() - start)
                 if args.dump:

@@ -27,9 +27,10 @@ from ..attention import DECODE_KEY_BLOCK
 from ..config import Config, ModelConfig
 from ..errors import LadderError
 from ..mesh import batch_shards, make_mesh
+from ..model import abstract_params, param_shardings
 from ..plan import parse_plan
 from ..storage import path
-from ..training import BATCH_KEYS, get_trainer
+from ..training import BATCH_KEYS, get_trainer, loss_sums_fn
 from . import traffic
 from .hlo import Instr, collective_axis, is_matmul, mesh_axis_groups, parse_hlo, shape_bytes
 
@@ -360,6 +361,35 @@ def decode_step_hlo(
     """Scheduled HLO of one decode step, compiled for the mesh's devices (abstract arguments)."""
     args = decode.abstract_step_args(cfg, mesh, batch or batch_shards(mesh), max_len)
     return decode.step_fn(cfg, mesh).lower(*args).compile(compiler_options=compiler_options).as_text()
+
+
+def train_hlo(
+    cfg: ModelConfig,
+    mesh: Mesh,
+    batch: int,
+    seq: int,
+    remat: str = "none",
+    scan: bool = False,
+    compiler_options: dict | None = None,
+    backward: bool = True,
+) -> str:
+    """Scheduled HLO of a train step's work on `batch` x `seq` tokens: the gradient of the mean
+    loss (forward, loss, backward), or with `backward=False` the forward's loss sums alone
+    (`training.loss_sums_fn`), compiled for the mesh's devices from abstract arguments."""
+    sums = loss_sums_fn(cfg, mesh, remat, scan)
+
+    def loss(params, tokens):  # named `params`: the HLO's parameters then carry the weights' names
+        total, count = sums(params, tokens)
+        return total / count
+
+    params = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        abstract_params(cfg),
+        param_shardings(cfg, mesh),
+    )
+    tokens = {k: jax.ShapeDtypeStruct((batch, seq), jnp.float32 if k == "mask" else jnp.int32) for k in BATCH_KEYS}
+    fn = jax.grad(loss) if backward else sums
+    return jax.jit(fn).lower(params, tokens).compile(compiler_options).as_text()
 
 
 def refusal(error: Exception) -> str | None:
