@@ -123,9 +123,11 @@ class Transformer(nnx.Module):
             return stream, [kv0], [h] if hidden else []
         # A scan carries no cache (`residual` refuses one). Its carry must keep one structure: a
         # stream fresh from the embedding has nothing pending yet, every step leaves one output
-        # pending, so the first step runs on its own.
+        # pending (a ladder step also the residual its late add reads, Stream.late), so a first
+        # step that changes the structure runs on its own.
         first = []
-        if not stream.pending:
+        after = jax.eval_shape(lambda st: step(weights[0], st, kv[0])[0], stream)
+        if jax.tree.structure(after) != jax.tree.structure(stream):
             with jax.named_scope(name):
                 stream, _, h = step(weights[0], stream, kv[0])
             weights, first = weights[1:], [h] if hidden else []

@@ -32,6 +32,8 @@ import jax
 class Stream:
     x: jax.Array
     pending: tuple = ()
+    # (x,): the same residual, as the next late add reads it (settle_after), or () before any
+    late: tuple = ()
 
     def read(self) -> "Stream":
         """Add every pending output: the residual a standard module reads."""
@@ -49,14 +51,21 @@ class Stream:
         `y`, and `y`'s all-reduce wait for the older one, so the older all-reduce's window is
         exactly this module's work (XLA:TPU and the A100 target otherwise settled it first and
         ran this module afterwards); the second keeps the add out of the next module's fusions
-        (XLA:GPU fused it with the next norm at batch 1). Returns the stream and `y` to reduce.
+        (XLA:GPU fused it with the next norm at batch 1). The third hands the next late add its
+        own copy of the residual (`late`), tied to `y`: in the backward pass that add's gradient
+        is then read only once `y`'s gradient is reduced, so XLA:TPU cannot run that all-reduce
+        in place after the next module's whole backward, synchronously (docs/training.md, "The
+        backward pass's all-reduces"). Returns the stream and `y` to reduce.
         """
         if not self.pending:
             return self, y
-        x, settle, y = jax.lax.optimization_barrier((self.x, self.pending, y))
+        base = self.late[0] if self.late else self.x
+        x, settle, y = jax.lax.optimization_barrier((base, self.pending, y))
         for p in settle:
             x = x + p
-        return Stream(jax.lax.optimization_barrier(x)), y
+        x = jax.lax.optimization_barrier(x)
+        late, y = jax.lax.optimization_barrier((x, y))
+        return Stream(x, late=(late,)), y
 
     def push(self, y: jax.Array) -> "Stream":
         return replace(self, pending=self.pending + (y,))

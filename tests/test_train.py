@@ -103,6 +103,7 @@ def test_a_save_killed_midway_is_never_restored(corpus, tmp_path, devices):
 GRADIENT_CASES = [
     ("ladder", (1, 4, 2), "save_dots", True),
     ("standard,ladder@-2:", (2, 2, 2), "full", True),  # a scan per run: standard, then ladder
+    ("standard,ladder@-2:", (1, 2, 4), "none", False),  # unrolled: the ladder's late adds (Stream.late)
     ("spd", (1, 2, 4), "none", False),
     ("lp@0:2", (1, 8, 1), "full", False),
     ("parallel", (2, 1, 4), "none", True),

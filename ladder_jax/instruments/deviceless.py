@@ -27,9 +27,10 @@ from ..attention import DECODE_KEY_BLOCK
 from ..config import Config, ModelConfig
 from ..errors import LadderError
 from ..mesh import batch_shards, make_mesh
+from ..model import abstract_params, param_shardings
 from ..plan import parse_plan
 from ..storage import path
-from ..training import BATCH_KEYS, get_trainer
+from ..training import BATCH_KEYS, get_trainer, loss_sums_fn
 from . import traffic
 from .hlo import Instr, collective_axis, is_matmul, mesh_axis_groups, parse_hlo, shape_bytes
 
@@ -206,10 +207,28 @@ class ScheduledAllReduce:
     reduces: list[str]  # the modules whose outputs it sums (more than one: XLA merged them)
     gemms_inside: list[str]  # GEMMs scheduled between start and done, by weight
     overlaps_next: bool  # one of them belongs to the module after the one it reduces
+    op_name: str = ""  # JAX's name for it, e.g. 'jit(f)/transpose(jvp())/shard_map/layer1/psum'
 
     @property
     def overlapped(self) -> bool:
         return bool(self.gemms_inside)
+
+    @property
+    def backward(self) -> bool:
+        """A transpose: the backward pass's reduction of a gradient (else forward, or a remat's recompute)."""
+        return "transpose(" in self.op_name and not self.recomputed
+
+    @property
+    def recomputed(self) -> bool:
+        """A forward all-reduce run again in the backward pass (`train.remat`)."""
+        return "rematted_computation" in self.op_name
+
+    @property
+    def scope(self) -> str:
+        """The model's named scope it was traced in ('layer1', 'scan_layers1-3', 'embed'); '' for the loss."""
+        parts = self.op_name.split("/")
+        named = [p for p in parts[:-1] if re.fullmatch(r"layers?[\d-]+|scan_layers[\d-]+|embed|head", p)]
+        return named[-1] if named else ""
 
 
 def _next_module(module: str) -> str:
@@ -279,6 +298,7 @@ def scheduled_all_reduces(text: str, mesh: Mesh) -> list[ScheduledAllReduce]:
         reduces = _reduced_modules(ins.name, index, is_gemm)
         nexts = {_next_module(r) for r in reduces} - {""}
         overlaps = any(module_of(g) in nexts for g in gemms)
+        op_name = re.search(r'op_name="([^"]*)"', ar.attrs)
         out.append(
             ScheduledAllReduce(
                 ins.name,
@@ -288,6 +308,7 @@ def scheduled_all_reduces(text: str, mesh: Mesh) -> list[ScheduledAllReduce]:
                 reduces,
                 gemms,
                 overlaps,
+                op_name.group(1) if op_name else "",
             )
         )
     return out
@@ -340,6 +361,35 @@ def decode_step_hlo(
     """Scheduled HLO of one decode step, compiled for the mesh's devices (abstract arguments)."""
     args = decode.abstract_step_args(cfg, mesh, batch or batch_shards(mesh), max_len)
     return decode.step_fn(cfg, mesh).lower(*args).compile(compiler_options=compiler_options).as_text()
+
+
+def train_hlo(
+    cfg: ModelConfig,
+    mesh: Mesh,
+    batch: int,
+    seq: int,
+    remat: str = "none",
+    scan: bool = False,
+    compiler_options: dict | None = None,
+    backward: bool = True,
+) -> str:
+    """Scheduled HLO of a train step's work on `batch` x `seq` tokens: the gradient of the mean
+    loss (forward, loss, backward), or with `backward=False` the forward's loss sums alone
+    (`training.loss_sums_fn`), compiled for the mesh's devices from abstract arguments."""
+    sums = loss_sums_fn(cfg, mesh, remat, scan)
+
+    def loss(params, tokens):  # named `params`: the HLO's parameters then carry the weights' names
+        total, count = sums(params, tokens)
+        return total / count
+
+    params = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        abstract_params(cfg),
+        param_shardings(cfg, mesh),
+    )
+    tokens = {k: jax.ShapeDtypeStruct((batch, seq), jnp.float32 if k == "mask" else jnp.int32) for k in BATCH_KEYS}
+    fn = jax.grad(loss) if backward else sums
+    return jax.jit(fn).lower(params, tokens).compile(compiler_options).as_text()
 
 
 def refusal(error: Exception) -> str | None:
