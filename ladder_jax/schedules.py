@@ -32,7 +32,7 @@ import jax
 class Stream:
     x: jax.Array
     pending: tuple = ()
-    # (x,): the same residual, as the next late add reads it (settle_after), or () before any
+    # (x,): the same residual, as the next late add reads it (settle_after), or () before any settle
     late: tuple = ()
 
     def read(self) -> "Stream":
