@@ -323,3 +323,42 @@ def test_text_out_decodes_a_window_per_token_whatever_the_output_length():
     assert "".join(pieces) == words.decode()
     assert max(tokenizer.reads) <= 8  # the last character taken and the one coming: 4 bytes each at most
     assert len(tokenizer.reads) <= 2 * len(words) + 2
+
+
+def drop_after_two_chunks(url, prompt):
+    """A streamed completion whose client hangs up after two chunks."""
+    body = {"model": NAME, "prompt": prompt, "max_tokens": 20, "temperature": 0, "stream": True}
+    connection, reply = post(url, "/v1/completions", json.dumps(body).encode())
+    chunks = 0
+    while chunks < 2:
+        line = reply.readline()
+        assert line, "the stream ended before two chunks"
+        chunks += line.startswith(b"data: ")
+    connection.sock.close()
+    connection.close()
+    return None
+
+
+def test_under_load_with_dropped_streams_every_other_request_gets_its_solo_output(server, client):
+    # 128 requests, 32 at a time; every fourth is streamed and dropped by its client after two chunks
+    app, url = server
+    prompts = ["Hello", "def f(x):", "a", "import os\n", "naïve", "0123456789", "The", "xyz "]
+    jobs = [(prompts[i % 8], 3 + i % 5) for i in range(128)]
+    solo = {job: complete(client, job[0], max_tokens=job[1], temperature=0).choices[0].text for job in set(jobs)}
+    cancelled = app.engine.finished["cancelled"]
+
+    def one(i):
+        if i % 4 == 3:
+            return drop_after_two_chunks(url, jobs[i][0])
+        return complete(client, jobs[i][0], max_tokens=jobs[i][1], temperature=0).choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        got = list(pool.map(one, range(128)))
+    assert [g for i, g in enumerate(got) if i % 4 != 3] == [solo[j] for i, j in enumerate(jobs) if i % 4 != 3]
+    for _ in range(200):  # the dropped ones end at their next step
+        if app.engine.pages_in_use == 0 and app.engine.busy_slots == 0:
+            break
+        time.sleep(0.05)
+    assert app.engine.pages_in_use == 0 and app.engine.busy_slots == 0
+    assert app.engine.finished["cancelled"] > cancelled  # hung-up streams were ended, not run to their end
+    assert complete(client, "Hello", max_tokens=3, temperature=0).choices[0].text == solo[("Hello", 3)]
