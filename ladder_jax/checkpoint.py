@@ -32,7 +32,7 @@ from .errors import LadderError
 from .memory import check_params_fit
 from .mesh import make_mesh
 from .plan import lookup
-from .storage import ObjectLock, Path, free_bytes, is_remote, path, write_atomic
+from .storage import ObjectLock, Path, exists_now, free_bytes, is_remote, path, write_atomic
 from .tokenizer import copy_tokenizer_files, get_tokenizer
 
 
@@ -376,7 +376,7 @@ def check_shared(run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     marker(jax.process_index()).write_text(socket.gethostname())
     multihost_utils.sync_global_devices("ladder_jax: storage markers written")
-    seen = np.asarray(multihost_utils.process_allgather(np.int32(sum(marker(i).exists() for i in range(n)))))
+    seen = np.asarray(multihost_utils.process_allgather(np.int32(sum(exists_now(marker(i)) for i in range(n)))))
     multihost_utils.sync_global_devices("ladder_jax: storage markers read")
     marker(jax.process_index()).unlink(missing_ok=True)
     if (seen < n).any():

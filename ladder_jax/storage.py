@@ -127,6 +127,15 @@ def write_atomic(p: epath.Path, text: str) -> None:
     os.replace(tmp, p)
 
 
+def exists_now(p) -> bool:
+    """Whether a file exists now, asked of the store itself: gcsfs answers `exists` from a
+    directory listing it has cached, which misses files other hosts wrote since."""
+    if not is_remote(p):
+        return os.path.exists(os.fspath(p))
+    bucket, _, name = str(p)[len("gs://") :].partition("/")
+    return gcs_client().bucket(bucket).get_blob(name) is not None
+
+
 def size_and_version(p) -> tuple[int, int]:
     """(bytes, a number that changes when the file is rewritten): the mtime in ns locally, the
     object's generation on gs://."""

@@ -255,3 +255,12 @@ def test_convert_reads_a_hugging_face_directory_on_gcs_and_exports_back_to_gcs(g
     assert original.keys() == exported.keys()
     for name, w in original.items():
         np.testing.assert_array_equal(exported[name], w, err_msg=name)
+
+
+def test_exists_now_sees_what_another_host_wrote_after_this_one_listed_the_directory(gcs):
+    # the multi-host storage check counts the other processes' markers this way (checkpoint.check_shared)
+    run = storage.path(f"gs://{BUCKET}/markers")
+    (run / "process-0").write_text("host0")
+    assert [p.name for p in run.iterdir()] == ["process-0"]  # a listing gcsfs keeps
+    storage.gcs_client().bucket(BUCKET).blob("markers/process-1").upload_from_string("host1")  # another host
+    assert storage.exists_now(run / "process-1") and not storage.exists_now(run / "process-2")
