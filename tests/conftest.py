@@ -43,6 +43,20 @@ def small_config(plan="standard", data=1, tensor=1, **extra):
     return load_config("tiny", overrides)
 
 
+@pytest.fixture
+def compiles():
+    """Names of the XLA programs compiled while the test runs (JAX's own compile events)."""
+    seen = []
+
+    def listener(event, seconds, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            seen.append(kwargs.get("fun_name", "?"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    yield seen
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
 @pytest.fixture(scope="session")
 def devices():
     assert jax.device_count() == 8, "tests need 8 fake CPU devices; conftest sets them before JAX starts"

@@ -55,20 +55,6 @@ def model_on(plan, data, tensor):
     return cfg, mesh, jax.device_put(params, M.param_shardings(cfg.model, mesh))
 
 
-@pytest.fixture
-def compiles():
-    """Names of the XLA programs compiled while the test runs (JAX's own compile events)."""
-    seen = []
-
-    def listener(event, seconds, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            seen.append(kwargs.get("fun_name", "?"))
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    yield seen
-    jax.monitoring.unregister_event_duration_listener(listener)
-
-
 @pytest.mark.parametrize("plan, mesh_shape", [pytest.param(p, m, id=f"{p}-data{m[0]}xtensor{m[1]}") for p, m in CASES])
 def test_cached_greedy_tokens_are_the_argmax_of_full_forwards(plan, mesh_shape, devices):
     cfg, mesh, params = model_on(plan, *mesh_shape)

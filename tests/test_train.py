@@ -201,20 +201,6 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, dev
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
-@pytest.fixture
-def compiles():
-    """Names of the XLA programs compiled while the test runs (JAX's own compile events)."""
-    seen = []
-
-    def listener(event, seconds, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            seen.append(kwargs.get("fun_name", "?"))
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    yield seen
-    jax.monitoring.unregister_event_duration_listener(listener)
-
-
 def test_bad_input_fails_before_compiling(corpus, tmp_path, devices, compiles):
     with pytest.raises(DataError, match="matches no file"):
         train(config(str(tmp_path / "nothing*.txt")), tmp_path / "a", progress=False)
