@@ -2,10 +2,15 @@
 
     python benchmarks/gpu_run.py --out gpu_run          # one H100/H200: about 7 minutes, compiles included
     python benchmarks/gpu_run.py --dry-run --out /tmp/g # every part on CPU with tiny shapes, well under a minute
+    python benchmarks/gpu_run.py --out gpu_run2 --resume gpu_run/gpu_run.json   # a second call: the rows left
 
-Parts, in this order, each with its own time budget (seconds of wall time, compiles included;
-a row that would start after its part's budget, or after the whole run's `--budget`, is skipped
-with a line, so one run always returns a complete report of what it measured):
+Parts, in this order, each with its own time budget (seconds of wall time, compiles included).
+A row is skipped with a line when its part's budget or the whole run's `--budget` is spent, or
+when what it took last time (`--costs`: earlier reports of this device) would not fit in what is
+left. A row that overruns anyway is cut at `--hard-stop` seconds: the report is written with the
+row marked as cut and the process exits (status 3), so one call always returns a complete report
+of what it measured. `--resume REPORT` keeps the rows an earlier call measured and runs the rest:
+two calls on two fresh machines make one report.
 
 - decode: per-token latency of llama-3.1-8b (random bfloat16 weights, tensor 1) at batch 1, 8,
   32, 64 with every row's new token at position 1023 (a 1024-token context); the bytes a step
@@ -28,10 +33,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import glob
 import json
+import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -88,7 +96,10 @@ GPU = Shapes(
     train_seq=2048,
     probe_mib=2048,
     runs=10,
-    budgets={"bandwidth": 15, "decode": 110, "prefill": 40, "layer": 50, "serve": 50, "train": 140},
+    # What the rows took on the first H200 (benchmarks/RESULTS.md): bandwidth 3 s, decode 105 s,
+    # prefill ~75 s a row, layer 45 s, serve 159 s (the fixed-slot engine), train 96-120 s a row.
+    # The run's 400 s end before the train part: a second call with --resume takes the rest.
+    budgets={"bandwidth": 15, "decode": 110, "prefill": 160, "layer": 50, "serve": 170, "train": 400},
 )
 TINY = ("model.n_layers=2", "model.d_model=128", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=256")
 DRY = Shapes(
@@ -134,7 +145,7 @@ def median_seconds(fn, runs: int, warmup: int = 1) -> tuple[float, float]:
 class Run:
     """The device, its spec, the whole run's deadline, and each part's rows and skip lines."""
 
-    def __init__(self, shapes: Shapes, budget: float, cpu: bool = False):
+    def __init__(self, shapes: Shapes, budget: float, cpu: bool = False, costs=(), resume=None):
         import jax
 
         from ladder_jax import accelerators
@@ -152,6 +163,9 @@ class Run:
             "budget_s": budget,
             "parts": {},
         }
+        self.costs = row_costs(costs, self.device.device_kind)
+        self.kept = {} if resume is None else measured_rows(resume, self.device.device_kind)
+        self.current: str | None = None  # the row being measured (the hard stop names it)
 
     def mesh(self):
         from ladder_jax.config import Config, MeshConfig
@@ -159,9 +173,18 @@ class Run:
 
         return make_mesh(Config(mesh=MeshConfig(data=1, tensor=1)), [self.device])
 
+    def why_not(self, name: str, label: str, deadline: float) -> str | None:
+        """Why a row must not start now (a skip line), or None."""
+        left, cost = deadline - time.perf_counter(), self.costs.get(label)
+        if left <= 0:
+            return f"{label}: skipped, the {name} budget ({self.shapes.budgets[name]} s) or the run's is spent"
+        if cost is not None and cost > left:
+            return f"{label}: skipped, it took {cost:.0f} s last time and {left:.0f} s of the {name} budget or the run's are left"
+        return None
+
     def part(self, name: str, rows_of):
         """Run a part: `rows_of(keep)` yields (label, measure) pairs; each measure() returns a row
-        dict. Past the deadline a row is skipped with a line; a row that raises records one line."""
+        dict. A row that must not start is skipped with a line; a row that raises records one line."""
         budget = self.shapes.budgets[name]
         deadline = min(self.end, time.perf_counter() + budget)
         out = self.report["parts"][name] = {"budget_s": budget, "rows": [], "skipped": []}
@@ -176,19 +199,87 @@ class Run:
             except Exception as e:
                 out["skipped"].append(f"{name}: {_line(e)}")
                 break
-            if time.perf_counter() > deadline:
-                line = f"{label}: skipped, the {name} budget ({budget} s) or the run's is spent"
-            else:
+            if label in self.kept:
+                out["rows"].append(self.kept[label])
+                print(f"   {label}: kept from the report resumed", flush=True)
+                continue
+            line = self.why_not(name, label, deadline)
+            if line is None:
+                self.current, row_start = label, time.perf_counter()
                 try:
-                    out["rows"].append({"label": label, **measure()})
+                    row = measure()
+                    out["rows"].append({"label": label, **row, "seconds": round(time.perf_counter() - row_start, 1)})
                     line = json.dumps(out["rows"][-1])
                 except Exception as e:  # one line in the report; the other rows and parts still run
                     line = f"{label}: {_line(e)}"
+                self.current = None
             if not line.startswith("{"):
                 out["skipped"].append(line)
             print(f"   {line}", flush=True)
             gc.collect()
         out["seconds"] = round(time.perf_counter() - start, 1)
+
+
+def _reports(paths) -> list[dict]:
+    return [json.loads(Path(p).read_text()) for p in paths]
+
+
+def row_costs(paths, device_kind: str) -> dict[str, float]:
+    """label -> seconds a row took in earlier reports of this device kind (the latest report wins;
+    a report from before rows recorded their seconds: its part's seconds shared by its rows)."""
+    costs: dict[str, float] = {}
+    for report in sorted(_reports(paths), key=lambda r: r["date"]):
+        if report["device"] != device_kind:
+            continue
+        for part in report["parts"].values():
+            for row in part["rows"]:
+                if row.get("from"):  # kept from a resumed report: it took nothing in this one
+                    continue
+                costs[row["label"]] = row.get("seconds") or part["seconds"] / len(part["rows"])
+    return costs
+
+
+def measured_rows(path, device_kind: str) -> dict[str, dict]:
+    """label -> row of an earlier report of this device kind, marked with where it came from."""
+    (report,) = _reports([path])
+    if report["device"] != device_kind:
+        raise ValueError(
+            f"{path} was measured on {report['device']}, not this {device_kind}; resume a report of this device"
+        )
+    return {
+        row["label"]: {**row, "from": row.get("from") or f"{report['date']} ({Path(path).name})"}
+        for part in report["parts"].values()
+        for row in part["rows"]
+    }
+
+
+def write_report(run: Run, out: Path) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_run.json").write_text(json.dumps(run.report, indent=1))
+    table = markdown(run.report)
+    (out / "gpu_run.md").write_text(table)
+    return table
+
+
+def hard_stop(run: Run, out: Path, after: float) -> threading.Timer:
+    """A timer that, `after` seconds from now, writes the report with the row still running
+    marked as cut and ends the process: a compile or a step cannot be interrupted from Python."""
+
+    def stop():
+        label = run.current or "between rows"
+        for part in run.report["parts"].values():
+            if "seconds" not in part:  # the part that was running
+                part["skipped"].append(f"{label}: cut at the hard stop ({after:.0f} s)")
+                part["seconds"] = None
+        run.report["cut"] = label
+        print(write_report(run, out), flush=True)
+        print(f"hard stop after {after:.0f} s: {label} was cut", file=sys.stderr, flush=True)
+        os._exit(3)
+
+    timer = threading.Timer(after, stop)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,6 +452,7 @@ def train_rows(run: Run):
                 # the layers as one scan: a compile of one layer instead of 16 or 40 (minutes of a
                 # 7-minute run); the same computation (Transformer.residual)
                 cfg = load_config(preset, [*over, "train.scan_layers=true"])
+                setup = time.perf_counter()
                 mesh = make_mesh(cfg, [run.device])
                 trainer = Trainer(cfg, mesh)
                 state = [trainer.init_state(M.init_params(cfg.model, mesh, 0))]
@@ -372,6 +464,7 @@ def train_rows(run: Run):
                     state[0], metrics = trainer.step(state[0], batch)
                     float(metrics["loss"])
 
+                setup = time.perf_counter() - setup  # params and optimizer state: what a row pays besides its steps
                 t, first = median_seconds(step, sh.runs)
                 tokens_s = sh.train_batch * sh.train_seq / t
                 return {
@@ -382,6 +475,7 @@ def train_rows(run: Run):
                     "tokens_per_s": tokens_s,
                     "mfu": _share(flops_per_token(cfg) * tokens_s, run.spec.matmul_flops if run.spec else None),
                     "first_call_s": first,
+                    "setup_s": setup,
                 }
 
             yield f"{label} train {sh.train_batch}x{sh.train_seq} attention={impl} remat={remat}", measure
@@ -432,11 +526,13 @@ def markdown(report: dict) -> str:
         part = p.get(name)
         if part is None:
             return
-        out.extend(["", f"## {title} ({part['seconds']} s of {part['budget_s']} s)", ""])
+        out.extend(["", f"## {title} ({_f(part['seconds'])} s of {part['budget_s']} s)", ""])
+        cols = [*cols, ("row s", "seconds", ".0f")]
         out.append("| " + " | ".join(h for h, _, _ in cols) + " |")
         out.append("|" + " --- |" * len(cols))
         for r in part["rows"]:
             out.append("| " + " | ".join(_f(r.get(k), f) if f else str(r.get(k)) for _, k, f in cols) + " |")
+        out.extend(f"- {r['label']}: kept from {r['from']}" for r in part["rows"] if r.get("from"))
         out.extend(f"- {line}" for line in part["skipped"])
 
     table(
@@ -509,6 +605,7 @@ def markdown(report: dict) -> str:
             ("tokens/s", "tokens_per_s", ".0f"),
             ("MFU", "mfu", "%"),
             ("first call s", "first_call_s", ".1f"),
+            ("setup s", "setup_s", ".1f"),
         ],
     )
     return "\n".join(out) + "\n"
@@ -519,6 +616,18 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("gpu_run"), help="folder for gpu_run.json and gpu_run.md")
     ap.add_argument("--dry-run", action="store_true", help="every part on CPU with tiny shapes")
     ap.add_argument("--budget", type=float, default=400.0, help="seconds for the whole run (each part has its own too)")
+    ap.add_argument(
+        "--hard-stop",
+        type=float,
+        help="seconds after which the report is written and the run ends (default: budget + 60)",
+    )
+    ap.add_argument(
+        "--costs",
+        nargs="*",
+        default=sorted(glob.glob(str(HERE / "gpu_run_*.json"))),
+        help="earlier reports: rows that took longer there than is left are skipped (default: benchmarks/gpu_run_*.json; those of other devices are ignored)",
+    )
+    ap.add_argument("--resume", type=Path, help="an earlier report of this device: its rows are kept, the others run")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {','.join(PARTS)}")
     args = ap.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
@@ -526,17 +635,23 @@ def main(argv=None) -> int:
     if unknown:
         print(f"error: unknown part '{unknown[0]}'; choose from {', '.join(PARTS)}", file=sys.stderr)
         return 2
+    for p in [*args.costs, *([args.resume] if args.resume else [])]:
+        if not Path(p).is_file():
+            print(f"error: no report at {p}; give the gpu_run.json of an earlier call", file=sys.stderr)
+            return 2
     import jax
 
-    run = Run(DRY if args.dry_run else GPU, args.budget, cpu=args.dry_run)
+    try:
+        run = Run(DRY if args.dry_run else GPU, args.budget, cpu=args.dry_run, costs=args.costs, resume=args.resume)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    timer = hard_stop(run, args.out, args.budget + 60 if args.hard_stop is None else args.hard_stop)
     with jax.default_device(run.device):  # the probes' arrays too
         for name in parts:
             run.part(name, lambda name=name: PARTS[name](run))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_run.json").write_text(json.dumps(run.report, indent=1))
-    table = markdown(run.report)
-    (args.out / "gpu_run.md").write_text(table)
-    print(table)
+    timer.cancel()
+    print(write_report(run, args.out))
     return 0
 
 

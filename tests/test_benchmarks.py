@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MISSING_ON_THE_GPU_MACHINE = ("grain", "array_record", "fastapi", "uvicorn", "openai")
 
 
-def dry_run(out: Path, *args: str) -> dict:
+def dry_run(out: Path, *args: str, status: int = 0) -> dict:
     code = (
         "import builtins, runpy, sys\n"
         "real = builtins.__import__\n"
@@ -28,7 +28,7 @@ def dry_run(out: Path, *args: str) -> dict:
     )
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(TEST_XLA_FLAGS), "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert done.returncode == status, (done.stdout + done.stderr)[-3000:]
     return json.loads((out / "gpu_run.json").read_text())
 
 
@@ -79,3 +79,32 @@ def test_a_gpu_run_past_its_budget_skips_every_row_with_a_line_and_still_writes_
     for name, part in parts.items():
         assert not part["rows"] and part["skipped"], name
         assert all("budget" in line and "spent" in line for line in part["skipped"]), part["skipped"]
+
+
+def test_a_gpu_run_keeps_the_rows_it_resumes_and_skips_rows_that_took_longer_than_is_left(tmp_path):
+    earlier = {"device": "cpu", "date": "2026-12-01 10:00", "parts": {}}
+    kept = {"label": "tiny batch 1", "batch": 1, "ms_per_token": 1.5, "seconds": 2.0}
+    resumed = tmp_path / "resumed.json"
+    resumed.write_text(json.dumps({**earlier, "parts": {"decode": {"seconds": 2.0, "rows": [kept], "skipped": []}}}))
+    slow = {"bandwidth": {"seconds": 999.0, "rows": [{"label": "plain copy and read"}], "skipped": []}}
+    costs = tmp_path / "costs.json"
+    costs.write_text(json.dumps({**earlier, "parts": slow}))
+    other = tmp_path / "other_device.json"  # another device's costs say nothing about this one
+    other.write_text(json.dumps({**earlier, "device": "NVIDIA H200", "parts": {"decode": {**slow["bandwidth"]}}}))
+    args = ("--parts", "bandwidth,decode", "--resume", str(resumed), "--costs", str(costs), str(other))
+    parts = dry_run(tmp_path / "out", *args)["parts"]
+    assert parts["bandwidth"]["rows"] == []
+    assert parts["bandwidth"]["skipped"] == [
+        "plain copy and read: skipped, it took 999 s last time and 30 s of the bandwidth budget or the run's are left"
+    ]
+    decode = parts["decode"]["rows"]
+    assert decode[0] == {**kept, "from": "2026-12-01 10:00 (resumed.json)"}
+    assert [r["batch"] for r in decode] == [1, 4] and decode[1]["seconds"] > 0 and "from" not in decode[1]
+    assert "tiny batch 1: kept from 2026-12-01 10:00 (resumed.json)" in (tmp_path / "out" / "gpu_run.md").read_text()
+
+
+def test_a_gpu_run_past_its_hard_stop_writes_its_report_with_the_row_it_cut_and_exits_3(tmp_path):
+    report = dry_run(tmp_path, "--parts", "bandwidth,train", "--hard-stop", "8", status=3)
+    assert report["parts"]["bandwidth"]["rows"]  # measured before the stop, and kept
+    assert " train 2x128 attention=" in report["cut"]  # which train row depends on the machine's speed
+    assert report["parts"]["train"]["skipped"][-1] == f"{report['cut']}: cut at the hard stop (8 s)"
