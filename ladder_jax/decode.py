@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -38,7 +39,7 @@ from . import model as M
 from .config import Config, ModelConfig, dtype_of
 from .errors import LadderError
 from .memory import free_device_bytes
-from .mesh import BATCH, batch_shards
+from .mesh import BATCH, batch_shards, local_device
 from .training import vocab_parallel_nll
 
 TENSOR = M.TENSOR
@@ -176,7 +177,7 @@ def check_cache_fits(cfg: ModelConfig, mesh: Mesh, shape: DecodeShape, device=No
     """Refuse a request whose KV cache would not fit next to what the device already holds.
     Returns the cache bytes per device."""
     need = cache_bytes(cfg, mesh, shape)
-    device = mesh.devices.flat[0] if device is None else device
+    device = local_device(mesh) if device is None else device
     free = free_device_bytes(device)
     if free is not None and need > free:
         raise DecodeError(
@@ -476,7 +477,7 @@ def generate(
     new, cache = prefill_fn(cfg, mesh, shape.cache_len, sample)(
         params, jax.device_put(tokens, NamedSharding(mesh, ROWS_BY_SEQ)), lengths, *per_row
     )
-    sink.take(np.asarray(new))
+    sink.take(to_host(new))
     prefill_seconds = time.perf_counter() - start
 
     # XLA:CPU with fake devices deadlocks when many steps with collectives are in flight
@@ -487,6 +488,14 @@ def generate(
     step = step_fn(cfg, mesh, sample)
     steps = decode_steps(step, params, new, lengths, cache, per_row, sink, max_new_tokens - 1, in_flight)
     return Generation(sink.tokens, prefill_seconds, time.perf_counter() - start, steps)
+
+
+def to_host(x) -> np.ndarray:
+    """A step's output on this host. Rows sharded over devices of other processes (mesh.data
+    spanning hosts) are gathered from them: every process calls this at the same point."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def padded_prompts(cfg: ModelConfig, shape: DecodeShape, prompts) -> tuple[np.ndarray, np.ndarray]:
@@ -536,7 +545,7 @@ def decode_steps(step, params, new, positions, cache, per_row, sink: TokenSink, 
         in_flight.append(new)
         steps += 1
         if len(in_flight) >= max_in_flight:
-            sink.take(np.asarray(in_flight.popleft()))
+            sink.take(to_host(in_flight.popleft()))
     while in_flight:
-        sink.take(np.asarray(in_flight.popleft()))
+        sink.take(to_host(in_flight.popleft()))
     return steps

@@ -147,3 +147,9 @@ def init_runtime(
 def _accelerator_present() -> bool:
     """Whether a GPU or TPU is visible, without initialising JAX's backends."""
     return bool(glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def local_device(mesh: Mesh):
+    """A device of the mesh that this process drives (the first one); what it reports about its
+    memory holds for the others (one kind of device per mesh)."""
+    return next(d for d in mesh.devices.flat if d.process_index == jax.process_index())

@@ -284,6 +284,41 @@ def test_infer_decodes_a_prompts_file_with_the_latest_complete_run(tmp_path, cap
     assert out == "".join(f"[{i}] {t}{c}\n" for i, (t, c) in enumerate(zip(texts, completions)))
 
 
+def test_infer_over_two_processes_with_tensor_spanning_both_writes_what_one_process_decodes(tmp_path, devices):
+    # 2 processes x 4 CPU devices over gloo, tensor 8 across both; process 0 writes, 1 stays quiet
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .conftest import TEST_XLA_FLAGS
+
+    cfg, mesh, params = model_on("standard", 1, 8)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    checkpoint.save_config(run, cfg)
+    checkpoint.save_params(run, params, step=1)
+    texts = ["Hello", "naïve"]
+    (tmp_path / "prompts.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    port = 20000 + (os.getpid() + 29) % 20000
+    cmd = [sys.executable, str(Path(infer.__file__).resolve()), "--checkpoint", str(run), "--prompts-file"]
+    cmd += [str(tmp_path / "prompts.txt"), "--max-new-tokens", str(NEW), "mesh.tensor=8", "--cpu-devices", "4"]
+    cmd += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(TEST_XLA_FLAGS)}
+    procs = [
+        subprocess.Popen([*cmd, "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e.decode(errors="replace")[-2000:] for _, e in outs]
+    # gloo prints its connections on stdout itself
+    written = [b"".join(line for line in out.splitlines(True) if not line.startswith(b"[Gloo]")) for out, _ in outs]
+    tokens = decode.generate(cfg, mesh, params, [[256, *t.encode()] for t in texts], NEW, eos_id=257).tokens
+    completions = [bytes(t for t in row if t < 256).decode("utf-8", errors="replace") for row in tokens]
+    assert written[0].decode() == "".join(f"[{i}] {t}{c}\n" for i, (t, c) in enumerate(zip(texts, completions)))
+    assert written[1] == b"" and b"tensor=8" in outs[0][1]
+
+
 def test_benchmark_prints_a_table_and_writes_json(tmp_path, capsys, devices):
     # The test model on data=1 x tensor=8, two prompts of 8 tokens, 16 new: the shapes the first
     # test compiled, so this one only runs them.

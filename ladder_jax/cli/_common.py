@@ -81,6 +81,14 @@ def cpu_devices(p: argparse.ArgumentParser) -> None:
     )
 
 
+def multihost(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--coordinator", help="multi-host: coordinator host:port (TPU pods and SLURM are detected without it)"
+    )
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
+
+
 def decoding_overrides(overrides: list[str]) -> list[str]:
     """mesh.data=1 unless an override sets it: one batch of requests on one host gains nothing
     from being split over data, and padding it up to the data size would multiply the work."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import json
+import os
 import sys
 
 import jax
@@ -37,7 +38,7 @@ from ..instruments import decode_speed
 from ..mesh import init_runtime, make_mesh
 from ..storage import Path, path
 from ..tokenizer import get_tokenizer
-from ._common import decoding_overrides, script_main, script_verb
+from ._common import decoding_overrides, multihost, script_main, script_verb
 from ._format import markdown_table
 
 
@@ -97,6 +98,7 @@ def arguments(ap: argparse.ArgumentParser) -> None:
     bench.add_argument("--runs", type=int, default=3, help="timed runs; the table shows their median (default 3)")
     bench.add_argument("--warmup", type=int, default=1, help="untimed runs after compiling (default 1)")
     ap.add_argument("--seed", type=int, default=0, help="seed of sampling, and of the benchmark's random weights")
+    multihost(ap)
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     ap.set_defaults(handler=infer_or_benchmark)
 
@@ -206,7 +208,8 @@ def resolve_run(args) -> Path:
 
 def infer(args) -> int:
     texts = read_prompts(args)
-    init_runtime(args.cpu_devices)  # before orbax looks for checkpoints, which starts JAX
+    # before orbax looks for checkpoints, which starts JAX
+    init_runtime(args.cpu_devices, args.coordinator, args.num_processes, args.process_id)
     # Everything else that can be wrong with the request is found before parameters load.
     run_dir = resolve_run(args)
     overrides = decoding_overrides(args.overrides)
@@ -216,6 +219,9 @@ def infer(args) -> int:
     check_request(cfg.model, prompts, args.max_new_tokens)
     sampling = decode.Sampling(args.temperature, args.top_k, args.top_p, args.seed).check(cfg.model.vocab_size)
     run = checkpoint.load_run(run_dir, overrides)
+    # Over several processes every one decodes the same prompts (each holds its devices' part of
+    # the model); process 0 writes.
+    quiet = open(os.devnull, "w") if jax.process_index() else None
     complete(
         run.cfg,
         run.mesh,
@@ -224,8 +230,8 @@ def infer(args) -> int:
         texts,
         prompts,
         args.max_new_tokens,
-        sys.stdout,
-        log=sys.stderr,
+        quiet or sys.stdout,
+        log=quiet or sys.stderr,
         source=str(run_dir),
         sampling=sampling,
     )

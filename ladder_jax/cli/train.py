@@ -13,7 +13,7 @@ from ..config import load_config
 from ..mesh import init_runtime
 from ..tokenizer import get_tokenizer
 from ..training import train
-from ._common import script_main, script_verb
+from ._common import multihost, script_main, script_verb
 
 
 def add(sub) -> None:
@@ -33,11 +33,7 @@ def arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--cpu-devices", type=int, default=8, help="fake CPU devices when no accelerator is present (default 8)"
     )
-    ap.add_argument(
-        "--coordinator", help="multi-host: coordinator host:port (TPU pods and SLURM are detected without it)"
-    )
-    ap.add_argument("--num-processes", type=int)
-    ap.add_argument("--process-id", type=int)
+    multihost(ap)
     ap.add_argument(
         "--sample-tokens",
         type=int,
