@@ -7,10 +7,13 @@ module alone decides which mesh axis each name is split over.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -153,3 +156,26 @@ def local_device(mesh: Mesh):
     """A device of the mesh that this process drives (the first one); what it reports about its
     memory holds for the others (one kind of device per mesh)."""
     return next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
+
+
+BROADCAST_BYTES = 4096  # one collective carries a message this long; longer ones take a second
+
+
+def broadcast_from_first(message):
+    """Process 0's `message` (JSON-able) on every process; the others pass anything (None).
+    Every process must call it at the same point, as any collective."""
+    if jax.process_count() == 1:
+        return message
+    data = json.dumps(message).encode() if jax.process_index() == 0 else b""
+    head = np.zeros(BROADCAST_BYTES, np.uint8)
+    head[:8] = np.frombuffer(np.int64(len(data)).tobytes(), np.uint8)
+    if len(data) <= BROADCAST_BYTES - 8:
+        head[8 : 8 + len(data)] = np.frombuffer(data, np.uint8)
+    head = np.asarray(multihost_utils.broadcast_one_to_all(head))
+    size = int(np.frombuffer(head[:8].tobytes(), np.int64)[0])
+    if size <= BROADCAST_BYTES - 8:
+        return json.loads(head[8 : 8 + size].tobytes())
+    body = np.zeros(1 << (size - 1).bit_length(), np.uint8)  # powers of two: a few compiles
+    if jax.process_index() == 0:
+        body[:size] = np.frombuffer(data, np.uint8)
+    return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(body))[:size].tobytes())
