@@ -530,7 +530,8 @@ def logits(cfg: ModelConfig, mesh: Mesh, params, tokens, positions=None):
 
 
 def describe(cfg: Config) -> str:
-    """One line: parameter count, plan, shape and parameter bytes per device."""
+    """One line: parameter count, plan, shape, parameter bytes per device, and how it trains
+    (scanned or unrolled layers, train.scan_layers)."""
     m, t, f = cfg.model, cfg.mesh.tensor, cfg.mesh.fsdp
     n = count_params(m)
     size = bytes_per_device(m, t, f)
@@ -540,5 +541,6 @@ def describe(cfg: Config) -> str:
     return (
         f"{m.name}: {n / 1e9:.3f}B parameters ({n:,}), {m.n_layers} layers [{plan}], "
         f"d_model {m.d_model}, heads {m.n_heads}/{m.n_kv_heads} kv, ffn {m.ffn_dim}, vocab {m.vocab_size}; "
-        f"parameters per device at {where}: {size} ({m.param_dtype})"
+        f"parameters per device at {where}: {size} ({m.param_dtype}); "
+        f"trains {'scanned' if cfg.train.scan_layers else 'unrolled'} (train.scan_layers={str(cfg.train.scan_layers).lower()})"
     )
