@@ -8,7 +8,8 @@ over it too and are gathered just before the module runs (`fsdp_gather`).
 
 Training can rematerialise each layer step (`jax.checkpoint`, a policy from config.REMAT_POLICIES)
 and scan runs of identical steps (`jax.lax.scan` over the run's weights stacked on a new leading
-axis, carrying the schedules' Stream, ladder's pending output included). Decoding runs unrolled.
+axis, carrying the schedules' Stream, a ladder's last output unreduced: its all-reduce runs in the
+next iteration, beside that iteration's first module). Decoding runs unrolled.
 """
 
 from __future__ import annotations
@@ -108,13 +109,16 @@ class Transformer(nnx.Module):
         schedule, layers = run[0]
         gdefs = [nnx.graphdef(self.layers[i]) for i in layers]
 
-        def step(weights, stream, kv):
-            blocks = [fsdp_gather(nnx.merge(g, w)) for g, w in zip(gdefs, weights)]
-            stream, kv = schedule.run(blocks, kv, stream, ctx)
-            return stream, kv, (stream.settled() if hidden else None)
+        def step_in(ctx):
+            def step(weights, stream, kv):
+                blocks = [fsdp_gather(nnx.merge(g, w)) for g, w in zip(gdefs, weights)]
+                stream, kv = schedule.run(blocks, kv, stream, ctx)
+                return stream, kv, (stream.settled() if hidden else None)
 
-        if REMAT_POLICIES[remat] is not None:
-            step = jax.checkpoint(step, policy=REMAT_POLICIES[remat])
+            policy = REMAT_POLICIES[remat]
+            return step if policy is None else jax.checkpoint(step, policy=policy)
+
+        step = step_in(ctx)
         name = f"layer{layers[0]}" if len(layers) == 1 else f"layers{layers[0]}-{layers[-1]}"
         weights = [[nnx.to_pure_dict(nnx.state(self.layers[i], nnx.Param)) for i in ls] for _, ls in run]
         if len(run) == 1:
@@ -123,8 +127,10 @@ class Transformer(nnx.Module):
             return stream, [kv0], [h] if hidden else []
         # A scan carries no cache (`residual` refuses one). Its carry must keep one structure: a
         # stream fresh from the embedding has nothing pending yet, every step leaves one output
-        # pending (a ladder step also the residual its late add reads, Stream.late), so a first
-        # step that changes the structure runs on its own.
+        # pending (a ladder step instead leaves it unreduced, LayerContext.defer_last, and the
+        # residual its late add reads, Stream.late), so a first step that changes the structure
+        # runs on its own. The last step's unreduced output is reduced after the loop.
+        step = step_in(dataclasses.replace(ctx, defer_last=None if hidden else defer_all_reduce))
         first = []
         after = jax.eval_shape(lambda st: step(weights[0], st, kv[0])[0], stream)
         if jax.tree.structure(after) != jax.tree.structure(stream):
@@ -137,13 +143,14 @@ class Transformer(nnx.Module):
         # typed so from the start and after every step, whatever the schedule.
         vary = lambda st: jax.tree.map(_tensor_varying, st)
 
-        def body(st, w):
-            st, _, h = step(w, st, kv[0])
+        def body(st, w):  # the carried output's all-reduce outside a remat: its only reader
+            st, _, h = step(w, st.issue(finish_all_reduce), kv[0])
             return vary(st), h
 
         last = run[-1][1][-1]
         with jax.named_scope(f"scan_layers{run[-len(weights)][1][0]}-{last}"):
             stream, hs = jax.lax.scan(body, vary(stream), stacked)
+            stream = stream.issue(finish_all_reduce)
         return stream, [kv[0]] * len(run), first + (list(hs) if hidden else [])
 
     def embed_tokens(self, tokens):
@@ -163,6 +170,59 @@ class Transformer(nnx.Module):
             logits = fsdp_gather(self.embed).attend(h) if self.lm_head is None else fsdp_gather(self.lm_head)(h)
             vocab_ids = jax.lax.axis_index(TENSOR) * logits.shape[-1] + jnp.arange(logits.shape[-1])
             return jnp.where(vocab_ids < self.cfg.vocab_size, logits, -jnp.inf)
+
+
+# An all-reduce over `tensor` split across a scan's iteration boundary (LayerContext.defer_last):
+# `defer_all_reduce` ends an iteration with the partial output in the carry, `finish_all_reduce`
+# reduces it in the next, beside that iteration's first module. Their gradients swap places: the
+# gradient's reduction is `defer_all_reduce`'s transpose, at the start of its backward iteration
+# (where the unsplit all-reduce's transpose was), not at the end of the one before, where XLA:TPU
+# ran it synchronously. `checked`: the shard_map types varying axes (check_vma), where a psum's
+# transpose is a cast and the reductions happen at the implicit casts (`pvary`) instead.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _start(checked, y):
+    return y
+
+
+def _start_fwd(checked, y):
+    return y, None
+
+
+def _start_bwd(checked, _, g):
+    return (g if checked else jax.lax.psum(g, TENSOR),)
+
+
+_start.defvjp(_start_fwd, _start_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _finish(checked, y):
+    return jax.lax.psum(y, TENSOR)
+
+
+def _finish_fwd(checked, y):
+    return jax.lax.psum(y, TENSOR), None
+
+
+def _finish_bwd(checked, _, g):
+    return (jax.lax.pcast(g, (TENSOR,), to="varying") if checked else g,)
+
+
+_finish.defvjp(_finish_fwd, _finish_bwd)
+
+
+def _checked(y) -> bool:
+    return TENSOR in jax.typeof(y).manual_axis_type.varying
+
+
+def defer_all_reduce(y):
+    return _start(_checked(y), y)
+
+
+def finish_all_reduce(y):
+    return _finish(_checked(y), y)
 
 
 def _tensor_varying(x):
@@ -470,7 +530,8 @@ def logits(cfg: ModelConfig, mesh: Mesh, params, tokens, positions=None):
 
 
 def describe(cfg: Config) -> str:
-    """One line: parameter count, plan, shape and parameter bytes per device."""
+    """One line: parameter count, plan, shape, parameter bytes per device, and how it trains
+    (scanned or unrolled layers, train.scan_layers)."""
     m, t, f = cfg.model, cfg.mesh.tensor, cfg.mesh.fsdp
     n = count_params(m)
     size = bytes_per_device(m, t, f)
@@ -480,5 +541,6 @@ def describe(cfg: Config) -> str:
     return (
         f"{m.name}: {n / 1e9:.3f}B parameters ({n:,}), {m.n_layers} layers [{plan}], "
         f"d_model {m.d_model}, heads {m.n_heads}/{m.n_kv_heads} kv, ffn {m.ffn_dim}, vocab {m.vocab_size}; "
-        f"parameters per device at {where}: {size} ({m.param_dtype})"
+        f"parameters per device at {where}: {size} ({m.param_dtype}); "
+        f"trains {'scanned' if cfg.train.scan_layers else 'unrolled'} (train.scan_layers={str(cfg.train.scan_layers).lower()})"
     )

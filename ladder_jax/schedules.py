@@ -10,7 +10,8 @@ this module computes; the pending output is added once this module's output exis
 standard one reads the residual without that layer's MLP output, exactly the module-level rule
 of the hybrid Llama conversion.
 
-`ctx.all_reduce` is the psum over the tensor axis; it is the only collective a layer issues.
+`ctx.all_reduce` is the psum over the tensor axis; it is the only collective a layer issues (in a
+scan, a ladder's last one is split across the iteration boundary: `LayerContext.defer_last`).
 
 A schedule is one entry of `SCHEDULES`: its function and its traits (layers per step, all-reduces,
 norms, split form, trainability, dependence on the tensor degree). The plan grammar
@@ -34,6 +35,9 @@ class Stream:
     pending: tuple = ()
     # (x,): the same residual, as the next late add reads it (settle_after), or () before any settle
     late: tuple = ()
+    # this device's partial outputs whose all-reduce is not issued yet: what a scanned ladder
+    # iteration leaves to the next one (`defer`), which reduces them first (`issue`)
+    unreduced: tuple = ()
 
     def read(self) -> "Stream":
         """Add every pending output: the residual a standard module reads."""
@@ -70,6 +74,16 @@ class Stream:
     def push(self, y: jax.Array) -> "Stream":
         return replace(self, pending=self.pending + (y,))
 
+    def defer(self, y: jax.Array) -> "Stream":
+        """Leave this module's partial output `y` unreduced, to be reduced later (`issue`)."""
+        return replace(self, unreduced=self.unreduced + (y,))
+
+    def issue(self, reduce) -> "Stream":
+        """Reduce the deferred outputs; they are pending from here on."""
+        if not self.unreduced:
+            return self
+        return replace(self, pending=self.pending + tuple(reduce(y) for y in self.unreduced), unreduced=())
+
     def settled(self) -> jax.Array:
         return self.read().x
 
@@ -83,28 +97,33 @@ class LayerContext:
     # (k, v) cache or None; a split lp pair's attention takes and returns the list of both layers'
     attend: Callable
     pick: Callable  # pick(a, b): a on the first half of the tensor axis, b on the second
+    # None, or (the step is a scan iteration) what a ladder's last output passes through to stay
+    # unreduced in the carry (Stream.defer): the next iteration reduces it while its first module,
+    # which does not read it, computes; reduced here, it would close the iteration synchronously
+    defer_last: Callable | None = None
 
 
 # Every schedule function: (blocks, kv, stream, ctx) -> (stream, kv) for one step of the plan;
 # blocks and kv (each layer's cache, None without one) hold one entry per layer of the step.
 
 
-def _module(s: Stream, f, reduce, ladder: bool):
+def _module(s: Stream, f, reduce, ladder: bool, defer: Callable | None = None):
     """One module over the stream. f(x) -> (partial output, cache). A standard module reads the
     settled residual; a ladder module reads it without the previous module's output, which is
-    added only once this module's output exists."""
+    added only once this module's output exists. With `defer` the output stays unreduced."""
     if not ladder:
         s = s.read()
     y, kv = f(s.x)
     if ladder:
         s, y = s.settle_after(y)
-    return s.push(reduce(y)), kv
+    return (s.push(reduce(y)) if defer is None else s.defer(defer(y))), kv
 
 
 def _sequential(blocks, kv, s: Stream, ctx: LayerContext, reduce, ladder: bool = False):
     (b,), (c,) = blocks, kv
     s, c = _module(s, lambda x: ctx.attend(b.attn, b.attn_norm(x), c), reduce, ladder)
-    s, _ = _module(s, lambda x: (b.mlp(b.mlp_norm(x)), None), reduce, ladder)
+    defer = ctx.defer_last if ladder else None
+    s, _ = _module(s, lambda x: (b.mlp(b.mlp_norm(x)), None), reduce, ladder, defer)
     return s, (c,)
 
 

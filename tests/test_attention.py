@@ -141,7 +141,7 @@ def test_paged_decode_attention_reads_each_rows_pages_in_table_order():
 def test_train_loss_with_the_splash_kernel_matches_xla_and_its_gradients_under_fsdp_remat_and_scan(devices):
     # A kernel makes the model's shard_map run with check_vma=False (attention.may_use_kernel);
     # the loss and every gradient must still equal the checked xla program's.
-    cfg = small_config(tensor=2, mesh__fsdp=2, model__n_layers=2, model__max_seq_len=128, model__init_std=0.1)
+    cfg = small_config("ladder", tensor=2, mesh__fsdp=2, model__n_layers=3, model__max_seq_len=128, model__init_std=0.1)
     mesh = make_mesh(cfg)
     params = M.init_params(cfg.model, mesh, 0)
     rng = np.random.RandomState(3)

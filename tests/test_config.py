@@ -1,7 +1,7 @@
 import pytest
 
 from ladder_jax.config import ConfigError, list_presets, load_config
-from ladder_jax.model import count_params
+from ladder_jax.model import count_params, describe
 from ladder_jax.plan import parse_plan, plan_steps
 
 
@@ -34,6 +34,14 @@ def test_every_preset_loads_and_validates():
 )
 def test_large_presets_have_the_published_parameter_count_without_allocating(preset, expected):
     assert count_params(load_config(preset).model) == expected
+
+
+def test_the_large_presets_train_scanned_by_default_and_describe_says_so():
+    scanned = [name for name in list_presets() if load_config(name).train.scan_layers]
+    assert set(scanned) == set(list_presets()) - {"tiny"}
+    assert describe(load_config("ladder-1b")).endswith("; trains scanned (train.scan_layers=true)")
+    unrolled = load_config("ladder-1b", ["train.scan_layers=false"])
+    assert describe(unrolled).endswith("; trains unrolled (train.scan_layers=false)")
 
 
 def test_dotted_overrides_are_typed():

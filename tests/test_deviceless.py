@@ -216,6 +216,27 @@ def test_the_ladder_backward_overlaps_every_layer_gradient_all_reduce(target, co
 
 @pytest.mark.deviceless
 @pytest.mark.parametrize("target, compiler", [("v5e-8", "libtpu"), ("h100-8", "jax_cuda12_plugin")])
+def test_the_scanned_ladder_train_step_overlaps_the_all_reduce_at_its_iteration_boundary(target, compiler):
+    # train.scan_layers: layer 0 runs alone, layers 1-2 are the loop body (read once). Forward:
+    # every layer all-reduce async and all but the last (after the loop) with GEMMs inside, the
+    # MLP output's that each iteration leaves in its carry included (LayerContext.defer_last;
+    # without it that all-reduce closed the iteration with nothing inside, synchronously on
+    # XLA:TPU). Backward: every gradient reduction async, each iteration's attention one with
+    # GEMMs inside (the carried gradient's has none: docs/training.md, "Scanned layers").
+    pytest.importorskip(compiler)
+    cfg = load_config("llama-3.1-8b", [f"model.n_layers={LAYERS}", "model.plan=ladder", "mesh.tensor=8"])
+    mesh = target_mesh(cfg, get_target(target))
+    options = tpu_flags() if target == "v5e-8" else None
+    text = deviceless.train_hlo(cfg.model, mesh, 8, 512, scan=True, compiler_options=options)
+    ars = [a for a in scheduled_all_reduces(text, mesh) if a.axis == "tensor" and a.scope.startswith(("layer", "scan"))]
+    fwd, bwd = [a for a in ars if not a.backward], [a for a in ars if a.backward]
+    assert [a.scope for a in fwd] == ["layer0"] + [f"scan_layers1-{LAYERS - 1}"] * 3
+    assert all(a.async_ for a in fwd) and all(a.overlapped for a in fwd[:-1])
+    assert len(bwd) == 4 and all(a.async_ for a in bwd) and sum(a.overlapped for a in bwd) >= 2
+
+
+@pytest.mark.deviceless
+@pytest.mark.parametrize("target, compiler", [("v5e-8", "libtpu"), ("h100-8", "jax_cuda12_plugin")])
 def test_schedule_and_memory_commands_on_a_target(target, compiler, tmp_path):
     # The commands end to end as a user runs them, in a process of their own (the library's libtpu
     # flags must be set before libtpu loads, which this process has done already), a schedule
