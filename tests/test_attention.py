@@ -138,6 +138,31 @@ def test_paged_decode_attention_reads_each_rows_pages_in_table_order():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
 
 
+def test_paged_attention_of_a_chunk_sees_each_rows_pages_up_to_each_query():
+    # A prompt's chunk: several queries per row at positions past earlier chunks (whose keys
+    # are in the pages), padded with position -1 (no keys: zeros, not NaN).
+    r = np.random.default_rng(4)
+    b, s, kv, g, hd, page = 2, 4, 2, 2, 16, 8
+    q = jnp.asarray(r.normal(size=(b, s, kv, g, hd)), jnp.float32)
+    pool_k, pool_v = (r.normal(size=(10, page, kv, hd)).astype(np.float32) for _ in range(2))
+    table = np.array([[3, 7, 1, 10], [5, 0, 10, 10]], np.int32)  # 10: no page
+    positions = np.array([[17, 18, 19, 20], [9, 10, -1, -1]], np.int32)
+    got = np.asarray(
+        jax.jit(A.paged_attention, static_argnums=(5, 6))(q, pool_k, pool_v, table, positions, jnp.float32, 16)
+    )
+    for row in range(b):
+        keys = np.concatenate([pool_k[p] for p in table[row] if p < 10]).astype(np.float64)
+        values = np.concatenate([pool_v[p] for p in table[row] if p < 10]).astype(np.float64)
+        for i, p in enumerate(positions[row]):
+            if p < 0:
+                np.testing.assert_array_equal(got[row, i], 0)
+                continue
+            sc = np.einsum("kgd,tkd->kgt", np.asarray(q[row, i], np.float64), keys[: p + 1]) / np.sqrt(hd)
+            w = np.exp(sc - sc.max(-1, keepdims=True))
+            want = np.einsum("kgt,tkd->kgd", w / w.sum(-1, keepdims=True), values[: p + 1])
+            np.testing.assert_allclose(got[row, i], want, atol=1e-5)
+
+
 def test_train_loss_with_the_splash_kernel_matches_xla_and_its_gradients_under_fsdp_remat_and_scan(devices):
     # A kernel makes the model's shard_map run with check_vma=False (attention.may_use_kernel);
     # the loss and every gradient must still equal the checked xla program's.
