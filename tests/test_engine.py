@@ -277,6 +277,47 @@ def test_samples_share_the_first_samples_pages_and_go_on_if_it_is_cancelled_whil
     assert chunked.pages_in_use == 0 and chunked.unpromised == [8]
 
 
+def test_prefix_cache_shares_full_prompt_pages_evicts_the_least_recently_used_and_changes_no_token(devices):
+    cfg, mesh, params = model_on("ladder", 1, 2)
+    system = [256, *b"System:"]  # one page of 8 positions
+    a, b, other = system + list(b"hi"), system + list(b"bye"), [256, *b"Other prompt"]
+    z1, z2 = [256, *range(60, 72)], [256, 7]  # 4 and 3 pages with 16 new tokens
+    dense = {}
+    for pair in ([a, b], [other, z1], [z2, z2]):
+        dense.update(zip(map(tuple, pair), decode.generate(cfg.model, mesh, params, pair, NEW[0]).tokens))
+    engine = small_engine("ladder")
+    assert engine.run([Request(a, NEW[0])])[0].tokens == dense[tuple(a)] and engine.cached_pages == 1
+    # Two prompts that begin with the cached page: they hold it together and prefill the rest.
+    shared = [engine.submit(Request(p, NEW[0])) for p in (a, b)]
+    prefilled = engine.prefill_tokens
+    engine.step()
+    assert engine.prefill_tokens - prefilled == 2 + 3 and engine.pages_in_use == 1 + 1 + 1
+    step_until_done(engine, shared)
+    assert [r.tokens for r in shared] == [dense[tuple(a)], dense[tuple(b)]]
+    assert [r.cached_tokens for r in shared] == [8, 8]
+    assert engine.run([Request(other, NEW[0])])[0].cached_tokens == 0
+    # 7 pages for z1 and z2 with 6 uncached ones free: the cached pages nobody holds count as
+    # free, and the least recently used (the system prompt's) is evicted, not the other's.
+    zs = [engine.submit(Request(p, NEW[0])) for p in (z1, z2)]
+    engine.step()
+    assert engine.busy_slots == 2
+    step_until_done(engine, zs)
+    assert [r.tokens for r in zs] == [dense[tuple(z1)], dense[tuple(z2)]]
+    again = engine.run([Request(a, NEW[0]), Request(other, NEW[0])])
+    assert [r.cached_tokens for r in again] == [0, 8]
+    assert [r.tokens for r in again] == [dense[tuple(a)], dense[tuple(other)]]
+    queries = len(a) * 3 + len(b) + len(other) * 2 + len(z1) + len(z2)
+    assert (engine.prefix_queries, engine.prefix_hits) == (queries, 3 * 8)
+    assert engine.prefix_hit_rate == 24 / queries and engine.pages_in_use == 0
+    # Off: no page is kept, and the tokens are the same.
+    off = small_engine("ladder", prefix_cache=False)
+    assert [r.tokens for r in off.run([Request(a, NEW[0])]) + off.run([Request(b, NEW[0])])] == [
+        dense[tuple(a)],
+        dense[tuple(b)],
+    ]
+    assert off.cached_pages == 0 and off.prefix_queries == 0 and len(off.free_pages[0]) == off.shard_pages
+
+
 def test_requests_wait_for_pages_and_give_them_back_and_too_many_are_refused(engine):
     cfg, mesh, params = engine.cfg, engine.mesh, engine.params
     # Four rows (two per data shard) but three pages of 8 positions per shard.
