@@ -183,7 +183,7 @@ class Metrics:
         self.e2e = metric(
             prom.Histogram, "e2e_request_latency_seconds", "Request latency.", buckets=[*seconds, 80.0, 160.0]
         ).labels(**label)
-        self.prompt_tokens = metric(prom.Counter, "prompt_tokens", "Prompt tokens prefilled.").labels(**label)
+        self.prompt_tokens = metric(prom.Counter, "prompt_tokens", "Prompt tokens of the requests.").labels(**label)
         self.generation_tokens = metric(prom.Counter, "generation_tokens", "Tokens generated.").labels(**label)
         self.success = metric(prom.Counter, "request_success", "Finished requests.", labels=["finished_reason"])
         self.label = label
@@ -436,7 +436,13 @@ class Server:
 
         def usage():
             n = sum(len(s.request.tokens) for s in samples)
-            return {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+            cached = {"cached_tokens": samples[0].request.cached_tokens}  # found in the prefix cache
+            return {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": n,
+                "total_tokens": prompt_tokens + n,
+                "prompt_tokens_details": cached,
+            }
 
         def record(choices, **extra):
             obj = kind + (".chunk" if chat and body.stream else "")

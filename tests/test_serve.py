@@ -75,6 +75,7 @@ def test_completions_chat_streaming_models_and_health(server, client):
     whole = complete(client, "Hello", max_tokens=12, temperature=0)
     assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 12
     assert whole.usage.prompt_tokens == 6  # BOS and five bytes
+    assert whole.usage.prompt_tokens_details.cached_tokens == 0  # no full page of 16 to cache
     pieces = [c.choices[0].text for c in complete(client, "Hello", max_tokens=12, temperature=0, stream=True)]
     assert "".join(pieces) == whole.choices[0].text and len(pieces) > 1
     text = whole.choices[0].text
