@@ -364,6 +364,28 @@ def paged_attention(q, k_pages, v_pages, page_table, positions, dtype, block: in
     q: (B, S, K, G, hd); k_pages/v_pages: (pages, page_size, K, hd); page_table: (B, W) int32;
     positions: (B, S) (the queries' keys are already written; -1: padding, which sees nothing
     and gets zeros). Returns (B, S, K, G, hd)."""
+    s = q.shape[1]
+    query_block = XLA_QUERY_BLOCK
+    while s // query_block > XLA_MAX_BLOCKS:
+        query_block *= 2  # a bounded number of blocks keeps the HLO, and so the compile, small
+    if s > query_block:
+        # Each block of queries reads keys only up to its own furthest position: about half the
+        # work of every query reading up to the chunk's end, in pieces that stay in cache.
+        return jnp.concatenate(
+            [
+                paged_attention(
+                    q[:, a : a + query_block],
+                    k_pages,
+                    v_pages,
+                    page_table,
+                    positions[:, a : a + query_block],
+                    dtype,
+                    block,
+                )
+                for a in range(0, s, query_block)
+            ],
+            axis=1,
+        )
     n_pages, page_size = k_pages.shape[:2]
     per_block = max(1, min(block // page_size, page_table.shape[1]))
     width = -(-page_table.shape[1] // per_block) * per_block

@@ -139,20 +139,22 @@ def test_paged_decode_attention_reads_each_rows_pages_in_table_order():
 
 
 def test_paged_attention_of_a_chunk_sees_each_rows_pages_up_to_each_query():
-    # A prompt's chunk: several queries per row at positions past earlier chunks (whose keys
-    # are in the pages), padded with position -1 (no keys: zeros, not NaN).
+    # A prompt's chunk: 260 queries per row (three query blocks, each reading keys up to its own
+    # furthest position) at positions past earlier chunks, whose keys are in the pages, one row
+    # padded with position -1 (no keys: zeros, not NaN).
     r = np.random.default_rng(4)
-    b, s, kv, g, hd, page = 2, 4, 2, 2, 16, 8
+    b, s, kv, g, hd, page, pages = 2, 260, 2, 2, 16, 8, 80
     q = jnp.asarray(r.normal(size=(b, s, kv, g, hd)), jnp.float32)
-    pool_k, pool_v = (r.normal(size=(10, page, kv, hd)).astype(np.float32) for _ in range(2))
-    table = np.array([[3, 7, 1, 10], [5, 0, 10, 10]], np.int32)  # 10: no page
-    positions = np.array([[17, 18, 19, 20], [9, 10, -1, -1]], np.int32)
+    pool_k, pool_v = (r.normal(size=(pages, page, kv, hd)).astype(np.float32) for _ in range(2))
+    table = r.permutation(pages)[: b * 40].reshape(b, 40).astype(np.int32)
+    table[1, 25:] = pages  # no page past row 1's positions
+    positions = np.stack([np.arange(17, 17 + s), np.where(np.arange(s) < 200, np.arange(s), -1)]).astype(np.int32)
     got = np.asarray(
-        jax.jit(A.paged_attention, static_argnums=(5, 6))(q, pool_k, pool_v, table, positions, jnp.float32, 16)
+        jax.jit(A.paged_attention, static_argnums=(5, 6))(q, pool_k, pool_v, table, positions, jnp.float32)
     )
     for row in range(b):
-        keys = np.concatenate([pool_k[p] for p in table[row] if p < 10]).astype(np.float64)
-        values = np.concatenate([pool_v[p] for p in table[row] if p < 10]).astype(np.float64)
+        keys = np.concatenate([pool_k[p] for p in table[row] if p < pages]).astype(np.float64)
+        values = np.concatenate([pool_v[p] for p in table[row] if p < pages]).astype(np.float64)
         for i, p in enumerate(positions[row]):
             if p < 0:
                 np.testing.assert_array_equal(got[row, i], 0)
