@@ -23,9 +23,10 @@ with one warning line under `auto`, and stops with one line (AttentionError) whe
 
 Decoding (one new token per row over a KV cache) always uses `decode_attention`: an online
 softmax over key blocks up to the furthest row's position, so a step reads the keys written so
-far, not the whole allocation. Over the serving engine's paged cache, `paged_decode_attention`
-runs the same online softmax over blocks gathered through each row's page table (XLA on every
-platform; JAX's Pallas TPU paged-attention kernel is not used yet).
+far, not the whole allocation. Over the serving engine's paged cache, `paged_attention` runs the
+same online softmax over blocks gathered through each row's page table, for one new token per row
+(`paged_decode_attention`) or a chunk of a prompt (XLA on every platform; JAX's Pallas TPU
+paged-attention kernel is not used yet).
 """
 
 from __future__ import annotations
@@ -346,13 +347,45 @@ def decode_attention(q, cache_k, cache_v, positions, dtype, block: int = DECODE_
 
 
 def paged_decode_attention(q, k_pages, v_pages, page_table, positions, dtype, block: int = DECODE_KEY_BLOCK):
-    """`decode_attention` over a paged cache: row b's keys at position p are in page
-    page_table[b, p // page_size] at offset p % page_size. The pages of a block of positions
-    are gathered (an XLA gather, on every platform); ids past the pool (no page yet) read zeros,
-    which the position mask leaves out.
+    """`decode_attention` over a paged cache (`paged_attention` of one query per row).
 
-    q: (B, 1, K, G, hd); k_pages/v_pages: (pages, page_size, K, hd); page_table: (B, W) int32;
-    positions: (B,) of the new token (its key is already written)."""
+    q: (B, 1, K, G, hd); positions: (B,) of the new token (its key is already written)."""
+    return paged_attention(q, k_pages, v_pages, page_table, positions[:, None], dtype, block)
+
+
+def paged_attention(q, k_pages, v_pages, page_table, positions, dtype, block: int = DECODE_KEY_BLOCK):
+    """Queries at `positions` over their rows' paged caches: row b's key at position p is in
+    page page_table[b, p // page_size] at offset p % page_size, and a query sees the keys at
+    positions up to its own. The pages of a block of positions are gathered (an XLA gather, on
+    every platform) with an online softmax over the blocks, up to the furthest query's position;
+    ids past the pool (no page yet) read zeros, which the position mask leaves out. A chunk of a
+    prompt (S > 1) so reads the keys of earlier chunks and of a cached prefix from the pages.
+
+    q: (B, S, K, G, hd); k_pages/v_pages: (pages, page_size, K, hd); page_table: (B, W) int32;
+    positions: (B, S) (the queries' keys are already written; -1: padding, which sees nothing
+    and gets zeros). Returns (B, S, K, G, hd)."""
+    s = q.shape[1]
+    query_block = XLA_QUERY_BLOCK
+    while s // query_block > XLA_MAX_BLOCKS:
+        query_block *= 2  # a bounded number of blocks keeps the HLO, and so the compile, small
+    if s > query_block:
+        # Each block of queries reads keys only up to its own furthest position: about half the
+        # work of every query reading up to the chunk's end, in pieces that stay in cache.
+        return jnp.concatenate(
+            [
+                paged_attention(
+                    q[:, a : a + query_block],
+                    k_pages,
+                    v_pages,
+                    page_table,
+                    positions[:, a : a + query_block],
+                    dtype,
+                    block,
+                )
+                for a in range(0, s, query_block)
+            ],
+            axis=1,
+        )
     n_pages, page_size = k_pages.shape[:2]
     per_block = max(1, min(block // page_size, page_table.shape[1]))
     width = -(-page_table.shape[1] // per_block) * per_block
@@ -363,38 +396,40 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, positions, dtype, bl
         ids = jax.lax.dynamic_slice_in_dim(table, i * per_block, per_block, axis=1)  # (B, per_block)
         kb, vb = (p.at[ids].get(mode="fill", fill_value=0).reshape(bsz, span, *p.shape[2:]) for p in (k_pages, v_pages))
         idx = i * span + jnp.arange(span)
-        return kb, vb, idx[None] <= positions[:, None]
+        return kb, vb, idx[None, None] <= positions[:, :, None]
 
     n_blocks = (jnp.max(positions) + span) // span
     return _online_softmax(q, read, n_blocks, dtype, (q, k_pages, page_table, positions))
 
 
 def _online_softmax(q, read, n_blocks, dtype, inputs):
-    """softmax(q k / sqrt(hd)) v of one query per row over n_blocks blocks of keys, read(i) ->
-    (keys (B, block, K, hd), values, valid (B, block)); `inputs`: the arrays the result varies with."""
-    bsz, _, kv, g, hd = q.shape
-    qf = q[:, 0].astype(jnp.float32) / math.sqrt(hd)  # (B, K, G, hd)
+    """softmax(q k / sqrt(hd)) v of S queries per row over n_blocks blocks of keys, read(i) ->
+    (keys (B, block, K, hd), values, valid (B, block) for every query or (B, S, block));
+    `inputs`: the arrays the result varies with. A query that sees no key gets zeros."""
+    bsz, s, kv, g, hd = q.shape
+    qf = q.astype(jnp.float32) / math.sqrt(hd)  # (B, S, K, G, hd)
 
     def body(i, carry):
         m, total, acc = carry
         kb, vb, valid = read(i)
-        s = jnp.einsum("bkgd,btkd->bkgt", qf, kb.astype(jnp.float32))
-        s = jnp.where(valid[:, None, None], s, -jnp.inf)
-        m_new = jnp.maximum(m, s.max(axis=-1))
+        valid = valid.reshape(bsz, -1, valid.shape[-1])  # (B, S or 1, block)
+        sc = jnp.einsum("bskgd,btkd->bskgt", qf, kb.astype(jnp.float32))
+        sc = jnp.where(valid[:, :, None, None], sc, -jnp.inf)
+        m_new = jnp.maximum(m, sc.max(axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.exp(s - m_safe[..., None])
+        p = jnp.exp(sc - m_safe[..., None])
         scale = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
         total = total * scale + p.sum(axis=-1)
-        acc = acc * scale[..., None] + jnp.einsum("bkgt,btkd->bkgd", p, vb.astype(jnp.float32))
+        acc = acc * scale[..., None] + jnp.einsum("bskgt,btkd->bskgd", p, vb.astype(jnp.float32))
         return m_new, total, acc
 
     init = (
-        jnp.full((bsz, kv, g), -jnp.inf, jnp.float32),
-        jnp.zeros((bsz, kv, g), jnp.float32),
-        jnp.zeros((bsz, kv, g, hd), jnp.float32),
+        jnp.full((bsz, s, kv, g), -jnp.inf, jnp.float32),
+        jnp.zeros((bsz, s, kv, g), jnp.float32),
+        jnp.zeros((bsz, s, kv, g, hd), jnp.float32),
     )
     # Under shard_map the loop carry must vary over the mesh axes its updates vary over.
     axes = frozenset().union(*(_varying(x) for x in inputs))
     init = jax.tree.map(lambda x: _cast_varying(x, axes), init)
     _, total, acc = jax.lax.fori_loop(0, n_blocks, body, init)
-    return (acc / total[..., None]).astype(dtype)[:, None]
+    return (acc / jnp.where(total > 0, total, 1.0)[..., None]).astype(dtype)

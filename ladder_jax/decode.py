@@ -403,6 +403,35 @@ def paged_step_fn(cfg: ModelConfig, mesh: Mesh, logprobs: int = 0):
     return jax.jit(M.sharded(cfg, mesh, body, in_specs, out_specs), donate_argnums=3)
 
 
+@functools.lru_cache(maxsize=32)
+def paged_prefill_fn(cfg: ModelConfig, mesh: Mesh, logprobs: int = 0):
+    """A chunk of each row's prompt into a paged KV cache: jit(params, tokens (P, C), positions (P, C),
+    pages, page_table (P, W), last (P,), temperature, top_k, top_p, seed) -> (next token (P,),
+    pages[, logprobs]).
+
+    Row b's tokens sit at positions[b] (absolute: the chunk's start + t; -1 pads the row and is
+    written nowhere). Each layer writes the chunk's keys and values into the row's pages, then
+    the chunk's queries attend over the row's pages (`attention.paged_attention`), so earlier
+    chunks and a cached prefix are read from there. Only the row's last real token (index
+    last[b]) goes through the LM head: the next token, drawn as the decode step draws, is the
+    prompt's first new token when the chunk ends the prompt (else it is not used). Rows are over
+    `data` as the pools are: a row's page ids index its data shard's pool. The pools are donated;
+    the compiled shapes are (P, C), which the engine keeps to a few buckets."""
+
+    def body(model, tokens, positions, pages, page_table, last, *sampling):
+        x, pages, _ = model.residual(tokens, positions, cache=pages, page_table=page_table)
+        logits = model.head(jnp.take_along_axis(x, last[:, None, None], axis=1))[:, 0]
+        produced = jnp.take_along_axis(positions, last[:, None], axis=1)[:, 0] + 1
+        new = next_tokens(logits, produced, sampling)
+        extra = (vocab_parallel_logprobs(logits, new, logprobs),) if logprobs else ()
+        return new, pages, *extra
+
+    specs = M.cache_specs(cfg)
+    in_specs = (ROWS_BY_SEQ, ROWS_BY_SEQ, specs, ROWS_BY_SEQ, ROWS, *sampling_specs(True))
+    out_specs = (ROWS, specs, *logprob_specs(logprobs))
+    return jax.jit(M.sharded(cfg, mesh, body, in_specs, out_specs), donate_argnums=3)
+
+
 def abstract_step_args(cfg: ModelConfig, mesh: Mesh, batch: int, cache_len: int) -> tuple:
     """(params, tokens, positions, cache) of a decode step as sharded abstract values: what the
     step compiles for, with nothing allocated."""

@@ -5,22 +5,35 @@ as the engine; each data shard has a pool of its own for its rows. A running req
 the compiled decode batch (`max_running` rows) and a page table row: position p of the request is
 at offset p % page_size of page table[row, p // page_size]. A request is admitted when a row is
 free and its shard's pool can still promise every page the request may need (prompt plus
-max_new_tokens, so no request is ever preempted); it takes the pages as its cache grows, one at a
-time, and gives them all back when it ends (finished, stopped or cancelled).
+max_new_tokens, so no request is ever preempted); it takes its prompt's pages at once and the
+others as its cache grows, one at a time, and gives them all back when it ends (finished,
+stopped or cancelled).
 
-A new request is prefilled alone (the compiled prefill of its prompt's bucket, over a cache of the
-bucket's length) and its keys and values are scattered into its pages by a jitted insert that
-donates the pools; then it decodes with everyone else. All rows advance together through one
-compiled decode step (`decode.paged_step_fn`, per-row positions, page tables and sampling inputs),
-whose attention reads each row's pages through its page table (an XLA gather), so requests of any
-length and sampling settings share it and nothing recompiles as they come and go. Idle rows have
-no pages: they write nothing and read zeros.
+Prompts are prefilled straight into their pages (`decode.paged_prefill_fn`), several requests in
+one call and a long prompt in chunks: each step prefills up to `prefill_chunk` prompt tokens per
+data shard (the chunk of the first waiting prompt, padded to a power of two, decides the call's
+chunk length; as many rows of that length as the budget holds go with it), then runs one decode
+step of the requests already decoding, so a long prompt no longer stalls the running streams.
+A request decodes from the step after its last chunk. All decoding rows advance together through
+one compiled decode step (`decode.paged_step_fn`, per-row positions, page tables and sampling
+inputs), whose attention reads each row's pages through its page table (an XLA gather), so
+requests of any length and sampling settings share it and nothing recompiles as they come and go.
+Rows that are idle or still prefilling have no pages in the decode step: they write nothing.
 
-Samples of one prompt (`submit_group`, OpenAI's `n`) share its prefill: the prompt is prefilled
-once and scattered into the pages of each sample. The first sample takes the prefill's token;
-the others start one step back, at the prompt's last token, so the decode step draws their first
-token with their own seeds. Every step also returns each row's log-probabilities (the chosen
-token's and the MAX_LOGPROBS most likely), read to the host only when a request asks for them.
+Prefix caching (on unless `prefix_cache=False`), as vLLM's: each full page of a prompt has a key,
+a hash of its tokens and the previous page's key, and once its keys and values are written the
+page is kept under that key. A new prompt takes the cached pages of its longest cached prefix
+(shared read-only, reference-counted; at most up to its last token, which is always prefilled
+so that its first token has logits) and prefills from there. A finished request's cached pages
+stay in the pool with nobody holding them, count as free for admission, and are evicted least
+recently used when a fresh page is needed and no uncached page is free.
+
+Samples of one prompt (`submit_group`, OpenAI's `n`) share its prefill: the first sample on a data
+shard prefills the prompt, and the others on that shard share its full pages before the prompt's
+last token and prefill only the rest (less than a page or one page), in the same call as the
+first sample's last chunk or later; each draws its first token with its own seed. Every step
+also returns each row's log-probabilities (the chosen token's and the MAX_LOGPROBS most likely),
+read to the host only when a request asks for them.
 
 One thread drives the engine (`run` or `serve_forever`); `submit` may be called from any thread.
 """
@@ -30,6 +43,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import hashlib
 import logging
 import queue
 import threading
@@ -49,6 +63,7 @@ from .mesh import batch_shards
 
 log = logging.getLogger("ladder_jax.engine")
 PAGE_SIZE = 16  # positions per KV cache page (vLLM's default block size)
+PREFILL_CHUNK = 512  # prompt tokens prefilled per step and data shard (vLLM's max_num_batched_tokens, in spirit)
 MAX_LOGPROBS = 20  # the most likely tokens a request may ask log-probabilities for (OpenAI's limit)
 
 
@@ -77,6 +92,7 @@ class Request:
     tokens: list[int] = dataclasses.field(default_factory=list)
     token_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)  # one per token, if asked
     finish_reason: str | None = None
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     cancelled: bool = False  # set from any thread; the engine frees its row and pages before its next step
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
 
@@ -84,23 +100,30 @@ class Request:
         self.cancelled = True
 
 
-@functools.lru_cache(maxsize=8)
-def insert_fn(sharding: NamedSharding):
-    """jit(pages, prefilled cache rows, page (S,), offset (S,)) -> pages with position t of row 0
-    written at (page[t], offset[t]), global page ids (ids past the pools: not written). The
-    pools are donated; the result keeps the decode step's own output sharding, or the step would
-    compile again."""
+@dataclasses.dataclass(eq=False)
+class Prefill:
+    """A request whose prompt is being prefilled into its row's pages: positions before `done`
+    are there (or go there with its leader's chunks). `leader`: the sample of the same prompt on
+    the same data shard whose first pages it shares; it goes once the leader's chunks reach `done`."""
 
-    def insert(pages, rows, page, offset):
-        return [
-            (
-                k.at[page, offset].set(nk[0].astype(k.dtype), mode="drop"),
-                v.at[page, offset].set(nv[0].astype(v.dtype), mode="drop"),
-            )
-            for (k, v), (nk, nv) in zip(pages, rows)
-        ]
+    request: Request
+    slot: int
+    done: int
+    leader: Prefill | None = None
 
-    return jax.jit(insert, donate_argnums=0, out_shardings=sharding)
+    @property
+    def left(self) -> int:
+        return len(self.request.prompt) - self.done
+
+
+def page_keys(prompt: Sequence[int], page_size: int) -> list[bytes]:
+    """A key per full page of the prompt: a hash of the page's tokens and the previous page's key
+    (vLLM's block hash), so equal keys mean equal prefixes up to that page's end."""
+    ids, keys, key = np.asarray(prompt, np.int64), [], b""
+    for start in range(0, len(ids) - page_size + 1, page_size):
+        key = hashlib.blake2b(key + ids[start : start + page_size].tobytes(), digest_size=16).digest()
+        keys.append(key)
+    return keys
 
 
 @functools.lru_cache(maxsize=8)
@@ -110,10 +133,16 @@ def merge_fn(sharding: NamedSharding):
     return jax.jit(lambda device, host_set, host: jnp.where(host_set, host, device), out_shardings=sharding)
 
 
+def _floor_pow2(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
+
+
 class Engine:
-    """`max_running` requests decode at once (rounded up to the data shards), each with up to
+    """`max_running` requests run at once (rounded up to the data shards), each with up to
     `cache_len` positions (default model.max_seq_len), over `kv_pages` pages of `page_size`
-    positions in all (default: enough for every row at cache_len, the bytes fixed slots took)."""
+    positions in all (default: enough for every row at cache_len, the bytes fixed slots took).
+    Each step prefills up to `prefill_chunk` prompt tokens per data shard; `prefix_cache` keeps
+    full prompt pages for later prompts that share them."""
 
     def __init__(
         self,
@@ -124,18 +153,21 @@ class Engine:
         cache_len: int | None = None,
         page_size: int = PAGE_SIZE,
         kv_pages: int | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
+        prefix_cache: bool = True,
     ):
         self.cfg, self.mesh, self.params = cfg, mesh, params
         self.cache_len = cache_len or cfg.max_seq_len
         if not 0 < self.cache_len <= cfg.max_seq_len:
             raise DecodeError(f"cache_len={self.cache_len}; give 1..model.max_seq_len={cfg.max_seq_len}")
-        if max_running < 1 or page_size < 1 or (kv_pages is not None and kv_pages < 1):
+        if min(max_running, page_size, prefill_chunk) < 1 or (kv_pages is not None and kv_pages < 1):
             raise DecodeError(
-                f"max_running={max_running}, page_size={page_size}, kv_pages={kv_pages}; give at least 1 of each"
+                f"max_running={max_running}, page_size={page_size}, kv_pages={kv_pages}, "
+                f"prefill_chunk={prefill_chunk}; give at least 1 of each"
             )
         self.data = data = batch_shards(mesh)
         self.slots = -(-max_running // data) * data  # every data shard holds the same number of rows
-        self.page_size = page_size
+        self.page_size, self.prefill_chunk, self.prefix_cache = page_size, prefill_chunk, prefix_cache
         self.table_width = -(-self.cache_len // page_size)  # pages a request may hold
         kv_pages = self.slots * self.table_width if kv_pages is None else kv_pages
         self.shard_pages = -(-kv_pages // data)  # each data shard's pool
@@ -158,13 +190,19 @@ class Engine:
             out_specs=M.cache_specs(cfg),
         )
         self.pages = jax.jit(zeros)()
-        self.insert = insert_fn(self.pages[0][0].sharding)
         # Page tables hold each shard's own page ids; the pool size (no page) writes and reads nothing.
         self.table = np.full((self.slots, self.table_width), self.shard_pages, np.int32)
-        self.free_pages = [list(range(self.shard_pages - 1, -1, -1)) for _ in range(data)]
-        self.unpromised = [self.shard_pages] * data  # pages of each shard no running request may still take
+        self.refs = np.zeros((data, self.shard_pages), np.int32)  # rows holding each page
+        self.free_pages = [list(range(self.shard_pages - 1, -1, -1)) for _ in range(data)]  # held by none, uncached
+        self.cached: list[dict[bytes, int]] = [{} for _ in range(data)]  # prefix key -> page
+        self.page_key: list[dict[int, bytes]] = [{} for _ in range(data)]  # page -> prefix key
+        # Cached pages no row holds, least recently used first: free for admission, evicted in this order.
+        self.evictable: list[collections.OrderedDict[int, None]] = [collections.OrderedDict() for _ in range(data)]
+        self.unpromised = [self.shard_pages] * data  # pages of each shard held by none and promised to none
         self.promised = np.zeros(self.slots, np.int64)  # pages each row's request may still take
         self.active: list[Request | None] = [None] * self.slots
+        self.decoding = np.zeros(self.slots, bool)  # rows past their prefill
+        self.prefilling: list[Prefill] = []  # in the order they came
         self.tokens = np.full(self.slots, cfg.pad_id, np.int32)
         self.positions = np.zeros(self.slots, np.int32)
         self.sampling = [GREEDY] * self.slots
@@ -178,7 +216,9 @@ class Engine:
         self.in_flight: collections.deque = collections.deque()
         self.max_in_flight = 1 if mesh.devices.flat[0].platform == "cpu" else 2
         self.steps = 0
-        self.prefills = 0
+        self.prefills = 0  # prefill calls (each a chunk of one or more prompts)
+        self.prefill_tokens = 0  # prompt tokens prefilled
+        self.prefix_queries = self.prefix_hits = 0  # prompt tokens looked up in the prefix cache, found there
         self.finished: collections.Counter[str] = collections.Counter()  # requests ended, by reason
         self._stop = threading.Event()
 
@@ -188,23 +228,63 @@ class Engine:
 
     @property
     def pages_in_use(self) -> int:
-        return self.total_pages - sum(len(f) for f in self.free_pages)
+        """Pages some request holds (cached pages nobody holds are free)."""
+        return self.total_pages - sum(len(f) + len(e) for f, e in zip(self.free_pages, self.evictable))
 
-    def _place(self, group: Sequence[Request], unpromised: list[int], free_rows: list[int]) -> list[int] | None:
-        """A free row for each request of the group, on data shards that can promise its pages
-        (the shard with the most unpromised pages first), or None where they do not all fit."""
-        unpromised, free_rows, rows = list(unpromised), list(free_rows), []
+    @property
+    def cached_pages(self) -> int:
+        return sum(len(k) for k in self.page_key)
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Prompt tokens found in the prefix cache over those looked up (vLLM's measure)."""
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
+    def _shared_pages(self, prompt: Sequence[int]) -> int:
+        """Full pages before the prompt's last token: what a prompt may take from the prefix cache
+        or from another sample's prefill (its last token is always prefilled, for its logits)."""
+        return (len(prompt) - 1) // self.page_size
+
+    def _hits(self, shard: int, keys: list[bytes]) -> list[int]:
+        """The shard's cached pages of the longest cached prefix among `keys`."""
+        pages = []
+        for key in keys:
+            page = self.cached[shard].get(key)
+            if page is None:
+                break
+            pages.append(page)
+        return pages
+
+    def _place(self, group: Sequence[Request], unpromised: list[int], free_rows: list[int], lookup: bool = True):
+        """A free row for each request of the group on a data shard that can promise the pages it
+        may still take, as [(row, pages promised, prefix-cache hits or None: shares the group's
+        first sample on that shard)], or None where they do not all fit. Samples go where a
+        sample of the group already is, else where the prefix cache holds most of the prompt,
+        else where most pages are unpromised. `lookup`: consult the prefix cache."""
+        unpromised, free_rows, placed = list(unpromised), list(free_rows), []
         per_shard = self.slots // self.data
+        shared = self._shared_pages(group[0].prompt)
+        keys = page_keys(group[0].prompt, self.page_size)[:shared] if self.prefix_cache and lookup else []
+        with_sample: set[int] = set()
         for r in group:
-            need = self.pages_for(r)
-            fits = [row for row in free_rows if unpromised[row // per_shard] >= need]
+            options = {}
+            for shard in {row // per_shard for row in free_rows}:
+                if shard in with_sample:
+                    options[shard] = (self.pages_for(r) - shared, None)
+                else:  # cached pages someone holds cost nothing more; the others are charged as taken
+                    hits = self._hits(shard, keys)
+                    options[shard] = (self.pages_for(r) - int((self.refs[shard, hits] > 0).sum()), hits)
+            fits = [row for row in free_rows if unpromised[row // per_shard] >= options[row // per_shard][0]]
             if not fits:
                 return None
-            row = max(fits, key=lambda row: (unpromised[row // per_shard], -row))
-            unpromised[row // per_shard] -= need
+            rank = {s: (s in with_sample, len(h or ()), unpromised[s] - need) for s, (need, h) in options.items()}
+            row = max(fits, key=lambda row, rank=rank: (*rank[row // per_shard], -row))
+            shard = row // per_shard
+            unpromised[shard] -= options[shard][0]
             free_rows.remove(row)
-            rows.append(row)
-        return rows
+            with_sample.add(shard)
+            placed.append((row, *options[shard]))
+        return placed
 
     # -- any thread
 
@@ -232,7 +312,7 @@ class Engine:
 
     def submit_group(self, requests: Sequence[Request]) -> list[Request]:
         """Samples of one prompt (equal prompts, each its own sampling, seed and callbacks): one
-        prefill, then a row and its pages each; they start together once all fit."""
+        prefill per data shard they land on, then they start together once all fit."""
         group = [self.check(r) for r in requests]
         if len(group) > self.slots:
             raise DecodeError(
@@ -240,7 +320,7 @@ class Engine:
             )
         if any(list(r.prompt) != list(group[0].prompt) for r in group):
             raise DecodeError("the samples of a group must share one prompt")
-        if self._place(group, [self.shard_pages] * self.data, list(range(self.slots))) is None:
+        if self._place(group, [self.shard_pages] * self.data, list(range(self.slots)), lookup=False) is None:
             raise DecodeError(
                 f"{len(group)} samples of {self.pages_for(group[0])} pages each do not fit the KV cache's "
                 f"{self.total_pages} pages; ask for fewer samples or tokens"
@@ -254,6 +334,7 @@ class Engine:
 
     @property
     def busy_slots(self) -> int:
+        """Rows with a request (prefilling or decoding)."""
         return sum(r is not None for r in self.active)
 
     @property
@@ -271,7 +352,7 @@ class Engine:
             try:
                 self.step()
             except Exception:
-                log.exception("decode step failed")
+                log.exception("engine step failed")
                 self.in_flight.clear()
                 self.last_new = None
                 for slot, r in enumerate(self.active):
@@ -289,15 +370,22 @@ class Engine:
         return list(requests)
 
     def step(self) -> None:
-        """Admit waiting requests into free slots, dispatch a decode step of every busy slot, and
-        read the oldest step in flight once `max_in_flight` are (at once on XLA:CPU)."""
+        """Admit waiting requests into free rows, dispatch a prefill call of waiting prompts (up
+        to the token budget) and a decode step of every decoding row, and read the oldest decode
+        step in flight once `max_in_flight` are (at once on XLA:CPU)."""
         self._admit(block=self.busy_slots == 0 and not self.in_flight)
         for slot, r in enumerate(self.active):
             if r is not None and r.cancelled:
                 self._finish(slot, "cancelled")
-        if self.busy_slots:
+        prefill = self._dispatch_prefill() if self.prefilling else None
+        if prefill is not None and self.max_in_flight == 1:  # one program at a time on XLA:CPU
+            self._read_prefill(prefill)
+            prefill = None
+        if self.decoding.any():
             self._dispatch()
-        if self.in_flight and (len(self.in_flight) >= self.max_in_flight or not self.busy_slots):
+        if prefill is not None:  # read once the decode step is queued behind it
+            self._read_prefill(prefill)
+        if self.in_flight and (len(self.in_flight) >= self.max_in_flight or not self.decoding.any()):
             self._read(self.in_flight.popleft())
 
     def _dispatch(self) -> None:
@@ -305,9 +393,9 @@ class Engine:
         except in rows the host set since (a new request, a freed slot): the host does not wait
         for a step's tokens to send the next."""
         per_shard = self.slots // self.data
-        for slot, r in enumerate(self.active):  # a page for the position this step writes
+        for slot in np.flatnonzero(self.decoding):  # a page for the position this step writes
             page = self.positions[slot] // self.page_size
-            if r is not None and page < self.table_width and self.table[slot, page] == self.shard_pages:
+            if page < self.table_width and self.table[slot, page] == self.shard_pages:
                 self._take_page(slot, slot // per_shard)
         per_row = decode.sampling_arrays(self.sampling)
         rows = NamedSharding(self.mesh, ROWS)
@@ -315,21 +403,20 @@ class Engine:
         tokens = jax.device_put(self.tokens.copy(), rows)
         last = tokens if self.last_new is None else self.last_new  # (one program, so one step compile)
         tokens = merge_fn(rows)(last, jax.device_put(self.host_set.copy(), rows), tokens)
+        table = np.where(self.decoding[:, None], self.table, self.shard_pages)  # prefilling rows write nothing
         new, _, self.pages, logprobs = decode.paged_step_fn(self.cfg, self.mesh, MAX_LOGPROBS)(
             self.params,
             tokens,
             jax.device_put(self.positions.copy(), rows),
             self.pages,
-            jax.device_put(self.table.copy(), NamedSharding(self.mesh, ROWS_BY_SEQ)),
+            jax.device_put(table, NamedSharding(self.mesh, ROWS_BY_SEQ)),
             *(jax.device_put(a, rows) for a in per_row),
         )
         self.steps += 1
         self.last_new = new
         self.host_set[:] = False
-        self.in_flight.append((new, logprobs, list(self.active)))
-        for slot, r in enumerate(self.active):
-            if r is not None:
-                self.positions[slot] += 1
+        self.in_flight.append((new, logprobs, [r if d else None for r, d in zip(self.active, self.decoding)]))
+        self.positions[self.decoding] += 1
 
     def _read(self, dispatched) -> None:
         """Deliver a step's tokens to the requests that were in its rows and still are."""
@@ -338,6 +425,89 @@ class Engine:
         for slot, r in enumerate(requests):
             if r is not None and self.active[slot] is r:
                 self._deliver(slot, int(new[slot]), logprobs and logprobs(slot))
+
+    def _prefill_batch(self) -> tuple[list[list[tuple[Prefill, int]]], int, int]:
+        """This step's prefill: per data shard the (request, tokens) that go, the chunk length
+        (a power of two fitting the first waiting prompt's rest, at most `prefill_chunk`) and the
+        rows per shard (a power of two; rows x chunk length within the budget). Requests go in
+        the order they came; a sample that shares another's pages waits for its chunks."""
+        per_shard = self.slots // self.data
+        queues = [[p for p in self.prefilling if p.slot // per_shard == shard] for shard in range(self.data)]
+        chunk = decode.bucket_length(max(q[0].left for q in queues if q), self.prefill_chunk)
+        limit = _floor_pow2(self.prefill_chunk // chunk)
+        reach: dict[Prefill, int] = {}  # positions prefilled once this call has run
+        batch = []
+        for q in queues:
+            chosen = []
+            for p in q:
+                if len(chosen) == limit:
+                    break
+                if p.leader is not None and reach.get(p.leader, p.leader.done) < p.done:
+                    continue
+                chosen.append((p, min(p.left, chunk)))
+                reach[p] = p.done + chosen[-1][1]
+            batch.append(chosen)
+        return batch, chunk, 1 << (max(len(c) for c in batch) - 1).bit_length()
+
+    def _dispatch_prefill(self):
+        """Queue a prefill call (`_prefill_batch`); returns what `_read_prefill` needs."""
+        batch, chunk, rows = self._prefill_batch()
+        n = rows * self.data
+        tokens = np.full((n, chunk), self.cfg.pad_id, np.int32)
+        positions = np.full((n, chunk), -1, np.int32)  # padding: written nowhere
+        table = np.full((n, self.table_width), self.shard_pages, np.int32)
+        last = np.zeros(n, np.int32)
+        sampling = [GREEDY] * n
+        ends = []  # (row, request) of the prompts this call ends
+        for shard, chosen in enumerate(batch):
+            for i, (p, count) in enumerate(chosen):
+                row = shard * rows + i
+                tokens[row, :count] = np.asarray(p.request.prompt[p.done : p.done + count])
+                positions[row, :count] = np.arange(p.done, p.done + count)
+                table[row], last[row], sampling[row] = self.table[p.slot], count - 1, p.request.sampling
+                p.done += count
+                self.prefill_tokens += count
+                if not p.left:
+                    self.prefilling.remove(p)
+                    ends.append((row, p))
+        by_row = NamedSharding(self.mesh, ROWS_BY_SEQ)
+        new, self.pages, logprobs = decode.paged_prefill_fn(self.cfg, self.mesh, MAX_LOGPROBS)(
+            self.params,
+            jax.device_put(tokens, by_row),
+            jax.device_put(positions, by_row),
+            self.pages,
+            jax.device_put(table, by_row),
+            *(jax.device_put(a, NamedSharding(self.mesh, ROWS)) for a in (last, *decode.sampling_arrays(sampling))),
+        )
+        self.prefills += 1
+        for chosen in batch:
+            for p, _ in chosen:
+                self._cache_pages(p)
+        return new, logprobs, ends
+
+    def _read_prefill(self, dispatched) -> None:
+        """The first token of each prompt the prefill call ended; its row decodes from the next
+        decode step on. (Read even when none ended: XLA:CPU runs one program at a time.)"""
+        new, logprobs, ends = dispatched
+        new = np.asarray(new)
+        logprobs = self._host_logprobs(logprobs, [p.request for _, p in ends])
+        for row, p in ends:
+            if self.active[p.slot] is not p.request:
+                continue
+            self.decoding[p.slot], self.host_set[p.slot] = True, True
+            self.positions[p.slot] = len(p.request.prompt)
+            self._deliver(p.slot, int(new[row]), logprobs and logprobs(row))
+
+    def _cache_pages(self, p: Prefill) -> None:
+        """Keep the request's full prompt pages written so far under their prefix keys (a key
+        already cached keeps its page)."""
+        if not self.prefix_cache:
+            return
+        shard = p.slot // (self.slots // self.data)
+        for i, key in enumerate(page_keys(p.request.prompt[: p.done], self.page_size)):
+            page = int(self.table[p.slot, i])
+            if key not in self.cached[shard] and page not in self.page_key[shard]:
+                self.cached[shard][key], self.page_key[shard][page] = page, key
 
     def _admit(self, block: bool) -> None:
         while True:
@@ -351,24 +521,75 @@ class Engine:
                     self._done(r)
             group = [r for r in group if not r.cancelled]
             free = [slot for slot, r in enumerate(self.active) if r is None]
-            rows = self._place(group, self.unpromised, free) if group else []
-            self.held = group if rows is None else []
+            placed = self._place(group, self.unpromised, free) if group else []
+            self.held = group if placed is None else []
             if self.held:
                 return
             if group:
-                self._prefill_into(rows, group)
+                self._start(group, placed)
 
-    def _take_page(self, slot: int, shard: int) -> int:
-        """A page of the shard's pool for the row's next positions: one it was promised, else an
-        unpromised one, else none (a step past the request's last token writes nothing)."""
+    def _start(self, group: list[Request], placed: list) -> None:
+        """Rows and prompt pages for a group placed by `_place`; its prompts wait for their prefill."""
+        per_shard = self.slots // self.data
+        shared = self._shared_pages(group[0].prompt)
+        firsts: dict[int, Prefill] = {}  # the group's first sample on each shard
+        for r, (slot, promise, hits) in zip(group, placed):
+            shard = slot // per_shard
+            self.unpromised[shard] -= promise
+            self.promised[slot] = promise
+            first = firsts.get(shard)
+            if hits is None:  # the first sample's pages before the last token
+                pages = self.table[first.slot, :shared].tolist()
+            else:
+                pages = hits
+                if self.prefix_cache:
+                    self.prefix_queries += len(r.prompt)
+                    self.prefix_hits += len(hits) * self.page_size
+                r.cached_tokens = len(hits) * self.page_size
+            for page in pages:  # before any fresh page, which could evict a cached one
+                self._hold_page(slot, shard, page)
+            for _ in range(-(-len(r.prompt) // self.page_size) - len(pages)):
+                self._take_page(slot, shard)
+            prefill = Prefill(r, slot, len(pages) * self.page_size, first if hits is None and shared else None)
+            firsts.setdefault(shard, prefill)
+            self.prefilling.append(prefill)
+            self.active[slot], self.sampling[slot] = r, r.sampling
+
+    def _charge(self, slot: int, shard: int) -> bool:
+        """Count a page the row now holds that nobody held: against its promise, else against the
+        shard's unpromised pages; False where neither has one left."""
         if self.promised[slot]:
             self.promised[slot] -= 1
         elif self.unpromised[shard]:
             self.unpromised[shard] -= 1
         else:
-            return self.shard_pages
-        page = self.free_pages[shard].pop()
+            return False
+        return True
+
+    def _append_page(self, slot: int, page: int) -> None:
         self.table[slot, np.argmax(self.table[slot] == self.shard_pages)] = page
+
+    def _hold_page(self, slot: int, shard: int, page: int) -> None:
+        """The row shares a page (a cached one, or another sample's)."""
+        if self.refs[shard, page] == 0:  # cached and held by nobody: no longer evictable
+            del self.evictable[shard][page]
+            self._charge(slot, shard)
+        self.refs[shard, page] += 1
+        self._append_page(slot, page)
+
+    def _take_page(self, slot: int, shard: int) -> int:
+        """A fresh page of the shard's pool for the row's next positions, if it was promised one
+        or one is unpromised (else none: a step past the request's last token writes nothing):
+        an uncached free page, else the least recently used cached one nobody holds."""
+        if not self._charge(slot, shard):
+            return self.shard_pages
+        if self.free_pages[shard]:
+            page = self.free_pages[shard].pop()
+        else:
+            page, _ = self.evictable[shard].popitem(last=False)
+            del self.cached[shard][self.page_key[shard].pop(page)]
+        self.refs[shard, page] = 1
+        self._append_page(slot, page)
         return page
 
     def _next_group(self, block: bool) -> list[Request] | None:
@@ -376,42 +597,6 @@ class Engine:
             return self.waiting.get(timeout=0.05) if block else self.waiting.get_nowait()
         except queue.Empty:
             return None  # (a None in the queue: stop() woke us)
-
-    def _prefill_into(self, slots: list[int], group: list[Request]) -> None:
-        self.prefills += 1
-        first = group[0]
-        rows = batch_shards(self.mesh)  # one prompt, and padding rows up to the data axis
-        bucket = decode.bucket_length(len(first.prompt), self.cache_len)
-        tokens = np.full((rows, bucket), self.cfg.pad_id, np.int32)
-        tokens[0, : len(first.prompt)] = first.prompt
-        lengths = np.ones(rows, np.int32)
-        lengths[0] = len(first.prompt)
-        sharding = NamedSharding(self.mesh, ROWS)
-        per_row = decode.sampling_arrays([first.sampling] + [GREEDY] * (rows - 1))
-        new, new_cache, logprobs = decode.prefill_fn(self.cfg, self.mesh, bucket, True, MAX_LOGPROBS)(
-            self.params,
-            jax.device_put(tokens, NamedSharding(self.mesh, ROWS_BY_SEQ)),
-            jax.device_put(lengths, sharding),
-            *(jax.device_put(a, sharding) for a in per_row),
-        )
-        per_shard = self.slots // self.data
-        for slot, r in zip(slots, group):
-            shard = slot // per_shard
-            self.unpromised[shard] -= self.pages_for(r)
-            self.promised[slot] = self.pages_for(r)
-            held = [self._take_page(slot, shard) for _ in range(-(-len(r.prompt) // self.page_size))]
-            # Where each prefilled position goes, in global page ids (positions past the prompt: nowhere).
-            t = np.arange(bucket)
-            page = np.full(bucket, self.total_pages, np.int32)
-            page[: len(r.prompt)] = shard * self.shard_pages + np.asarray(held)[t[: len(r.prompt)] // self.page_size]
-            self.pages = self.insert(self.pages, new_cache, page, (t % self.page_size).astype(np.int32))
-            self.active[slot], self.sampling[slot] = r, r.sampling
-            # The other samples decode the prompt's last token again to draw a first token of their own.
-            self.tokens[slot], self.positions[slot] = r.prompt[-1], len(r.prompt) - 1
-            self.host_set[slot] = True
-        self.positions[slots[0]] = len(first.prompt)
-        logprobs = self._host_logprobs(logprobs, [first])
-        self._deliver(slots[0], int(np.asarray(new)[0]), logprobs and logprobs(0))
 
     @staticmethod
     def _host_logprobs(device_logprobs, requests) -> Callable[[int], TokenLogprobs] | None:
@@ -441,17 +626,39 @@ class Engine:
         self.active[slot] = None
         self.sampling[slot] = GREEDY
         self.tokens[slot], self.positions[slot] = self.cfg.pad_id, 0
-        self.host_set[slot] = True
+        self.host_set[slot], self.decoding[slot] = True, False
+        self._drop_prefill(slot)
         # Its pages go back to the pool; a step still in flight may write into them, before
-        # anything dispatched later (the pools pass from call to call) reads or writes them.
+        # anything dispatched later (the pools pass from call to call) reads or writes them. It
+        # writes no cached page: those hold prompt positions, and steps write past the prompt.
         shard = slot // (self.slots // self.data)
         held = self.table[slot][self.table[slot] != self.shard_pages]
-        self.free_pages[shard] += held.tolist()
-        self.unpromised[shard] += len(held) + int(self.promised[slot])
+        for page in reversed(held.tolist()):  # a prefix's later pages are evicted before its first
+            self.refs[shard, page] -= 1
+            if self.refs[shard, page] == 0:
+                self.unpromised[shard] += 1
+                if page in self.page_key[shard]:
+                    self.evictable[shard][page] = None
+                else:
+                    self.free_pages[shard].append(page)
+        self.unpromised[shard] += int(self.promised[slot])
         self.promised[slot] = 0
         self.table[slot] = self.shard_pages
         r.finish_reason = reason
         self._done(r)
+
+    def _drop_prefill(self, slot: int) -> None:
+        """A request ends before its prefill did: samples waiting for its chunks go on without it,
+        the first of them writing the shared pages it had not written yet."""
+        p = next((p for p in self.prefilling if p.slot == slot), None)
+        if p is None:
+            return
+        self.prefilling.remove(p)
+        followers = [f for f in self.prefilling if f.leader is p]
+        if followers:
+            followers[0].done, followers[0].leader = min(followers[0].done, p.done), None
+            for f in followers[1:]:
+                f.leader = followers[0]
 
     def _done(self, r: Request) -> None:
         self.finished[r.finish_reason] += 1

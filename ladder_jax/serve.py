@@ -32,6 +32,7 @@ import prometheus_client as prom
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client.core import CounterMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import engine as E
@@ -171,6 +172,7 @@ class Metrics:
             ),
         ]:
             metric(prom.Gauge, name, doc).labels(**label).set_function(read)
+        self.registry.register(EngineCounters(engine, model_name))
         seconds = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0]
         self.first_token = metric(
             prom.Histogram, "time_to_first_token_seconds", "Time to first token.", buckets=seconds
@@ -181,13 +183,31 @@ class Metrics:
         self.e2e = metric(
             prom.Histogram, "e2e_request_latency_seconds", "Request latency.", buckets=[*seconds, 80.0, 160.0]
         ).labels(**label)
-        self.prompt_tokens = metric(prom.Counter, "prompt_tokens", "Prompt tokens prefilled.").labels(**label)
+        self.prompt_tokens = metric(prom.Counter, "prompt_tokens", "Prompt tokens of the requests.").labels(**label)
         self.generation_tokens = metric(prom.Counter, "generation_tokens", "Tokens generated.").labels(**label)
         self.success = metric(prom.Counter, "request_success", "Finished requests.", labels=["finished_reason"])
         self.label = label
 
     def text(self) -> bytes:
         return prom.generate_latest(self.registry)
+
+
+class EngineCounters:
+    """The engine's own running counts as Prometheus counters, read when scraped: vLLM's
+    prefix_cache_queries and prefix_cache_hits (prompt tokens looked up in the prefix cache,
+    and found there; their ratio is the hit rate)."""
+
+    def __init__(self, engine: E.Engine, model_name: str):
+        self.engine, self.model_name = engine, model_name
+
+    def collect(self):
+        for name, doc, value in [
+            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", self.engine.prefix_queries),
+            ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", self.engine.prefix_hits),
+        ]:
+            family = CounterMetricFamily(f"ladder_jax:{name}", doc, labels=["model_name"])
+            family.add_metric([self.model_name], value)
+            yield family
 
 
 class Sample:
@@ -362,7 +382,14 @@ class Server:
         @app.get("/health")
         async def health():
             e = self.engine
-            return {"status": "ok", "busy_slots": e.busy_slots, "slots": e.slots, "kv_pages_in_use": e.pages_in_use}
+            return {
+                "status": "ok",
+                "busy_slots": e.busy_slots,
+                "slots": e.slots,
+                "kv_pages_in_use": e.pages_in_use,
+                "kv_pages_cached": e.cached_pages,
+                "prefix_cache_hit_rate": e.prefix_hit_rate,
+            }
 
         @app.get("/metrics")
         async def metrics():
@@ -409,7 +436,13 @@ class Server:
 
         def usage():
             n = sum(len(s.request.tokens) for s in samples)
-            return {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+            cached = {"cached_tokens": samples[0].request.cached_tokens}  # found in the prefix cache
+            return {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": n,
+                "total_tokens": prompt_tokens + n,
+                "prompt_tokens_details": cached,
+            }
 
         def record(choices, **extra):
             obj = kind + (".chunk" if chat and body.stream else "")

@@ -138,6 +138,33 @@ def test_paged_decode_attention_reads_each_rows_pages_in_table_order():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
 
 
+def test_paged_attention_of_a_chunk_sees_each_rows_pages_up_to_each_query():
+    # A prompt's chunk: 260 queries per row (three query blocks, each reading keys up to its own
+    # furthest position) at positions past earlier chunks, whose keys are in the pages, one row
+    # padded with position -1 (no keys: zeros, not NaN).
+    r = np.random.default_rng(4)
+    b, s, kv, g, hd, page, pages = 2, 260, 2, 2, 16, 8, 80
+    q = jnp.asarray(r.normal(size=(b, s, kv, g, hd)), jnp.float32)
+    pool_k, pool_v = (r.normal(size=(pages, page, kv, hd)).astype(np.float32) for _ in range(2))
+    table = r.permutation(pages)[: b * 40].reshape(b, 40).astype(np.int32)
+    table[1, 25:] = pages  # no page past row 1's positions
+    positions = np.stack([np.arange(17, 17 + s), np.where(np.arange(s) < 200, np.arange(s), -1)]).astype(np.int32)
+    got = np.asarray(
+        jax.jit(A.paged_attention, static_argnums=(5, 6))(q, pool_k, pool_v, table, positions, jnp.float32)
+    )
+    for row in range(b):
+        keys = np.concatenate([pool_k[p] for p in table[row] if p < pages]).astype(np.float64)
+        values = np.concatenate([pool_v[p] for p in table[row] if p < pages]).astype(np.float64)
+        for i, p in enumerate(positions[row]):
+            if p < 0:
+                np.testing.assert_array_equal(got[row, i], 0)
+                continue
+            sc = np.einsum("kgd,tkd->kgt", np.asarray(q[row, i], np.float64), keys[: p + 1]) / np.sqrt(hd)
+            w = np.exp(sc - sc.max(-1, keepdims=True))
+            want = np.einsum("kgt,tkd->kgd", w / w.sum(-1, keepdims=True), values[: p + 1])
+            np.testing.assert_allclose(got[row, i], want, atol=1e-5)
+
+
 def test_train_loss_with_the_splash_kernel_matches_xla_and_its_gradients_under_fsdp_remat_and_scan(devices):
     # A kernel makes the model's shard_map run with check_vma=False (attention.may_use_kernel);
     # the loss and every gradient must still equal the checked xla program's.

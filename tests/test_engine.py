@@ -44,8 +44,9 @@ def test_requests_coming_and_going_get_what_they_get_alone_without_recompiling(e
     for r, p, n, s in zip(requests, PROMPTS, NEW, settings):  # what each gets alone here
         assert engine.run([Request(p, n, s)])[0].tokens == r.tokens, p
     step = decode.paged_step_fn(cfg, mesh, MAX_LOGPROBS)
-    prefill = decode.prefill_fn(cfg, mesh, 16, True, MAX_LOGPROBS)
-    assert step._cache_size() == 1 and prefill._cache_size() == 1  # every prompt is in the 16-token bucket
+    prefill = decode.paged_prefill_fn(cfg, mesh, MAX_LOGPROBS)
+    # Every prompt is in the 16-token chunk bucket, one row per data shard: one prefill program.
+    assert step._cache_size() == 1 and prefill._cache_size() == 1
     # What the static decoder gives a prompt alone, greedy and sampled.
     for r, s in zip(requests[:2], settings):
         assert r.tokens == decode.generate(cfg, mesh, params, [r.prompt], 16, sampling=s).tokens[0]
@@ -176,22 +177,145 @@ def test_paged_cache_gives_the_dense_decoders_tokens_and_log_probabilities(plan,
     engine.run([b, c])
     engine.run([a])
     assert engine.pages_in_use == 0 and engine.unpromised == [engine.shard_pages] * engine.data
-    assert sorted(engine.free_pages[0]) == list(range(engine.shard_pages))
+    # Every page is free again; the 13-token prompt's full page stays cached, held by nobody.
+    assert sorted(engine.free_pages[0] + list(engine.evictable[0])) == list(range(engine.shard_pages))
+    assert engine.cached_pages == 1
     dense = decode.generate(cfg.model, mesh, params, test_decode.PROMPTS, NEW[0]).tokens  # the dense cache
     assert a.tokens == dense[1] and b.tokens == dense[0] and c.tokens == dense[0][:5]
-    # Log-probabilities: a NumPy log-softmax of a full forward's logits (float64).
+    assert_forward_logprobs(cfg, mesh, params, [a, b], 3)
+
+
+def assert_forward_logprobs(cfg, mesh, params, requests, top_n):
+    """Each token's log-probability and the top_n most likely: a NumPy log-softmax (float64) of a
+    full forward's logits over prompt and tokens (two requests, 32 positions: one compile per mesh)."""
     seqs = np.full((2, 32), cfg.model.pad_id, np.int32)
-    for row, r in enumerate((a, b)):
+    for row, r in enumerate(requests):
         seqs[row, : len(r.prompt) + len(r.tokens)] = list(r.prompt) + r.tokens
     logits = np.asarray(M.logits(cfg.model, mesh, params, seqs), np.float64)
     logp = logits - logits.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-    for row, r in enumerate((a, b)):
+    for row, r in enumerate(requests):
         want = logp[row, len(r.prompt) - 1 : len(r.prompt) - 1 + len(r.tokens)]
         got = [e.logprob for e in r.token_logprobs]
         np.testing.assert_allclose(got, want[np.arange(len(r.tokens)), r.tokens], atol=2e-5)
         top = np.array([[lp for _, lp in e.top] for e in r.token_logprobs])
-        np.testing.assert_allclose(top, -np.sort(-want, axis=-1)[:, :3], atol=2e-5)
+        np.testing.assert_allclose(top, -np.sort(-want, axis=-1)[:, :top_n], atol=2e-5)
+
+
+def step_until_done(engine, requests):
+    """Step an engine until requests submitted to it are done (`Engine.run` submits them too)."""
+    while not all(r.done.is_set() for r in requests):
+        engine.step()
+
+
+def small_engine(plan, **kw):
+    """The shapes of the paged test's data 1 x tensor 2 engine (its decode step compiles once)."""
+    cfg, mesh, params = model_on(plan, 1, 2)
+    return Engine(cfg.model, mesh, params, max_running=2, cache_len=32, page_size=8, **kw)
+
+
+@pytest.mark.parametrize("plan", ["standard", "ladder"])
+def test_batched_and_chunked_prefill_give_the_dense_decoders_tokens_and_log_probabilities(plan, devices):
+    cfg, mesh, params = model_on(plan, 1, 2)
+    dense = decode.generate(cfg.model, mesh, params, test_decode.PROMPTS, NEW[0]).tokens
+    prefill = decode.paged_prefill_fn(cfg.model, mesh, MAX_LOGPROBS)
+    compiled = prefill._cache_size()
+    # Batched: both prompts (6 and 13 tokens) in one call of two rows.
+    batched = small_engine(plan)
+    pair = [batched.submit(Request(p, NEW[0], logprobs=2)) for p in test_decode.PROMPTS]
+    batched.step()
+    assert batched.prefills == 1 and batched.prefill_tokens == 6 + 13 and batched.busy_slots == 2
+    batched.run(pair)
+    assert [r.tokens for r in pair] == dense
+    assert_forward_logprobs(cfg, mesh, params, pair, 2)
+    # Chunked: 8 tokens a step, so the 13-token prompt goes in two chunks while the other decodes.
+    chunked = small_engine(plan, prefill_chunk=8)
+    events = []
+    dispatch_prefill = chunked._dispatch_prefill
+    chunked._dispatch_prefill = lambda: events.append("prefill") or dispatch_prefill()
+    x = chunked.submit(Request(test_decode.PROMPTS[0], NEW[0], on_token=lambda t: events.append("x"), logprobs=2))
+    chunked.step()
+    assert events == ["prefill", "x", "x"]  # its prefill's token, then a decode step's (in one step on CPU)
+    y = chunked.submit(Request(test_decode.PROMPTS[1], NEW[0], on_token=lambda t: events.append("y"), logprobs=2))
+    step_until_done(chunked, [x, y])
+    # y's first chunk, a decode step of x, y's last chunk (its first token), then both decode.
+    assert events[3:8] == ["prefill", "x", "prefill", "y", "x"] and events.count("prefill") == 3
+    assert [x.tokens, y.tokens] == dense and chunked.prefill_tokens == 6 + 13
+    assert_forward_logprobs(cfg, mesh, params, [x, y], 2)
+    assert prefill._cache_size() - compiled <= 2  # (2 rows x 16) and (1 row x 8), unless compiled before
+    assert chunked.pages_in_use == 0 and chunked.unpromised == [chunked.shard_pages]
+
+
+def test_samples_share_the_first_samples_pages_and_go_on_if_it_is_cancelled_while_prefilling(devices):
+    cfg, mesh, params = model_on("ladder", 1, 2)
+    dense = decode.generate(cfg.model, mesh, params, test_decode.PROMPTS, NEW[0]).tokens
+    engine = small_engine("ladder", prefix_cache=False)
+    group = engine.submit_group([Request(PROMPTS[1], NEW[0]) for _ in range(2)])
+    engine.step()
+    # One call: the first prefills 13 tokens into pages 0 and 1, the second shares page 0 (full)
+    # and prefills the 5 tokens of its own page 1.
+    assert engine.prefills == 1 and engine.prefill_tokens == 13 + 5 and engine.pages_in_use == 3
+    step_until_done(engine, group)
+    assert [r.tokens for r in group] == [dense[1]] * 2
+    # 8 tokens a step: the first sample's first chunk (the shared page) goes, then it is
+    # cancelled; the second prefills its own 5 tokens and gets the same tokens.
+    chunked = small_engine("ladder", prefill_chunk=8, prefix_cache=False)
+    first, second = chunked.submit_group([Request(PROMPTS[1], NEW[0]) for _ in range(2)])
+    chunked.step()
+    assert chunked.prefill_tokens == 8 and not second.tokens
+    first.cancel()
+    step_until_done(chunked, [second])
+    assert first.finish_reason == "cancelled" and not first.tokens and second.tokens == dense[1]
+    assert chunked.prefill_tokens == 8 + 5
+    # Cancelled before its first chunk: the second writes the shared page itself.
+    first, second = chunked.submit_group([Request(PROMPTS[1], NEW[0]) for _ in range(2)])
+    chunked._admit(block=False)
+    first.cancel()
+    step_until_done(chunked, [second])
+    assert first.finish_reason == "cancelled" and second.tokens == dense[1]
+    assert chunked.prefill_tokens == 8 + 5 + 13
+    assert chunked.pages_in_use == 0 and chunked.unpromised == [8]
+
+
+def test_prefix_cache_shares_full_prompt_pages_evicts_the_least_recently_used_and_changes_no_token(devices):
+    cfg, mesh, params = model_on("ladder", 1, 2)
+    system = [256, *b"System:"]  # one page of 8 positions
+    a, b, other = system + list(b"hi"), system + list(b"bye"), [256, *b"Other prompt"]
+    z1, z2 = [256, *range(60, 72)], [256, 7]  # 4 and 3 pages with 16 new tokens
+    dense = {}
+    for pair in ([a, b], [other, z1], [z2, z2]):
+        dense.update(zip(map(tuple, pair), decode.generate(cfg.model, mesh, params, pair, NEW[0]).tokens))
+    engine = small_engine("ladder")
+    assert engine.run([Request(a, NEW[0])])[0].tokens == dense[tuple(a)] and engine.cached_pages == 1
+    # Two prompts that begin with the cached page: they hold it together and prefill the rest.
+    shared = [engine.submit(Request(p, NEW[0])) for p in (a, b)]
+    prefilled = engine.prefill_tokens
+    engine.step()
+    assert engine.prefill_tokens - prefilled == 2 + 3 and engine.pages_in_use == 1 + 1 + 1
+    step_until_done(engine, shared)
+    assert [r.tokens for r in shared] == [dense[tuple(a)], dense[tuple(b)]]
+    assert [r.cached_tokens for r in shared] == [8, 8]
+    assert engine.run([Request(other, NEW[0])])[0].cached_tokens == 0
+    # 7 pages for z1 and z2 with 6 uncached ones free: the cached pages nobody holds count as
+    # free, and the least recently used (the system prompt's) is evicted, not the other's.
+    zs = [engine.submit(Request(p, NEW[0])) for p in (z1, z2)]
+    engine.step()
+    assert engine.busy_slots == 2
+    step_until_done(engine, zs)
+    assert [r.tokens for r in zs] == [dense[tuple(z1)], dense[tuple(z2)]]
+    again = engine.run([Request(a, NEW[0]), Request(other, NEW[0])])
+    assert [r.cached_tokens for r in again] == [0, 8]
+    assert [r.tokens for r in again] == [dense[tuple(a)], dense[tuple(other)]]
+    queries = len(a) * 3 + len(b) + len(other) * 2 + len(z1) + len(z2)
+    assert (engine.prefix_queries, engine.prefix_hits) == (queries, 3 * 8)
+    assert engine.prefix_hit_rate == 24 / queries and engine.pages_in_use == 0
+    # Off: no page is kept, and the tokens are the same.
+    off = small_engine("ladder", prefix_cache=False)
+    assert [r.tokens for r in off.run([Request(a, NEW[0])]) + off.run([Request(b, NEW[0])])] == [
+        dense[tuple(a)],
+        dense[tuple(b)],
+    ]
+    assert off.cached_pages == 0 and off.prefix_queries == 0 and len(off.free_pages[0]) == off.shard_pages
 
 
 def test_requests_wait_for_pages_and_give_them_back_and_too_many_are_refused(engine):

@@ -75,6 +75,7 @@ def test_completions_chat_streaming_models_and_health(server, client):
     whole = complete(client, "Hello", max_tokens=12, temperature=0)
     assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 12
     assert whole.usage.prompt_tokens == 6  # BOS and five bytes
+    assert whole.usage.prompt_tokens_details.cached_tokens == 0  # no full page of 16 to cache
     pieces = [c.choices[0].text for c in complete(client, "Hello", max_tokens=12, temperature=0, stream=True)]
     assert "".join(pieces) == whole.choices[0].text and len(pieces) > 1
     text = whole.choices[0].text
@@ -179,6 +180,8 @@ def test_serve_refuses_a_bad_command_line_in_one_line(tmp_path, capsys):
     assert "give at least 1 running request" in capsys.readouterr().err
     assert main(["serve", "--checkpoint", str(tmp_path), "--page-size", "0"]) == 2
     assert "--page-size 0" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", str(tmp_path), "--prefill-chunk", "0"]) == 2
+    assert "--prefill-chunk 0" in capsys.readouterr().err
 
 
 def test_a_missing_or_wrong_api_key_gets_a_401_and_the_server_goes_on(server, client):
@@ -274,6 +277,10 @@ def test_metrics_report_latencies_requests_and_cache_use_in_prometheus_text(serv
         assert after[(f"ladder_jax:{name}_bucket", "+Inf")] == after[(f"ladder_jax:{name}_count", None)]
     tokens = "ladder_jax:generation_tokens_total", None
     assert after[tokens] == before[tokens] + 20
+    engine = server[0].engine  # the prefix cache's counts, as the engine has them (tests/test_engine.py checks those)
+    assert after[("ladder_jax:prefix_cache_queries_total", None)] == engine.prefix_queries >= 6
+    assert after[("ladder_jax:prefix_cache_hits_total", None)] == engine.prefix_hits
+    assert json.loads(get(url, "/health"))["prefix_cache_hit_rate"] == engine.prefix_hit_rate
 
 
 class CountingTokenizer(ByteTokenizer):

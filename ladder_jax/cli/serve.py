@@ -43,6 +43,19 @@ def add(sub) -> None:
         type=int,
         help="KV cache pages in all (default: --max-running x --max-len positions' worth)",
     )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=512,
+        help="prompt tokens prefilled per engine step and data shard; longer prompts go in chunks "
+        "between decode steps (default 512)",
+    )
+    p.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        help="do not keep full prompt pages for later prompts that share them (default: keep them)",
+    )
     p.add_argument("--model-name", help="the model id clients send (default: the run directory's name)")
     p.add_argument(
         "--api-key",
@@ -67,8 +80,11 @@ def start_server(args) -> int:
         raise ServeError(
             f"--max-running {args.max_running} / --port {args.port}: give at least 1 running request and a port in 1..65535"
         )
-    if args.page_size < 1 or (args.kv_pages is not None and args.kv_pages < 1):
-        raise ServeError(f"--page-size {args.page_size} / --kv-pages {args.kv_pages}: give at least 1")
+    if min(args.page_size, args.prefill_chunk) < 1 or (args.kv_pages is not None and args.kv_pages < 1):
+        raise ServeError(
+            f"--page-size {args.page_size} / --kv-pages {args.kv_pages} / --prefill-chunk {args.prefill_chunk}: "
+            "give at least 1"
+        )
     init_runtime(args.cpu_devices)
     run_dir = path(args.checkpoint)
     run_overrides = decoding_overrides(args.overrides)
@@ -77,11 +93,22 @@ def start_server(args) -> int:
     if args.max_len is not None and not 0 < args.max_len <= cfg.model.max_seq_len:
         raise ServeError(f"--max-len {args.max_len}; give 1..model.max_seq_len={cfg.model.max_seq_len}")
     run = checkpoint.load_run(run_dir, run_overrides)
-    engine = Engine(run.cfg.model, run.mesh, run.params, args.max_running, args.max_len, args.page_size, args.kv_pages)
+    engine = Engine(
+        run.cfg.model,
+        run.mesh,
+        run.params,
+        args.max_running,
+        args.max_len,
+        args.page_size,
+        args.kv_pages,
+        args.prefill_chunk,
+        args.prefix_cache,
+    )
     name = args.model_name or (run_dir if is_remote(run_dir) else run_dir.resolve()).name
     print(
         f"serving '{name}' ({run.cfg.model.plan}) on http://{args.host}:{args.port}/v1: up to {engine.slots} "
-        f"requests at once over {engine.total_pages} KV pages of {engine.page_size} positions",
+        f"requests at once over {engine.total_pages} KV pages of {engine.page_size} positions, prefilling "
+        f"{engine.prefill_chunk} tokens a step, prefix cache {'on' if engine.prefix_cache else 'off'}",
         flush=True,
     )
     serve.serve(serve.Server(engine, tokenizer, name, args.api_key or None), args.host, args.port)
