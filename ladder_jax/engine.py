@@ -44,6 +44,7 @@ import collections
 import dataclasses
 import functools
 import hashlib
+import itertools
 import logging
 import queue
 import threading
@@ -59,7 +60,7 @@ from . import model as M
 from .config import ModelConfig, dtype_of
 from .decode import GREEDY, ROWS, ROWS_BY_SEQ, DecodeError, Sampling
 from .memory import free_device_bytes
-from .mesh import batch_shards
+from .mesh import batch_shards, broadcast_from_first, local_device
 
 log = logging.getLogger("ladder_jax.engine")
 PAGE_SIZE = 16  # positions per KV cache page (vLLM's default block size)
@@ -95,6 +96,31 @@ class Request:
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     cancelled: bool = False  # set from any thread; the engine frees its row and pages before its next step
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    rid: int = -1  # over several processes: its number, the same on every process
+    stopped_at: int | None = None  # over several processes: tokens it had when on_token said stop
+
+    def spec(self) -> dict:
+        """What another process needs to run this request in step (no callbacks)."""
+        s = self.sampling
+        return {
+            "rid": self.rid,
+            "prompt": list(self.prompt),
+            "max_new_tokens": self.max_new_tokens,
+            "sampling": [s.temperature, s.top_k, s.top_p, s.seed],
+            "stop_ids": sorted(self.stop_ids),
+            "logprobs": self.logprobs,
+        }
+
+    @classmethod
+    def of_spec(cls, spec: dict) -> Request:
+        return cls(
+            spec["prompt"],
+            spec["max_new_tokens"],
+            Sampling(*spec["sampling"]),
+            frozenset(spec["stop_ids"]),
+            logprobs=spec["logprobs"],
+            rid=spec["rid"],
+        )
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -174,7 +200,7 @@ class Engine:
         self.total_pages = self.shard_pages * data
         tensor = mesh.shape[decode.TENSOR]
         self.kv_bytes = M.cache_bytes_per_device(cfg, (data, tensor), self.total_pages, page_size)
-        free = free_device_bytes(mesh.devices.flat[0])
+        free = free_device_bytes(local_device(mesh))
         if free is not None and self.kv_bytes > free:
             raise DecodeError(
                 f"the KV cache's {self.total_pages} pages of {page_size} positions need {self.kv_bytes / 2**30:.2f} GiB "
@@ -221,6 +247,16 @@ class Engine:
         self.prefix_queries = self.prefix_hits = 0  # prompt tokens looked up in the prefix cache, found there
         self.finished: collections.Counter[str] = collections.Counter()  # requests ended, by reason
         self._stop = threading.Event()
+        # Over several processes (jax.distributed) every process runs this engine in step: process
+        # 0 takes the requests, and at the start of each step tells the others what arrived, was
+        # cancelled or stopped (`_exchange`), so that all make the same calls with the same inputs.
+        self.hosts = jax.process_count() > 1
+        self.rids = itertools.count()
+        self.known: dict[int, Request] = {}  # rid -> request not yet done
+        self.agreed: collections.deque[list[Request]] = collections.deque()  # groups every process has
+        self.to_cancel: set[int] = set()  # rids every process cancels this step
+        self.to_stop: list[int] = []  # rids whose on_token said stop, to tell the others
+        self.ended = False  # process 0 stopped: every process leaves serve_forever
 
     def pages_for(self, request: Request) -> int:
         """The pages a request may hold: its prompt and every new token."""
@@ -325,6 +361,8 @@ class Engine:
                 f"{len(group)} samples of {self.pages_for(group[0])} pages each do not fit the KV cache's "
                 f"{self.total_pages} pages; ask for fewer samples or tokens"
             )
+        for r in group:
+            r.rid = next(self.rids)
         self.waiting.put(group)
         return group
 
@@ -341,14 +379,15 @@ class Engine:
     def waiting_requests(self) -> int:
         """Requests submitted and not yet running (waiting for a row and pages)."""
         with self.waiting.mutex:
-            return sum(len(g) for g in self.waiting.queue if g) + len(self.held)
+            queued = sum(len(g) for g in self.waiting.queue if g)
+        return queued + sum(len(g) for g in self.agreed) + len(self.held)
 
     # -- the engine's thread
 
     def serve_forever(self) -> None:
         """Step until `stop()`. A step that raises (a bug, a device error) ends the requests in
         flight with "error" rather than leaving their clients waiting, and the engine goes on."""
-        while not self._stop.is_set():
+        while not (self.ended if self.hosts else self._stop.is_set()):
             try:
                 self.step()
             except Exception:
@@ -373,9 +412,12 @@ class Engine:
         """Admit waiting requests into free rows, dispatch a prefill call of waiting prompts (up
         to the token budget) and a decode step of every decoding row, and read the oldest decode
         step in flight once `max_in_flight` are (at once on XLA:CPU)."""
-        self._admit(block=self.busy_slots == 0 and not self.in_flight)
+        idle = self.busy_slots == 0 and not self.in_flight
+        if self.hosts:
+            self._exchange(idle)
+        self._admit(block=idle and not self.hosts)
         for slot, r in enumerate(self.active):
-            if r is not None and r.cancelled:
+            if r is not None and self._cancelled(r):
                 self._finish(slot, "cancelled")
         prefill = self._dispatch_prefill() if self.prefilling else None
         if prefill is not None and self.max_in_flight == 1:  # one program at a time on XLA:CPU
@@ -387,6 +429,37 @@ class Engine:
             self._read_prefill(prefill)
         if self.in_flight and (len(self.in_flight) >= self.max_in_flight or not self.decoding.any()):
             self._read(self.in_flight.popleft())
+
+    def _cancelled(self, r: Request) -> bool:
+        """Over several processes a request is cancelled when every process hears of it."""
+        return r.rid in self.to_cancel if self.hosts else r.cancelled
+
+    def _exchange(self, idle: bool) -> None:
+        """Process 0 tells every process what changed since the last step: the groups submitted
+        (an idle engine waits up to 50 ms for one), the requests cancelled and those whose
+        on_token said stop, and whether it stopped. Every process applies them alike."""
+        message, own = None, {}
+        if jax.process_index() == 0:
+            groups = self._drain(block=idle and not self.agreed and not self.held)
+            own = {r.rid: r for g in groups for r in g}  # with their callbacks
+            message = {
+                "groups": [[r.spec() for r in g] for g in groups],
+                "cancel": [rid for rid, r in self.known.items() if r.cancelled],
+                "stop": self.to_stop,
+                "end": self._stop.is_set(),
+            }
+            self.to_stop = []
+        message = broadcast_from_first(message)
+        for specs in message["groups"]:
+            group = [own.get(s["rid"]) or Request.of_spec(s) for s in specs]
+            self.known.update((r.rid, r) for r in group)
+            self.agreed.append(group)
+        self.to_cancel = set(message["cancel"])
+        stop = set(message["stop"])
+        for slot, r in enumerate(self.active):
+            if r is not None and r.rid in stop:
+                self._finish(slot, "stop")
+        self.ended = message["end"]
 
     def _dispatch(self) -> None:
         """Queue a decode step. Its input tokens are the previous step's output on the device,
@@ -516,10 +589,10 @@ class Engine:
                 return
             block = False
             for r in group:
-                if r.cancelled:
+                if self._cancelled(r):
                     r.finish_reason = "cancelled"
                     self._done(r)
-            group = [r for r in group if not r.cancelled]
+            group = [r for r in group if not self._cancelled(r)]
             free = [slot for slot, r in enumerate(self.active) if r is None]
             placed = self._place(group, self.unpromised, free) if group else []
             self.held = group if placed is None else []
@@ -593,10 +666,24 @@ class Engine:
         return page
 
     def _next_group(self, block: bool) -> list[Request] | None:
+        if self.hosts:  # what every process has heard of (`_exchange`)
+            return self.agreed.popleft() if self.agreed else None
         try:
             return self.waiting.get(timeout=0.05) if block else self.waiting.get_nowait()
         except queue.Empty:
             return None  # (a None in the queue: stop() woke us)
+
+    def _drain(self, block: bool) -> list[list[Request]]:
+        """Every group submitted so far (waiting up to 50 ms for a first one if `block`)."""
+        groups = []
+        try:
+            group = self.waiting.get(timeout=0.05) if block else self.waiting.get_nowait()
+            while True:
+                if group:  # (None: stop() woke us)
+                    groups.append(group)
+                group = self.waiting.get_nowait()
+        except queue.Empty:
+            return groups
 
     @staticmethod
     def _host_logprobs(device_logprobs, requests) -> Callable[[int], TokenLogprobs] | None:
@@ -616,8 +703,12 @@ class Engine:
         if r.logprobs is not None:
             r.token_logprobs.append(dataclasses.replace(logprobs, top=logprobs.top[: r.logprobs]))
         self.tokens[slot] = token  # read by the next step only if the host sets this row (host_set)
-        if r.on_token is not None and r.on_token(token) is False:
-            return self._finish(slot, "stop")
+        if r.on_token is not None and r.stopped_at is None and r.on_token(token) is False:
+            if not self.hosts:
+                return self._finish(slot, "stop")
+            # the others hear of it at the next step; until then the request runs on everywhere
+            r.stopped_at = len(r.tokens)
+            self.to_stop.append(r.rid)
         if len(r.tokens) >= r.max_new_tokens:
             self._finish(slot, "length")
 
@@ -644,6 +735,9 @@ class Engine:
         self.unpromised[shard] += int(self.promised[slot])
         self.promised[slot] = 0
         self.table[slot] = self.shard_pages
+        if r.stopped_at is not None:  # tokens made after on_token said stop (several processes)
+            reason = "stop"
+            del r.tokens[r.stopped_at :], r.token_logprobs[r.stopped_at :]
         r.finish_reason = reason
         self._done(r)
 
@@ -661,6 +755,7 @@ class Engine:
                 f.leader = followers[0]
 
     def _done(self, r: Request) -> None:
+        self.known.pop(r.rid, None)
         self.finished[r.finish_reason] += 1
         r.done.set()
         if r.on_done is not None:

@@ -21,7 +21,7 @@ from ladder_jax.cli import main
 from ladder_jax.engine import Engine
 from ladder_jax.tokenizer import ByteTokenizer
 
-from .test_decode import model_on
+from .test_decode import NEW, model_on
 
 NAME = "tiny-test"
 KEY = "sk-test"
@@ -369,3 +369,63 @@ def test_under_load_with_dropped_streams_every_other_request_gets_its_solo_outpu
     assert app.engine.pages_in_use == 0 and app.engine.busy_slots == 0
     assert app.engine.finished["cancelled"] > cancelled  # hung-up streams were ended, not run to their end
     assert complete(client, "Hello", max_tokens=3, temperature=0).choices[0].text == solo[("Hello", 3)]
+
+
+def test_serve_over_two_processes_with_tensor_spanning_both_answers_as_one_process(tmp_path, devices):
+    # 2 processes x 4 CPU devices over gloo, tensor 8 across both: process 0 takes the requests,
+    # both step the engine; greedy, stop strings, seeded samples and a dropped stream, then SIGINT
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from ladder_jax import checkpoint, decode
+
+    from .conftest import TEST_XLA_FLAGS
+
+    cfg, mesh, params = model_on("ladder", 1, 8)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    checkpoint.save_config(run, cfg)
+    checkpoint.save_params(run, params, step=1)
+    port, coordinator = (20000 + (os.getpid() + k) % 20000 for k in (31, 37))
+    cmd = [sys.executable, "-m", "ladder_jax", "serve", "--checkpoint", str(run), "--port", str(port)]
+    cmd += ["--max-running", "4", "--cpu-devices", "4", "--coordinator", f"127.0.0.1:{coordinator}"]
+    cmd += ["--num-processes", "2", "--model-name", NAME, "mesh.tensor=8"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(TEST_XLA_FLAGS)}
+    procs = [
+        subprocess.Popen([*cmd, "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for i in range(2)
+    ]
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                get(url, "/health")
+                break
+            except OSError:
+                assert all(p.poll() is None for p in procs), procs[0].stdout.read().decode()[-3000:]
+                time.sleep(0.5)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        tok = ByteTokenizer()
+        prompts = ["Hello", "naïve", "x"]
+        solo = decode.generate(cfg, mesh, params, [tok.encode_prompt(p) for p in prompts], NEW).tokens
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(lambda p: complete(client, p, max_tokens=NEW, temperature=0), prompts))
+        assert [g.choices[0].text for g in got] == [tok.decode(t) for t in solo]
+        text = tok.decode(solo[0])
+        stop = text[5:7]  # cut where the first greedy output has these two characters
+        cut = complete(client, "Hello", max_tokens=NEW, temperature=0, stop=[stop]).choices[0]
+        assert (cut.text, cut.finish_reason) == (text[: text.index(stop)], "stop")
+        seeded = decode.Sampling(0.9, 0, 1.0, 7)
+        drawn = decode.generate(cfg, mesh, params, [tok.encode_prompt("Hello")], NEW, sampling=seeded).tokens[0]
+        assert complete(client, "Hello", max_tokens=NEW, temperature=0.9, seed=7).choices[0].text == tok.decode(drawn)
+        stream = complete(client, "naïve", max_tokens=NEW, temperature=0, stream=True)
+        next(iter(stream))
+        stream.close()  # dropped: the engine cancels it on every process
+        assert complete(client, "x", max_tokens=4, temperature=0).choices[0].text == tok.decode(solo[2][:4])
+        assert json.loads(get(url, "/health"))["kv_pages_in_use"] == 0
+    finally:
+        procs[0].send_signal(signal.SIGINT)
+        outs = [p.communicate(timeout=60)[0].decode(errors="replace") for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]

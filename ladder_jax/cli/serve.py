@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 
+import jax
+
 from .. import checkpoint
 from ..errors import LadderError
 from ..mesh import init_runtime
 from ..storage import is_remote, path
 from ..tokenizer import get_tokenizer
-from ._common import cpu_devices, decoding_overrides, overrides
+from ._common import cpu_devices, decoding_overrides, multihost, overrides
 
 
 class ServeError(LadderError):
@@ -63,6 +65,7 @@ def add(sub) -> None:
         help="/v1 requests must send 'Authorization: Bearer KEY' (default: $LADDER_JAX_API_KEY; unset: open)",
     )
     cpu_devices(p)
+    multihost(p)
     overrides(p, "mesh.tensor=8 model.plan=ladder")
     p.set_defaults(handler=start_server)
 
@@ -85,7 +88,7 @@ def start_server(args) -> int:
             f"--page-size {args.page_size} / --kv-pages {args.kv_pages} / --prefill-chunk {args.prefill_chunk}: "
             "give at least 1"
         )
-    init_runtime(args.cpu_devices)
+    init_runtime(args.cpu_devices, args.coordinator, args.num_processes, args.process_id)
     run_dir = path(args.checkpoint)
     run_overrides = decoding_overrides(args.overrides)
     cfg = checkpoint.load_run_config(run_dir, run_overrides)
@@ -104,6 +107,9 @@ def start_server(args) -> int:
         args.prefill_chunk,
         args.prefix_cache,
     )
+    if jax.process_index() != 0:  # process 0 takes the requests; the others step with it until it stops
+        engine.serve_forever()
+        return 0
     name = args.model_name or (run_dir if is_remote(run_dir) else run_dir.resolve()).name
     print(
         f"serving '{name}' ({run.cfg.model.plan}) on http://{args.host}:{args.port}/v1: up to {engine.slots} "
