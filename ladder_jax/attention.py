@@ -24,9 +24,11 @@ with one warning line under `auto`, and stops with one line (AttentionError) whe
 Decoding (one new token per row over a KV cache) always uses `decode_attention`: an online
 softmax over key blocks up to the furthest row's position, so a step reads the keys written so
 far, not the whole allocation. Over the serving engine's paged cache, `paged_attention` runs the
-same online softmax over blocks gathered through each row's page table, for one new token per row
-(`paged_decode_attention`) or a chunk of a prompt (XLA on every platform; JAX's Pallas TPU
-paged-attention kernel is not used yet).
+same online softmax over blocks gathered through each row's page table (XLA, every platform),
+for a chunk of a prompt or one new token per row. A decode step compiled for TPU runs JAX's
+Pallas paged-attention kernel instead (`paged_decode_attention`) where `model.attention` allows
+kernels (auto, splash) and the shapes suit it (head_dim a multiple of 128, pages of a multiple of
+8 positions); it has no interpret mode, so it runs on a TPU or in a deviceless TPU compile only.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu import attention as triton_attention
+from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention as tpu_paged_attention
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
@@ -346,11 +349,55 @@ def decode_attention(q, cache_k, cache_v, positions, dtype, block: int = DECODE_
     return _online_softmax(q, read, n_blocks, dtype, (q, cache_k, positions))
 
 
-def paged_decode_attention(q, k_pages, v_pages, page_table, positions, dtype, block: int = DECODE_KEY_BLOCK):
-    """`decode_attention` over a paged cache (`paged_attention` of one query per row).
+def paged_decode_attention(
+    requested: str, q, k_pages, v_pages, page_table, positions, dtype, block: int = DECODE_KEY_BLOCK
+):
+    """`decode_attention` over a paged cache: JAX's Pallas TPU paged-attention kernel where
+    `paged_kernel` says so, else `paged_attention` of one query per row.
 
     q: (B, 1, K, G, hd); positions: (B,) of the new token (its key is already written)."""
+    if paged_kernel(requested, current_platform(), k_pages.shape[2], q.shape[-1], k_pages.dtype):
+        return tpu_paged_decode(q, k_pages, v_pages, page_table, positions, dtype, block)
     return paged_attention(q, k_pages, v_pages, page_table, positions[:, None], dtype, block)
+
+
+def paged_kernel(requested: str, platform: str, page_size: int, head_dim: int, dtype) -> bool:
+    """Whether a paged decode step runs the Pallas TPU kernel: compiled for TPU, kernels allowed
+    (`model.attention` auto or splash), a bfloat16 cache (the kernel reads keys and values as
+    bfloat16 whatever they are) and shapes its VMEM blocks take."""
+    if platform != "tpu" or requested not in ("auto", "splash"):
+        return False
+    reason = None
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        reason = f"the TPU paged-attention kernel reads the cache as bfloat16, and it is {jnp.dtype(dtype).name}"
+    elif head_dim % 128:
+        reason = f"the TPU paged-attention kernel needs a head dimension that is a multiple of 128, got {head_dim}"
+    elif page_size % 8:
+        reason = f"the TPU paged-attention kernel needs pages of a multiple of 8 positions, got {page_size}"
+    if reason is not None and reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"paged decode attention uses xla here: {reason}", stacklevel=2)
+    return reason is None
+
+
+def tpu_paged_decode(q, k_pages, v_pages, page_table, positions, dtype, block: int = DECODE_KEY_BLOCK):
+    """One query per row through `jax.experimental.pallas.ops.tpu.paged_attention`: it reads each
+    row's pages up to its length (position + 1) in blocks of pages, double-buffered into VMEM.
+    Queries go in as float32, grouped per KV head as the kernel groups them."""
+    b, _, kv, g, hd = q.shape
+    n_pages, page_size = k_pages.shape[1:3]
+    width = page_table.shape[1]
+    per_block = max(d for d in range(1, max(1, block // page_size) + 1) if width % d == 0)
+    scaled = (q[:, 0].astype(jnp.float32) / math.sqrt(hd)).reshape(b, kv * g, hd)  # the kernel does not scale
+    out = tpu_paged_attention(
+        scaled,
+        k_pages,
+        v_pages,
+        positions.astype(jnp.int32) + 1,
+        jnp.minimum(page_table, n_pages - 1),  # no page yet: any page, past the length it is not read
+        pages_per_compute_block=per_block,
+    )
+    return out.reshape(b, 1, kv, g, hd).astype(dtype)
 
 
 def paged_attention(q, k_pages, v_pages, page_table, positions, dtype, block: int = DECODE_KEY_BLOCK):
@@ -361,7 +408,7 @@ def paged_attention(q, k_pages, v_pages, page_table, positions, dtype, block: in
     ids past the pool (no page yet) read zeros, which the position mask leaves out. A chunk of a
     prompt (S > 1) so reads the keys of earlier chunks and of a cached prefix from the pages.
 
-    q: (B, S, K, G, hd); k_pages/v_pages: (pages, page_size, K, hd); page_table: (B, W) int32;
+    q: (B, S, K, G, hd); k_pages/v_pages: (K, pages, page_size, hd); page_table: (B, W) int32;
     positions: (B, S) (the queries' keys are already written; -1: padding, which sees nothing
     and gets zeros). Returns (B, S, K, G, hd)."""
     s = q.shape[1]
@@ -386,7 +433,7 @@ def paged_attention(q, k_pages, v_pages, page_table, positions, dtype, block: in
             ],
             axis=1,
         )
-    n_pages, page_size = k_pages.shape[:2]
+    n_pages, page_size = k_pages.shape[1:3]
     per_block = max(1, min(block // page_size, page_table.shape[1]))
     width = -(-page_table.shape[1] // per_block) * per_block
     table = jnp.pad(page_table, ((0, 0), (0, width - page_table.shape[1])), constant_values=n_pages)
@@ -394,7 +441,11 @@ def paged_attention(q, k_pages, v_pages, page_table, positions, dtype, block: in
 
     def read(i):
         ids = jax.lax.dynamic_slice_in_dim(table, i * per_block, per_block, axis=1)  # (B, per_block)
-        kb, vb = (p.at[ids].get(mode="fill", fill_value=0).reshape(bsz, span, *p.shape[2:]) for p in (k_pages, v_pages))
+        # (K, B, per_block, page_size, hd) -> (B, span, K, hd)
+        kb, vb = (
+            jnp.moveaxis(p.at[:, ids].get(mode="fill", fill_value=0), 0, -2).reshape(bsz, span, p.shape[0], p.shape[-1])
+            for p in (k_pages, v_pages)
+        )
         idx = i * span + jnp.arange(span)
         return kb, vb, idx[None, None] <= positions[:, :, None]
 

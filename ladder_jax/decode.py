@@ -388,7 +388,7 @@ def paged_step_fn(cfg: ModelConfig, mesh: Mesh, logprobs: int = 0):
     page_table (B, W), temperature, top_k, top_p, seed) -> (next tokens, positions + 1, pages[,
     logprobs]). pages: per layer (k, v) pools of (pages, page_size, kv slots, head_dim), the pages
     over `data` (each data shard a pool of its own, which its rows' page ids index) and the kv
-    slots over `tensor`, as the dense cache's rows and slots (`model.CACHE_SPEC`). The pools are
+    slots over `tensor`, as the dense cache's rows and slots (`model.PAGES_SPEC`). The pools are
     donated."""
 
     def body(model, tokens, positions, pages, page_table, *sampling):
@@ -397,7 +397,7 @@ def paged_step_fn(cfg: ModelConfig, mesh: Mesh, logprobs: int = 0):
         extra = (vocab_parallel_logprobs(logits[:, 0], new, logprobs),) if logprobs else ()
         return new, positions + 1, pages, *extra
 
-    specs = M.cache_specs(cfg)
+    specs = M.page_specs(cfg)
     in_specs = (ROWS, ROWS, specs, ROWS_BY_SEQ, *sampling_specs(True))
     out_specs = (ROWS, ROWS, specs, *logprob_specs(logprobs))
     return jax.jit(M.sharded(cfg, mesh, body, in_specs, out_specs), donate_argnums=3)
@@ -426,10 +426,24 @@ def paged_prefill_fn(cfg: ModelConfig, mesh: Mesh, logprobs: int = 0):
         extra = (vocab_parallel_logprobs(logits, new, logprobs),) if logprobs else ()
         return new, pages, *extra
 
-    specs = M.cache_specs(cfg)
+    specs = M.page_specs(cfg)
     in_specs = (ROWS_BY_SEQ, ROWS_BY_SEQ, specs, ROWS_BY_SEQ, ROWS, *sampling_specs(True))
     out_specs = (ROWS, specs, *logprob_specs(logprobs))
     return jax.jit(M.sharded(cfg, mesh, body, in_specs, out_specs), donate_argnums=3)
+
+
+def abstract_paged_step_args(cfg: ModelConfig, mesh: Mesh, batch: int, pages: int, page_size: int, width: int):
+    """The arguments of `paged_step_fn` as sharded abstract values: `batch` rows with page tables
+    of `width` pages over pools of `pages` pages (in all) of `page_size` positions."""
+    params, per_row, _, _ = abstract_step_args(cfg, mesh, batch, 1)
+    slots, hd = M.cache_shape(cfg, mesh.shape[TENSOR], 1, 1)[2:]
+    pool = jax.ShapeDtypeStruct(
+        (slots, pages, page_size, hd), dtype_of(cfg.dtype), sharding=NamedSharding(mesh, M.PAGES_SPEC)
+    )
+    table = jax.ShapeDtypeStruct((batch, width), jnp.int32, sharding=NamedSharding(mesh, ROWS_BY_SEQ))
+    rows = (per_row, jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=per_row.sharding))
+    sampling = (rows[1], rows[0], rows[1], rows[0])  # temperature, top_k, top_p, seed
+    return params, per_row, per_row, [(pool, pool)] * cfg.n_layers, table, *sampling
 
 
 def abstract_step_args(cfg: ModelConfig, mesh: Mesh, batch: int, cache_len: int) -> tuple:

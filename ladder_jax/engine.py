@@ -208,12 +208,12 @@ class Engine:
             )
         # Made by a shard_map as the step's output is, so both carry the same sharding.
         _, _, kv_slots, hd = M.cache_shape(cfg, tensor, 1, 1)
-        local = (self.shard_pages, page_size, kv_slots // tensor, hd)
+        local = (kv_slots // tensor, self.shard_pages, page_size, hd)
         zeros = jax.shard_map(
             lambda: [(jnp.zeros(local, dtype_of(cfg.dtype)),) * 2 for _ in range(cfg.n_layers)],
             mesh=mesh,
             in_specs=(),
-            out_specs=M.cache_specs(cfg),
+            out_specs=M.page_specs(cfg),
         )
         self.pages = jax.jit(zeros)()
         # Page tables hold each shard's own page ids; the pool size (no page) writes and reads nothing.

@@ -112,7 +112,7 @@ class Attention(nnx.Module):
         cache up to each row's position. Attention runs `model.attention` (ladder_jax.attention).
         A list of caches splits this device's KV heads (and the query heads over them) into that
         many groups, each with its own cache (a split lp pair keeps its heads in both layers' caches).
-        page_table (B, W): the cache is paged, (k, v) pools of (pages, page_size, kv_local, hd),
+        page_table (B, W): the cache is paged, (k, v) pools of (kv_local, pages, page_size, hd),
         row b's position p in page page_table[b, p // page_size]: a decode step (S = 1) or a
         chunk of a prompt (positions -1: padding, written nowhere) attends over the row's pages.
         Returns (partial output (B, S, D), updated cache(s) or None).
@@ -163,14 +163,19 @@ class Attention(nnx.Module):
             # Position p of row b goes to offset p % page_size of page page_table[b, p // page_size];
             # padding (position -1), positions past the table and rows without a page there (ids
             # past the pool) write nothing.
-            n_pages, page_size = ck.shape[:2]
+            n_pages, page_size = ck.shape[1:3]
             index = jnp.clip(positions // page_size, 0, page_table.shape[1] - 1)
             page = jnp.take_along_axis(page_table, index, axis=1)
             page = jnp.where((positions >= 0) & (positions // page_size == index), page, n_pages)
             pos = jnp.maximum(positions, 0)
-            ck = ck.at[page, pos % page_size].set(k.astype(ck.dtype), mode="drop")
-            cv = cv.at[page, pos % page_size].set(v.astype(cv.dtype), mode="drop")
-            return attention.paged_attention(q, ck, cv, page_table, positions, dt), (ck, cv)
+            # (B, S, K, hd) -> (K, B, S, hd): the pools hold KV heads first
+            ck = ck.at[:, page, pos % page_size].set(jnp.moveaxis(k, 2, 0).astype(ck.dtype), mode="drop")
+            cv = cv.at[:, page, pos % page_size].set(jnp.moveaxis(v, 2, 0).astype(cv.dtype), mode="drop")
+            if s == 1:
+                out = attention.paged_decode_attention(self.implementation, q, ck, cv, page_table, positions[:, 0], dt)
+            else:
+                out = attention.paged_attention(q, ck, cv, page_table, positions, dt)
+            return out, (ck, cv)
         # An indexed scatter writes only the new rows; a vmapped dynamic_update_slice
         # compiles to a select that rewrites the whole cache every decode step.
         rows = jnp.arange(positions.shape[0])[:, None]

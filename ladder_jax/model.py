@@ -434,6 +434,16 @@ def cache_specs(cfg: ModelConfig) -> list:
     return [(CACHE_SPEC, CACHE_SPEC)] * cfg.n_layers
 
 
+# The serving engine's paged KV cache: per layer (k, v) pools of (kv_slots, pages, page_size,
+# head_dim), KV heads first as JAX's Pallas TPU paged-attention kernel reads them; the slots over
+# `tensor` as the dense cache's, the pages over the batch axes (each data shard a pool of its own).
+PAGES_SPEC = P(TENSOR, BATCH, None, None)
+
+
+def page_specs(cfg: ModelConfig) -> list:
+    return [(PAGES_SPEC, PAGES_SPEC)] * cfg.n_layers
+
+
 # ---------------------------------------------------------------------------------------------
 # Running the model on a mesh
 

@@ -132,10 +132,38 @@ def test_paged_decode_attention_reads_each_rows_pages_in_table_order():
             )
     stale = np.arange(t)[None, :, None, None] > positions[:, None, None, None]
     ck, cv = np.where(stale, 1e4, ck), np.where(stale, -1e4, cv)
-    paged = jax.jit(A.paged_decode_attention, static_argnums=(5, 6))
-    got = paged(q, pool_k, pool_v, table, positions, jnp.float32, 16)
+    paged = jax.jit(A.paged_decode_attention, static_argnums=(0, 6, 7))
+    heads_first = [np.moveaxis(p, 2, 0) for p in (pool_k, pool_v)]  # the pools' layout: (K, pages, page, hd)
+    got = paged("xla", q, *heads_first, table, positions, jnp.float32, 16)
     want = jax.jit(A.decode_attention, static_argnums=(4, 5))(q, ck, cv, positions, jnp.float32, 16)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+def test_the_tpu_paged_kernel_reads_each_rows_pages_up_to_its_position_in_interpret_mode():
+    # JAX's Pallas TPU paged-attention kernel as the decode step calls it (q scaled and grouped,
+    # lengths = position + 1, "no page" ids clamped into the pool), run by Pallas' TPU interpreter
+    # on a bfloat16 pool (the kernel reads keys and values as bfloat16), against NumPy.
+    from jax.experimental.pallas import tpu as pltpu
+
+    r = np.random.default_rng(5)
+    b, kv, g, hd, page, pages, width = 4, 2, 2, 128, 8, 20, 5
+    q = jnp.asarray(r.normal(size=(b, 1, kv, g, hd)), jnp.float32)
+    pool_k, pool_v = (jnp.asarray(r.normal(size=(kv, pages, page, hd)), jnp.bfloat16) for _ in range(2))
+    positions = np.array([3, 17, 39, 0], np.int32)  # the last row idle: no pages at all
+    table = r.permutation(pages)[: b * width].reshape(b, width).astype(np.int32)
+    table = np.where(np.arange(width)[None] <= positions[:, None] // page, table, pages)
+    table[3] = pages
+    with pltpu.force_tpu_interpret_mode():
+        got = np.asarray(A.tpu_paged_decode(q, pool_k, pool_v, jnp.asarray(table), jnp.asarray(positions), jnp.float32))
+    kn, vn = (np.asarray(p.astype(jnp.float32), np.float64) for p in (pool_k, pool_v))
+    for row in range(3):
+        keys = np.concatenate([kn[:, i] for i in table[row] if i < pages], axis=1)[:, : positions[row] + 1]
+        values = np.concatenate([vn[:, i] for i in table[row] if i < pages], axis=1)[:, : positions[row] + 1]
+        sc = np.einsum("kgd,ktd->kgt", np.asarray(q[row, 0], np.float64), keys) / np.sqrt(hd)
+        w = np.exp(sc - sc.max(-1, keepdims=True))
+        want = np.einsum("kgt,ktd->kgd", w / w.sum(-1, keepdims=True), values)
+        np.testing.assert_allclose(got[row, 0], want, atol=2e-6)
+    assert np.isfinite(got[3]).all()
 
 
 def test_paged_attention_of_a_chunk_sees_each_rows_pages_up_to_each_query():
@@ -150,7 +178,9 @@ def test_paged_attention_of_a_chunk_sees_each_rows_pages_up_to_each_query():
     table[1, 25:] = pages  # no page past row 1's positions
     positions = np.stack([np.arange(17, 17 + s), np.where(np.arange(s) < 200, np.arange(s), -1)]).astype(np.int32)
     got = np.asarray(
-        jax.jit(A.paged_attention, static_argnums=(5, 6))(q, pool_k, pool_v, table, positions, jnp.float32)
+        jax.jit(A.paged_attention, static_argnums=(5, 6))(
+            q, np.moveaxis(pool_k, 2, 0), np.moveaxis(pool_v, 2, 0), table, positions, jnp.float32
+        )
     )
     for row in range(b):
         keys = np.concatenate([pool_k[p] for p in table[row] if p < pages]).astype(np.float64)

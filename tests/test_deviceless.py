@@ -236,6 +236,20 @@ def test_the_scanned_ladder_train_step_overlaps_the_all_reduce_at_its_iteration_
 
 
 @pytest.mark.deviceless
+def test_the_serving_engines_decode_step_for_tpu_runs_the_pallas_paged_attention_kernel():
+    # llama-3.1-8b's shapes (bfloat16 cache, head_dim 128) at tensor 8 on v5e-8: one paged
+    # attention kernel per layer in the engine's decode step; its numerics: test_attention.py
+    pytest.importorskip("libtpu")
+    import re
+
+    cfg = load_config("llama-3.1-8b", ["model.n_layers=2", "mesh.tensor=8"])
+    mesh = target_mesh(cfg, get_target("v5e-8"))
+    text = deviceless.paged_step_hlo(cfg.model, mesh, 8, 256, 16, 64, tpu_flags())
+    kernels = re.findall(r"%(paged_attention[.\d]*) = .*custom_call_target=\"tpu_custom_call\"", text)
+    assert len(kernels) == 2, kernels
+
+
+@pytest.mark.deviceless
 @pytest.mark.parametrize("target, compiler", [("v5e-8", "libtpu"), ("h100-8", "jax_cuda12_plugin")])
 def test_schedule_and_memory_commands_on_a_target(target, compiler, tmp_path):
     # The commands end to end as a user runs them, in a process of their own (the library's libtpu

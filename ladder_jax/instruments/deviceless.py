@@ -363,6 +363,21 @@ def decode_step_hlo(
     return decode.step_fn(cfg, mesh).lower(*args).compile(compiler_options=compiler_options).as_text()
 
 
+def paged_step_hlo(
+    cfg: ModelConfig,
+    mesh: Mesh,
+    batch: int,
+    pages: int,
+    page_size: int,
+    width: int,
+    compiler_options: dict | None = None,
+) -> str:
+    """Scheduled HLO of one decode step of the serving engine (`decode.paged_step_fn`) over pools
+    of `pages` pages, compiled for the mesh's devices (abstract arguments)."""
+    args = decode.abstract_paged_step_args(cfg, mesh, batch, pages, page_size, width)
+    return decode.paged_step_fn(cfg, mesh).lower(*args).compile(compiler_options=compiler_options).as_text()
+
+
 def train_hlo(
     cfg: ModelConfig,
     mesh: Mesh,
