@@ -494,7 +494,7 @@ class Engine:
     def _read(self, dispatched) -> None:
         """Deliver a step's tokens to the requests that were in its rows and still are."""
         new, logprobs, requests = dispatched
-        new, logprobs = np.asarray(new), self._host_logprobs(logprobs, requests)
+        new, logprobs = decode.to_host(new), self._host_logprobs(logprobs, requests)
         for slot, r in enumerate(requests):
             if r is not None and self.active[slot] is r:
                 self._deliver(slot, int(new[slot]), logprobs and logprobs(slot))
@@ -562,7 +562,7 @@ class Engine:
         """The first token of each prompt the prefill call ended; its row decodes from the next
         decode step on. (Read even when none ended: XLA:CPU runs one program at a time.)"""
         new, logprobs, ends = dispatched
-        new = np.asarray(new)
+        new = decode.to_host(new)
         logprobs = self._host_logprobs(logprobs, [p.request for _, p in ends])
         for row, p in ends:
             if self.active[p.slot] is not p.request:
@@ -690,7 +690,7 @@ class Engine:
         """row -> TokenLogprobs, reading the step's log-probabilities only if a request asks."""
         if all(r is None or r.logprobs is None for r in requests):
             return None
-        chosen, ids, values = (np.asarray(a) for a in device_logprobs)
+        chosen, ids, values = (decode.to_host(a) for a in device_logprobs)
         return lambda row: TokenLogprobs(
             float(chosen[row]), tuple(zip(ids[row].tolist(), values[row].tolist(), strict=True))
         )
