@@ -258,6 +258,7 @@ def arrival_mode(args, cfg, mesh, params) -> list[dict]:
     }
     # Compiles first: every prompt bucket through each engine, and every static shape the runs use.
     warm = [{"at": 0.0, "prompt": [5] * n, "want": 2} for n in (4, 8, 16, 32, 64, 128, 192)]
+    servers["paged"][0]().precompile()  # every prefill shape, as `serve` does at startup
     for make, module in servers.values():
         arrive_engine(make(), module, warm)
     shapes = set()

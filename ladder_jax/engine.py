@@ -48,6 +48,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -257,6 +258,51 @@ class Engine:
         self.to_cancel: set[int] = set()  # rids every process cancels this step
         self.to_stop: list[int] = []  # rids whose on_token said stop, to tell the others
         self.ended = False  # process 0 stopped: every process leaves serve_forever
+
+    def prefill_shapes(self) -> list[tuple[int, int]]:
+        """(rows per data shard, chunk length) of every prefill call `_prefill_batch` can make:
+        chunks of a bucket length up to `prefill_chunk`, rows a power of two within the budget
+        and the rows of a shard."""
+        lengths = sorted(
+            {decode.bucket_length(1 << k, self.prefill_chunk) for k in range(self.prefill_chunk.bit_length() + 1)}
+        )
+        per_shard = self.slots // self.data
+        return [
+            (1 << k, chunk)
+            for chunk in lengths
+            for k in range((min(_floor_pow2(self.prefill_chunk // chunk), per_shard) - 1).bit_length() + 1)
+        ]
+
+    def precompile(self) -> float:
+        """Compile the decode step and every prefill shape now, so that no request waits for a
+        compile (vLLM and JetStream compile their buckets at startup too); returns the seconds."""
+        start = time.perf_counter()
+        by_row, rows = NamedSharding(self.mesh, ROWS_BY_SEQ), NamedSharding(self.mesh, ROWS)
+
+        def ints(shape, sharding, dtype=jnp.int32):
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+        def sampling(n):
+            return (ints((n,), rows, jnp.float32), ints((n,), rows), ints((n,), rows, jnp.float32), ints((n,), rows))
+
+        n, w = self.slots, self.table_width
+        merge_fn(rows).lower(ints((n,), rows), ints((n,), rows, bool), ints((n,), rows)).compile()
+        step = decode.paged_step_fn(self.cfg, self.mesh, MAX_LOGPROBS)
+        step.lower(
+            self.params, ints((n,), rows), ints((n,), rows), self.pages, ints((n, w), by_row), *sampling(n)
+        ).compile()
+        prefill = decode.paged_prefill_fn(self.cfg, self.mesh, MAX_LOGPROBS)
+        for per_shard, chunk in self.prefill_shapes():
+            n = per_shard * self.data
+            args = (
+                ints((n, chunk), by_row),
+                ints((n, chunk), by_row),
+                self.pages,
+                ints((n, w), by_row),
+                ints((n,), rows),
+            )
+            prefill.lower(self.params, *args, *sampling(n)).compile()
+        return time.perf_counter() - start
 
     def pages_for(self, request: Request) -> int:
         """The pages a request may hold: its prompt and every new token."""

@@ -341,3 +341,15 @@ def test_requests_wait_for_pages_and_give_them_back_and_too_many_are_refused(eng
     assert small.pages_in_use == 0 and small.unpromised == [3, 3]
     for r, (p, n) in zip(requests, jobs):
         assert r.tokens == engine.run([Request(p, n)])[0].tokens
+
+
+def test_after_precompile_requests_of_any_length_and_batch_compile_nothing(compiles, devices):
+    engine = small_engine("standard", prefill_chunk=32)
+    # a budget of 32 tokens a step: one or two rows (the engine has two) of 16, one row of 32
+    assert engine.prefill_shapes() == [(1, 16), (2, 16), (1, 32)]
+    engine.precompile()
+    compiled = len(compiles)
+    rng = np.random.default_rng(0)
+    requests = [Request(rng.integers(0, 256, n).tolist(), 4) for n in (3, 20, 9, 16, 1)]
+    engine.run(requests)
+    assert compiles[compiled:] == [] and all(len(r.tokens) == 4 for r in requests)

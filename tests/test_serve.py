@@ -391,7 +391,7 @@ def test_serve_over_two_processes_with_tensor_spanning_both_answers_as_one_proce
     port, coordinator = (20000 + (os.getpid() + k) % 20000 for k in (31, 37))
     cmd = [sys.executable, "-m", "ladder_jax", "serve", "--checkpoint", str(run), "--port", str(port)]
     cmd += ["--max-running", "4", "--cpu-devices", "4", "--coordinator", f"127.0.0.1:{coordinator}"]
-    cmd += ["--num-processes", "2", "--model-name", NAME, "mesh.tensor=8"]
+    cmd += ["--num-processes", "2", "--model-name", NAME, "--no-precompile", "mesh.tensor=8"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(TEST_XLA_FLAGS)}
     procs = [
         subprocess.Popen([*cmd, "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -58,6 +58,12 @@ def add(sub) -> None:
         action="store_false",
         help="do not keep full prompt pages for later prompts that share them (default: keep them)",
     )
+    p.add_argument(
+        "--no-precompile",
+        dest="precompile",
+        action="store_false",
+        help="compile prefill shapes as requests first need them, not all at startup (default: all at startup)",
+    )
     p.add_argument("--model-name", help="the model id clients send (default: the run directory's name)")
     p.add_argument(
         "--api-key",
@@ -107,12 +113,16 @@ def start_server(args) -> int:
         args.prefill_chunk,
         args.prefix_cache,
     )
+    compiled = ""
+    if args.precompile:
+        seconds = engine.precompile()
+        compiled = f"compiled the decode step and {len(engine.prefill_shapes())} prefill shapes in {seconds:.1f} s; "
     if jax.process_index() != 0:  # process 0 takes the requests; the others step with it until it stops
         engine.serve_forever()
         return 0
     name = args.model_name or (run_dir if is_remote(run_dir) else run_dir.resolve()).name
     print(
-        f"serving '{name}' ({run.cfg.model.plan}) on http://{args.host}:{args.port}/v1: up to {engine.slots} "
+        f"{compiled}serving '{name}' ({run.cfg.model.plan}) on http://{args.host}:{args.port}/v1: up to {engine.slots} "
         f"requests at once over {engine.total_pages} KV pages of {engine.page_size} positions, prefilling "
         f"{engine.prefill_chunk} tokens a step, prefix cache {'on' if engine.prefix_cache else 'off'}",
         flush=True,
