@@ -104,3 +104,23 @@ def saved_state(cfg, run_dir, step):
     with ckpt.manager(run_dir, create=False) as saved:
         restored = saved.restore(step, args=ocp.args.Composite(**items))
     return jax.device_get({k: restored[k] for k in items})
+
+
+def start_two_processes(cmd, **popen):
+    """`cmd --process-id 0` and `... 1` on CPU with the suite's compile flags: a two-process run
+    over gloo (`cmd` names the coordinator, --num-processes 2 and the devices of each)."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(TEST_XLA_FLAGS)}
+    return [subprocess.Popen([*cmd, "--process-id", str(i)], env=env, **popen) for i in range(2)]
+
+
+def save_run(run, cfg, params):
+    """A run directory holding `params` (step 1) and `cfg`: what infer and serve load."""
+    from ladder_jax import checkpoint as ckpt
+
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt.save_config(run, cfg)
+    ckpt.save_params(run, params, step=1)
+    return run

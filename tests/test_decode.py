@@ -291,24 +291,17 @@ def test_infer_over_two_processes_with_tensor_spanning_both_writes_what_one_proc
     import sys
     from pathlib import Path
 
-    from .conftest import TEST_XLA_FLAGS
+    from .conftest import save_run, start_two_processes
 
     cfg, mesh, params = model_on("standard", 1, 8)
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    checkpoint.save_config(run, cfg)
-    checkpoint.save_params(run, params, step=1)
+    run = save_run(tmp_path / "run", cfg, params)
     texts = ["Hello", "naïve"]
     (tmp_path / "prompts.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
     port = 20000 + (os.getpid() + 29) % 20000
     cmd = [sys.executable, str(Path(infer.__file__).resolve()), "--checkpoint", str(run), "--prompts-file"]
     cmd += [str(tmp_path / "prompts.txt"), "--max-new-tokens", str(NEW), "mesh.tensor=8", "--cpu-devices", "4"]
     cmd += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(TEST_XLA_FLAGS)}
-    procs = [
-        subprocess.Popen([*cmd, "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for i in range(2)
-    ]
+    procs = start_two_processes(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     outs = [p.communicate(timeout=240) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [e.decode(errors="replace")[-2000:] for _, e in outs]
     # gloo prints its connections on stdout itself

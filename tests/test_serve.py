@@ -379,24 +379,17 @@ def test_serve_over_two_processes_with_tensor_spanning_both_answers_as_one_proce
     import subprocess
     import sys
 
-    from ladder_jax import checkpoint, decode
+    from ladder_jax import decode
 
-    from .conftest import TEST_XLA_FLAGS
+    from .conftest import save_run, start_two_processes
 
     cfg, mesh, params = model_on("ladder", 1, 8)
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    checkpoint.save_config(run, cfg)
-    checkpoint.save_params(run, params, step=1)
+    run = save_run(tmp_path / "run", cfg, params)
     port, coordinator = (20000 + (os.getpid() + k) % 20000 for k in (31, 37))
     cmd = [sys.executable, "-m", "ladder_jax", "serve", "--checkpoint", str(run), "--port", str(port)]
     cmd += ["--max-running", "4", "--cpu-devices", "4", "--coordinator", f"127.0.0.1:{coordinator}"]
     cmd += ["--num-processes", "2", "--model-name", NAME, "--no-precompile", "mesh.tensor=8"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(TEST_XLA_FLAGS)}
-    procs = [
-        subprocess.Popen([*cmd, "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for i in range(2)
-    ]
+    procs = start_two_processes(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(240):
