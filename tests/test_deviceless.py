@@ -195,6 +195,16 @@ def test_tpu_flags_make_the_ladder_all_reduces_async_and_overlapped():
     assert rows["standard"]["overlapped"] == 0
 
 
+def ladder_8b_train_all_reduces(target, scan=False):
+    """The tensor all-reduces of a ladder train step (gradient of the loss) at the 8B layer shape
+    with LAYERS layers, 8 x 512 tokens, compiled for `target` (v5e-8 with the library's TPU flags)."""
+    cfg = load_config("llama-3.1-8b", [f"model.n_layers={LAYERS}", "model.plan=ladder", "mesh.tensor=8"])
+    mesh = target_mesh(cfg, get_target(target))
+    options = tpu_flags() if target == "v5e-8" else None
+    text = deviceless.train_hlo(cfg.model, mesh, 8, 512, scan=scan, compiler_options=options)
+    return [a for a in scheduled_all_reduces(text, mesh) if a.axis == "tensor"]
+
+
 @pytest.mark.deviceless
 @pytest.mark.parametrize("target, compiler", [("v5e-8", "libtpu"), ("h100-8", "jax_cuda12_plugin")])
 def test_the_ladder_backward_overlaps_every_layer_gradient_all_reduce(target, compiler):
@@ -205,11 +215,8 @@ def test_the_ladder_backward_overlaps_every_layer_gradient_all_reduce(target, co
     # lose overlap for reasons of their own. (The embedding's gradient reduction, the last, is
     # left out: at this shape XLA:TPU merges it with the norm scales' and runs it synchronously.)
     pytest.importorskip(compiler)
-    cfg = load_config("llama-3.1-8b", [f"model.n_layers={LAYERS}", "model.plan=ladder", "mesh.tensor=8"])
-    mesh = target_mesh(cfg, get_target(target))
-    options = tpu_flags() if target == "v5e-8" else None
-    ars = scheduled_all_reduces(deviceless.train_hlo(cfg.model, mesh, 8, 512, compiler_options=options), mesh)
-    grads = [a for a in ars if a.axis == "tensor" and a.backward and a.scope.startswith("layer")]
+    ars = ladder_8b_train_all_reduces(target)
+    grads = [a for a in ars if a.backward and a.scope.startswith("layer")]
     assert len(grads) == 2 * LAYERS
     assert all(a.async_ for a in grads) and all(a.overlapped for a in grads[1:])
 
@@ -224,11 +231,7 @@ def test_the_scanned_ladder_train_step_overlaps_the_all_reduce_at_its_iteration_
     # XLA:TPU). Backward: every gradient reduction async, each iteration's attention one with
     # GEMMs inside (the carried gradient's has none: docs/training.md, "Scanned layers").
     pytest.importorskip(compiler)
-    cfg = load_config("llama-3.1-8b", [f"model.n_layers={LAYERS}", "model.plan=ladder", "mesh.tensor=8"])
-    mesh = target_mesh(cfg, get_target(target))
-    options = tpu_flags() if target == "v5e-8" else None
-    text = deviceless.train_hlo(cfg.model, mesh, 8, 512, scan=True, compiler_options=options)
-    ars = [a for a in scheduled_all_reduces(text, mesh) if a.axis == "tensor" and a.scope.startswith(("layer", "scan"))]
+    ars = [a for a in ladder_8b_train_all_reduces(target, scan=True) if a.scope.startswith(("layer", "scan"))]
     fwd, bwd = [a for a in ars if not a.backward], [a for a in ars if a.backward]
     assert [a.scope for a in fwd] == ["layer0"] + [f"scan_layers1-{LAYERS - 1}"] * 3
     assert all(a.async_ for a in fwd) and all(a.overlapped for a in fwd[:-1])
