@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MISSING_ON_THE_GPU_MACHINE = ("grain", "array_record", "fastapi", "uvicorn", "openai")
 
 
-def dry_run(out: Path, *args: str, status: int = 0) -> dict:
+def dry_run(out: Path, *args: str, status: int = 0, prelude: str = "") -> dict:
     code = (
-        "import builtins, runpy, sys\n"
+        prelude + "import builtins, runpy, sys\n"
         "real = builtins.__import__\n"
         f"def guard(name, *a, **k):\n    assert name.split('.')[0] not in {MISSING_ON_THE_GPU_MACHINE!r}, name\n"
         "    return real(name, *a, **k)\n"
@@ -104,7 +104,9 @@ def test_a_gpu_run_keeps_the_rows_it_resumes_and_skips_rows_that_took_longer_tha
 
 
 def test_a_gpu_run_past_its_hard_stop_writes_its_report_with_the_row_it_cut_and_exits_3(tmp_path):
-    report = dry_run(tmp_path, "--parts", "bandwidth,train", "--hard-stop", "8", status=3)
+    # a train step that never returns, as a hung compile would: the stop must land in the first train row
+    hang = "import threading, ladder_jax.training as T\nT.Trainer.step = lambda *a: threading.Event().wait()\n"
+    report = dry_run(tmp_path, "--parts", "bandwidth,train", "--hard-stop", "15", status=3, prelude=hang)
     assert report["parts"]["bandwidth"]["rows"]  # measured before the stop, and kept
-    assert " train 2x128 attention=" in report["cut"]  # which train row depends on the machine's speed
-    assert report["parts"]["train"]["skipped"][-1] == f"{report['cut']}: cut at the hard stop (8 s)"
+    assert report["cut"] == "llama-3.2-1b train 2x128 attention=triton remat=none"
+    assert report["parts"]["train"]["skipped"] == [f"{report['cut']}: cut at the hard stop (15 s)"]
