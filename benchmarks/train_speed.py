@@ -105,7 +105,7 @@ class Bench:
         from ladder_jax.training import global_batch, loss_sums_fn
 
         tr = self.cfg.train
-        loss_sums = loss_sums_fn(self.cfg.model, self.mesh, tr.remat, tr.scan_layers)
+        loss_sums = loss_sums_fn(self.cfg.model, self.mesh, tr.remat, tr.scan_layers, self.trainer.lengths)
         mb = global_batch(self.mesh, self.batch)
         fwd = jax.jit(loss_sums)
         fwd_bwd = jax.jit(jax.value_and_grad(loss_sums, has_aux=True))

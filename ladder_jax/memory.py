@@ -149,15 +149,22 @@ def check_init_fits(cfg, mesh: Mesh, available=None) -> int:
     return peak
 
 
-def check_training_fits(cfg, mesh: Mesh, abstract_state, random_init: bool, available=None) -> int:
+def check_training_fits(
+    cfg, mesh: Mesh, abstract_state, random_init: bool, available=None, copied_to_save: bool = False
+) -> int:
     """Refuse a training run whose parameters, gradients and optimizer state (`abstract_state`:
     params and opt_state with their shardings), or whose random initialisation, cannot fit;
-    activations are not counted. Returns the bytes per device."""
-    state = bytes_per_device(abstract_state) + param_bytes_per_device(cfg, mesh)  # + gradients
+    activations are not counted. `copied_to_save`: a save copies the state into the per-layer
+    layout (a scanned Trainer), so the state is held twice then. Returns the bytes per device."""
+    held = bytes_per_device(abstract_state)
+    state = held + param_bytes_per_device(cfg, mesh)  # + gradients
     init = init_bytes_per_device(cfg, mesh) if random_init else 0
     if init > state:
         what = f"creating random {cfg.name} parameters to train ({cfg.param_dtype}, with XLA's temporaries)"
         check_fits(what, init, mesh, available, smaller=FEWER_LAYERS)
+    if copied_to_save and 2 * held > state:
+        what = f"saving {cfg.name}'s training state (held twice while it is copied to the checkpoint layout)"
+        check_fits(what, 2 * held, mesh, available, smaller=FEWER_LAYERS)
     what = f"training {cfg.name} (parameters, gradients and optimizer state; activations not counted)"
     check_fits(what, state, mesh, available, smaller=FEWER_LAYERS)
-    return max(state, init)
+    return max(state, init, 2 * held if copied_to_save else 0)

@@ -9,7 +9,10 @@ over it too and are gathered just before the module runs (`fsdp_gather`).
 Training can rematerialise each layer step (`jax.checkpoint`, a policy from config.REMAT_POLICIES)
 and scan runs of identical steps (`jax.lax.scan` over the run's weights stacked on a new leading
 axis, carrying the schedules' Stream, a ladder's last output unreduced: its all-reduce runs in the
-next iteration, beside that iteration's first module). Decoding runs unrolled.
+next iteration, beside that iteration's first module). Decoding runs unrolled. A scanned trainer
+keeps its state in the training layout (`stack_layers`: each run's weights stored stacked), so
+its step and optimizer have one operation per weight kind at any depth; checkpoints and every
+other caller see the per-layer layout.
 """
 
 from __future__ import annotations
@@ -56,7 +59,18 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(cfg, rngs=rngs)
         self.lm_head = None if cfg.tie_embeddings else LMHead(cfg, rngs=rngs)
 
-    def __call__(self, tokens, positions, *, cache=None, segment_ids=None, remat="none", scan=False, page_table=None):
+    def __call__(
+        self,
+        tokens,
+        positions,
+        *,
+        cache=None,
+        segment_ids=None,
+        remat="none",
+        scan=False,
+        page_table=None,
+        stacked=None,
+    ):
         """Local-view forward; must run under a shard_map with `fsdp` and `tensor` axes.
 
         tokens, positions: (B, S) int32. cache: optional list of per-layer (k, v) local shards
@@ -66,7 +80,14 @@ class Transformer(nnx.Module):
         the layers are compiled, never what they compute (see `residual`).
         """
         x, new_cache, _ = self.residual(
-            tokens, positions, cache=cache, segment_ids=segment_ids, remat=remat, scan=scan, page_table=page_table
+            tokens,
+            positions,
+            cache=cache,
+            segment_ids=segment_ids,
+            remat=remat,
+            scan=scan,
+            page_table=page_table,
+            stacked=stacked,
         )
         return self.head(x), new_cache
 
@@ -81,31 +102,39 @@ class Transformer(nnx.Module):
         scan=False,
         hidden=False,
         page_table=None,
+        stacked=None,
     ):
         """The layers over the embedding: (the settled residual before the final norm (B, S, D),
         updated cache or None, and with `hidden` the embedding and then the residual after each
-        step of the plan, else []). A scan over layers carries no KV cache: refused with one."""
-        if scan and cache is not None:
+        step of the plan, else []). A scan over layers carries no KV cache: refused with one.
+        `stacked`: the layers' weights in the training layout (`stack_layers`), run by run in
+        place of the modules' own (each run of more than one step scanned)."""
+        if (scan or stacked is not None) and cache is not None:
             raise ValueError("scan over layers carries no KV cache; run a forward with a cache unrolled (scan=False)")
         cfg = self.cfg
         ctx = layer_context(cfg, rope_tables(positions, rope_frequencies(cfg)), positions, segment_ids, page_table)
         x = self.embed_tokens(tokens)
         stream, new_cache, states = Stream(x), [None] * cfg.n_layers, [x] if hidden else []
         steps = cfg.layer_steps
-        for run in scan_runs(steps) if scan else [[step] for step in steps]:
+        if stacked is not None:
+            runs = scan_runs(steps, [jax.tree.leaves(weights)[0].shape[0] for weights in stacked])
+        else:
+            runs, stacked = scan_runs(steps) if scan else [[step] for step in steps], [None] * len(steps)
+        for run, weights in zip(runs, stacked):
             kv = [tuple(None if cache is None else cache[i] for i in layers) for _, layers in run]
-            stream, kv, run_states = self.run_steps(run, stream, ctx, kv, remat, hidden)
+            stream, kv, run_states = self.run_steps(run, stream, ctx, kv, remat, hidden, weights)
             for (_, layers), step_kv in zip(run, kv):
                 for i, c in zip(layers, step_kv):
                     new_cache[i] = c
             states += run_states
         return stream.settled(), (new_cache if cache is not None else None), states
 
-    def run_steps(self, run: list, stream: Stream, ctx: LayerContext, kv: list, remat: str, hidden: bool):
+    def run_steps(self, run: list, stream: Stream, ctx: LayerContext, kv: list, remat: str, hidden: bool, stacked=None):
         """Steps of the plan that share a schedule: one after another, or (more than one) as a scan
-        over their weights stacked on a leading axis. Each step's weights are gathered over fsdp
-        inside it, and with a remat policy the step is recomputed in the backward pass. Returns
-        (stream, each step's caches, with `hidden` the residual after each step)."""
+        over their weights stacked on a leading axis (`stacked`, as the training layout stores
+        them, else stacked here). Each step's weights are gathered over fsdp inside it, and with a
+        remat policy the step is recomputed in the backward pass. Returns (stream, each step's
+        caches, with `hidden` the residual after each step)."""
         schedule, layers = run[0]
         gdefs = [nnx.graphdef(self.layers[i]) for i in layers]
 
@@ -120,10 +149,16 @@ class Transformer(nnx.Module):
 
         step = step_in(ctx)
         name = f"layer{layers[0]}" if len(layers) == 1 else f"layers{layers[0]}-{layers[-1]}"
-        weights = [[nnx.to_pure_dict(nnx.state(self.layers[i], nnx.Param)) for i in ls] for _, ls in run]
+        if stacked is None:
+            weights = [[nnx.to_pure_dict(nnx.state(self.layers[i], nnx.Param)) for i in ls] for _, ls in run]
+            take = lambda k: weights[k]  # noqa: E731
+            stack_from = lambda k: jax.tree.map(lambda *w: jnp.stack(w), *weights[k:])  # noqa: E731
+        else:
+            take = lambda k: jax.tree.map(lambda w: w[k], stacked)  # noqa: E731
+            stack_from = lambda k: stacked if k == 0 else jax.tree.map(lambda w: w[k:], stacked)  # noqa: E731
         if len(run) == 1:
             with jax.named_scope(name):
-                stream, kv0, h = step(weights[0], stream, kv[0])
+                stream, kv0, h = step(take(0), stream, kv[0])
             return stream, [kv0], [h] if hidden else []
         # A scan carries no cache (`residual` refuses one). Its carry must keep one structure: a
         # stream fresh from the embedding has nothing pending yet, every step leaves one output
@@ -131,13 +166,12 @@ class Transformer(nnx.Module):
         # residual its late add reads, Stream.late), so a first step that changes the structure
         # runs on its own. The last step's unreduced output is reduced after the loop.
         step = step_in(dataclasses.replace(ctx, defer_last=None if hidden else defer_all_reduce))
-        first = []
-        after = jax.eval_shape(lambda st: step(weights[0], st, kv[0])[0], stream)
+        first, skip = [], 0
+        after = jax.eval_shape(lambda st: step(take(0), st, kv[0])[0], stream)
         if jax.tree.structure(after) != jax.tree.structure(stream):
             with jax.named_scope(name):
-                stream, _, h = step(weights[0], stream, kv[0])
-            weights, first = weights[1:], [h] if hidden else []
-        stacked = jax.tree.map(lambda *w: jnp.stack(w), *weights)
+                stream, _, h = step(take(0), stream, kv[0])
+            skip, first = 1, [h] if hidden else []
         # A ladder step ties the residual to device-local values (the barriers of
         # Stream.settle_after), so JAX types its output as varying over `tensor`; the carry is
         # typed so from the start and after every step, whatever the schedule.
@@ -147,9 +181,8 @@ class Transformer(nnx.Module):
             st, _, h = step(w, st.issue(finish_all_reduce), kv[0])
             return vary(st), h
 
-        last = run[-1][1][-1]
-        with jax.named_scope(f"scan_layers{run[-len(weights)][1][0]}-{last}"):
-            stream, hs = jax.lax.scan(body, vary(stream), stacked)
+        with jax.named_scope(f"scan_layers{run[skip][1][0]}-{run[-1][1][-1]}"):
+            stream, hs = jax.lax.scan(body, vary(stream), stack_from(skip))
             stream = stream.issue(finish_all_reduce)
         return stream, [kv[0]] * len(run), first + (list(hs) if hidden else [])
 
@@ -229,15 +262,76 @@ def _tensor_varying(x):
     return x if TENSOR in jax.typeof(x).manual_axis_type.varying else jax.lax.pcast(x, (TENSOR,), to="varying")
 
 
-def scan_runs(steps: list[tuple[Schedule, tuple[int, ...]]]) -> list[list]:
-    """The plan's steps grouped into runs of equal schedule (one scan each)."""
-    runs: list[list] = []
-    for step in steps:
-        if runs and runs[-1][0][0] == step[0]:
-            runs[-1].append(step)
+def run_lengths(steps: list[tuple[Schedule, tuple[int, ...]]], keys=None) -> tuple[int, ...]:
+    """How many steps each scan run takes: consecutive steps of one schedule and (with `keys`, one
+    per step) one key."""
+    lengths, last = [], None
+    for (schedule, _), key in zip(steps, keys or [None] * len(steps)):
+        if lengths and (schedule, key) == last:
+            lengths[-1] += 1
         else:
-            runs.append([step])
+            lengths.append(1)
+        last = (schedule, key)
+    return tuple(lengths)
+
+
+def scan_runs(steps: list[tuple[Schedule, tuple[int, ...]]], lengths=None) -> list[list]:
+    """The plan's steps grouped into runs (one scan each): of equal schedule, or `lengths` steps each."""
+    runs, start = [], 0
+    for n in lengths or run_lengths(steps):
+        runs.append(steps[start : start + n])
+        start += n
     return runs
+
+
+# The training layout of a scanned model: the weights of each scan run stored stacked, one array
+# per weight (and per layer slot of a step) with the run's steps on a leading axis, in place of
+# `layers`. A train step then reads them as the scan does and its optimizer updates each stacked
+# weight whole: one operation per weight kind whatever the depth, where the per-layer layout
+# costs a stacking copy, an unstacking and an update per layer (docs/training.md, "Compile time
+# of the scanned step"). Any tree that holds the per-layer layout converts: parameters, an
+# optimizer's moments, masks, shardings.
+
+
+def _holds(key):
+    return lambda x: isinstance(x, dict) and key in x
+
+
+def stack_layers(tree, steps, lengths, combine=jnp.stack):
+    """Every {"layers": {i: ...}, ...} in `tree` -> {"stacked": [run][slot] -> each leaf the
+    `combine` of that slot's leaves over the run's steps, ...}."""
+
+    def convert(d):
+        if not _holds("layers")(d):
+            return d
+        stacked = []
+        for run in scan_runs(steps, lengths):
+            slots = zip(*[[d["layers"][i] for i in layers] for _, layers in run])
+            stacked.append([jax.tree.map(lambda *w: combine(w), *slot) for slot in slots])
+        return {**{k: v for k, v in d.items() if k != "layers"}, "stacked": stacked}
+
+    return jax.tree.map(convert, tree, is_leaf=_holds("layers"))
+
+
+def unstack_layers(tree, steps, lengths, take=lambda w, j: w[j]):
+    """The inverse of `stack_layers`: each layer's leaves are `take(stacked leaf, its step in the run)`."""
+
+    def convert(d):
+        if not _holds("stacked")(d):
+            return d
+        layers = {}
+        for run, weights in zip(scan_runs(steps, lengths), d["stacked"]):
+            for j, (_, ls) in enumerate(run):
+                for i, slot in zip(ls, weights):
+                    layers[i] = jax.tree.map(lambda w, j=j: take(w, j), slot)
+        return {**{k: v for k, v in d.items() if k != "stacked"}, "layers": dict(sorted(layers.items()))}
+
+    return jax.tree.map(convert, tree, is_leaf=_holds("stacked"))
+
+
+def stacked_specs(cfg: ModelConfig, specs: dict, lengths) -> dict:
+    """The PartitionSpecs of the training layout: each stacked weight as its layers', its step axis whole."""
+    return stack_layers(specs, cfg.layer_steps, lengths, combine=lambda ps: P(None, *ps[0]))
 
 
 def fsdp_gather(module: nnx.Module) -> nnx.Module:
@@ -340,8 +434,12 @@ def param_specs(cfg: ModelConfig, tensor: int, fsdp: int = 1) -> dict:
     )
 
 
-def param_shardings(cfg: ModelConfig, mesh: Mesh) -> dict:
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), mesh_param_specs(cfg, mesh))
+def param_shardings(cfg: ModelConfig, mesh: Mesh, lengths=None) -> dict:
+    """Every parameter's NamedSharding; with `lengths`, of the training layout of those scan runs."""
+    specs = mesh_param_specs(cfg, mesh)
+    if lengths is not None:
+        specs = stacked_specs(cfg, specs, lengths)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
 
 
 def mesh_param_specs(cfg: ModelConfig, mesh: Mesh) -> dict:
@@ -448,16 +546,24 @@ def page_specs(cfg: ModelConfig) -> list:
 # Running the model on a mesh
 
 
-def sharded(cfg: ModelConfig, mesh: Mesh, body: Callable, in_specs: tuple, out_specs):
-    """shard_map `body(model, *args)` over the mesh, with the model rebuilt from local param shards."""
+def sharded(cfg: ModelConfig, mesh: Mesh, body: Callable, in_specs: tuple, out_specs, lengths=None):
+    """shard_map `body(model, *args)` over the mesh, with the model rebuilt from local param shards.
+    With `lengths` the parameters come in the training layout (`stack_layers`) and the body is
+    called `body(model, *args, stacked=...)`."""
     gdef = graphdef(cfg)
     specs = mesh_param_specs(cfg, mesh)
+    if lengths is not None:
+        specs = stacked_specs(cfg, specs, lengths)
     platform = mesh.devices.flat[0].platform
     attention.check_platform(cfg.attention, platform)
 
     def local(params, *args):
+        kwargs = {}
+        if lengths is not None:  # the modules get per-layer slices for their structure; the layers
+            kwargs = {"stacked": params["stacked"]}  # run from `stacked`, and XLA drops the unused slices
+            params = unstack_layers(params, cfg.layer_steps, lengths)
         with attention.compiling_for(platform):  # kernels for the mesh's platform, not the host's
-            return body(nnx.merge(gdef, params), *args)
+            return body(nnx.merge(gdef, params), *args, **kwargs)
 
     check_vma = not attention.may_use_kernel(cfg.attention, platform)
     return jax.shard_map(local, mesh=mesh, in_specs=(specs, *in_specs), out_specs=out_specs, check_vma=check_vma)

@@ -59,17 +59,19 @@ def vocab_parallel_nll(logits, targets):
 
 
 @functools.lru_cache(maxsize=16)
-def loss_sums_fn(cfg: ModelConfig, mesh: Mesh, remat: str = "none", scan: bool = False):
+def loss_sums_fn(cfg: ModelConfig, mesh: Mesh, remat: str = "none", scan: bool = False, lengths=None):
     """(params, batch) -> (sum of masked token NLL, number of masked tokens), over the whole mesh.
-    `remat` and `scan`: how the layers compile (Transformer.__call__), not what they compute."""
+    `remat` and `scan`: how the layers compile (Transformer.__call__), not what they compute.
+    With `lengths` the params come in the training layout of those scan runs (model.stack_layers)."""
 
-    def body(model, batch):
-        logits, _ = model(batch["inputs"], batch["positions"], segment_ids=batch["segment_ids"], remat=remat, scan=scan)
+    def body(model, batch, stacked=None):
+        inputs, positions, segments = batch["inputs"], batch["positions"], batch["segment_ids"]
+        logits, _ = model(inputs, positions, segment_ids=segments, remat=remat, scan=scan, stacked=stacked)
         nll = vocab_parallel_nll(logits, batch["targets"]) * batch["mask"]
         return jax.lax.psum(nll.sum(), BATCH), jax.lax.psum(batch["mask"].sum(), BATCH)
 
     spec = {k: P(BATCH, None) for k in BATCH_KEYS}
-    return M.sharded(cfg, mesh, body, (spec,), (P(), P()))
+    return M.sharded(cfg, mesh, body, (spec,), (P(), P()), lengths)
 
 
 def global_batch(mesh: Mesh, host_batch: dict, accum: int | None = None) -> dict:
@@ -91,19 +93,21 @@ def global_batch(mesh: Mesh, host_batch: dict, accum: int | None = None) -> dict
 
 
 @functools.lru_cache(maxsize=16)
-def eval_fn(cfg: ModelConfig, mesh: Mesh):
+def eval_fn(cfg: ModelConfig, mesh: Mesh, lengths=None):
+    shardings = M.param_shardings(cfg, mesh, lengths)
     return jax.jit(
-        loss_sums_fn(cfg, mesh),
-        in_shardings=(M.param_shardings(cfg, mesh), {k: NamedSharding(mesh, P(BATCH, None)) for k in BATCH_KEYS}),
+        loss_sums_fn(cfg, mesh, lengths=lengths),
+        in_shardings=(shardings, {k: NamedSharding(mesh, P(BATCH, None)) for k in BATCH_KEYS}),
     )
 
 
-def evaluate(cfg: ModelConfig, mesh: Mesh, params, host_batches) -> dict:
+def evaluate(cfg: ModelConfig, mesh: Mesh, params, host_batches, lengths=None) -> dict:
     """Validation loss and perplexity of `params` run under `cfg`'s plan, over host batches (each
-    process its own rows). The one evaluator: training, SPD and LP all measure with it."""
+    process its own rows). The one evaluator: training, SPD and LP all measure with it. `lengths`:
+    the params are in the training layout of those scan runs (a scanned Trainer's)."""
     nll = count = 0.0
     for b in host_batches:
-        s, c = eval_fn(cfg, mesh)(params, global_batch(mesh, b))
+        s, c = eval_fn(cfg, mesh, lengths)(params, global_batch(mesh, b))
         nll, count = nll + float(s), count + float(c)
     if count == 0:
         return {}
@@ -163,19 +167,39 @@ def lr_schedule(cfg: Config) -> optax.Schedule:
     )
 
 
-def make_optimizer(cfg: Config, params) -> optax.GradientTransformation:
+def make_optimizer(cfg: Config, params, lengths=None) -> optax.GradientTransformation:
+    """AdamW with clipping and the schedule, on the parameters `train.trainable` selects. `params`:
+    the per-layer layout; with `lengths` the optimizer runs on the training layout of those scan
+    runs (their layers decay and train alike: `training_lengths` splits runs where they do not)."""
     tr = cfg.train
     schedule = lr_schedule(cfg)
     decay = jax.tree.map(lambda p: p.ndim >= 2, params)  # matrices only: no decay on norms and biases
+    mask = trainable_mask(cfg, params)
+    if lengths is not None:
+        decay, mask = (M.stack_layers(t, cfg.model.layer_steps, lengths, combine=_same) for t in (decay, mask))
     train = optax.chain(
         optax.clip_by_global_norm(tr.grad_clip),
         optax.adamw(schedule, b1=tr.b1, b2=tr.b2, weight_decay=tr.weight_decay, mask=decay),
     )
-    mask = trainable_mask(cfg, params)
     if all(jax.tree.leaves(mask)):
         return train
     labels = jax.tree.map(lambda m: "train" if m else "frozen", mask)
     return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)
+
+
+def _same(flags):
+    assert len(set(flags)) == 1, flags  # a run's layers decay and train alike (training_lengths)
+    return flags[0]
+
+
+def training_lengths(cfg: Config) -> tuple[int, ...] | None:
+    """The scan runs a scanned trainer stores stacked (model.stack_layers): runs of one schedule,
+    split where `train.trainable` changes; None when the layers train unrolled."""
+    if not cfg.train.scan_layers:
+        return None
+    mask = trainable_mask(cfg, M.abstract_params(cfg.model))
+    keys = [tuple(tuple(jax.tree.leaves(mask["layers"][i])) for i in layers) for _, layers in cfg.model.layer_steps]
+    return M.run_lengths(cfg.model.layer_steps, keys)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,6 +274,11 @@ def train_step(cfg: Config, tx: optax.GradientTransformation, loss_sums):
 
 @dataclass
 class Trainer:
+    """The compiled train step and the state it takes. Scanned (train.scan_layers), the state is
+    held in the training layout (model.stack_layers: each scan run's weights and their optimizer
+    state stacked); `init_state`, `from_checkpoint`, `to_checkpoint` and `params` convert at the
+    boundary, so checkpoints and every other caller keep the per-layer layout."""
+
     cfg: Config
     mesh: Mesh
 
@@ -257,14 +286,18 @@ class Trainer:
         cfg, mesh = self.cfg, self.mesh
         check_trainable_layout(cfg)
         check_micro_batch(cfg, mesh)
-        abstract = M.abstract_params(cfg.model)
-        self.tx = make_optimizer(cfg, abstract)
-        self.param_shardings = M.param_shardings(cfg.model, mesh)
+        self.lengths = lengths = training_lengths(cfg)
+        abstract = jax.eval_shape(self._stacked, M.abstract_params(cfg.model))
+        self.tx = make_optimizer(cfg, M.abstract_params(cfg.model), lengths)
+        self.param_shardings = M.param_shardings(cfg.model, mesh, lengths)
         replicated = NamedSharding(mesh, P())
         opt_shardings = optimizer_shardings(self.tx, abstract, self.param_shardings, replicated)
         self.state_shardings = {"params": self.param_shardings, "opt_state": opt_shardings}
         self.batch_sharding = {k: NamedSharding(mesh, P(None, BATCH, None)) for k in BATCH_KEYS}
-        loss_sums = loss_sums_fn(cfg.model, mesh, cfg.train.remat, cfg.train.scan_layers)
+        self.abstract = ckpt.abstract_with_sharding(
+            {"params": abstract, "opt_state": jax.eval_shape(self.tx.init, abstract)}, self.state_shardings
+        )
+        loss_sums = loss_sums_fn(cfg.model, mesh, cfg.train.remat, cfg.train.scan_layers, lengths)
         self._step = jax.jit(
             train_step(cfg, self.tx, loss_sums),
             in_shardings=(self.state_shardings, self.batch_sharding),
@@ -272,21 +305,52 @@ class Trainer:
             donate_argnums=0,
         )
         self._init_opt = jax.jit(self.tx.init, in_shardings=(self.param_shardings,), out_shardings=opt_shardings)
+        # The per-layer layout's shardings: each stacked weight's, its step axis dropped.
+        drop_step_axis = lambda s, j: NamedSharding(mesh, P(*s.spec[1:]))  # noqa: E731
+        self.checkpoint_shardings = self._per_layer(self.state_shardings, take=drop_step_axis)
+        self._to_checkpoint = jax.jit(self._per_layer, out_shardings=self.checkpoint_shardings)
+        self._params = jax.jit(self._per_layer, out_shardings=self.checkpoint_shardings["params"])
+        self._from_checkpoint = jax.jit(self._stacked, out_shardings=self.state_shardings)
+        self._stack_params = jax.jit(self._stacked, out_shardings=self.param_shardings)
+
+    def _stacked(self, tree):
+        return tree if self.lengths is None else M.stack_layers(tree, self.cfg.model.layer_steps, self.lengths)
+
+    def _per_layer(self, tree, **take):
+        return (
+            tree if self.lengths is None else M.unstack_layers(tree, self.cfg.model.layer_steps, self.lengths, **take)
+        )
 
     def init_state(self, params) -> dict:
+        """The state of a new run from per-layer parameters (init_params, a checkpoint's)."""
+        params = params if self.lengths is None else self._stack_params(params)
         return {"params": params, "opt_state": self._init_opt(params)}
 
     def abstract_state(self) -> dict:
-        abstract = M.abstract_params(self.cfg.model)
-        return ckpt.abstract_with_sharding(
-            {"params": abstract, "opt_state": jax.eval_shape(self.tx.init, abstract)}, self.state_shardings
-        )
+        """Shapes, dtypes and shardings of the state the step takes (the training layout)."""
+        return self.abstract
+
+    def abstract_checkpoint(self) -> dict:
+        """The same state as checkpoints store it (per layer): the target to restore into."""
+        return ckpt.abstract_with_sharding(jax.eval_shape(self._per_layer, self.abstract), self.checkpoint_shardings)
+
+    def to_checkpoint(self, state) -> dict:
+        """The state in the per-layer layout (a copy when scanned: what a save writes)."""
+        return state if self.lengths is None else self._to_checkpoint(state)
+
+    def from_checkpoint(self, state) -> dict:
+        return state if self.lengths is None else self._from_checkpoint(state)
+
+    def params(self, state) -> dict:
+        """The state's parameters in the per-layer layout, as every other caller takes them."""
+        return state["params"] if self.lengths is None else self._params(state["params"])
 
     def step(self, state, host_batch):
         return self._step(state, global_batch(self.mesh, host_batch, self.cfg.train.grad_accum))
 
     def evaluate(self, params, host_batches) -> dict:
-        return evaluate(self.cfg.model, self.mesh, params, host_batches)
+        """`evaluate` of the state's parameters, in the layout the state holds them."""
+        return evaluate(self.cfg.model, self.mesh, params, host_batches, self.lengths)
 
 
 @functools.lru_cache(maxsize=4)
@@ -339,7 +403,10 @@ def train(
         resume = open_run_directory(cfg, run_dir, init_from)
         data = open_data(cfg, init_from if init_from is not None else run_dir)
         # Random parameters count XLA's temporaries too.
-        check_training_fits(cfg.model, mesh, trainer.abstract_state(), init_from is None and resume is None)
+        fresh = init_from is None and resume is None
+        check_training_fits(
+            cfg.model, mesh, trainer.abstract_state(), fresh, copied_to_save=trainer.lengths is not None
+        )
         record_run(cfg, run_dir, init_from)
         mngr = ckpt.manager(run_dir, keep=cfg.train.keep)
         try:
@@ -417,7 +484,7 @@ def restore_state(trainer: Trainer, mngr: ocp.CheckpointManager, step: int, it) 
     """Parameters and optimizer state of checkpoint `step`; `it` resumes where that step left it."""
     import grain  # here, not at the top: the train step (benchmarks, a bare GPU machine) needs no grain
 
-    target = trainer.abstract_state()
+    target = trainer.abstract_checkpoint()
     restored = mngr.restore(
         step,
         args=ocp.args.Composite(
@@ -426,7 +493,7 @@ def restore_state(trainer: Trainer, mngr: ocp.CheckpointManager, step: int, it) 
             data=grain.checkpoint.CheckpointRestore(it),
         ),
     )
-    return {"params": restored["params"], "opt_state": restored["opt_state"]}
+    return trainer.from_checkpoint({"params": restored["params"], "opt_state": restored["opt_state"]})
 
 
 def initial_params(cfg: Config, mesh: Mesh, init_from) -> dict:
@@ -511,7 +578,7 @@ class Loop:
             self.profile.stop()
             self.bar.close()
             self.metrics.close()
-        return {**self.summary, "params": state["params"]}
+        return {**self.summary, "params": self.trainer.params(state)}
 
     def read_metrics(self) -> dict:
         """Bring the unread steps' metrics to the host; a non-finite loss or gradient stops the run."""
@@ -565,7 +632,7 @@ class Loop:
         # params and opt_state apart: inference reads params only
         import grain
 
-        items = {k: ocp.args.StandardSave(v) for k, v in state.items()}
+        items = {k: ocp.args.StandardSave(v) for k, v in self.trainer.to_checkpoint(state).items()}
         data = grain.checkpoint.CheckpointSave(self.data.train)
         self.mngr.save(step, args=ocp.args.Composite(**items, data=data), force=True)
         self.last_good = step

@@ -99,7 +99,7 @@ def saved_state(cfg, run_dir, step):
     from ladder_jax.mesh import make_mesh
     from ladder_jax.training import get_trainer
 
-    target = get_trainer(cfg, make_mesh(cfg)).abstract_state()
+    target = get_trainer(cfg, make_mesh(cfg)).abstract_checkpoint()
     items = {k: ocp.args.StandardRestore(target[k]) for k in ("params", "opt_state")}
     with ckpt.manager(run_dir, create=False) as saved:
         restored = saved.restore(step, args=ocp.args.Composite(**items))

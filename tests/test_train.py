@@ -57,7 +57,8 @@ def losses(run_dir):
 
 
 def test_loss_decreases_and_resume_continues_exactly(corpus, tmp_path, devices):
-    cfg = config(corpus, "train.steps=8", "train.save_every=4", "train.eval_every=8")
+    # scanned: the state is held stacked (model.stack_layers) and saved and restored per layer
+    cfg = config(corpus, "train.steps=8", "train.save_every=4", "train.eval_every=8", "train.scan_layers=true")
     straight = train(cfg, tmp_path / "straight", progress=False, log=lambda *_: None)
     full = losses(tmp_path / "straight")
     assert full[8] < full[1] - 0.3, full
@@ -150,7 +151,7 @@ def test_an_optimizer_step_on_data_fsdp_tensor_or_in_micro_batches_equals_one_de
         trainer = Trainer(cfg, make_mesh(cfg))
         state = trainer.init_state(M.init_params(cfg.model, trainer.mesh, 0))
         state, metrics = trainer.step(state, _batch())
-        return jax.device_get(state["params"]), float(metrics["loss"])
+        return jax.device_get(trainer.params(state)), float(metrics["loss"])
 
     want, want_loss = stepped(1, 1, 1)
     for got, got_loss in (
@@ -163,17 +164,18 @@ def test_an_optimizer_step_on_data_fsdp_tensor_or_in_micro_batches_equals_one_de
 
 
 @pytest.mark.parametrize(
-    "plan, trainable, trained",
-    [("standard", "layers:1", {1}), ("standard,lp@1:3", "lp_pairs", {1, 2})],
-    ids=["layers:1", "lp_pairs"],
+    "plan, trainable, trained, scan",
+    [("standard", "layers:1", {1}, "true"), ("standard,lp@1:3", "lp_pairs", {1, 2}, "false")],
+    ids=["layers:1,scanned", "lp_pairs"],
 )
-def test_trainable_filter_freezes_everything_else(plan, trainable, trained, corpus, tmp_path, devices):
+def test_trainable_filter_freezes_everything_else(plan, trainable, trained, scan, corpus, tmp_path, devices):
     cfg = config(
         corpus,
         "train.steps=2",
         "train.save_every=2",
         "train.eval_every=8",
         f"train.trainable={trainable}",
+        f"train.scan_layers={scan}",  # scanned: a run of layers stored stacked splits where training changes
         plan=plan,
         data=1,
         tensor=8,

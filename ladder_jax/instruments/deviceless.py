@@ -27,7 +27,7 @@ from ..attention import DECODE_KEY_BLOCK
 from ..config import Config, ModelConfig
 from ..errors import LadderError
 from ..mesh import batch_shards, make_mesh
-from ..model import abstract_params, param_shardings
+from ..model import abstract_params, param_shardings, run_lengths, stack_layers
 from ..plan import parse_plan
 from ..storage import path
 from ..training import BATCH_KEYS, get_trainer, loss_sums_fn
@@ -390,17 +390,20 @@ def train_hlo(
 ) -> str:
     """Scheduled HLO of a train step's work on `batch` x `seq` tokens: the gradient of the mean
     loss (forward, loss, backward), or with `backward=False` the forward's loss sums alone
-    (`training.loss_sums_fn`), compiled for the mesh's devices from abstract arguments."""
-    sums = loss_sums_fn(cfg, mesh, remat, scan)
+    (`training.loss_sums_fn`), compiled for the mesh's devices from abstract arguments. Scanned,
+    the parameters come in the training layout, as a scanned Trainer holds them."""
+    lengths = run_lengths(cfg.layer_steps) if scan else None
+    sums = loss_sums_fn(cfg, mesh, remat, scan, lengths)
 
     def loss(params, tokens):  # named `params`: the HLO's parameters then carry the weights' names
         total, count = sums(params, tokens)
         return total / count
 
+    shapes = abstract_params(cfg)
+    if scan:
+        shapes = jax.eval_shape(lambda p: stack_layers(p, cfg.layer_steps, lengths), shapes)
     params = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        abstract_params(cfg),
-        param_shardings(cfg, mesh),
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, param_shardings(cfg, mesh, lengths)
     )
     tokens = {k: jax.ShapeDtypeStruct((batch, seq), jnp.float32 if k == "mask" else jnp.int32) for k in BATCH_KEYS}
     fn = jax.grad(loss) if backward else sums
