@@ -117,7 +117,7 @@ class Transformer(nnx.Module):
         stream, new_cache, states = Stream(x), [None] * cfg.n_layers, [x] if hidden else []
         steps = cfg.layer_steps
         if stacked is not None:
-            runs = scan_runs(steps, [jax.tree.leaves(weights)[0].shape[0] for weights in stacked])
+            runs = scan_runs(steps, [1 + (jax.tree.leaves(w["rest"])[0].shape[0] if w["rest"] else 0) for w in stacked])
         else:
             runs, stacked = scan_runs(steps) if scan else [[step] for step in steps], [None] * len(steps)
         for run, weights in zip(runs, stacked):
@@ -153,9 +153,9 @@ class Transformer(nnx.Module):
             weights = [[nnx.to_pure_dict(nnx.state(self.layers[i], nnx.Param)) for i in ls] for _, ls in run]
             take = lambda k: weights[k]  # noqa: E731
             stack_from = lambda k: jax.tree.map(lambda *w: jnp.stack(w), *weights[k:])  # noqa: E731
-        else:
-            take = lambda k: jax.tree.map(lambda w: w[k], stacked)  # noqa: E731
-            stack_from = lambda k: stacked if k == 0 else jax.tree.map(lambda w: w[k:], stacked)  # noqa: E731
+        else:  # stored with its first step apart, which runs alone: the scan reads the rest whole
+            take = lambda k: stacked["first"] if k == 0 else jax.tree.map(lambda w: w[k - 1], stacked["rest"])  # noqa: E731
+            stack_from = lambda k: stacked["rest"]  # noqa: E731
         if len(run) == 1:
             with jax.named_scope(name):
                 stream, kv0, h = step(take(0), stream, kv[0])
@@ -168,7 +168,7 @@ class Transformer(nnx.Module):
         step = step_in(dataclasses.replace(ctx, defer_last=None if hidden else defer_all_reduce))
         first, skip = [], 0
         after = jax.eval_shape(lambda st: step(take(0), st, kv[0])[0], stream)
-        if jax.tree.structure(after) != jax.tree.structure(stream):
+        if stacked is not None or jax.tree.structure(after) != jax.tree.structure(stream):
             with jax.named_scope(name):
                 stream, _, h = step(take(0), stream, kv[0])
             skip, first = 1, [h] if hidden else []
@@ -289,8 +289,13 @@ def scan_runs(steps: list[tuple[Schedule, tuple[int, ...]]], lengths=None) -> li
 # `layers`. A train step then reads them as the scan does and its optimizer updates each stacked
 # weight whole: one operation per weight kind whatever the depth, where the per-layer layout
 # costs a stacking copy, an unstacking and an update per layer (docs/training.md, "Compile time
-# of the scanned step"). Any tree that holds the per-layer layout converts: parameters, an
-# optimizer's moments, masks, shardings.
+# of the scanned step"). A run's first step is stored apart ("first", then the stacked "rest"):
+# it may change what the scan carries (a ladder's leaves its output unreduced), so it runs
+# before the scan, which then reads its stack whole (no slice of it copied in the step). The key
+# `layer_stacks` sorts where `layers` did, between the norms and the head: XLA:TPU schedules the
+# step by its parameters' order, and with the stacks last a ladder step's temporaries were 3-4
+# GiB larger (ladder-1b on v5p-64). Any tree that holds the per-layer layout converts:
+# parameters, an optimizer's moments, masks, shardings.
 
 
 def _holds(key):
@@ -298,17 +303,19 @@ def _holds(key):
 
 
 def stack_layers(tree, steps, lengths, combine=jnp.stack):
-    """Every {"layers": {i: ...}, ...} in `tree` -> {"stacked": [run][slot] -> each leaf the
-    `combine` of that slot's leaves over the run's steps, ...}."""
+    """Every {"layers": {i: ...}, ...} in `tree` -> {"layer_stacks": [run] -> {"first": [slot] -> the
+    first step's leaves, "rest": [slot] -> each leaf the `combine` of that slot's leaves over the
+    other steps}, ...}."""
 
     def convert(d):
         if not _holds("layers")(d):
             return d
         stacked = []
         for run in scan_runs(steps, lengths):
-            slots = zip(*[[d["layers"][i] for i in layers] for _, layers in run])
-            stacked.append([jax.tree.map(lambda *w: combine(w), *slot) for slot in slots])
-        return {**{k: v for k, v in d.items() if k != "layers"}, "stacked": stacked}
+            first, *rest = [[d["layers"][i] for i in layers] for _, layers in run]
+            rest = [jax.tree.map(lambda *w: combine(w), *slot) for slot in zip(*rest)]
+            stacked.append({"first": first, "rest": rest})
+        return {**{k: v for k, v in d.items() if k != "layers"}, "layer_stacks": stacked}
 
     return jax.tree.map(convert, tree, is_leaf=_holds("layers"))
 
@@ -317,16 +324,17 @@ def unstack_layers(tree, steps, lengths, take=lambda w, j: w[j]):
     """The inverse of `stack_layers`: each layer's leaves are `take(stacked leaf, its step in the run)`."""
 
     def convert(d):
-        if not _holds("stacked")(d):
+        if not _holds("layer_stacks")(d):
             return d
         layers = {}
-        for run, weights in zip(scan_runs(steps, lengths), d["stacked"]):
-            for j, (_, ls) in enumerate(run):
-                for i, slot in zip(ls, weights):
+        for run, weights in zip(scan_runs(steps, lengths), d["layer_stacks"]):
+            layers.update(zip(run[0][1], weights["first"]))
+            for j, (_, ls) in enumerate(run[1:]):
+                for i, slot in zip(ls, weights["rest"]):
                     layers[i] = jax.tree.map(lambda w, j=j: take(w, j), slot)
-        return {**{k: v for k, v in d.items() if k != "stacked"}, "layers": dict(sorted(layers.items()))}
+        return {**{k: v for k, v in d.items() if k != "layer_stacks"}, "layers": dict(sorted(layers.items()))}
 
-    return jax.tree.map(convert, tree, is_leaf=_holds("stacked"))
+    return jax.tree.map(convert, tree, is_leaf=_holds("layer_stacks"))
 
 
 def stacked_specs(cfg: ModelConfig, specs: dict, lengths) -> dict:
@@ -560,7 +568,7 @@ def sharded(cfg: ModelConfig, mesh: Mesh, body: Callable, in_specs: tuple, out_s
     def local(params, *args):
         kwargs = {}
         if lengths is not None:  # the modules get per-layer slices for their structure; the layers
-            kwargs = {"stacked": params["stacked"]}  # run from `stacked`, and XLA drops the unused slices
+            kwargs = {"stacked": params["layer_stacks"]}  # run from `stacked`, and XLA drops the unused slices
             params = unstack_layers(params, cfg.layer_steps, lengths)
         with attention.compiling_for(platform):  # kernels for the mesh's platform, not the host's
             return body(nnx.merge(gdef, params), *args, **kwargs)
