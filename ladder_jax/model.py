@@ -59,36 +59,17 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(cfg, rngs=rngs)
         self.lm_head = None if cfg.tie_embeddings else LMHead(cfg, rngs=rngs)
 
-    def __call__(
-        self,
-        tokens,
-        positions,
-        *,
-        cache=None,
-        segment_ids=None,
-        remat="none",
-        scan=False,
-        page_table=None,
-        stacked=None,
-    ):
+    def __call__(self, tokens, positions, **options):
         """Local-view forward; must run under a shard_map with `fsdp` and `tensor` axes.
 
-        tokens, positions: (B, S) int32. cache: optional list of per-layer (k, v) local shards
+        tokens, positions: (B, S) int32; `options`: those of `residual` (cache, segment_ids,
+        remat, scan, page_table, stacked). A cache is a list of per-layer (k, v) local shards
         (with `page_table` (B, W), per-layer page pools: see layers.Attention).
         Returns (logits for this device's vocab shard (B, S, V/T) float32 with padding columns at
-        -inf, updated cache or None). `remat` (a config.REMAT_POLICIES name) and `scan` change how
-        the layers are compiled, never what they compute (see `residual`).
+        -inf, updated cache or None). `remat` (a config.REMAT_POLICIES name), `scan` and `stacked`
+        change how the layers are compiled, never what they compute (see `residual`).
         """
-        x, new_cache, _ = self.residual(
-            tokens,
-            positions,
-            cache=cache,
-            segment_ids=segment_ids,
-            remat=remat,
-            scan=scan,
-            page_table=page_table,
-            stacked=stacked,
-        )
+        x, new_cache, _ = self.residual(tokens, positions, **options)
         return self.head(x), new_cache
 
     def residual(
