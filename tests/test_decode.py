@@ -305,13 +305,15 @@ def test_infer_over_two_processes_with_tensor_spanning_both_writes_what_one_proc
     procs = start_two_processes(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     outs = [p.communicate(timeout=240) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [e.decode(errors="replace")[-2000:] for _, e in outs]
-    # gloo prints its connections on stdout itself, each in two writes that its threads may interleave
-    gloo = rb"\[Gloo\] Rank \d+ is connected to |\d+ peer ranks\. Expected number of connected peer ranks is : \d+\n"
-    written = [re.sub(gloo, b"", out) for out, _ in outs]
+    # gloo prints its connections on stdout too, from several threads and in pieces, all while the
+    # processes connect: before the first decoded line
+    (out0, _), (out1, _) = outs
     tokens = decode.generate(cfg, mesh, params, [[256, *t.encode()] for t in texts], NEW, eos_id=257).tokens
     completions = [bytes(t for t in row if t < 256).decode("utf-8", errors="replace") for row in tokens]
-    assert written[0].decode() == "".join(f"[{i}] {t}{c}\n" for i, (t, c) in enumerate(zip(texts, completions)))
-    assert written[1] == b"" and b"tensor=8" in outs[0][1]
+    assert out0[out0.find(b"[0] ") :].decode() == "".join(
+        f"[{i}] {t}{c}\n" for i, (t, c) in enumerate(zip(texts, completions))
+    )
+    assert not re.search(rb"^\[\d+\] ", out1, re.M) and b"tensor=8" in outs[0][1]
 
 
 def test_benchmark_prints_a_table_and_writes_json(tmp_path, capsys, devices):
