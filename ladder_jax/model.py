@@ -146,7 +146,13 @@ class Transformer(nnx.Module):
         # pending (a ladder step instead leaves it unreduced, LayerContext.defer_last, and the
         # residual its late add reads, Stream.late), so a first step that changes the structure
         # runs on its own. The last step's unreduced output is reduced after the loop.
-        step = step_in(dataclasses.replace(ctx, defer_last=None if hidden else defer_all_reduce))
+        # Without a remat the split is a plain psum and the next iteration ties its late add's copy
+        # to the carried output (Stream.issue): every backward all-reduce then has GEMMs inside.
+        # Under a remat that copy would be kept for every iteration (a residual per layer), so the
+        # split is the custom_vjp pair below, which keeps the gradient's reduction where it was.
+        plain = remat == "none"
+        defer, finish = (lambda y: y, ctx.all_reduce) if plain else (defer_all_reduce, finish_all_reduce)
+        step = step_in(dataclasses.replace(ctx, defer_last=None if hidden else defer))
         first, skip = [], 0
         after = jax.eval_shape(lambda st: step(take(0), st, kv[0])[0], stream)
         if stacked is not None or jax.tree.structure(after) != jax.tree.structure(stream):
@@ -159,12 +165,12 @@ class Transformer(nnx.Module):
         vary = lambda st: jax.tree.map(_tensor_varying, st)
 
         def body(st, w):  # the carried output's all-reduce outside a remat: its only reader
-            st, _, h = step(w, st.issue(finish_all_reduce), kv[0])
+            st, _, h = step(w, st.issue(finish, tie=plain), kv[0])
             return vary(st), h
 
         with jax.named_scope(f"scan_layers{run[skip][1][0]}-{run[-1][1][-1]}"):
             stream, hs = jax.lax.scan(body, vary(stream), stack_from(skip))
-            stream = stream.issue(finish_all_reduce)
+            stream = stream.issue(finish, tie=plain)
         return stream, [kv[0]] * len(run), first + (list(hs) if hidden else [])
 
     def embed_tokens(self, tokens):

@@ -81,11 +81,19 @@ class Stream:
         (20 GiB for llama-3.1-70b on v5p-128); the next late add reads `x` itself."""
         return replace(self, unreduced=self.unreduced + (y,), late=())
 
-    def issue(self, reduce) -> "Stream":
-        """Reduce the deferred outputs; they are pending from here on."""
+    def issue(self, reduce, tie: bool = False) -> "Stream":
+        """Reduce the deferred outputs; they are pending from here on. With `tie` the next late
+        add reads its own copy of the residual tied to them (`late`, as `settle_after` hands one
+        on): in the backward pass that add's gradient is then read only once their gradient is
+        reduced, so XLA:TPU runs that all-reduce beside the next module's backward rather than in
+        place after it (docs/training.md, "Scanned layers and the ladder's overlap")."""
         if not self.unreduced:
             return self
-        return replace(self, pending=self.pending + tuple(reduce(y) for y in self.unreduced), unreduced=())
+        unreduced, late = self.unreduced, self.late
+        if tie:
+            x, unreduced = jax.lax.optimization_barrier((self.x, unreduced))
+            late = (x,)
+        return replace(self, pending=self.pending + tuple(map(reduce, unreduced)), unreduced=(), late=late)
 
     def settled(self) -> jax.Array:
         return self.read().x

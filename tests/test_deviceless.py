@@ -228,14 +228,17 @@ def test_the_scanned_ladder_train_step_overlaps_the_all_reduce_at_its_iteration_
     # every layer all-reduce async and all but the last (after the loop) with GEMMs inside, the
     # MLP output's that each iteration leaves in its carry included (LayerContext.defer_last;
     # without it that all-reduce closed the iteration with nothing inside, synchronously on
-    # XLA:TPU). Backward: every gradient reduction async, each iteration's attention one with
-    # GEMMs inside (the carried gradient's has none: docs/training.md, "Scanned layers").
+    # XLA:TPU). Backward (remat none): every gradient reduction async, and both of the loop body's
+    # with GEMMs inside, the carried output's included (Stream.issue's tie; before it, it had none:
+    # docs/training.md, "Scanned layers"). The last layer's, after the loop, comes first.
     pytest.importorskip(compiler)
     ars = [a for a in ladder_8b_train_all_reduces(target, scan=True) if a.scope.startswith(("layer", "scan"))]
     fwd, bwd = [a for a in ars if not a.backward], [a for a in ars if a.backward]
     assert [a.scope for a in fwd] == ["layer0"] + [f"scan_layers1-{LAYERS - 1}"] * 3
     assert all(a.async_ for a in fwd) and all(a.overlapped for a in fwd[:-1])
-    assert len(bwd) == 4 and all(a.async_ for a in bwd) and sum(a.overlapped for a in bwd) >= 2
+    assert len(bwd) == 4 and all(a.async_ for a in bwd)
+    body = [a for a in bwd if a.scope.startswith("scan")]
+    assert len(body) == 3 and all(a.overlapped for a in body[1:])
 
 
 @pytest.mark.deviceless

@@ -103,6 +103,7 @@ def test_a_save_killed_midway_is_never_restored(corpus, tmp_path, devices):
 # appears at least once without compiling the whole product.
 GRADIENT_CASES = [
     ("ladder", (1, 4, 2), "save_dots", True),
+    ("ladder", (2, 1, 4), "none", True),  # without a remat the split is a plain psum, its late add tied
     ("standard,ladder@-2:", (2, 2, 2), "full", True),  # a scan per run: standard, then ladder
     ("standard,ladder@-2:", (1, 2, 4), "none", False),  # unrolled: the ladder's late adds (Stream.late)
     ("spd", (1, 2, 4), "none", False),
