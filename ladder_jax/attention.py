@@ -25,7 +25,11 @@ Decoding (one new token per row over a KV cache) always uses `decode_attention`:
 softmax over key blocks up to the furthest row's position, so a step reads the keys written so
 far, not the whole allocation. Over the serving engine's paged cache, `paged_attention` runs the
 same online softmax over blocks gathered through each row's page table (XLA, every platform),
-for a chunk of a prompt or one new token per row. A decode step compiled for TPU runs JAX's
+for a chunk of a prompt or one new token per row. Compiled for GPU, both read the whole cache
+instead, masked, in a loop of fixed trip count (`reads_whole_cache`): XLA:GPU's runtime copies a
+loop's condition to the host and waits for the device at every iteration of a loop whose trip
+count it does not know, and a decode step's few hundred such waits cost more than the keys
+past the position (the dense cache reads it in one block, no loop at all). A decode step compiled for TPU runs JAX's
 Pallas paged-attention kernel instead (`paged_decode_attention`) where `model.attention` allows
 kernels (auto, splash) and the shapes suit it (head_dim a multiple of 128, pages of a multiple of
 8 positions); it has no interpret mode, so it runs on a TPU or in a deviceless TPU compile only.
@@ -60,6 +64,28 @@ class AttentionError(ConfigError):
 # The platform the program is compiled for. model.sharded sets it from the mesh while it traces,
 # so a deviceless TPU compile on a CPU host picks the TPU kernel.
 _platform = contextvars.ContextVar("attention_platform", default=None)
+
+
+# "written" or "cache": what the decode attention reads (None: by platform, `reads_whole_cache`);
+# benchmarks set it to time one against the other on the same device.
+_decode_reads = contextvars.ContextVar("decode_reads", default=None)
+
+
+@contextlib.contextmanager
+def decode_reads(what: str | None):
+    token = _decode_reads.set(what)
+    try:
+        yield
+    finally:
+        _decode_reads.reset(token)
+
+
+def reads_whole_cache() -> bool:
+    """Whether the decode attention reads the whole cache (masked) in a loop of fixed trip count,
+    rather than the keys written so far in a loop whose trip count depends on the positions: on
+    GPU, where XLA's runtime waits on the host for every iteration of the latter."""
+    what = _decode_reads.get()
+    return what == "cache" if what else current_platform() == "gpu"
 
 
 @contextlib.contextmanager
@@ -328,24 +354,26 @@ def cudnn_attention(q, k, v, implementation: str = "cudnn"):
 def decode_attention(q, cache_k, cache_v, positions, dtype, block: int = DECODE_KEY_BLOCK):
     """One query per row over its KV cache, reading keys only up to the furthest row's position.
 
-    q: (B, 1, K, G, hd); cache_k/v: (B, T, K, hd); positions: (B,) of the new token (its key is
+    q: (B, 1, K, G, hd); cache_k/v: (B, K, T, hd); positions: (B,) of the new token (its key is
     already written). Keys are read in blocks in a loop whose trip count is ceil((max position
     + 1) / block), with an online softmax, so the cost of a step grows with the tokens so far.
+    Where `reads_whole_cache` (GPU) the whole cache is one block, masked, and there is no loop.
     """
-    t = cache_k.shape[1]
-    block = min(block, t)
+    t = cache_k.shape[2]
+    whole = reads_whole_cache()
+    block = t if whole else min(block, t)
 
     def read(i):
         # The last block may start earlier than i * block (the slice stays inside the cache);
         # keys before i * block were counted by the previous block and are masked here.
         first = i * block
         start = jnp.minimum(first, t - block)
-        kb = jax.lax.dynamic_slice_in_dim(cache_k, start, block, axis=1)
-        vb = jax.lax.dynamic_slice_in_dim(cache_v, start, block, axis=1)
+        kb = jax.lax.dynamic_slice_in_dim(cache_k, start, block, axis=2)
+        vb = jax.lax.dynamic_slice_in_dim(cache_v, start, block, axis=2)
         idx = start + jnp.arange(block)
         return kb, vb, (idx[None] >= first) & (idx[None] <= positions[:, None])
 
-    n_blocks = (jnp.max(positions) + block) // block
+    n_blocks = 1 if whole else (jnp.max(positions) + block) // block
     return _online_softmax(q, read, n_blocks, dtype, (q, cache_k, positions))
 
 
@@ -441,22 +469,23 @@ def paged_attention(q, k_pages, v_pages, page_table, positions, dtype, block: in
 
     def read(i):
         ids = jax.lax.dynamic_slice_in_dim(table, i * per_block, per_block, axis=1)  # (B, per_block)
-        # (K, B, per_block, page_size, hd) -> (B, span, K, hd)
+        # (K, B, per_block, page_size, hd) -> (B, K, span, hd)
         kb, vb = (
-            jnp.moveaxis(p.at[:, ids].get(mode="fill", fill_value=0), 0, -2).reshape(bsz, span, p.shape[0], p.shape[-1])
+            jnp.swapaxes(p.at[:, ids].get(mode="fill", fill_value=0), 0, 1).reshape(bsz, p.shape[0], span, p.shape[-1])
             for p in (k_pages, v_pages)
         )
         idx = i * span + jnp.arange(span)
         return kb, vb, idx[None, None] <= positions[:, :, None]
 
-    n_blocks = (jnp.max(positions) + span) // span
+    n_blocks = width // per_block if reads_whole_cache() else (jnp.max(positions) + span) // span
     return _online_softmax(q, read, n_blocks, dtype, (q, k_pages, page_table, positions))
 
 
 def _online_softmax(q, read, n_blocks, dtype, inputs):
     """softmax(q k / sqrt(hd)) v of S queries per row over n_blocks blocks of keys, read(i) ->
-    (keys (B, block, K, hd), values, valid (B, block) for every query or (B, S, block));
-    `inputs`: the arrays the result varies with. A query that sees no key gets zeros."""
+    (keys (B, K, block, hd), values, valid (B, block) for every query or (B, S, block));
+    `inputs`: the arrays the result varies with. A query that sees no key gets zeros. An int
+    n_blocks is a trip count the compiler knows (one block: no loop)."""
     bsz, s, kv, g, hd = q.shape
     qf = q.astype(jnp.float32) / math.sqrt(hd)  # (B, S, K, G, hd)
 
@@ -464,14 +493,14 @@ def _online_softmax(q, read, n_blocks, dtype, inputs):
         m, total, acc = carry
         kb, vb, valid = read(i)
         valid = valid.reshape(bsz, -1, valid.shape[-1])  # (B, S or 1, block)
-        sc = jnp.einsum("bskgd,btkd->bskgt", qf, kb.astype(jnp.float32))
+        sc = jnp.einsum("bskgd,bktd->bskgt", qf, kb.astype(jnp.float32))
         sc = jnp.where(valid[:, :, None, None], sc, -jnp.inf)
         m_new = jnp.maximum(m, sc.max(axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
         p = jnp.exp(sc - m_safe[..., None])
         scale = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
         total = total * scale + p.sum(axis=-1)
-        acc = acc * scale[..., None] + jnp.einsum("bskgt,btkd->bskgd", p, vb.astype(jnp.float32))
+        acc = acc * scale[..., None] + jnp.einsum("bskgt,bktd->bskgd", p, vb.astype(jnp.float32))
         return m_new, total, acc
 
     init = (
@@ -482,5 +511,8 @@ def _online_softmax(q, read, n_blocks, dtype, inputs):
     # Under shard_map the loop carry must vary over the mesh axes its updates vary over.
     axes = frozenset().union(*(_varying(x) for x in inputs))
     init = jax.tree.map(lambda x: _cast_varying(x, axes), init)
-    _, total, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    if isinstance(n_blocks, int) and n_blocks == 1:
+        _, total, acc = body(0, init)
+    else:
+        _, total, acc = jax.lax.fori_loop(0, n_blocks, body, init)
     return (acc / jnp.where(total > 0, total, 1.0)[..., None]).astype(dtype)

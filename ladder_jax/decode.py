@@ -1,7 +1,7 @@
 """Greedy decoding on the mesh: one compiled prefill, one compiled decode step, a host loop.
 
-The KV cache is the model's (`model.cache_shape`): per layer (k, v) of (batch, cache_len, kv
-slots, head_dim), batch over `data`, kv slots over `tensor`. The prefill runs every prompt of a
+The KV cache is the model's (`model.cache_shape`): per layer (k, v) of (batch, kv slots,
+cache_len, head_dim), batch over `data`, kv slots over `tensor`. The prefill runs every prompt of a
 batch, right-padded to one power-of-two bucket, in a single call and creates the cache there, so
 a generation allocates it once. Row b's next token then goes at position len_b and overwrites
 the padding's garbage in the cache; attention masks keys by position, so the padding is never
@@ -335,13 +335,13 @@ def prefill_fn(cfg: ModelConfig, mesh: Mesh, cache_len: int, sample: bool = Fals
     position of each row goes through the LM head; XLA drops the full logits the forward returns.
     """
     tensor = mesh.shape[TENSOR]
-    _, _, kv_slots, hd = M.cache_shape(cfg, tensor, 1, cache_len)
+    _, kv_slots, _, hd = M.cache_shape(cfg, tensor, 1, cache_len)
 
     def body(model, tokens, lengths, *sampling):
         rows, prompt_len = tokens.shape
-        empty = jnp.zeros((rows, prompt_len, kv_slots // tensor, hd), dtype_of(cfg.dtype))
+        empty = jnp.zeros((rows, kv_slots // tensor, prompt_len, hd), dtype_of(cfg.dtype))
         x, cache, _ = model.residual(tokens, M.default_positions(tokens), cache=[(empty, empty)] * cfg.n_layers)
-        room = ((0, 0), (0, cache_len - prompt_len), (0, 0), (0, 0))
+        room = ((0, 0), (0, 0), (0, cache_len - prompt_len), (0, 0))
         cache = [(jnp.pad(k, room), jnp.pad(v, room)) for k, v in cache]
         last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # (B, 1, D)
         logits = model.head(last)[:, 0]
@@ -436,7 +436,7 @@ def abstract_paged_step_args(cfg: ModelConfig, mesh: Mesh, batch: int, pages: in
     """The arguments of `paged_step_fn` as sharded abstract values: `batch` rows with page tables
     of `width` pages over pools of `pages` pages (in all) of `page_size` positions."""
     params, per_row, _, _ = abstract_step_args(cfg, mesh, batch, 1)
-    slots, hd = M.cache_shape(cfg, mesh.shape[TENSOR], 1, 1)[2:]
+    _, slots, _, hd = M.cache_shape(cfg, mesh.shape[TENSOR], 1, 1)
     pool = jax.ShapeDtypeStruct(
         (slots, pages, page_size, hd), dtype_of(cfg.dtype), sharding=NamedSharding(mesh, M.PAGES_SPEC)
     )

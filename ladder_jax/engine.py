@@ -208,7 +208,7 @@ class Engine:
                 f"per device but {free / 2**30:.2f} GiB are free; give fewer pages (--kv-pages) or fewer positions"
             )
         # Made by a shard_map as the step's output is, so both carry the same sharding.
-        _, _, kv_slots, hd = M.cache_shape(cfg, tensor, 1, 1)
+        _, kv_slots, _, hd = M.cache_shape(cfg, tensor, 1, 1)
         local = (kv_slots // tensor, self.shard_pages, page_size, hd)
         zeros = jax.shard_map(
             lambda: [(jnp.zeros(local, dtype_of(cfg.dtype)),) * 2 for _ in range(cfg.n_layers)],

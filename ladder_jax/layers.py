@@ -107,7 +107,7 @@ class Attention(nnx.Module):
         """x: (B, S, D) normed input; positions: (B, S) absolute positions of these tokens.
 
         kv_head: when every device holds all KV heads (fewer KV heads than devices), the index of
-        the one this device's query heads use. cache: optional (k, v) of shape (B, T, kv_local, hd);
+        the one this device's query heads use. cache: optional (k, v) of shape (B, kv_local, T, hd);
         the new keys and values are written at `positions`; a decode step (one token) reads the
         cache up to each row's position. Attention runs `model.attention` (ladder_jax.attention).
         A list of caches splits this device's KV heads (and the query heads over them) into that
@@ -123,9 +123,10 @@ class Attention(nnx.Module):
         if kv_head is not None:
             wk = jax.lax.dynamic_slice_in_dim(wk, kv_head, 1, axis=1)
             wv = jax.lax.dynamic_slice_in_dim(wv, kv_head, 1, axis=1)
-        q = jnp.einsum("bsd,dhk->bshk", x, self.q_proj[...].astype(dt))
-        k = jnp.einsum("bsd,dhk->bshk", x, wk.astype(dt))
-        v = jnp.einsum("bsd,dhk->bshk", x, wv.astype(dt))
+        x, first = _gemm_rows(x)
+        q = first(jnp.einsum("bsd,dhk->bshk", x, self.q_proj[...].astype(dt)))
+        k = first(jnp.einsum("bsd,dhk->bshk", x, wk.astype(dt)))
+        v = first(jnp.einsum("bsd,dhk->bshk", x, wv.astype(dt)))
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
@@ -152,8 +153,8 @@ class Attention(nnx.Module):
             cache = [c for _, c in parts] + cache[n:]
         else:
             out, cache = self._cached(q, k, v, positions, cache, page_table)
-        out = out.reshape(b, s, hl, hd)
-        return jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(dt)), cache
+        out, first = _gemm_rows(out.reshape(b, s, hl, hd))
+        return first(jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(dt))), cache
 
     def _cached(self, q, k, v, positions, cache, page_table=None):
         """Attention of grouped queries q (B, S, K, G, hd) with the new k, v written into `cache`."""
@@ -177,18 +178,32 @@ class Attention(nnx.Module):
                 out = attention.paged_attention(q, ck, cv, page_table, positions, dt)
             return out, (ck, cv)
         # An indexed scatter writes only the new rows; a vmapped dynamic_update_slice
-        # compiles to a select that rewrites the whole cache every decode step.
+        # compiles to a select that rewrites the whole cache every decode step. The cache holds
+        # (B, K, T, hd); indices around a slice put the (B, S) of the update first: (B, S, K, hd).
         rows = jnp.arange(positions.shape[0])[:, None]
-        ck = ck.at[rows, positions].set(k.astype(ck.dtype))
-        cv = cv.at[rows, positions].set(v.astype(cv.dtype))
+        ck = ck.at[rows, :, positions].set(k.astype(ck.dtype))
+        cv = cv.at[rows, :, positions].set(v.astype(cv.dtype))
         if s == 1:  # a decode step reads the keys written so far
             out = attention.decode_attention(q, ck, cv, positions[:, 0], dt)
-        elif ck.shape[1] == s:  # prefill: the cache is as long as the prompt
-            out = attention.self_attention(self.implementation, q, ck.astype(dt), cv.astype(dt), positions, None, dt)
+        elif ck.shape[2] == s:  # prefill: the cache is as long as the prompt, so it holds k and v
+            keys, values = (x.astype(ck.dtype).astype(dt) for x in (k, v))
+            out = attention.self_attention(self.implementation, q, keys, values, positions, None, dt)
         else:  # several new tokens over a longer cache: mask by position
-            key_pos = jnp.broadcast_to(jnp.arange(ck.shape[1])[None], ck.shape[:2])
-            out = attention.xla_attention(q, ck.astype(dt), cv.astype(dt), positions, None, dt, key_pos)
+            key_pos = jnp.broadcast_to(jnp.arange(ck.shape[2])[None], (ck.shape[0], ck.shape[2]))
+            keys, values = (jnp.swapaxes(c, 1, 2).astype(dt) for c in (ck, cv))
+            out = attention.xla_attention(q, keys, values, positions, None, dt, key_pos)
         return out, (ck, cv)
+
+
+def _gemm_rows(x_BxSxD):
+    """(x, first): x with a second row of zeros where it is one token compiled for GPU, and
+    `first` to take the first row of a product back. XLA:GPU rewrites a product of one row by a
+    matrix as a multiply and a reduce, and for some shapes (gate and up, q/k/v) leaves the
+    weight-sized product unfused: written to HBM and read back, three times the weight's bytes
+    (`benchmarks/decode_traffic.py`). Two rows keep it a GEMM, which reads the weight once."""
+    if x_BxSxD.shape[0] * x_BxSxD.shape[1] != 1 or attention.current_platform() != "gpu":
+        return x_BxSxD, lambda y: y
+    return jnp.concatenate([x_BxSxD, jnp.zeros_like(x_BxSxD)]), lambda y: y[:1]
 
 
 class MLP(nnx.Module):
@@ -205,9 +220,9 @@ class MLP(nnx.Module):
     @jax.named_scope("mlp")  # profiles and HLO dumps name the module
     def __call__(self, x):
         dt = self.dtype
-        x = x.astype(dt)
+        x, first = _gemm_rows(x.astype(dt))
         h = jax.nn.silu(x @ self.gate_proj[...].astype(dt)) * (x @ self.up_proj[...].astype(dt))
-        return h @ self.down_proj[...].astype(dt)
+        return first(h @ self.down_proj[...].astype(dt))
 
 
 class Embed(nnx.Module):

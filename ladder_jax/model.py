@@ -496,22 +496,25 @@ def bytes_per_device(cfg: ModelConfig, tensor: int, fsdp: int = 1) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# KV cache: per layer (k, v) of shape (batch, max_len, kv_slots, head_dim), batch over `data`,
+# KV cache: per layer (k, v) of shape (batch, kv_slots, max_len, head_dim), batch over `data`,
 # kv slots over `tensor`. kv_slots is n_kv_heads when they split over the tensor axis; with fewer
 # KV heads than devices each device caches only the one head its queries use (kv_slots = tensor).
+# KV heads before positions: a head's keys are one matrix, which the decode attention's batched
+# GEMMs read in place (positions first, XLA:GPU copies the whole cache to that order and back
+# at every step).
 
-CACHE_SPEC = P(BATCH, None, TENSOR, None)
+CACHE_SPEC = P(BATCH, TENSOR, None, None)
 
 
 def cache_shape(cfg: ModelConfig, tensor: int, batch: int, max_len: int) -> tuple[int, ...]:
     slots = cfg.n_kv_heads if cfg.n_kv_heads % tensor == 0 else tensor
-    return (batch, max_len, slots, cfg.hd)
+    return (batch, slots, max_len, cfg.hd)
 
 
 def cache_bytes_per_device(cfg: ModelConfig, mesh_shape: tuple[int, int], batch: int, max_len: int) -> int:
     """KV cache bytes per device; mesh_shape: (batch shards (data x fsdp), tensor)."""
     data, tensor = mesh_shape
-    b, t, slots, hd = cache_shape(cfg, tensor, batch, max_len)
+    b, slots, t, hd = cache_shape(cfg, tensor, batch, max_len)
     itemsize = np.dtype(jnp.dtype(cfg.dtype)).itemsize
     return 2 * cfg.n_layers * -(-b // data) * t * (slots // tensor) * hd * itemsize
 

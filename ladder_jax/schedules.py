@@ -59,10 +59,14 @@ class Stream:
         own copy of the residual (`late`), tied to `y`: in the backward pass that add's gradient
         is then read only once `y`'s gradient is reduced, so XLA:TPU cannot run that all-reduce
         in place after the next module's whole backward, synchronously (docs/training.md, "The
-        backward pass's all-reduces"). Returns the stream and `y` to reduce.
+        backward pass's all-reduces"). Returns the stream and `y` to reduce. The first module of
+        a stream has nothing to add, but the next module still waits for its output: else it may
+        run first, and this output's all-reduce has nothing to hide behind (XLA:GPU's A100
+        schedule did that with layer 0 at batch 1).
         """
         if not self.pending:
-            return self, y
+            x, y = jax.lax.optimization_barrier((self.x, y))
+            return replace(self, x=x), y
         base = self.late[0] if self.late else self.x
         x, settle, y = jax.lax.optimization_barrier((base, self.pending, y))
         for p in settle:

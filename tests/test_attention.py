@@ -94,7 +94,10 @@ def test_xla_attention_backward_keeps_no_sequence_by_sequence_residual():
     assert kept and not [s for s in kept if sum(d >= 128 for d in s) >= 2], kept
 
 
-def test_decode_attention_reads_each_row_up_to_its_position():
+@pytest.mark.parametrize("reads", ["written", "cache"])
+def test_decode_attention_reads_each_row_up_to_its_position(reads):
+    # "written": a loop over key blocks up to the furthest position; "cache" (GPU): the whole
+    # cache in one block, masked.
     r = np.random.default_rng(2)
     b, t, kv, g, hd = 3, 300, 2, 2, 16  # 300 is not a multiple of the block: the last block overlaps
     q = jnp.asarray(r.normal(size=(b, 1, kv, g, hd)), jnp.float32)
@@ -103,7 +106,9 @@ def test_decode_attention_reads_each_row_up_to_its_position():
     # Keys after a row's position hold another request's leftovers: they must not count.
     stale = jnp.arange(t)[None, :, None, None] > positions[:, None, None, None]
     ck_stale, cv_stale = jnp.where(stale, 1e4, ck), jnp.where(stale, -1e4, cv)
-    got = jax.jit(A.decode_attention, static_argnums=(4, 5))(q, ck_stale, cv_stale, positions, jnp.float32, 128)
+    heads_first = [jnp.swapaxes(c, 1, 2) for c in (ck_stale, cv_stale)]  # the cache's layout: (B, K, T, hd)
+    with A.decode_reads(reads):
+        got = jax.jit(A.decode_attention, static_argnums=(4, 5))(q, *heads_first, positions, jnp.float32, 128)
     # NumPy reference: softmax over keys 0..position of each row.
     qn, kn, vn = (np.asarray(x, np.float64) for x in (q[:, 0], ck, cv))
     for row, p in enumerate(np.asarray(positions)):
@@ -113,7 +118,8 @@ def test_decode_attention_reads_each_row_up_to_its_position():
         np.testing.assert_allclose(np.asarray(got)[row, 0], want, atol=1e-5)
 
 
-def test_paged_decode_attention_reads_each_rows_pages_in_table_order():
+@pytest.mark.parametrize("reads", ["written", "cache"])
+def test_paged_decode_attention_reads_each_rows_pages_in_table_order(reads):
     r = np.random.default_rng(3)
     b, t, kv, g, hd, page = 3, 40, 2, 2, 16, 8  # 5 pages per row; blocks of 2 pages: the last is half past the table
     q = jnp.asarray(r.normal(size=(b, 1, kv, g, hd)), jnp.float32)
@@ -134,8 +140,10 @@ def test_paged_decode_attention_reads_each_rows_pages_in_table_order():
     ck, cv = np.where(stale, 1e4, ck), np.where(stale, -1e4, cv)
     paged = jax.jit(A.paged_decode_attention, static_argnums=(0, 6, 7))
     heads_first = [np.moveaxis(p, 2, 0) for p in (pool_k, pool_v)]  # the pools' layout: (K, pages, page, hd)
-    got = paged("xla", q, *heads_first, table, positions, jnp.float32, 16)
-    want = jax.jit(A.decode_attention, static_argnums=(4, 5))(q, ck, cv, positions, jnp.float32, 16)
+    with A.decode_reads(reads):  # "cache": every block of the table, a loop of fixed trip count
+        got = paged("xla", q, *heads_first, table, positions, jnp.float32, 16)
+    cache = [np.swapaxes(c, 1, 2) for c in (ck, cv)]
+    want = jax.jit(A.decode_attention, static_argnums=(4, 5))(q, *cache, positions, jnp.float32, 16)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
 
 

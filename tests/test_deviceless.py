@@ -394,10 +394,12 @@ def test_hbm_traffic_counts_what_crosses_device_memory_once():
 
 @pytest.mark.deviceless
 @pytest.mark.parametrize("target, compiler", [("v5e-8", "libtpu"), ("h100-8", "jax_cuda12_plugin")])
-def test_the_ladder_decode_step_moves_what_standard_moves_and_on_tpu_the_floor(target, compiler):
+def test_the_ladder_decode_step_moves_what_standard_moves_near_the_floor(target, compiler):
     # The 8B's layer shape with 2 layers (weights dominate, as in the whole model; tiny's embedding
     # and head would). XLA:TPU's cost analysis counts ~29% more bytes for ladder: on-chip buffers of
-    # its overlapped all-reduces, not HBM traffic (docs/decoding.md, "Memory traffic").
+    # its overlapped all-reduces, not HBM traffic (docs/decoding.md, "Memory traffic"). On XLA:GPU
+    # one row per device reads its weights once (one-row products kept GEMMs: layers._gemm_rows;
+    # before, 2.4x the floor per layer), and no loop waits on the host at every iteration.
     pytest.importorskip(compiler)
     cfg = load_config("llama-3.1-8b", ["model.n_layers=2", "mesh.tensor=8"])
     mesh = target_mesh(cfg, get_target(target))
@@ -409,6 +411,9 @@ def test_the_ladder_decode_step_moves_what_standard_moves_and_on_tpu_the_floor(t
         }
         standard, ladder = rows["standard"], rows["ladder"]
         assert abs(ladder["hbm_bytes"] / standard["hbm_bytes"] - 1) < 0.01, (batch, ladder, standard)
-        if compiler == "libtpu":
+        if compiler == "libtpu" or batch == 1:
             assert standard["hbm_over_floor"] < 1.10 and ladder["hbm_over_floor"] < 1.10, (batch, rows)
+        if compiler == "libtpu":
             assert ladder["on_chip_operand_bytes"] > standard["on_chip_operand_bytes"] + 60 * 2**20
+        else:
+            assert standard["host_synced_loops"] == ladder["host_synced_loops"] == 0, (batch, rows)

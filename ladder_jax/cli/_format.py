@@ -60,7 +60,8 @@ def schedule_report(m, mesh, target, batch: int, cache_len: int, flags: str, row
         )
         lines.append(
             f"  memory traffic per device: {r['hbm_bytes'] / 2**20:.1f} MiB against a floor of {r['floor_bytes'] / 2**20:.1f} MiB "
-            f"(weights once, KV cache up to the position): {r['hbm_over_floor']:.2f}x; {r['kernels']} kernels per step"
+            f"(weights once, KV cache up to the position): {r['hbm_over_floor']:.2f}x; {r['kernels']} kernels per step; "
+            f"{r['host_synced_loops']} loops of unknown trip count (XLA:GPU waits on the host at each iteration)"
         )
         shown = r["exposed"][:12] + ([f"... {len(r['exposed']) - 12} more"] if len(r["exposed"]) > 12 else [])
         lines.append(f"  exposed ({len(r['exposed'])}): {', '.join(shown) or 'none'}")

@@ -480,7 +480,16 @@ def step_traffic(cfg: ModelConfig, mesh: Mesh, text: str, batch: int, cache_len:
         "hbm_over_floor": moved["total"] / floor["total"],
         "on_chip_operand_bytes": moved["on_chip"],  # what XLA's cost analysis adds on TPU (not HBM traffic)
         "kernels": kernel_counts(text)["kernels"],
+        "host_synced_loops": host_synced_loops(text),
     }
+
+
+def host_synced_loops(text: str) -> int:
+    """Loops of a scheduled HLO module whose trip count XLA does not know. XLA:GPU's runtime
+    copies such a loop's condition to the host and waits for the device at every iteration (a
+    known trip count runs without asking), so each costs a GPU a round trip per iteration."""
+    comps, _ = parse_hlo(text)
+    return sum(i.opcode == "while" and "known_trip_count" not in i.attrs for body in comps.values() for i in body)
 
 
 def train_memory(cfg: Config, mesh: Mesh, hbm_bytes: int) -> dict:

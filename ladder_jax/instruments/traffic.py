@@ -144,7 +144,8 @@ def _fusion_traffic(ins: Instr, index: dict, comps: dict) -> tuple[int, int]:
 
 def hbm_traffic(text: str, loop_trips: int = 1, top: int = 0) -> dict:
     """Bytes a run of a scheduled HLO module reads from and writes to device memory, by kernel
-    kind, and the on-chip operand bytes XLA's cost analysis adds: {read, written, total, on_chip,
+    kind, and the on-chip operand bytes XLA's cost analysis adds (a loop runs the trip count XLA
+    knows for it, else `loop_trips`): {read, written, total, on_chip,
     by_kind: {opcode: bytes}, top: the `top` instructions that move most, (bytes, name, op_name)}."""
     comps, entry = parse_hlo(text)
     index = {i.name: i for body in comps.values() for i in body}
@@ -155,7 +156,9 @@ def hbm_traffic(text: str, loop_trips: int = 1, top: int = 0) -> dict:
     def walk(name: str, trips: int):
         for ins in comps.get(name, []):
             if ins.opcode == "while":
-                walk(re.search(r"body=%([\w.\-]+)", ins.attrs).group(1), trips * loop_trips)
+                known = re.search(r'known_trip_count":\{"n":"(\d+)"', ins.attrs)
+                n = int(known.group(1)) if known else loop_trips
+                walk(re.search(r"body=%([\w.\-]+)", ins.attrs).group(1), trips * n)
                 continue
             if ins.opcode in NO_TRAFFIC or any(t in ins.attrs for t in NO_TRAFFIC_CALLS):
                 continue

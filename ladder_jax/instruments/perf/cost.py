@@ -136,7 +136,7 @@ def module_costs(m: ModelConfig, tensor: int) -> dict[str, Module]:
     if m.tie_embeddings:  # the head multiplies by the embedding table's shard
         local["head"] = [local["head"][0] + local["embed"][0], local["head"][1] + local["embed"][1]]
     act = np.dtype(jax.numpy.dtype(m.dtype)).itemsize
-    _, _, slots, hd = model.cache_shape(m, tensor, 1, 1)
+    _, slots, _, hd = model.cache_shape(m, tensor, 1, 1)
     heads_local = m.n_heads // tensor
     out = {g: Module(b, 2.0 * n) for g, (b, n) in local.items()}
     out["attention"] = dataclasses.replace(
