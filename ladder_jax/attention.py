@@ -33,6 +33,9 @@ past the position (the dense cache reads it in one block, no loop at all). A dec
 Pallas paged-attention kernel instead (`paged_decode_attention`) where `model.attention` allows
 kernels (auto, splash) and the shapes suit it (head_dim a multiple of 128, pages of a multiple of
 8 positions); it has no interpret mode, so it runs on a TPU or in a deviceless TPU compile only.
+Compiled for GPU (auto, triton) the decode step runs JAX's Pallas Triton paged-attention kernel
+where its blocks are powers of two that fit (`paged_kernel`): it reads each row's pages up to its
+position and skips the rest on the device, with no loop whose trip count the host must fetch.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu import attention as triton_attention
+from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention as gpu_paged_attention
 from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention as tpu_paged_attention
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
@@ -55,6 +59,10 @@ KERNEL_PLATFORM = {"splash": "tpu", "cudnn": "gpu", "triton": "gpu"}
 XLA_QUERY_BLOCK = 128  # query block of the xla path's blocked causal attention (at least)
 XLA_MAX_BLOCKS = 16  # longer sequences get longer blocks
 DECODE_KEY_BLOCK = 256  # keys read per iteration of the decode attention
+# Keys (and as many values) the Triton paged-attention kernel reads per iteration, in bytes: both
+# blocks and the kernel's other 16-24 KiB fit an A100's 163 KiB of shared memory; twice this fits
+# neither an A100 nor an H100 (227 KiB), and XLA refuses the compile (deviceless compiles).
+TRITON_PAGED_TILE_BYTES = 64 * 1024
 
 
 class AttentionError(ConfigError):
@@ -380,28 +388,54 @@ def decode_attention(q, cache_k, cache_v, positions, dtype, block: int = DECODE_
 def paged_decode_attention(
     requested: str, q, k_pages, v_pages, page_table, positions, dtype, block: int = DECODE_KEY_BLOCK
 ):
-    """`decode_attention` over a paged cache: JAX's Pallas TPU paged-attention kernel where
-    `paged_kernel` says so, else `paged_attention` of one query per row.
+    """`decode_attention` over a paged cache: JAX's Pallas paged-attention kernel of the platform
+    (TPU or Triton) where `paged_kernel` says so, else `paged_attention` of one query per row.
 
     q: (B, 1, K, G, hd); positions: (B,) of the new token (its key is already written)."""
-    if paged_kernel(requested, current_platform(), k_pages.shape[2], q.shape[-1], k_pages.dtype):
-        return tpu_paged_decode(q, k_pages, v_pages, page_table, positions, dtype, block)
+    platform = current_platform()
+    if paged_kernel(requested, platform, k_pages.shape[2], q.shape[-1], k_pages.dtype):
+        kernel = tpu_paged_decode if platform == "tpu" else gpu_paged_decode
+        return kernel(q, k_pages, v_pages, page_table, positions, dtype, block)
     return paged_attention(q, k_pages, v_pages, page_table, positions[:, None], dtype, block)
 
 
 def paged_kernel(requested: str, platform: str, page_size: int, head_dim: int, dtype) -> bool:
-    """Whether a paged decode step runs the Pallas TPU kernel: compiled for TPU, kernels allowed
-    (`model.attention` auto or splash), a bfloat16 cache (the kernel reads keys and values as
-    bfloat16 whatever they are) and shapes its VMEM blocks take."""
-    if platform != "tpu" or requested not in ("auto", "splash"):
+    """Whether a paged decode step runs a Pallas kernel. Compiled for TPU with `model.attention`
+    auto or splash: the TPU kernel, for a bfloat16 cache (it reads keys and values as bfloat16
+    whatever they are) and shapes its VMEM blocks take. Compiled for GPU with auto or triton: the
+    Triton kernel, for a cache of the model's dtypes (float32 dots at TF32), blocks that are
+    powers of two (Pallas' Triton lowering), dots that contract at least 16 (Triton's own `tl.dot`
+    minimum on NVIDIA: head_dim for the scores, a block's positions, one page or more, for the
+    values; smaller ones compile here, their values unchecked) and a page of keys within
+    TRITON_PAGED_TILE_BYTES."""
+    dtype = jnp.dtype(dtype)
+    if platform == "tpu" and requested in ("auto", "splash"):
+        reason = None
+        if dtype != jnp.bfloat16:
+            reason = f"the TPU paged-attention kernel reads the cache as bfloat16, and it is {dtype.name}"
+        elif head_dim % 128:
+            reason = f"the TPU paged-attention kernel needs a head dimension that is a multiple of 128, got {head_dim}"
+        elif page_size % 8:
+            reason = f"the TPU paged-attention kernel needs pages of a multiple of 8 positions, got {page_size}"
+    elif platform == "gpu" and requested in ("auto", "triton"):
+        reason = None
+        if dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+            reason = (
+                f"the Triton paged-attention kernel runs for a bfloat16, float16 or float32 cache, not {dtype.name}"
+            )
+        elif head_dim < 16 or head_dim & (head_dim - 1):
+            reason = (
+                f"the Triton paged-attention kernel needs a power-of-two head dimension of at least 16, got {head_dim}"
+            )
+        elif page_size < 16 or page_size & (page_size - 1):
+            reason = f"the Triton paged-attention kernel needs pages of a power of two of at least 16 positions, got {page_size}"
+        elif page_size * head_dim * dtype.itemsize > TRITON_PAGED_TILE_BYTES:
+            reason = (
+                f"a page of {page_size} keys of {head_dim} {dtype.name} is more than the Triton paged-attention"
+                f" kernel's block of {TRITON_PAGED_TILE_BYTES // 1024} KiB in shared memory"
+            )
+    else:
         return False
-    reason = None
-    if jnp.dtype(dtype) != jnp.bfloat16:
-        reason = f"the TPU paged-attention kernel reads the cache as bfloat16, and it is {jnp.dtype(dtype).name}"
-    elif head_dim % 128:
-        reason = f"the TPU paged-attention kernel needs a head dimension that is a multiple of 128, got {head_dim}"
-    elif page_size % 8:
-        reason = f"the TPU paged-attention kernel needs pages of a multiple of 8 positions, got {page_size}"
     if reason is not None and reason not in _warned:
         _warned.add(reason)
         warnings.warn(f"paged decode attention uses xla here: {reason}", stacklevel=2)
@@ -424,6 +458,47 @@ def tpu_paged_decode(q, k_pages, v_pages, page_table, positions, dtype, block: i
         positions.astype(jnp.int32) + 1,
         jnp.minimum(page_table, n_pages - 1),  # no page yet: any page, past the length it is not read
         pages_per_compute_block=per_block,
+    )
+    return out.reshape(b, 1, kv, g, hd).astype(dtype)
+
+
+def gpu_paged_decode(
+    q, k_pages, v_pages, page_table, positions, dtype, block: int = DECODE_KEY_BLOCK, interpret: bool = False
+):
+    """One query per row through `jax.experimental.pallas.ops.gpu.paged_attention` (Triton): the
+    table's width splits into `k_splits` partitions, one program each per row and KV head (the
+    query heads of a KV head padded to 16), that read pages up to the row's length (position + 1)
+    in blocks of pages, skipping those past it on the device (no loop the host waits on); the
+    partitions' softmax partials are then combined. Queries go in as the cache's dtype (the
+    kernel's dots take both sides in one dtype; float32 runs at TF32), scores, softmax and sums
+    are float32 in the kernel, and the partitions' outputs are combined in the cache's dtype."""
+    b, _, kv, g, hd = q.shape
+    n_pages, page_size = k_pages.shape[1:3]
+    width = page_table.shape[1]
+    # As many partitions as the width allows, up to the kernel's default of 16: a long cache is
+    # read by 16 programs per row and head; a partition past a row's length costs next to nothing.
+    splits = max(d for d in range(1, min(16, width) + 1) if width % d == 0)
+    per_split = width // splits
+    # Pages per compute block: a power of two (Triton's block shapes) that divides the partition,
+    # up to `block` positions and TRITON_PAGED_TILE_BYTES of keys.
+    page_bytes = page_size * hd * k_pages.dtype.itemsize
+    per_block = 1
+    while (
+        per_split % (2 * per_block) == 0
+        and 2 * per_block * page_size <= block
+        and 2 * per_block * page_bytes <= TRITON_PAGED_TILE_BYTES
+    ):
+        per_block *= 2
+    scaled = (q[:, 0].astype(jnp.float32) / math.sqrt(hd)).astype(k_pages.dtype)  # the kernel does not scale
+    out = gpu_paged_attention(
+        scaled.reshape(b, kv * g, hd),
+        k_pages,
+        v_pages,
+        jnp.minimum(page_table, n_pages - 1),  # no page yet: any page, masked (or not read) past the length
+        positions.astype(jnp.int32) + 1,
+        pages_per_compute_block=per_block,
+        k_splits=splits,
+        interpret=interpret,
     )
     return out.reshape(b, 1, kv, g, hd).astype(dtype)
 

@@ -174,6 +174,55 @@ def test_the_tpu_paged_kernel_reads_each_rows_pages_up_to_its_position_in_interp
     assert np.isfinite(got[3]).all()
 
 
+def test_the_gpu_paged_kernel_reads_each_rows_pages_up_to_its_position_in_interpret_mode():
+    # JAX's Pallas Triton paged-attention kernel as the decode step calls it (q scaled and cast to
+    # the pool's dtype, lengths = position + 1, "no page" ids clamped into the pool), run by
+    # Pallas' interpreter on CPU, against NumPy. A table of 32 pages: 16 partitions of 2 pages,
+    # one compute block each, so rows 1 and 2 end in a block whose second page is "no page".
+    r = np.random.default_rng(6)
+    b, kv, g, hd, page, pages, width = 4, 2, 2, 16, 16, 40, 32
+    q = jnp.asarray(r.normal(size=(b, 1, kv, g, hd)), jnp.float32)
+    pool_k, pool_v = (jnp.asarray(r.normal(size=(kv, pages, page, hd)), jnp.bfloat16) for _ in range(2))
+    positions = np.array([3, 40, 200, 0], np.int32)  # the last row idle: no pages at all
+    table = np.stack([r.permutation(pages)[:width] for _ in range(b)]).astype(np.int32)
+    table = np.where(np.arange(width)[None] <= positions[:, None] // page, table, pages)
+    table[3] = pages
+    got = np.asarray(
+        A.gpu_paged_decode(q, pool_k, pool_v, jnp.asarray(table), jnp.asarray(positions), jnp.float32, interpret=True)
+    )
+    kn, vn = (np.asarray(p.astype(jnp.float32), np.float64) for p in (pool_k, pool_v))
+    for row in range(3):
+        keys = np.concatenate([kn[:, i] for i in table[row] if i < pages], axis=1)[:, : positions[row] + 1]
+        values = np.concatenate([vn[:, i] for i in table[row] if i < pages], axis=1)[:, : positions[row] + 1]
+        sc = np.einsum("kgd,ktd->kgt", np.asarray(q[row, 0], np.float64), keys) / np.sqrt(hd)
+        w = np.exp(sc - sc.max(-1, keepdims=True))
+        want = np.einsum("kgt,ktd->kgd", w / w.sum(-1, keepdims=True), values)
+        # The partitions' outputs, their combination and the result are bfloat16: about one
+        # bfloat16 ulp of each value (2**-7 relative), less than 2**-8 where values cancel.
+        np.testing.assert_allclose(got[row, 0], want, rtol=2**-7, atol=2**-8)
+    assert np.isfinite(got[3]).all()
+
+
+def test_paged_kernel_picks_the_triton_kernel_on_gpu_where_its_blocks_fit(monkeypatch):
+    monkeypatch.setattr(A, "_warned", set())
+    bf16 = jnp.bfloat16
+    assert A.paged_kernel("auto", "gpu", 16, 128, bf16) and A.paged_kernel("triton", "gpu", 16, 64, jnp.float32)
+    assert A.paged_kernel("auto", "gpu", 256, 128, jnp.float16)
+    assert not A.paged_kernel("xla", "gpu", 16, 128, bf16) and not A.paged_kernel("cudnn", "gpu", 16, 128, bf16)
+    for page, hd, dtype, reason in [
+        (16, 96, bf16, "needs a power-of-two head dimension of at least 16, got 96"),
+        (8, 128, bf16, "needs pages of a power of two of at least 16 positions, got 8"),
+        (128, 256, jnp.float32, "a page of 128 keys of 256 float32 is more than"),
+        (16, 128, np.float64, "runs for a bfloat16, float16 or float32 cache, not float64"),
+    ]:
+        with pytest.warns(UserWarning, match=f"paged decode attention uses xla here: .*{reason}"):
+            assert not A.paged_kernel("auto", "gpu", page, hd, dtype)
+    # The TPU kernel's rules stay its own.
+    assert A.paged_kernel("splash", "tpu", 16, 128, bf16) and not A.paged_kernel("triton", "tpu", 16, 128, bf16)
+    with pytest.warns(UserWarning, match="TPU paged-attention kernel reads the cache as bfloat16, and it is float32"):
+        assert not A.paged_kernel("auto", "tpu", 16, 128, jnp.float32)
+
+
 def test_paged_attention_of_a_chunk_sees_each_rows_pages_up_to_each_query():
     # A prompt's chunk: 260 queries per row (three query blocks, each reading keys up to its own
     # furthest position) at positions past earlier chunks, whose keys are in the pages, one row

@@ -256,6 +256,23 @@ def test_the_serving_engines_decode_step_for_tpu_runs_the_pallas_paged_attention
 
 
 @pytest.mark.deviceless
+def test_the_serving_engines_decode_step_for_gpu_runs_the_triton_paged_attention_kernel():
+    # llama-3.1-8b's shapes at tensor 8 on h100-8: one Pallas Triton kernel per layer in the
+    # engine's decode step, and no while loop left whose trip count XLA:GPU does not know (its
+    # runtime would wait on the host at every iteration). Its numerics: test_attention.py
+    pytest.importorskip("jax_cuda12_plugin")
+    import re
+
+    cfg = load_config("llama-3.1-8b", ["model.n_layers=2", "mesh.tensor=8"])
+    mesh = target_mesh(cfg, get_target("h100-8"))
+    text = deviceless.paged_step_hlo(cfg.model, mesh, 8, 256, 16, 64)
+    kernels = re.findall(r'custom_call_target="__gpu\$xla\.gpu\.triton".*op_name="[^"]*/(layer\d)/attention/', text)
+    assert kernels == ["layer0", "layer1"], kernels
+    loops = [line for line in text.splitlines() if re.search(r"\bwhile\(", line)]
+    assert all("known_trip_count" in line for line in loops), [line[:200] for line in loops]
+
+
+@pytest.mark.deviceless
 @pytest.mark.parametrize("target, compiler", [("v5e-8", "libtpu"), ("h100-8", "jax_cuda12_plugin")])
 def test_schedule_and_memory_commands_on_a_target(target, compiler, tmp_path):
     # The commands end to end as a user runs them, in a process of their own (the library's libtpu
