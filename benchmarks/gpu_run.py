@@ -15,7 +15,10 @@ two calls on two fresh machines make one report.
 - decode: per-token latency of llama-3.1-8b (random bfloat16 weights, tensor 1) at batch 1, 8,
   32, 64 with every row's new token at position 1023 (a 1024-token context); the bytes a step
   must read (`ladder_jax.instruments.traffic.floor_bytes`) over that time, as a fraction of the device's spec
-  bandwidth (ladder_jax/accelerators.yaml) and of a plain copy measured here first;
+  bandwidth (ladder_jax/accelerators.yaml) and of a plain copy measured here first; then batch 1
+  and 64 with the keys read in a loop up to the position, as every step ran before 2026-12-05
+  (XLA:GPU's runtime fetches such a loop's condition to the host at every iteration), and a
+  `jax.profiler` trace of three batch-1 steps in --out/profile;
 - prefill: 8192 tokens of llama-3.1-8b, `model.attention=cudnn` against `xla`;
 - layer: `layer_decode.py`'s table (llama-2-70b at tensor 8: one device's shapes) against the
   latency model (the h100-nvlink profile, with the spec numbers of the device at hand);
@@ -99,7 +102,7 @@ GPU = Shapes(
     # What the rows took on the first H200 (benchmarks/RESULTS.md): bandwidth 3 s, decode 105 s,
     # prefill ~75 s a row, layer 45 s, serve 159 s (the fixed-slot engine), train 96-120 s a row.
     # The run's 400 s end before the train part: a second call with --resume takes the rest.
-    budgets={"bandwidth": 15, "decode": 110, "prefill": 160, "layer": 50, "serve": 170, "train": 400},
+    budgets={"bandwidth": 15, "decode": 150, "prefill": 160, "layer": 50, "serve": 170, "train": 400},
 )
 TINY = ("model.n_layers=2", "model.d_model=128", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=256")
 DRY = Shapes(
@@ -145,12 +148,12 @@ def median_seconds(fn, runs: int, warmup: int = 1) -> tuple[float, float]:
 class Run:
     """The device, its spec, the whole run's deadline, and each part's rows and skip lines."""
 
-    def __init__(self, shapes: Shapes, budget: float, cpu: bool = False, costs=(), resume=None):
+    def __init__(self, shapes: Shapes, budget: float, cpu: bool = False, costs=(), resume=None, out=Path("gpu_run")):
         import jax
 
         from ladder_jax import accelerators
 
-        self.shapes, self.end = shapes, time.perf_counter() + budget
+        self.shapes, self.end, self.out = shapes, time.perf_counter() + budget, out
         self.device = jax.devices("cpu" if cpu else None)[0]
         self.spec = accelerators.for_device_kind(self.device.device_kind)
         self.report = {
@@ -305,29 +308,70 @@ def bandwidth_rows(run: Run):
 
 
 def decode_rows(run: Run):
+    import jax
+
+    from ladder_jax import model as M
     from ladder_jax.config import load_config
     from ladder_jax.instruments.traffic import floor_bytes
 
     sh = run.shapes
     m = load_config(sh.decode_config, sh.overrides).model
     mesh, peak = run.mesh(), run.spec.hbm_bandwidth if run.spec else None
+    shared = {}  # the random weights, made once for every row of the part
+
+    def params():
+        if "params" not in shared:
+            shared["params"] = M.init_params(m, mesh, 0)
+        return shared["params"]
+
+    def row(b, reads=None):
+        t = layer_decode.time_steps(m, mesh, b, sh.context, sh.runs, 3, sh.context - 1, params(), reads)
+        floor = floor_bytes(m, 1, b, sh.context, sh.context)
+        rate = floor["total"] / t
+        return {
+            "batch": b,
+            "reads": reads or "platform",
+            "ms_per_token": t * 1e3,
+            "tokens_per_s": b / t,
+            "floor_mb": floor["total"] / 1e6,
+            "gb_s": rate / 1e9,
+            "of_peak": _share(rate, peak),
+            "of_copy": _share(rate, getattr(run, "copy_bytes_s", None)),
+        }
+
     for b in sh.decode_batches:
+        yield f"{m.name} batch {b}", lambda b=b: row(b)
+    # The same steps with the keys read in a loop up to the position, whose trip count XLA:GPU's
+    # runtime fetches to the host at every iteration (how every step ran before 2026-12-05)
+    for b in (sh.decode_batches[0], sh.decode_batches[-1]):
+        yield f"{m.name} batch {b}, keys read up to the position", lambda b=b: row(b, "written")
 
-        def measure(b=b):
-            t = layer_decode.time_steps(m, mesh, b, sh.context, sh.runs, 3, position=sh.context - 1)
-            floor = floor_bytes(m, 1, b, sh.context, sh.context)
-            rate = floor["total"] / t
-            return {
-                "batch": b,
-                "ms_per_token": t * 1e3,
-                "tokens_per_s": b / t,
-                "floor_mb": floor["total"] / 1e6,
-                "gb_s": rate / 1e9,
-                "of_peak": _share(rate, peak),
-                "of_copy": _share(rate, getattr(run, "copy_bytes_s", None)),
-            }
+    def profile():
+        # A trace of three batch-1 steps (kernels, gaps, host waits) for xprof's or TensorBoard's
+        # trace viewer, compiled before it starts. The files are moved up to --out/profile (the
+        # device tool brings back files at most two folders down) and gzipped past 8 MiB.
+        import gzip
+        import shutil
 
-        yield f"{m.name} batch {b}", measure
+        layer_decode.time_steps(m, mesh, 1, sh.context, 1, 1, sh.context - 1, params())
+        folder = run.out / "profile"
+        with jax.profiler.trace(str(folder / "trace")):
+            t = layer_decode.time_steps(m, mesh, 1, sh.context, 3, 0, sh.context - 1, params())
+        files = []
+        for p in sorted((folder / "trace").rglob("*")):
+            if p.is_file():
+                dest = folder / p.name
+                if p.stat().st_size > 8 * 2**20 and p.suffix != ".gz":
+                    dest = folder / (p.name + ".gz")
+                    with p.open("rb") as src, gzip.open(dest, "wb") as out:
+                        shutil.copyfileobj(src, out)
+                else:
+                    shutil.copy(p, dest)
+                files.append(f"{dest.name} ({dest.stat().st_size / 2**20:.1f} MiB)")
+        shutil.rmtree(folder / "trace")
+        return {"batch": 1, "reads": "platform", "ms_per_token": t * 1e3, "trace_files": files}
+
+    yield f"{m.name} batch 1, profiled", profile
 
 
 def prefill_rows(run: Run):
@@ -550,6 +594,7 @@ def markdown(report: dict) -> str:
         "Decode, tensor 1, 1024-token context",
         [
             ("batch", "batch", ""),
+            ("keys read", "reads", ""),
             ("ms/token", "ms_per_token", ".2f"),
             ("tokens/s", "tokens_per_s", ".0f"),
             ("floor MB", "floor_mb", ".0f"),
@@ -642,7 +687,14 @@ def main(argv=None) -> int:
     import jax
 
     try:
-        run = Run(DRY if args.dry_run else GPU, args.budget, cpu=args.dry_run, costs=args.costs, resume=args.resume)
+        run = Run(
+            DRY if args.dry_run else GPU,
+            args.budget,
+            cpu=args.dry_run,
+            costs=args.costs,
+            resume=args.resume,
+            out=args.out,
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -49,32 +49,47 @@ def shard_config(m, tensor: int, n_layers: int):
     )
 
 
-def time_steps(cfg, mesh, batch: int, cache_len: int, runs: int, warmup: int, position: int | None = None) -> float:
+def time_steps(
+    cfg,
+    mesh,
+    batch: int,
+    cache_len: int,
+    runs: int,
+    warmup: int,
+    position: int | None = None,
+    params=None,
+    reads: str | None = None,
+) -> float:
     """Median seconds of one decode step of `cfg` (tensor=1) at `batch` rows over a `cache_len` cache,
-    every row at `position` (default mid-cache)."""
+    every row at `position` (default mid-cache). `params`: the model's, else random ones;
+    `reads`: what the decode attention reads (`attention.decode_reads`; None: the platform's)."""
     import jax
     import numpy as np
     from jax.sharding import NamedSharding
 
-    from ladder_jax import decode
+    from ladder_jax import attention, decode
     from ladder_jax import model as M
 
-    params = M.init_params(cfg, mesh, 0)
+    params = M.init_params(cfg, mesh, 0) if params is None else params
     cache = M.init_cache(cfg, mesh, batch, cache_len)
     rows = NamedSharding(mesh, decode.ROWS)
     tokens = jax.device_put(np.ones(batch, np.int32), rows)
-    # The decode attention reads the cache up to the furthest row's position (in key blocks).
+    # The decode attention reads the cache up to the furthest row's position (in key blocks; on
+    # GPU the whole cache).
     position = cache_len // 2 if position is None else position
     positions = jax.device_put(np.full(batch, position, np.int32), rows)
-    step = decode.step_fn(cfg, mesh)
+    # A step of its own when `reads` is set: it takes effect where the step is traced, and the
+    # cached step_fn keeps the trace it has.
+    step = decode.step_fn(cfg, mesh) if reads is None else decode.step_fn.__wrapped__(cfg, mesh)
     times = []
-    for k in range(warmup + runs):
-        start = time.perf_counter()
-        tokens, _, cache = step(params, tokens, positions, cache)  # positions stay put: the cache never fills
-        tokens.block_until_ready()
-        if k >= warmup:
-            times.append(time.perf_counter() - start)
-    del params, cache
+    with attention.decode_reads(reads):
+        for k in range(warmup + runs):
+            start = time.perf_counter()
+            tokens, _, cache = step(params, tokens, positions, cache)  # positions stay put: the cache never fills
+            tokens.block_until_ready()
+            if k >= warmup:
+                times.append(time.perf_counter() - start)
+    del cache
     return statistics.median(times)
 
 

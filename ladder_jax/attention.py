@@ -75,7 +75,8 @@ _platform = contextvars.ContextVar("attention_platform", default=None)
 
 
 # "written" or "cache": what the decode attention reads (None: by platform, `reads_whole_cache`);
-# benchmarks set it to time one against the other on the same device.
+# benchmarks set it to time one against the other on the same device. It acts when a function is
+# traced: set it around a jit of a function of its own (jit reuses a trace of the same function).
 _decode_reads = contextvars.ContextVar("decode_reads", default=None)
 
 

@@ -107,8 +107,10 @@ def test_decode_attention_reads_each_row_up_to_its_position(reads):
     stale = jnp.arange(t)[None, :, None, None] > positions[:, None, None, None]
     ck_stale, cv_stale = jnp.where(stale, 1e4, ck), jnp.where(stale, -1e4, cv)
     heads_first = [jnp.swapaxes(c, 1, 2) for c in (ck_stale, cv_stale)]  # the cache's layout: (B, K, T, hd)
-    with A.decode_reads(reads):
-        got = jax.jit(A.decode_attention, static_argnums=(4, 5))(q, *heads_first, positions, jnp.float32, 128)
+    with A.decode_reads(reads):  # a function of its own: jit reuses a trace of the same function
+        got = jax.jit(lambda *a: A.decode_attention(*a), static_argnums=(4, 5))(
+            q, *heads_first, positions, jnp.float32, 128
+        )
     # NumPy reference: softmax over keys 0..position of each row.
     qn, kn, vn = (np.asarray(x, np.float64) for x in (q[:, 0], ck, cv))
     for row, p in enumerate(np.asarray(positions)):
@@ -138,9 +140,9 @@ def test_paged_decode_attention_reads_each_rows_pages_in_table_order(reads):
             )
     stale = np.arange(t)[None, :, None, None] > positions[:, None, None, None]
     ck, cv = np.where(stale, 1e4, ck), np.where(stale, -1e4, cv)
-    paged = jax.jit(A.paged_decode_attention, static_argnums=(0, 6, 7))
     heads_first = [np.moveaxis(p, 2, 0) for p in (pool_k, pool_v)]  # the pools' layout: (K, pages, page, hd)
     with A.decode_reads(reads):  # "cache": every block of the table, a loop of fixed trip count
+        paged = jax.jit(lambda *a: A.paged_decode_attention(*a), static_argnums=(0, 6, 7))
         got = paged("xla", q, *heads_first, table, positions, jnp.float32, 16)
     cache = [np.swapaxes(c, 1, 2) for c in (ck, cv)]
     want = jax.jit(A.decode_attention, static_argnums=(4, 5))(q, *cache, positions, jnp.float32, 16)

@@ -61,11 +61,21 @@ def test_the_gpu_run_dry_run_reports_every_part_with_numbers_without_the_data_an
     assert [s.split(":")[0] for p in parts.values() for s in p["skipped"]] == [
         "tiny prefill 128 tokens, attention=cudnn"
     ]
-    decode = {r["batch"]: r for r in parts["decode"]["rows"]}
-    assert sorted(decode) == [1, 4]
-    for b, row in decode.items():  # the tokens sit at position 63 of a 64-position cache: all 64 keys are read
-        assert row["floor_mb"] * 1e6 == tiny_step_floor_bytes(b, 64)
+    *steps, profiled = parts["decode"]["rows"]
+    # each batch as the platform reads keys, then the smallest and largest read up to the position
+    assert [(r["batch"], r["reads"]) for r in steps] == [
+        (1, "platform"),
+        (4, "platform"),
+        (1, "written"),
+        (4, "written"),
+    ]
+    for row in steps:  # the tokens sit at position 63 of a 64-position cache: all 64 keys are read
+        assert row["floor_mb"] * 1e6 == tiny_step_floor_bytes(row["batch"], 64)
         assert np.isclose(row["gb_s"] * row["ms_per_token"] * 1e6, row["floor_mb"] * 1e6)
+    # the profile's files, moved up beside the report (the device tool brings back two folders down)
+    traces = sorted(p.name for p in (tmp_path / "profile").iterdir())
+    assert any(name.endswith(".xplane.pb") for name in traces) and not (tmp_path / "profile" / "trace").exists()
+    assert [f.split(" ")[0] for f in profiled["trace_files"]] == traces
     train = {(r["config"], r["attention"], r["remat"]) for r in parts["train"]["rows"]}
     assert train == {(c, a, r) for c in ("llama-3.2-1b", "ladder-1b") for a, r in (("triton", "none"), ("xla", "full"))}
     table = (tmp_path / "gpu_run.md").read_text()
@@ -99,7 +109,8 @@ def test_a_gpu_run_keeps_the_rows_it_resumes_and_skips_rows_that_took_longer_tha
     ]
     decode = parts["decode"]["rows"]
     assert decode[0] == {**kept, "from": "2026-12-01 10:00 (resumed.json)"}
-    assert [r["batch"] for r in decode] == [1, 4] and decode[1]["seconds"] > 0 and "from" not in decode[1]
+    assert [r["label"] for r in decode[:2]] == ["tiny batch 1", "tiny batch 4"]
+    assert decode[1]["seconds"] > 0 and "from" not in decode[1]
     assert "tiny batch 1: kept from 2026-12-01 10:00 (resumed.json)" in (tmp_path / "out" / "gpu_run.md").read_text()
 
 
