@@ -14,7 +14,9 @@ and reports per variant and batch (rows per device):
 - the floor (`traffic.floor_bytes`: the device's weights once, the KV cache up to the position);
 - the same per layer (the difference of the two layer counts: the embedding and head cancel);
 - kernels per step (fusions, library calls, collectives: what a runtime without CUDA graphs
-  launches per token).
+  launches per token; a loop's body counted once);
+- loops whose trip count XLA does not know (XLA:GPU's runtime fetches their condition to the host
+  at every iteration).
 
 The 8B's layers are what matters per layer, and a deviceless compile of all 32 is CPU-heavy: the
 default compiles 2 and 4 layers; `--layers 2 32` gives the whole model.
@@ -97,15 +99,15 @@ def table(result: dict) -> str:
         f"{result['config']} on {result['target']} (tensor {result['tensor']}), cache {result['cache_len']}, "
         f"{result['layers'][1]} layers (per layer: {result['layers'][1]} minus {result['layers'][0]}); MiB per device per step",
         "",
-        "| variant | batch | XLA bytes | HBM (HLO) | floor | HBM/floor | XLA/floor | kernels | per layer: XLA | HBM | on-chip | floor | HBM/floor |",
-        "|" + " --- |" * 13,
+        "| variant | batch | XLA bytes | HBM (HLO) | floor | HBM/floor | XLA/floor | kernels | host-synced loops | per layer: XLA | HBM | on-chip | floor | HBM/floor |",
+        "|" + " --- |" * 14,
     ]
     for r in result["rows"]:
         p = r["per_layer"]
         xla_ratio = "—" if r["xla_over_floor"] is None else f"{r['xla_over_floor']:.2f}"
         lines.append(
             f"| {r['variant']} | {r['batch']} | {mib(r['xla_bytes_accessed'])} | {mib(r['hbm_bytes'])} | "
-            f"{mib(r['floor_bytes'])} | {r['hbm_over_floor']:.3f} | {xla_ratio} | {r['kernels']} | "
+            f"{mib(r['floor_bytes'])} | {r['hbm_over_floor']:.3f} | {xla_ratio} | {r['kernels']} | {r['host_synced_loops']} | "
             f"{mib(p['xla_bytes_accessed'])} | {mib(p['hbm_bytes'])} | {mib(p['on_chip_operand_bytes'])} | "
             f"{mib(p['floor_bytes'])} | {p['hbm_over_floor']:.3f} |"
         )
