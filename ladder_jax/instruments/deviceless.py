@@ -20,7 +20,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 from jax.experimental import topologies
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from .. import accelerators, decode
 from ..attention import DECODE_KEY_BLOCK
@@ -376,6 +376,27 @@ def paged_step_hlo(
     of `pages` pages, compiled for the mesh's devices (abstract arguments)."""
     args = decode.abstract_paged_step_args(cfg, mesh, batch, pages, page_size, width)
     return decode.paged_step_fn(cfg, mesh).lower(*args).compile(compiler_options=compiler_options).as_text()
+
+
+def prefill_hlo(cfg: ModelConfig, mesh: Mesh, batch: int, prompt_len: int, cache_len: int) -> str:
+    """Scheduled HLO of `decode.prefill_fn`: `batch` prompts of `prompt_len` tokens into a cache
+    of `cache_len` positions (abstract arguments)."""
+    params, per_row, _, _ = decode.abstract_step_args(cfg, mesh, batch, cache_len)
+    tokens = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=NamedSharding(mesh, decode.ROWS_BY_SEQ))
+    return decode.prefill_fn(cfg, mesh, cache_len).lower(params, tokens, per_row).compile().as_text()
+
+
+def paged_prefill_hlo(
+    cfg: ModelConfig, mesh: Mesh, batch: int, chunk: int, pages: int, page_size: int, width: int
+) -> str:
+    """Scheduled HLO of the serving engine's prefill of a `chunk`-token chunk per row
+    (`decode.paged_prefill_fn`) over pools of `pages` pages (abstract arguments)."""
+    params, per_row, _, pools, table, *sampling = decode.abstract_paged_step_args(
+        cfg, mesh, batch, pages, page_size, width
+    )
+    tokens = jax.ShapeDtypeStruct((batch, chunk), jnp.int32, sharding=NamedSharding(mesh, decode.ROWS_BY_SEQ))
+    fn = decode.paged_prefill_fn(cfg, mesh)
+    return fn.lower(params, tokens, tokens, pools, table, per_row, *sampling).compile().as_text()
 
 
 def train_hlo(
