@@ -46,7 +46,7 @@ class Stream:
             x = x + y
         return Stream(x)
 
-    def settle_after(self, y: jax.Array) -> tuple["Stream", jax.Array]:
+    def settle_after(self, y: jax.Array, tie_first: bool = False) -> tuple["Stream", jax.Array]:
         """Add the pending outputs once this module's output `y` exists (ladder).
 
         The module read `x` without them, so their all-reduces can run while it computes. The
@@ -60,13 +60,16 @@ class Stream:
         is then read only once `y`'s gradient is reduced, so XLA:TPU cannot run that all-reduce
         in place after the next module's whole backward, synchronously (docs/training.md, "The
         backward pass's all-reduces"). Returns the stream and `y` to reduce. The first module of
-        a stream has nothing to add, but the next module still waits for its output: else it may
-        run first, and this output's all-reduce has nothing to hide behind (XLA:GPU's A100
-        schedule did that with layer 0 at batch 1).
+        a stream has nothing to add; with `tie_first` (a step over a KV cache) the next module
+        still waits for its output: else it may run first, and this output's all-reduce has
+        nothing to hide behind (XLA:GPU's A100 schedule did that with layer 0 at batch 1). Not in
+        training: in the backward that tie cost XLA:TPU the overlap of two gradient all-reduces.
         """
         if not self.pending:
-            x, y = jax.lax.optimization_barrier((self.x, y))
-            return replace(self, x=x), y
+            if tie_first:
+                x, y = jax.lax.optimization_barrier((self.x, y))
+                return replace(self, x=x), y
+            return self, y
         base = self.late[0] if self.late else self.x
         x, settle, y = jax.lax.optimization_barrier((base, self.pending, y))
         for p in settle:
@@ -130,7 +133,7 @@ def _module(s: Stream, f, reduce, ladder: bool, defer: Callable | None = None):
         s = s.read()
     y, kv = f(s.x)
     if ladder:
-        s, y = s.settle_after(y)
+        s, y = s.settle_after(y, tie_first=kv is not None)
     return (s.push(reduce(y)) if defer is None else s.defer(defer(y))), kv
 
 
