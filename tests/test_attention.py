@@ -149,31 +149,46 @@ def test_paged_decode_attention_reads_each_rows_pages_in_table_order(reads):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
 
 
+def _paged_kernel_case(seed, hd, page, pages, width, positions):
+    """(q, bfloat16 pools (K, pages, page, hd), table (B, W)) of rows at `positions` whose pages
+    lie in a random order, "no page" (the pool's size) past each row's position; the last row
+    idle, with no pages at all."""
+    r = np.random.default_rng(seed)
+    b, kv, g = len(positions), 2, 2
+    q = jnp.asarray(r.normal(size=(b, 1, kv, g, hd)), jnp.float32)
+    pool_k, pool_v = (jnp.asarray(r.normal(size=(kv, pages, page, hd)), jnp.bfloat16) for _ in range(2))
+    table = np.stack([r.permutation(pages)[:width] for _ in range(b)]).astype(np.int32)
+    table = np.where(np.arange(width)[None] <= np.asarray(positions)[:, None] // page, table, pages)
+    table[-1] = pages
+    return q, pool_k, pool_v, table
+
+
+def _check_paged_kernel(got, q, pool_k, pool_v, table, positions, **tolerance):
+    """Each row but the idle last one against a NumPy softmax over its pages' keys up to its
+    position; the idle row finite."""
+    pages, hd = pool_k.shape[1], q.shape[-1]
+    kn, vn = (np.asarray(p.astype(jnp.float32), np.float64) for p in (pool_k, pool_v))
+    for row in range(len(positions) - 1):
+        keys = np.concatenate([kn[:, i] for i in table[row] if i < pages], axis=1)[:, : positions[row] + 1]
+        values = np.concatenate([vn[:, i] for i in table[row] if i < pages], axis=1)[:, : positions[row] + 1]
+        sc = np.einsum("kgd,ktd->kgt", np.asarray(q[row, 0], np.float64), keys) / np.sqrt(hd)
+        w = np.exp(sc - sc.max(-1, keepdims=True))
+        want = np.einsum("kgt,ktd->kgd", w / w.sum(-1, keepdims=True), values)
+        np.testing.assert_allclose(got[row, 0], want, **tolerance)
+    assert np.isfinite(got[-1]).all()
+
+
 def test_the_tpu_paged_kernel_reads_each_rows_pages_up_to_its_position_in_interpret_mode():
     # JAX's Pallas TPU paged-attention kernel as the decode step calls it (q scaled and grouped,
     # lengths = position + 1, "no page" ids clamped into the pool), run by Pallas' TPU interpreter
     # on a bfloat16 pool (the kernel reads keys and values as bfloat16), against NumPy.
     from jax.experimental.pallas import tpu as pltpu
 
-    r = np.random.default_rng(5)
-    b, kv, g, hd, page, pages, width = 4, 2, 2, 128, 8, 20, 5
-    q = jnp.asarray(r.normal(size=(b, 1, kv, g, hd)), jnp.float32)
-    pool_k, pool_v = (jnp.asarray(r.normal(size=(kv, pages, page, hd)), jnp.bfloat16) for _ in range(2))
-    positions = np.array([3, 17, 39, 0], np.int32)  # the last row idle: no pages at all
-    table = r.permutation(pages)[: b * width].reshape(b, width).astype(np.int32)
-    table = np.where(np.arange(width)[None] <= positions[:, None] // page, table, pages)
-    table[3] = pages
+    positions = np.array([3, 17, 39, 0], np.int32)
+    q, pool_k, pool_v, table = _paged_kernel_case(5, hd=128, page=8, pages=20, width=5, positions=positions)
     with pltpu.force_tpu_interpret_mode():
         got = np.asarray(A.tpu_paged_decode(q, pool_k, pool_v, jnp.asarray(table), jnp.asarray(positions), jnp.float32))
-    kn, vn = (np.asarray(p.astype(jnp.float32), np.float64) for p in (pool_k, pool_v))
-    for row in range(3):
-        keys = np.concatenate([kn[:, i] for i in table[row] if i < pages], axis=1)[:, : positions[row] + 1]
-        values = np.concatenate([vn[:, i] for i in table[row] if i < pages], axis=1)[:, : positions[row] + 1]
-        sc = np.einsum("kgd,ktd->kgt", np.asarray(q[row, 0], np.float64), keys) / np.sqrt(hd)
-        w = np.exp(sc - sc.max(-1, keepdims=True))
-        want = np.einsum("kgt,ktd->kgd", w / w.sum(-1, keepdims=True), values)
-        np.testing.assert_allclose(got[row, 0], want, atol=2e-6)
-    assert np.isfinite(got[3]).all()
+    _check_paged_kernel(got, q, pool_k, pool_v, table, positions, atol=2e-6)
 
 
 def test_the_gpu_paged_kernel_reads_each_rows_pages_up_to_its_position_in_interpret_mode():
@@ -181,28 +196,14 @@ def test_the_gpu_paged_kernel_reads_each_rows_pages_up_to_its_position_in_interp
     # the pool's dtype, lengths = position + 1, "no page" ids clamped into the pool), run by
     # Pallas' interpreter on CPU, against NumPy. A table of 32 pages: 16 partitions of 2 pages,
     # one compute block each, so rows 1 and 2 end in a block whose second page is "no page".
-    r = np.random.default_rng(6)
-    b, kv, g, hd, page, pages, width = 4, 2, 2, 16, 16, 40, 32
-    q = jnp.asarray(r.normal(size=(b, 1, kv, g, hd)), jnp.float32)
-    pool_k, pool_v = (jnp.asarray(r.normal(size=(kv, pages, page, hd)), jnp.bfloat16) for _ in range(2))
-    positions = np.array([3, 40, 200, 0], np.int32)  # the last row idle: no pages at all
-    table = np.stack([r.permutation(pages)[:width] for _ in range(b)]).astype(np.int32)
-    table = np.where(np.arange(width)[None] <= positions[:, None] // page, table, pages)
-    table[3] = pages
+    positions = np.array([3, 40, 200, 0], np.int32)
+    q, pool_k, pool_v, table = _paged_kernel_case(6, hd=16, page=16, pages=40, width=32, positions=positions)
     got = np.asarray(
         A.gpu_paged_decode(q, pool_k, pool_v, jnp.asarray(table), jnp.asarray(positions), jnp.float32, interpret=True)
     )
-    kn, vn = (np.asarray(p.astype(jnp.float32), np.float64) for p in (pool_k, pool_v))
-    for row in range(3):
-        keys = np.concatenate([kn[:, i] for i in table[row] if i < pages], axis=1)[:, : positions[row] + 1]
-        values = np.concatenate([vn[:, i] for i in table[row] if i < pages], axis=1)[:, : positions[row] + 1]
-        sc = np.einsum("kgd,ktd->kgt", np.asarray(q[row, 0], np.float64), keys) / np.sqrt(hd)
-        w = np.exp(sc - sc.max(-1, keepdims=True))
-        want = np.einsum("kgt,ktd->kgd", w / w.sum(-1, keepdims=True), values)
-        # The partitions' outputs, their combination and the result are bfloat16: about one
-        # bfloat16 ulp of each value (2**-7 relative), less than 2**-8 where values cancel.
-        np.testing.assert_allclose(got[row, 0], want, rtol=2**-7, atol=2**-8)
-    assert np.isfinite(got[3]).all()
+    # The partitions' outputs, their combination and the result are bfloat16: about one bfloat16
+    # ulp of each value (2**-7 relative), less than 2**-8 where values cancel.
+    _check_paged_kernel(got, q, pool_k, pool_v, table, positions, rtol=2**-7, atol=2**-8)
 
 
 def test_paged_kernel_picks_the_triton_kernel_on_gpu_where_its_blocks_fit(monkeypatch):
