@@ -20,13 +20,15 @@ from .config import ModelConfig, dtype_of
 
 
 def _param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
-    return nnx.Param(jax.random.normal(rngs.params(), shape, dtype) * std, axes=axes)
+    # `init`: how model.init_params creates the parameter (leaf by leaf; a module is only ever
+    # built abstractly, for shapes and metadata)
+    return nnx.Param(jax.random.normal(rngs.params(), shape, dtype) * std, axes=axes, init=("normal", std))
 
 
 class RMSNorm(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.eps = cfg.norm_eps
-        self.scale = nnx.Param(jnp.ones((cfg.d_model,), dtype_of(cfg.param_dtype)), axes=("embed",))
+        self.scale = nnx.Param(jnp.ones((cfg.d_model,), dtype_of(cfg.param_dtype)), axes=("embed",), init=("ones",))
 
     @jax.named_scope("norm")  # profiles and HLO dumps name the module
     def __call__(self, x, scale=None):

@@ -72,14 +72,12 @@ def param_bytes_per_device(cfg, mesh: Mesh) -> int:
 
 
 def init_bytes_per_device(cfg, mesh: Mesh) -> int:
-    """Peak bytes per device while `model.init_params` creates random parameters: XLA's count for
-    the compiled program (compiled here, and cached for init_params), else the parameter bytes."""
-    params = param_bytes_per_device(cfg, mesh)
-    analysis = M.init_program(cfg, mesh).memory_analysis()
-    if analysis is None:
-        return params
-    peak = analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
-    return max(params, peak)
+    """Peak bytes per device while `model.init_params` creates random parameters, leaf by leaf:
+    the parameters plus the largest temporaries XLA counts for one leaf's program (compiled here,
+    and cached for init_params)."""
+    analyses = [p.memory_analysis() for p in M.init_compiled(cfg, mesh)]
+    temps = [a.temp_size_in_bytes for a in analyses if a is not None]
+    return param_bytes_per_device(cfg, mesh) + max(temps, default=0)
 
 
 def _local_devices(mesh: Mesh) -> list:

@@ -43,7 +43,7 @@ def test_sweep_picks_the_placement_the_reference_finds_better_and_suggests_withi
         for a, schedules in ((0, ["lp", "lp", "standard"]), (1, ["standard", "lp", "lp"]))
     }
     better = min(costs, key=costs.get)
-    assert abs(costs["standard,lp@0:2"] - costs["standard,lp@1:3"]) > 0.05  # a clear choice, not rounding
+    assert abs(costs["standard,lp@0:2"] - costs["standard,lp@1:3"]) > 0.02  # a clear choice (float rounding: 1e-6)
     argv = ["lp", "sweep", "--checkpoint", str(run), "--max-delta", "2", "--prompts", "2", "--gen-tokens", "8"]
     assert main(argv) == 0  # the default budget: perplexity may grow by 5%
     report = json.loads((run / "lp_sweep.json").read_text())
