@@ -244,3 +244,24 @@ def test_split_lp_layout_refuses_odd_tensor_axes_and_training(devices):
 
     with pytest.raises(ConfigError, match="lp sweep works on each layer's own parameters"):
         require_shared_layout(cfg, "lp sweep")
+
+
+def test_one_token_projections_compiled_for_gpu_keep_their_values():
+    # layers._gemm_rows: compiled for GPU a one-token product gets a second row of zeros (XLA:GPU
+    # then keeps it a GEMM); the first row of each product is what the single row gives.
+    from flax import nnx
+
+    from ladder_jax import attention, layers
+
+    cfg = small_config().model
+    x = jax.random.normal(jax.random.key(1), (1, 1, cfg.d_model))
+    mlp = layers.MLP(cfg, rngs=nnx.Rngs(0))
+    attn = layers.Attention(cfg, rngs=nnx.Rngs(0))
+    rope = layers.rope_tables(jnp.zeros((1, 1), jnp.int32), rope_frequencies(cfg))
+    run = lambda: (mlp(x), attn(x, rope, jnp.zeros((1, 1), jnp.int32))[0])  # noqa: E731
+    here = run()
+    with attention.compiling_for("gpu"):
+        assert layers._gemm_rows(x)[0].shape == (2, 1, cfg.d_model)
+        gpu = run()
+    for a, b in zip(here, gpu):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-6)
