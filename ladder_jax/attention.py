@@ -29,10 +29,12 @@ for a chunk of a prompt or one new token per row. Compiled for GPU, both read th
 instead, masked, in a loop of fixed trip count (`reads_whole_cache`): XLA:GPU's runtime copies a
 loop's condition to the host and waits for the device at every iteration of a loop whose trip
 count it does not know, and a decode step's few hundred such waits cost more than the keys
-past the position (the dense cache reads it in one block, no loop at all). A decode step compiled for TPU runs JAX's
-Pallas paged-attention kernel instead (`paged_decode_attention`) where `model.attention` allows
-kernels (auto, splash) and the shapes suit it (head_dim a multiple of 128, pages of a multiple of
-8 positions); it has no interpret mode, so it runs on a TPU or in a deviceless TPU compile only.
+past the position (the dense cache reads it in one block, no loop at all).
+
+A decode step compiled for TPU runs JAX's Pallas paged-attention kernel instead
+(`paged_decode_attention`) where `model.attention` allows kernels (auto, splash) and the shapes
+suit it (head_dim a multiple of 128, pages of a multiple of 8 positions); it has no interpret
+mode, so it runs on a TPU or in a deviceless TPU compile only.
 Compiled for GPU (auto, triton) the decode step runs JAX's Pallas Triton paged-attention kernel
 where its blocks are powers of two that fit (`paged_kernel`): it reads each row's pages up to its
 position and skips the rest on the device, with no loop whose trip count the host must fetch.
@@ -409,9 +411,8 @@ def paged_kernel(requested: str, platform: str, page_size: int, head_dim: int, d
     minimum on NVIDIA: head_dim for the scores, a block's positions, one page or more, for the
     values; smaller ones compile here, their values unchecked) and a page of keys within
     TRITON_PAGED_TILE_BYTES."""
-    dtype = jnp.dtype(dtype)
+    dtype, reason = jnp.dtype(dtype), None
     if platform == "tpu" and requested in ("auto", "splash"):
-        reason = None
         if dtype != jnp.bfloat16:
             reason = f"the TPU paged-attention kernel reads the cache as bfloat16, and it is {dtype.name}"
         elif head_dim % 128:
@@ -419,7 +420,6 @@ def paged_kernel(requested: str, platform: str, page_size: int, head_dim: int, d
         elif page_size % 8:
             reason = f"the TPU paged-attention kernel needs pages of a multiple of 8 positions, got {page_size}"
     elif platform == "gpu" and requested in ("auto", "triton"):
-        reason = None
         if dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
             reason = (
                 f"the Triton paged-attention kernel runs for a bfloat16, float16 or float32 cache, not {dtype.name}"
@@ -450,7 +450,7 @@ def tpu_paged_decode(q, k_pages, v_pages, page_table, positions, dtype, block: i
     b, _, kv, g, hd = q.shape
     n_pages, page_size = k_pages.shape[1:3]
     width = page_table.shape[1]
-    per_block = max(d for d in range(1, max(1, block // page_size) + 1) if width % d == 0)
+    per_block = _largest_divisor(width, block // page_size)
     scaled = (q[:, 0].astype(jnp.float32) / math.sqrt(hd)).reshape(b, kv * g, hd)  # the kernel does not scale
     out = tpu_paged_attention(
         scaled,
@@ -461,6 +461,11 @@ def tpu_paged_decode(q, k_pages, v_pages, page_table, positions, dtype, block: i
         pages_per_compute_block=per_block,
     )
     return out.reshape(b, 1, kv, g, hd).astype(dtype)
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    """The largest divisor of n not above at_most (at least 1)."""
+    return max(d for d in range(1, max(1, min(at_most, n)) + 1) if n % d == 0)
 
 
 def gpu_paged_decode(
@@ -478,7 +483,7 @@ def gpu_paged_decode(
     width = page_table.shape[1]
     # As many partitions as the width allows, up to the kernel's default of 16: a long cache is
     # read by 16 programs per row and head; a partition past a row's length costs next to nothing.
-    splits = max(d for d in range(1, min(16, width) + 1) if width % d == 0)
+    splits = _largest_divisor(width, 16)
     per_split = width // splits
     # Pages per compute block: a power of two (Triton's block shapes) that divides the partition,
     # up to `block` positions and TRITON_PAGED_TILE_BYTES of keys.
