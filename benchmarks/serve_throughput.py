@@ -23,9 +23,12 @@ decode.generate to the next power of two of their longest request). Each reports
 time to first token and the gaps between a request's tokens (p50/p99) and output tokens/s.
 Every compile happens before the clock starts. `--capacity` instead fills a KV cache of 8 x 1024
 positions with requests of 64-256 tokens and counts how many run at once, paged against fixed slots.
+`--host-time` times the host's share of each decode step (`Engine._dispatch`) with --slots rows
+decoding, this checkout's engine against the one at --before-rev.
 
     python benchmarks/serve_throughput.py --rates 2,4,8 --requests 48 --concurrency 8 mesh.tensor=2
     python benchmarks/serve_throughput.py --capacity
+    python benchmarks/serve_throughput.py --host-time --slots 16 --max-tokens 200 mesh.tensor=1
 """
 
 from __future__ import annotations
@@ -59,6 +62,10 @@ def parse_args(argv=None):
     ap.add_argument("--rates", help="arrival mode: comma-separated Poisson arrival rates, requests per second")
     ap.add_argument("--fixed-rev", default="2c98a95", help="the git revision of the fixed-slot engine measured beside")
     ap.add_argument("--capacity", action="store_true", help="requests running at once at a fixed KV budget")
+    ap.add_argument("--host-time", action="store_true", help="host milliseconds per decode step, against --before-rev")
+    ap.add_argument(
+        "--before-rev", default="8807b50", help="the git revision of the engine --host-time measures beside"
+    )
     return ap.parse_intermixed_args(argv)
 
 
@@ -132,17 +139,22 @@ def arrival_workload(n: int, max_tokens: int, vocab: int, rate: float, seed: int
 
 
 def fixed_slot_engine_module(rev: str):
-    """The fixed-slot engine as it was at `rev` (git), imported as ladder_jax.engine_fixed_slots
-    so that its relative imports find today's package."""
+    """The fixed-slot engine as it was at `rev` (git)."""
+    return engine_module_at(rev, "engine_fixed_slots")
+
+
+def engine_module_at(rev: str, name: str):
+    """ladder_jax/engine.py as it was at `rev` (git), imported as ladder_jax.`name` so that its
+    relative imports find today's package."""
     import ladder_jax
 
     root = Path(ladder_jax.__file__).resolve().parents[1]
     source = subprocess.run(
         ["git", "-C", str(root), "show", f"{rev}:ladder_jax/engine.py"], capture_output=True, text=True, check=True
     ).stdout
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"engine_fixed_slots_{rev}.py"
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"{name}_{rev}.py"
     path.write_text(source)
-    spec = importlib.util.spec_from_file_location("ladder_jax.engine_fixed_slots", path)
+    spec = importlib.util.spec_from_file_location(f"ladder_jax.{name}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -307,9 +319,60 @@ def capacity_mode(args, mesh, cfg, params) -> list[dict]:
     return rows
 
 
+def host_time_mode(args, mesh, cfg, params, rounds: int = 3) -> list[dict]:
+    """--slots requests of 20-token prompts decoding together, --max-tokens each: the host's
+    milliseconds per decode step in `Engine._dispatch` (what a device step must outlast for the
+    device never to wait on the host) and per whole engine step, this checkout's engine against
+    the one at --before-rev, in alternating rounds (the medians over all rounds' steps)."""
+    from ladder_jax import decode
+    from ladder_jax import engine as now
+
+    m = cfg.model
+    modules = {"this checkout": now, f"at {args.before_rev}": engine_module_at(args.before_rev, "engine_before")}
+    rng = np.random.default_rng(args.seed)
+    prompts = [rng.integers(3, m.vocab_size, 20).tolist() for _ in range(args.slots)]
+    cache_len = decode.bucket_length(20, m.max_seq_len) + args.max_tokens
+    engines = {name: module.Engine(m, mesh, params, args.slots, cache_len) for name, module in modules.items()}
+    times = {name: ([], []) for name in modules}
+    for engine in engines.values():
+        engine.precompile()
+    for _ in range(rounds):
+        for name, engine in engines.items():
+            requests = [engine.submit(modules[name].Request(p, args.max_tokens)) for p in prompts]
+            while not engine.decoding.all():
+                engine.step()
+            dispatch, step = engine._dispatch, times[name]
+
+            def timed(dispatch=dispatch, into=step[0]):
+                start = time.perf_counter()
+                dispatch()
+                into.append(time.perf_counter() - start)
+
+            engine._dispatch = timed
+            while not any(r.done.is_set() for r in requests):
+                start = time.perf_counter()
+                engine.step()
+                step[1].append(time.perf_counter() - start)
+            engine._dispatch = dispatch
+            while not all(r.done.is_set() for r in requests):  # (not `run`: the engine before resubmits)
+                engine.step()
+    rows = []
+    for name, (dispatch, step) in times.items():
+        rows.append(
+            {
+                "engine": name,
+                "steps": len(step),
+                "dispatch_ms": 1e3 * float(np.median(dispatch)),
+                "step_ms": 1e3 * float(np.median(step)),
+            }
+        )
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.rates or args.capacity:
+    if args.rates or args.capacity or args.host_time:
         return main_arrivals(args)
     from ladder_jax.mesh import init_runtime
 
@@ -394,7 +457,18 @@ def main_arrivals(args) -> int:
     load = os.getloadavg()[0]
     device = mesh.devices.flat[0]
     where = f"{args.config} ({plan}), mesh data=1 x tensor={mesh.shape['tensor']} on {device.device_kind}"
-    if args.capacity:
+    if args.host_time:
+        rows = host_time_mode(args, mesh, cfg, params)
+        print(
+            f"\n{args.slots} requests decoding together (20-token prompts, {args.max_tokens} new tokens each), 3 rounds; {where}; "
+            f"load average {load:.2f} before, {os.getloadavg()[0]:.2f} after\n"
+        )
+        print(
+            "| engine | steps timed | host ms in dispatch (median) | ms per engine step (median) |\n| --- | --- | --- | --- |"
+        )
+        for r in rows:
+            print(f"| {r['engine']} | {r['steps']} | {r['dispatch_ms']:.3f} | {r['step_ms']:.3f} |")
+    elif args.capacity:
         rows = capacity_mode(args, mesh, cfg, params)
         print(
             f"\n64 requests of 64-256 tokens at once, a KV budget of 8 x 1024 positions; {where}; load average {load:.2f} before, {os.getloadavg()[0]:.2f} after\n"

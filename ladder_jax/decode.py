@@ -389,17 +389,18 @@ def step_fn(cfg: ModelConfig, mesh: Mesh, sample: bool = False, logprobs: int = 
 @functools.lru_cache(maxsize=32)
 def paged_step_fn(cfg: ModelConfig, mesh: Mesh, logprobs: int = 0):
     """`step_fn` (sampled) over a paged KV cache: jit(params, tokens (B,), positions (B,), pages,
-    page_table (B, W), temperature, top_k, top_p, seed) -> (next tokens, positions + 1, pages[,
+    page_table (B, W), temperature, top_k, top_p, seed) -> (next tokens, next positions, pages[,
     logprobs]). pages: per layer (k, v) pools of (pages, page_size, kv slots, head_dim), the pages
     over `data` (each data shard a pool of its own, which its rows' page ids index) and the kv
     slots over `tensor`, as the dense cache's rows and slots (`model.PAGES_SPEC`). The pools are
-    donated."""
+    donated. A row at position 0 is idle (a decoding row is past its prompt's first token) and
+    stays there; the others move on by one, so the outputs feed the next step as they are."""
 
     def body(model, tokens, positions, pages, page_table, *sampling):
         logits, pages = model(tokens[:, None], positions[:, None], cache=pages, page_table=page_table)
         new = next_tokens(logits[:, 0], positions + 1, sampling)
         extra = (vocab_parallel_logprobs(logits[:, 0], new, logprobs),) if logprobs else ()
-        return new, positions + 1, pages, *extra
+        return new, jnp.where(positions > 0, positions + 1, 0), pages, *extra
 
     specs = M.page_specs(cfg)
     in_specs = (ROWS, ROWS, specs, ROWS_BY_SEQ, *sampling_specs(True))

@@ -154,10 +154,27 @@ def page_keys(prompt: Sequence[int], page_size: int) -> list[bytes]:
 
 
 @functools.lru_cache(maxsize=8)
-def merge_fn(sharding: NamedSharding):
-    """jit(device tokens, host_set, host tokens) -> the host's tokens where it set them. Its output
-    has one sharding whatever the inputs' spelling of it, so the step compiles once."""
-    return jax.jit(lambda device, host_set, host: jnp.where(host_set, host, device), out_shardings=sharding)
+def merge_fn(mesh: Mesh):
+    """jit(tokens (B,), positions (B,) on the device, host (B, 3): set, token, position) -> the
+    device's tokens and positions, the host's in the rows it set. A shard_map, as the decode step
+    is: its outputs are spelled with the step's outputs' sharding, so either feeds the step and
+    the step compiles once."""
+
+    def merge(tokens, positions, host):
+        keep = host[:, 0] == 0
+        return jnp.where(keep, tokens, host[:, 1]), jnp.where(keep, positions, host[:, 2])
+
+    return jax.jit(jax.shard_map(merge, mesh=mesh, in_specs=(ROWS, ROWS, ROWS_BY_SEQ), out_specs=(ROWS, ROWS)))
+
+
+@functools.lru_cache(maxsize=8)
+def rows_fn(mesh: Mesh, rows: int):
+    """jit() -> (tokens, positions) of `rows` rows on the device, zeros (the host sets them all),
+    made by a shard_map for the same reason as `merge_fn`'s outputs."""
+    local = rows // batch_shards(mesh)
+    return jax.jit(
+        jax.shard_map(lambda: (jnp.zeros(local, jnp.int32),) * 2, mesh=mesh, in_specs=(), out_specs=(ROWS, ROWS))
+    )
 
 
 def _floor_pow2(n: int) -> int:
@@ -235,8 +252,9 @@ class Engine:
         self.sampling = [GREEDY] * self.slots
         self.waiting: queue.Queue[list[Request] | None] = queue.Queue()  # groups of samples of one prompt
         self.held: list[Request] = []  # the next group, until it has a row and its pages per sample
-        self.host_set = np.zeros(self.slots, bool)  # rows whose next input token the host set
-        self.last_new = None  # the last step's tokens, on the device
+        self.host_set = np.zeros(self.slots, bool)  # rows whose next token and position the host set
+        self._reset_rows()  # last_new, last_positions: the next step's tokens and positions, on the device
+        self.sent: dict[str, tuple[np.ndarray, jax.Array]] = {}  # `_sent`: the last copy of each input
         # Steps dispatched and not yet read. XLA:CPU with fake devices deadlocks with more than
         # one in flight (decode.generate); an accelerator gets the next step queued while the
         # host reads this one.
@@ -286,11 +304,10 @@ class Engine:
             return (ints((n,), rows, jnp.float32), ints((n,), rows), ints((n,), rows, jnp.float32), ints((n,), rows))
 
         n, w = self.slots, self.table_width
-        merge_fn(rows).lower(ints((n,), rows), ints((n,), rows, bool), ints((n,), rows)).compile()
+        device_rows = (self.last_new, self.last_positions)  # spelled as the step's outputs are
+        merge_fn(self.mesh).lower(*device_rows, ints((n, 3), by_row)).compile()
         step = decode.paged_step_fn(self.cfg, self.mesh, MAX_LOGPROBS)
-        step.lower(
-            self.params, ints((n,), rows), ints((n,), rows), self.pages, ints((n, w), by_row), *sampling(n)
-        ).compile()
+        step.lower(self.params, *device_rows, self.pages, ints((n, w), by_row), *sampling(n)).compile()
         prefill = decode.paged_prefill_fn(self.cfg, self.mesh, MAX_LOGPROBS)
         for per_shard, chunk in self.prefill_shapes():
             n = per_shard * self.data
@@ -372,6 +389,8 @@ class Engine:
 
     def check(self, request: Request) -> Request:
         """Raise DecodeError (one line) for a request this engine cannot serve; return it."""
+        if request.rid != -1:
+            raise DecodeError("this Request was submitted already; submit a new Request (each holds its own tokens)")
         decode.check_request(self.cfg, [request.prompt], request.max_new_tokens)
         request.sampling.check(self.cfg.vocab_size)
         if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
@@ -400,6 +419,8 @@ class Engine:
             raise DecodeError(
                 f"{len(group)} samples of one prompt but the engine has {self.slots} slots; ask for fewer"
             )
+        if len({id(r) for r in group}) < len(group):
+            raise DecodeError("a group holds one Request twice; give each sample a Request of its own")
         if any(list(r.prompt) != list(group[0].prompt) for r in group):
             raise DecodeError("the samples of a group must share one prompt")
         if self._place(group, [self.shard_pages] * self.data, list(range(self.slots)), lookup=False) is None:
@@ -439,15 +460,17 @@ class Engine:
             except Exception:
                 log.exception("engine step failed")
                 self.in_flight.clear()
-                self.last_new = None
+                self._reset_rows()  # (the last step's outputs may hold its error)
                 for slot, r in enumerate(self.active):
                     if r is not None:
                         self._finish(slot, "error")
 
     def run(self, requests: Sequence[Request]) -> list[Request]:
-        """Submit `requests` and step until all are done (a helper for tests and benchmarks)."""
+        """Submit those of `requests` not submitted yet and step until all are done (a helper for
+        tests and benchmarks)."""
         for r in requests:
-            self.submit(r)
+            if r.rid == -1:
+                self.submit(r)
         while not all(r.done.is_set() for r in requests):
             self.step()
         while self.in_flight:  # steps past the last token: nothing of theirs is delivered
@@ -508,34 +531,50 @@ class Engine:
         self.ended = message["end"]
 
     def _dispatch(self) -> None:
-        """Queue a decode step. Its input tokens are the previous step's output on the device,
-        except in rows the host set since (a new request, a freed slot): the host does not wait
-        for a step's tokens to send the next."""
+        """Queue a decode step. Its tokens and positions are the previous step's outputs, on the
+        device, except in rows the host set since (a new request, a freed slot); the page table
+        and the sampling inputs go to the device when they change. So the host does not wait for
+        a step's tokens to send the next, and a step of the same rows within their pages sends
+        nothing (each copy is a transfer and a launch on an accelerator, host time per token)."""
         per_shard = self.slots // self.data
         for slot in np.flatnonzero(self.decoding):  # a page for the position this step writes
             page = self.positions[slot] // self.page_size
             if page < self.table_width and self.table[slot, page] == self.shard_pages:
                 self._take_page(slot, slot // per_shard)
-        per_row = decode.sampling_arrays(self.sampling)
-        rows = NamedSharding(self.mesh, ROWS)
-        # Copies: XLA:CPU may alias a NumPy array it is given, and these change before the step runs.
-        tokens = jax.device_put(self.tokens.copy(), rows)
-        last = tokens if self.last_new is None else self.last_new  # (one program, so one step compile)
-        tokens = merge_fn(rows)(last, jax.device_put(self.host_set.copy(), rows), tokens)
+        rows, by_row = NamedSharding(self.mesh, ROWS), NamedSharding(self.mesh, ROWS_BY_SEQ)
+        tokens, positions = self.last_new, self.last_positions
+        if self.host_set.any():
+            host = np.stack([self.host_set, self.tokens, self.positions], axis=1).astype(np.int32)
+            tokens, positions = merge_fn(self.mesh)(tokens, positions, jax.device_put(host, by_row))
         table = np.where(self.decoding[:, None], self.table, self.shard_pages)  # prefilling rows write nothing
-        new, _, self.pages, logprobs = decode.paged_step_fn(self.cfg, self.mesh, MAX_LOGPROBS)(
+        sampling = decode.sampling_arrays(self.sampling)
+        new, self.last_positions, self.pages, logprobs = decode.paged_step_fn(self.cfg, self.mesh, MAX_LOGPROBS)(
             self.params,
             tokens,
-            jax.device_put(self.positions.copy(), rows),
+            positions,
             self.pages,
-            jax.device_put(table, NamedSharding(self.mesh, ROWS_BY_SEQ)),
-            *(jax.device_put(a, rows) for a in per_row),
+            self._sent("table", table, by_row),
+            *(self._sent(f"sampling{i}", a, rows) for i, a in enumerate(sampling)),
         )
         self.steps += 1
         self.last_new = new
         self.host_set[:] = False
         self.in_flight.append((new, logprobs, [r if d else None for r, d in zip(self.active, self.decoding)]))
-        self.positions[self.decoding] += 1
+        self.positions[self.decoding] += 1  # as the step moves them: rows past position 0
+
+    def _sent(self, name: str, host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+        """`host` on the devices: the copy sent last under `name` if it holds the same values,
+        else a new one (of a copy: XLA:CPU may alias the NumPy array it is given)."""
+        last = self.sent.get(name)
+        if last is None or not np.array_equal(last[0], host):
+            host = host.copy()
+            last = self.sent[name] = (host, jax.device_put(host, sharding))
+        return last[1]
+
+    def _reset_rows(self) -> None:
+        """Every row's next token and position on the device made afresh, set from the host's."""
+        self.last_new, self.last_positions = rows_fn(self.mesh, self.slots)()
+        self.host_set[:] = True
 
     def _read(self, dispatched) -> None:
         """Deliver a step's tokens to the requests that were in its rows and still are."""

@@ -2,6 +2,7 @@
 arriving while others decode get the tokens they get alone, and nothing recompiles."""
 
 import dataclasses
+import threading
 
 import jax
 import numpy as np
@@ -71,6 +72,11 @@ def test_stops_cancels_and_bad_requests(engine):
     assert "\n" not in str(e.value)
     with pytest.raises(decode.DecodeError, match="temperature=-1"):
         engine.submit(Request(PROMPTS[1], 3, Sampling(temperature=-1)))
+    with pytest.raises(decode.DecodeError, match="submitted already; submit a new Request"):
+        engine.submit(stopped)  # its tokens would be mixed with a second run's
+    twice = Request(PROMPTS[1], 3)
+    with pytest.raises(decode.DecodeError, match="one Request twice"):
+        engine.submit_group([twice, twice])
     assert jax.device_count() == 8
 
 
@@ -353,3 +359,47 @@ def test_after_precompile_requests_of_any_length_and_batch_compile_nothing(compi
     requests = [Request(rng.integers(0, 256, n).tolist(), 4) for n in (3, 20, 9, 16, 1)]
     engine.run(requests)
     assert compiles[compiled:] == [] and all(len(r.tokens) == 4 for r in requests)
+
+
+def test_a_step_of_the_same_rows_within_their_pages_sends_nothing_to_the_device(devices):
+    engine = small_engine("standard")  # pages of 8 positions
+    short, long = engine.submit(Request([256, 7], 3)), engine.submit(Request([256, 8, 9], 9))
+    engine.step()  # both prefilled in one call, then a decode step that sends their rows
+    with jax.transfer_guard_host_to_device("disallow_explicit"):
+        engine.step()  # positions 3 and 4, in their first pages
+    while not short.done.is_set():
+        engine.step()
+    engine.step()  # the freed row is sent once (its position back to 0)...
+    with jax.transfer_guard_host_to_device("disallow_explicit"):
+        engine.step()  # ...and stays there on the device as the other row moves on
+    assert engine.decoding.tolist() == [False, True]
+    assert np.asarray(engine.last_positions).tolist() == engine.positions.tolist() == [0, 7]
+    while not long.done.is_set():
+        engine.step()
+    assert short.tokens == engine.run([Request([256, 7], 3)])[0].tokens
+    assert long.tokens == engine.run([Request([256, 8, 9], 9)])[0].tokens
+
+
+def test_a_step_that_raises_ends_its_requests_with_error_and_the_engine_goes_on(devices, monkeypatch):
+    engine = small_engine("standard")
+    alone = engine.run([Request(PROMPTS[0], 6)])[0].tokens
+    dispatch, calls = engine._dispatch, []
+
+    def fails_once():
+        calls.append(None)
+        if len(calls) == 2:
+            raise RuntimeError("a device error")
+        dispatch()
+
+    monkeypatch.setattr(engine, "_dispatch", fails_once)
+    thread = threading.Thread(target=engine.serve_forever)
+    thread.start()
+    try:
+        first = engine.submit(Request(PROMPTS[0], 6))
+        assert first.done.wait(60) and first.finish_reason == "error" and len(first.tokens) == 2
+        second = engine.submit(Request(PROMPTS[0], 6))
+        assert second.done.wait(60) and second.finish_reason == "length"
+    finally:
+        engine.stop()
+        thread.join(60)
+    assert second.tokens == alone and engine.pages_in_use == 0
