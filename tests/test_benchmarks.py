@@ -76,6 +76,8 @@ def test_the_gpu_run_dry_run_reports_every_part_with_numbers_without_the_data_an
     traces = sorted(p.name for p in (tmp_path / "profile").iterdir())
     assert any(name.endswith(".xplane.pb") for name in traces) and not (tmp_path / "profile" / "trace").exists()
     assert [f.split(" ")[0] for f in profiled["trace_files"]] == traces
+    # warmed up on other prompts of the same lengths: nothing compiles in the timed runs
+    assert parts["serve"]["rows"][0]["compiles_while_timed"] == 0
     train = {(r["config"], r["attention"], r["remat"]) for r in parts["train"]["rows"]}
     assert train == {(c, a, r) for c in ("llama-3.2-1b", "ladder-1b") for a, r in (("triton", "none"), ("xla", "full"))}
     table = (tmp_path / "gpu_run.md").read_text()
