@@ -18,7 +18,10 @@ A request decodes from the step after its last chunk. All decoding rows advance 
 one compiled decode step (`decode.paged_step_fn`, per-row positions, page tables and sampling
 inputs), whose attention reads each row's pages through its page table (an XLA gather), so
 requests of any length and sampling settings share it and nothing recompiles as they come and go.
-Rows that are idle or still prefilling have no pages in the decode step: they write nothing.
+Of its three compiled draws (`decode.SAMPLERS`) a step runs the cheapest its rows need: greedy,
+temperature only, or with top-k/top-p cuts, whose sort of the vocabulary costs as much HBM
+traffic as a 1B model's weights. Rows that are idle or still prefilling have no pages in the
+decode step: they write nothing.
 
 Prefix caching (on unless `prefix_cache=False`), as vLLM's: each full page of a prompt has a key,
 a hash of its tokens and the previous page's key, and once its keys and values are written the
@@ -306,8 +309,9 @@ class Engine:
         n, w = self.slots, self.table_width
         device_rows = (self.last_new, self.last_positions)  # spelled as the step's outputs are
         merge_fn(self.mesh).lower(*device_rows, ints((n, 3), by_row)).compile()
-        step = decode.paged_step_fn(self.cfg, self.mesh, MAX_LOGPROBS)
-        step.lower(self.params, *device_rows, self.pages, ints((n, w), by_row), *sampling(n)).compile()
+        for sampler in decode.SAMPLERS:  # each step runs the cheapest that serves its rows
+            step = decode.paged_step_fn(self.cfg, self.mesh, MAX_LOGPROBS, sampler)
+            step.lower(self.params, *device_rows, self.pages, ints((n, w), by_row), *sampling(n)).compile()
         prefill = decode.paged_prefill_fn(self.cfg, self.mesh, MAX_LOGPROBS)
         for per_shard, chunk in self.prefill_shapes():
             n = per_shard * self.data
@@ -548,7 +552,8 @@ class Engine:
             tokens, positions = merge_fn(self.mesh)(tokens, positions, jax.device_put(host, by_row))
         table = np.where(self.decoding[:, None], self.table, self.shard_pages)  # prefilling rows write nothing
         sampling = decode.sampling_arrays(self.sampling)
-        new, self.last_positions, self.pages, logprobs = decode.paged_step_fn(self.cfg, self.mesh, MAX_LOGPROBS)(
+        step = decode.paged_step_fn(self.cfg, self.mesh, MAX_LOGPROBS, decode.sampler_for(self.sampling))
+        new, self.last_positions, self.pages, logprobs = step(
             self.params,
             tokens,
             positions,

@@ -44,10 +44,11 @@ def test_requests_coming_and_going_get_what_they_get_alone_without_recompiling(e
     assert engine.busy_slots == 0
     for r, p, n, s in zip(requests, PROMPTS, NEW, settings):  # what each gets alone here
         assert engine.run([Request(p, n, s)])[0].tokens == r.tokens, p
-    step = decode.paged_step_fn(cfg, mesh, MAX_LOGPROBS)
+    steps = [decode.paged_step_fn(cfg, mesh, MAX_LOGPROBS, s)._cache_size() for s in decode.SAMPLERS]
     prefill = decode.paged_prefill_fn(cfg, mesh, MAX_LOGPROBS)
-    # Every prompt is in the 16-token chunk bucket, one row per data shard: one prefill program.
-    assert step._cache_size() == 1 and prefill._cache_size() == 1
+    # Greedy rows alone ran the greedy step, rows with cuts the full one, each compiled once; every
+    # prompt is in the 16-token chunk bucket, one row per data shard: one prefill program.
+    assert steps[0] == steps[2] == 1 and steps[1] <= 1 and prefill._cache_size() == 1
     # What the static decoder gives a prompt alone, greedy and sampled.
     for r, s in zip(requests[:2], settings):
         assert r.tokens == decode.generate(cfg, mesh, params, [r.prompt], 16, sampling=s).tokens[0]

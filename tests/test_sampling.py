@@ -4,6 +4,8 @@ goodness-of-fit test against the exact distribution (a nucleus and a top-k wider
 the same test rejects the old 64-candidate sampler and a 5% temperature error, and temperature 0
 is the greedy argmax."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,6 +114,31 @@ def test_draws_fit_the_exact_distribution(draws, case):
     assert keep[got].all(), f"tokens outside the kept set: {sorted(set(got[~keep[got]]))}"
     assert fit_p_value(got, want) > SIGNIFICANCE
     assert case not in WIDE or keep.sum() > 64
+
+
+def test_rows_that_cut_nothing_draw_the_same_tokens_without_the_sort(draws, request):
+    # the temperature-only and the greedy cases, drawn by the "temperature" sampler (no kept_tokens)
+    tensor = request.node.callspec.params["draws"]
+    rows = [c for c, (_, k, p) in enumerate(CASES) if k == 0 and p == 1.0]
+    temperature = np.repeat(np.array([CASES[c][0] for c in rows], "f4"), DRAWS)
+    n = len(temperature)
+    tokens = sharded(functools.partial(decode.vocab_parallel_sample, cuts=False), tensor, 5)(
+        jnp.broadcast_to(LOGITS, (n, VOCAB)),
+        (np.arange(len(CASES) * DRAWS).reshape(len(CASES), DRAWS)[rows].ravel()).astype(np.int32),
+        temperature,
+        np.full(n, 7, np.int32),  # not read: the same tokens whatever the cuts say
+        np.full(n, 0.5, np.float32),
+        np.full(n, 1234, np.int32),
+    )
+    assert (np.asarray(tokens).reshape(len(rows), DRAWS) == draws[rows]).all()
+
+
+def test_each_batch_gets_the_cheapest_sampler_that_serves_all_its_rows():
+    greedy, warm, cut = decode.GREEDY, decode.Sampling(temperature=0.7), decode.Sampling(temperature=1.0, top_p=0.9)
+    assert decode.sampler_for([greedy, decode.Sampling(top_k=5)]) == "greedy"  # a greedy row reads no cut
+    assert decode.sampler_for([greedy, warm]) == "temperature"
+    assert decode.sampler_for([greedy, warm, cut]) == "cuts"
+    assert decode.sampler_for([decode.Sampling(temperature=1.0, top_k=40)]) == "cuts"
 
 
 @pytest.mark.parametrize("case", WIDE, ids=[f"T{CASES[c][0]}-k{CASES[c][1]}-p{CASES[c][2]}" for c in WIDE])

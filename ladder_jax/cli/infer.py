@@ -256,7 +256,7 @@ def complete(
     time, timings and the KV cache size go to `log`."""
     shape = decode.decode_shape(cfg.model, mesh, prompts, max_new_tokens)
     cache = decode.check_cache_fits(cfg.model, mesh, shape)
-    compile_seconds = decode.precompile(cfg.model, mesh, params, shape, not sampling.greedy)
+    compile_seconds = decode.precompile(cfg.model, mesh, params, shape, decode.sampler_for([sampling]))
     streams = [TextStream(tokenizer) for _ in prompts]
     pieces: list[list[str]] = [[] for _ in prompts]
     single = len(prompts) == 1
