@@ -46,7 +46,7 @@ from .training import vocab_parallel_nll
 TENSOR = M.TENSOR
 MIN_BUCKET = 16
 # Bits of a top-k/top-p threshold fixed per round (`vocab_parallel_threshold`): 32 / RADIX_BITS
-# rounds, each one psum of 2**RADIX_BITS - 1 sums per row (a binary search each in the sorted shard).
+# rounds, each one psum of 2**RADIX_BITS - 1 sums per row (one fused pass over the shard).
 RADIX_BITS = 4
 ROWS = P(BATCH)
 ROWS_BY_SEQ = P(BATCH, None)
@@ -101,9 +101,9 @@ SAMPLERS = ("greedy", "temperature", "cuts")  # the draws a compiled function ma
 def sampler_for(rows: Sequence[Sampling]) -> str:
     """The cheapest of SAMPLERS that gives every row the token "cuts" (the full sampler) gives it:
     "greedy" when every row is greedy, "temperature" when no sampled row cuts (top_k 0 and top_p
-    1: a Gumbel-max over the whole vocabulary), else "cuts", whose `kept_tokens` sorts each row's
-    vocab shard. The sort is the cost: for llama-3.2-1b (a 128k vocabulary) at 16 rows, XLA:GPU's
-    paged decode step moves 5.3 GiB with it against 2.7 GiB without (one H100, deviceless)."""
+    1: a Gumbel-max over the whole vocabulary), else "cuts", whose `kept_tokens` passes over each
+    row's vocab shard 16 times: for llama-3.2-1b (a 128k vocabulary) at 16 rows, XLA:GPU's paged
+    decode step moves 11% more bytes with it (one H100, deviceless)."""
     sampled = [s for s in rows if not s.greedy]
     if not sampled:
         return "greedy"
@@ -246,26 +246,19 @@ def ordered_keys(x):
     return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
 
 
-def vocab_parallel_threshold(keys_sorted, weights_sorted, target):
+def vocab_parallel_threshold(keys, weights, target):
     """Per row, the largest key t with sum(weights where key >= t) >= target over the whole
     vocabulary (0 if none), found from the top bit down, RADIX_BITS a round: each round sums the
     weights at or above 2**RADIX_BITS - 1 candidate thresholds, one psum over `tensor` for all.
-    keys_sorted (B, V/T) uint32: this device's keys, high to low, so the keys at or above a
-    threshold are a prefix (its length by binary search) and their weights a prefix sum of
-    weights_sorted (B, V/T, >= 0, in the same order). target (B,)."""
-    prefix_sums = jnp.cumsum(weights_sorted, axis=-1)
-    prefix_sums = jnp.concatenate([jnp.zeros_like(prefix_sums[:, :1]), prefix_sums], axis=-1)
-    ascending = ~keys_sorted
+    keys (B, V/T) uint32: this device's keys; weights (B, V/T), >= 0; target (B,). A round is one
+    pass over the shard (compare, select and sum fuse into one reduction): no sort, which on a
+    GPU costs a 128k vocabulary many passes."""
     digits = jnp.arange(1, 2**RADIX_BITS, dtype=jnp.uint32)
-    t = jnp.zeros(keys_sorted.shape[:1], jnp.uint32)
+    t = jnp.zeros(keys.shape[:1], jnp.uint32)
     for shift in range(32 - RADIX_BITS, -1, -RADIX_BITS):
         candidates = t[:, None] | (digits << shift)[None]  # (B, D)
-        # Unrolled: a binary search's loop (17 steps over a 128k shard, 16 searches a step) would
-        # be launched step by step from the host on GPU, where loops are outside XLA's CUDA graphs.
-        at_or_above = jax.vmap(functools.partial(jnp.searchsorted, side="right", method="scan_unrolled"))(
-            ascending, ~candidates
-        )
-        sums = jax.lax.psum(jnp.take_along_axis(prefix_sums, at_or_above, axis=-1), TENSOR)
+        at_or_above = keys[:, :, None] >= candidates[:, None, :]  # (B, V/T, D), fused into the sum
+        sums = jax.lax.psum(jnp.where(at_or_above, weights[:, :, None], 0).sum(1), TENSOR)
         best = jnp.where(sums >= target[:, None], digits[None], 0).max(-1)
         t = t | (best << shift)
     return t
@@ -293,9 +286,7 @@ def kept_tokens(scaled, top_k, top_p):
     boundary is the largest t whose mass at or above it reaches top_p; of the tokens equal to it,
     those whose mass before (the mass above plus the lower ids equal to it) is below top_p."""
     keys = ordered_keys(scaled)
-    order = jnp.argsort(~keys, axis=-1)  # high to low, sorted once for both thresholds
-    keys_sorted = jnp.take_along_axis(keys, order, axis=-1)
-    t_k = vocab_parallel_threshold(keys_sorted, jnp.ones(keys.shape, jnp.int32), top_k)
+    t_k = vocab_parallel_threshold(keys, jnp.ones(keys.shape, jnp.int32), top_k)
     above = keys > t_k[:, None]
     tied = keys == t_k[:, None]
     n_above = jax.lax.psum(above.sum(-1, dtype=jnp.int32), TENSOR)
@@ -305,7 +296,7 @@ def kept_tokens(scaled, top_k, top_p):
     top = jax.lax.pmax(scaled.max(-1), TENSOR)
     weights = jnp.where(in_top_k, jnp.exp(scaled - top[:, None]), 0.0)
     target = top_p * jax.lax.psum(weights.sum(-1), TENSOR)
-    t_p = vocab_parallel_threshold(keys_sorted, jnp.take_along_axis(weights, order, axis=-1), target)
+    t_p = vocab_parallel_threshold(keys, weights, target)
     above = in_top_k & (keys > t_p[:, None])
     tied = in_top_k & (keys == t_p[:, None])
     mass_above = jax.lax.psum(jnp.where(above, weights, 0).sum(-1), TENSOR)
