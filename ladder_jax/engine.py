@@ -19,9 +19,9 @@ one compiled decode step (`decode.paged_step_fn`, per-row positions, page tables
 inputs), whose attention reads each row's pages through its page table (an XLA gather), so
 requests of any length and sampling settings share it and nothing recompiles as they come and go.
 Of its three compiled draws (`decode.SAMPLERS`) a step runs the cheapest its rows need: greedy,
-temperature only, or with top-k/top-p cuts, whose sort of the vocabulary costs as much HBM
-traffic as a 1B model's weights. Rows that are idle or still prefilling have no pages in the
-decode step: they write nothing.
+temperature only, or with top-k/top-p cuts, whose threshold search passes over the logits 16
+times. Rows that are idle or still prefilling have no pages in the decode step: they write
+nothing.
 
 Prefix caching (on unless `prefix_cache=False`), as vLLM's: each full page of a prompt has a key,
 a hash of its tokens and the previous page's key, and once its keys and values are written the
