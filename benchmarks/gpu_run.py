@@ -75,6 +75,7 @@ class Shapes:
     train_seq: int
     probe_mib: int
     runs: int
+    train_runs: int  # a train step is 0.3-1 s and steady: fewer of them
     budgets: dict  # part -> seconds
     overrides: tuple[str, ...] = ()  # applied to every model (the dry run's tiny shapes)
 
@@ -99,10 +100,13 @@ GPU = Shapes(
     train_seq=2048,
     probe_mib=2048,
     runs=10,
-    # What the rows took on the first H200 (benchmarks/RESULTS.md): bandwidth 3 s, decode 105 s,
-    # prefill ~75 s a row, layer 45 s, serve 159 s (the fixed-slot engine), train 96-120 s a row.
-    # The run's 400 s end before the train part: a second call with --resume takes the rest.
-    budgets={"bandwidth": 15, "decode": 150, "prefill": 160, "layer": 50, "serve": 170, "train": 400},
+    train_runs=5,
+    # Estimates: the first H200 run (2026-12-04) paid a minute of init compiles per model, since
+    # gone; its other costs and deviceless XLA:GPU compiles of each row's program (2 CPU cores,
+    # no autotuning: 8B decode step 4-6 s, 8B prefill 4 s cuDNN and 26 s xla, 1B train step 5 s
+    # triton and 16-20 s xla + remat full) give these. The parts' sum passes the run's budget:
+    # the train rows take what the others leave, and a second call with --resume the rest.
+    budgets={"bandwidth": 15, "decode": 100, "prefill": 70, "layer": 50, "serve": 100, "train": 220},
 )
 TINY = ("model.n_layers=2", "model.d_model=128", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=256")
 DRY = Shapes(
@@ -125,6 +129,7 @@ DRY = Shapes(
     train_seq=128,
     probe_mib=8,
     runs=2,
+    train_runs=2,
     budgets={"bandwidth": 30, "decode": 60, "prefill": 60, "layer": 60, "serve": 60, "train": 60},
     overrides=TINY,
 )
@@ -153,7 +158,8 @@ class Run:
 
         from ladder_jax import accelerators
 
-        self.shapes, self.end, self.out = shapes, time.perf_counter() + budget, out
+        self.shapes, self.start, self.out = shapes, time.perf_counter(), out
+        self.end = self.start + budget
         self.device = jax.devices("cpu" if cpu else None)[0]
         self.spec = accelerators.for_device_kind(self.device.device_kind)
         self.report = {
@@ -169,6 +175,17 @@ class Run:
         self.costs = row_costs(costs, self.device.device_kind)
         self.kept = {} if resume is None else measured_rows(resume, self.device.device_kind)
         self.current: str | None = None  # the row being measured (the hard stop names it)
+        # What compiling took so far, from JAX's own events: where a row's seconds go besides its
+        # timed calls (a fresh machine compiles everything, and autotunes its kernels while at it)
+        self.spent = {"compiles": 0, "compile_s": 0.0, "trace_s": 0.0}
+        jax.monitoring.register_event_duration_secs_listener(self._compile_event)
+
+    def _compile_event(self, event: str, seconds: float, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.spent["compiles"] += 1
+            self.spent["compile_s"] += seconds
+        elif event in ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration"):
+            self.spent["trace_s"] += seconds
 
     def mesh(self):
         from ladder_jax.config import Config, MeshConfig
@@ -208,10 +225,12 @@ class Run:
                 continue
             line = self.why_not(name, label, deadline)
             if line is None:
-                self.current, row_start = label, time.perf_counter()
+                self.current, row_start, before = label, time.perf_counter(), dict(self.spent)
                 try:
                     row = measure()
-                    out["rows"].append({"label": label, **row, "seconds": round(time.perf_counter() - row_start, 1)})
+                    spent = {k: round(v - before[k], 1) for k, v in self.spent.items()}
+                    seconds = round(time.perf_counter() - row_start, 1)
+                    out["rows"].append({"label": label, **row, **spent, "seconds": seconds})
                     line = json.dumps(out["rows"][-1])
                 except Exception as e:  # one line in the report; the other rows and parts still run
                     line = f"{label}: {_line(e)}"
@@ -228,17 +247,17 @@ def _reports(paths) -> list[dict]:
 
 
 def row_costs(paths, device_kind: str) -> dict[str, float]:
-    """label -> seconds a row took in earlier reports of this device kind (the latest report wins;
-    a report from before rows recorded their seconds: its part's seconds shared by its rows)."""
+    """label -> seconds a row took in earlier reports of this device kind (the latest report wins).
+    Rows without their own seconds are not costs: they come from the first run (2026-12-04), when
+    every model's random init compiled each layer's kernels anew (a minute a model, since gone)."""
     costs: dict[str, float] = {}
     for report in sorted(_reports(paths), key=lambda r: r["date"]):
         if report["device"] != device_kind:
             continue
         for part in report["parts"].values():
             for row in part["rows"]:
-                if row.get("from"):  # kept from a resumed report: it took nothing in this one
-                    continue
-                costs[row["label"]] = row.get("seconds") or part["seconds"] / len(part["rows"])
+                if row.get("seconds") and not row.get("from"):  # a kept row took nothing in that call
+                    costs[row["label"]] = row["seconds"]
     return costs
 
 
@@ -257,6 +276,9 @@ def measured_rows(path, device_kind: str) -> dict[str, dict]:
 
 
 def write_report(run: Run, out: Path) -> str:
+    run.report.update(
+        seconds=round(time.perf_counter() - run.start, 1), **{k: round(v, 1) for k, v in run.spent.items()}
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_run.json").write_text(json.dumps(run.report, indent=1))
     table = markdown(run.report)
@@ -494,6 +516,7 @@ def serve_rows(run: Run):
 def train_rows(run: Run):
     import numpy as np
 
+    from ladder_jax import memory
     from ladder_jax import model as M
     from ladder_jax.config import load_config
     from ladder_jax.data import PackedWindows, val_batches
@@ -514,6 +537,9 @@ def train_rows(run: Run):
                 setup = time.perf_counter()
                 mesh = make_mesh(cfg, [run.device])
                 trainer = Trainer(cfg, mesh)
+                # the step compiled, and refused in one line if it cannot fit this device (xla
+                # attention keeps every layer's scores without a remat), before any state exists
+                memory.check_step_fits(trainer)
                 state = [trainer.init_state(M.init_params(cfg.model, mesh, 0))]
                 n = sh.train_batch * (sh.train_seq + 1) + 1
                 ids = np.random.default_rng(0).integers(0, cfg.model.vocab_size, n).astype(np.int32)
@@ -523,8 +549,8 @@ def train_rows(run: Run):
                     state[0], metrics = trainer.step(state[0], batch)
                     float(metrics["loss"])
 
-                setup = time.perf_counter() - setup  # params and optimizer state: what a row pays besides its steps
-                t, first = median_seconds(step, sh.runs)
+                setup = time.perf_counter() - setup  # the step's compile, params and optimizer state
+                t, first = median_seconds(step, sh.train_runs)
                 tokens_s = sh.train_batch * sh.train_seq / t
                 return {
                     "config": label,
@@ -579,6 +605,9 @@ def markdown(report: dict) -> str:
             if spec
             else ""
         ),
+        "",
+        f"{_f(report.get('seconds'), '.0f')} s in all, of which {_f(report.get('compile_s'), '.0f')} s compiling "
+        f"({report.get('compiles')} programs) and {_f(report.get('trace_s'), '.0f')} s tracing and lowering.",
     ]
 
     def table(name, title, cols):
@@ -586,7 +615,7 @@ def markdown(report: dict) -> str:
         if part is None:
             return
         out.extend(["", f"## {title} ({_f(part['seconds'])} s of {part['budget_s']} s)", ""])
-        cols = [*cols, ("row s", "seconds", ".0f")]
+        cols = [*cols, ("compile s", "compile_s", ".0f"), ("row s", "seconds", ".0f")]
         out.append("| " + " | ".join(h for h, _, _ in cols) + " |")
         out.append("|" + " --- |" * len(cols))
         for r in part["rows"]:
@@ -676,11 +705,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("gpu_run"), help="folder for gpu_run.json and gpu_run.md")
     ap.add_argument("--dry-run", action="store_true", help="every part on CPU with tiny shapes")
-    ap.add_argument("--budget", type=float, default=400.0, help="seconds for the whole run (each part has its own too)")
+    ap.add_argument("--budget", type=float, default=380.0, help="seconds for the whole run (each part has its own too)")
     ap.add_argument(
         "--hard-stop",
         type=float,
-        help="seconds after which the report is written and the run ends (default: budget + 60)",
+        help="seconds after which the report is written and the run ends (default: budget + 30: 7 minutes)",
     )
     ap.add_argument(
         "--costs",
@@ -714,7 +743,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    timer = hard_stop(run, args.out, args.budget + 60 if args.hard_stop is None else args.hard_stop)
+    timer = hard_stop(run, args.out, args.budget + 30 if args.hard_stop is None else args.hard_stop)
     with jax.default_device(run.device):  # the probes' arrays too
         for name in parts:
             run.part(name, lambda name=name: PARTS[name](run))

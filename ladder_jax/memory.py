@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import jax
 import numpy as np
@@ -145,6 +146,50 @@ def check_init_fits(cfg, mesh: Mesh, available=None) -> int:
     what = f"creating random {cfg.name} parameters ({cfg.param_dtype}, {params / GiB:.2f} GiB per device plus XLA's temporaries)"
     check_fits(what, peak, mesh, available, smaller=FEWER_LAYERS)
     return peak
+
+
+def refusal(error: Exception) -> str | None:
+    """XLA:TPU refuses to compile a program that cannot fit in HBM, and says by how much: that
+    sentence, or None for any other error."""
+    found = re.search(r"RESOURCE_EXHAUSTED: ([^\n]*)", str(error))
+    return found.group(1).rstrip(".") if found else None
+
+
+def step_bytes(compiled) -> dict:
+    """Per-device bytes of a compiled program, from XLA's memory_analysis(): its arguments, outputs
+    (less those written over donated arguments), temporaries and code, and their total."""
+    m = compiled.memory_analysis()
+    out = {
+        "arguments": m.argument_size_in_bytes,
+        "outputs": m.output_size_in_bytes,
+        "aliased": m.alias_size_in_bytes,  # outputs written over donated arguments (the state)
+        "temporaries": m.temp_size_in_bytes,
+        "code": m.generated_code_size_in_bytes,
+    }
+    out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"] + out["code"]
+    return out
+
+
+def check_step_fits(trainer, available=None) -> dict:
+    """Refuse, in one line, a train step (`training.Trainer`) whose state, batch and activations
+    do not fit: compiled here, before any state exists (the first step then reuses the program).
+    On a GPU an out-of-memory step would fail only when it runs; XLA:TPU refuses the compile.
+    Returns `step_bytes` of the step."""
+    cfg, tr = trainer.cfg, trainer.cfg.train
+    fixes = [] if tr.remat == "full" else ["train.remat=full"]
+    if (tr.batch_size // tr.grad_accum) % (2 * trainer.mesh.shape["data"]) == 0:
+        fixes.append(f"train.grad_accum={2 * tr.grad_accum} (half the rows per micro-batch)")
+    fixes.append("a shorter train.seq_len" if fixes else "a smaller preset or a shorter train.seq_len")
+    what = f"a train step's state, batch and activations ({cfg.model.name}, {tr.batch_size} x {tr.seq_len} tokens)"
+    try:
+        compiled = trainer.compile()
+    except Exception as e:
+        if refusal(e) is None:
+            raise
+        raise MemoryCheckError(f"{what} does not fit: {refusal(e)}; use {', '.join(fixes)}") from None
+    need = step_bytes(compiled)
+    check_fits(what, need["total"], trainer.mesh, available, smaller=", ".join(fixes))
+    return need
 
 
 def check_training_fits(

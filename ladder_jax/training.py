@@ -31,7 +31,7 @@ from . import model as M
 from .config import Config, ConfigError, ModelConfig, profile_steps
 from .data import build_datasets, train_iterator, val_batches
 from .errors import LadderError
-from .memory import check_training_fits
+from .memory import check_step_fits, check_training_fits
 from .mesh import BATCH, batch_shards, make_mesh
 from .storage import LocalMirror, Path, path
 from .tokenizer import copy_tokenizer_files, get_tokenizer
@@ -330,6 +330,21 @@ class Trainer:
         """Shapes, dtypes and shardings of the state the step takes (the training layout)."""
         return self.abstract
 
+    def abstract_batch(self) -> dict:
+        """Shapes, dtypes and shardings of the batch the step takes: (grad_accum, rows per
+        micro-batch, seq_len), as `global_batch` makes it from the data's rows."""
+        tr = self.cfg.train
+        shape = (tr.grad_accum, tr.batch_size // tr.grad_accum, tr.seq_len)
+        return {
+            k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "mask" else jnp.int32, sharding=self.batch_sharding[k])
+            for k in BATCH_KEYS
+        }
+
+    def compile(self):
+        """The step compiled from abstract state and batch: what the first step would compile, and
+        then reuses (JAX's cache); its memory_analysis() is what a step needs per device."""
+        return self._step.lower(self.abstract, self.abstract_batch()).compile()
+
     def abstract_checkpoint(self) -> dict:
         """The same state as checkpoints store it (per layer): the target to restore into."""
         return ckpt.abstract_with_sharding(jax.eval_shape(self._per_layer, self.abstract), self.checkpoint_shardings)
@@ -407,6 +422,7 @@ def train(
         check_training_fits(
             cfg.model, mesh, trainer.abstract_state(), fresh, copied_to_save=trainer.lengths is not None
         )
+        check_step_fits(trainer)  # compiles the step: the activations counted, before any state is made
         record_run(cfg, run_dir, init_from)
         mngr = ckpt.manager(run_dir, keep=cfg.train.keep)
         try:

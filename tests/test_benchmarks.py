@@ -54,7 +54,9 @@ def test_the_gpu_run_dry_run_reports_every_part_with_numbers_without_the_data_an
         assert part["rows"], (name, part["skipped"])
         for row in part["rows"]:
             numbers = [
-                v for k, v in row.items() if isinstance(v, float) and k not in ("of_peak", "mfu", "copy_of_peak")
+                v
+                for k, v in row.items()
+                if isinstance(v, float) and k not in ("of_peak", "mfu", "copy_of_peak", "compile_s", "trace_s")
             ]
             assert numbers and all(np.isfinite(numbers)) and min(numbers) > 0, (name, row)
     # cuDNN cannot run on a CPU: the one row the dry run skips, with its reason
@@ -76,6 +78,11 @@ def test_the_gpu_run_dry_run_reports_every_part_with_numbers_without_the_data_an
     traces = sorted(p.name for p in (tmp_path / "profile").iterdir())
     assert any(name.endswith(".xplane.pb") for name in traces) and not (tmp_path / "profile" / "trace").exists()
     assert [f.split(" ")[0] for f in profiled["trace_files"]] == traces
+    # where the seconds went: each row's compiles (JAX's events) within its own seconds, and the run's
+    rows = [r for part in parts.values() for r in part["rows"]]
+    assert all(0 <= r["compile_s"] <= r["seconds"] + 0.1 and r["compiles"] >= 0 for r in rows)
+    assert steps[0]["compiles"] > 0 and report["compiles"] >= sum(r["compiles"] for r in rows)
+    assert report["compile_s"] <= report["seconds"] and "s compiling" in (tmp_path / "gpu_run.md").read_text()
     # warmed up on other prompts of the same lengths: nothing compiles in the timed runs
     assert parts["serve"]["rows"][0]["compiles_while_timed"] == 0
     train = {(r["config"], r["attention"], r["remat"]) for r in parts["train"]["rows"]}
@@ -98,7 +105,9 @@ def test_a_gpu_run_keeps_the_rows_it_resumes_and_skips_rows_that_took_longer_tha
     kept = {"label": "tiny batch 1", "batch": 1, "ms_per_token": 1.5, "seconds": 2.0}
     resumed = tmp_path / "resumed.json"
     resumed.write_text(json.dumps({**earlier, "parts": {"decode": {"seconds": 2.0, "rows": [kept], "skipped": []}}}))
-    slow = {"bandwidth": {"seconds": 999.0, "rows": [{"label": "plain copy and read"}], "skipped": []}}
+    slow = {
+        "bandwidth": {"seconds": 999.0, "rows": [{"label": "plain copy and read", "seconds": 999.0}], "skipped": []}
+    }
     costs = tmp_path / "costs.json"
     costs.write_text(json.dumps({**earlier, "parts": slow}))
     other = tmp_path / "other_device.json"  # another device's costs say nothing about this one

@@ -11,6 +11,8 @@ import train as train_script
 from ladder_jax import checkpoint as ckpt
 from ladder_jax import memory
 from ladder_jax import model as M
+from ladder_jax import training
+from ladder_jax.config import load_config
 from ladder_jax.mesh import make_mesh
 
 from .conftest import SMALL, save_small_run, small_config
@@ -86,3 +88,96 @@ def test_an_accelerator_compares_one_devices_share_with_its_free_memory():
         r"use a smaller preset or more tensor devices \(mesh.tensor=4\)",
     ):
         memory.check_fits("the parameters", 3 * 2**29, mesh)
+
+
+def test_a_train_step_whose_activations_do_not_fit_stops_in_one_line_before_any_state_is_made(
+    tmp_path, monkeypatch, capsys, devices
+):
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    over = [*SMALL, "model.plan=standard", "mesh.data=1", "mesh.tensor=8", f"train.data={text}", "train.batch_size=8"]
+    cfg = load_config("tiny", over)
+    mesh = make_mesh(cfg)
+    trainer = training.get_trainer(cfg, mesh)  # the one train.py gets: its step compiles once here
+    step = memory.step_bytes(trainer.compile())
+    state = memory.check_training_fits(cfg.model, mesh, trainer.abstract_state(), True)
+    # The step's own count: the state (arguments) plus XLA's temporaries, the state written in place
+    assert step["aliased"] > 0 and step["total"] == step["arguments"] + step["outputs"] - step["aliased"] + (
+        step["temporaries"] + step["code"]
+    )
+    assert state < step["total"]  # enough RAM for the state alone, not for a step
+    host_ram(monkeypatch, 8 * step["total"] - 1)
+    monkeypatch.setattr(M, "init_params", lambda *a, **k: pytest.fail("random parameters were created"))
+    run = tmp_path / "run"
+    assert train_script.main(["--run-dir", str(run), "--no-progress", *over, "train.steps=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(
+        "error: a train step's state, batch and activations (tiny, 8 x 32 tokens) need "
+        f"{8 * step['total'] / memory.GiB:.2f} GiB of RAM on this host (8 CPU devices x"
+    ), err
+    assert "use train.remat=full, train.grad_accum=2 (half the rows per micro-batch), a shorter train.seq_len" in err
+    assert not (run / "config.yaml").exists()  # nothing of the run written
+    host_ram(monkeypatch, 8 * step["total"])  # exactly enough
+    assert memory.check_step_fits(trainer) == step
+
+
+class FakeTrainer:
+    """What check_step_fits asks of a Trainer, on one fake GPU or TPU whose compile says `compiled`."""
+
+    def __init__(self, compiled, remat="none", grad_accum=1):
+        train = SimpleNamespace(remat=remat, grad_accum=grad_accum, batch_size=8, seq_len=2048)
+        self.cfg = SimpleNamespace(train=train, model=SimpleNamespace(name="ladder-1b"))
+        self.mesh = SimpleNamespace(devices=np.array([GPU(79 * 2**30)]), shape={"data": 1, M.TENSOR: 1})
+        self.compiled = compiled
+
+    def compile(self):
+        if isinstance(self.compiled, Exception):
+            raise self.compiled
+        return self.compiled
+
+
+class GPU:
+    platform, process_index = "gpu", 0
+
+    def __init__(self, free):
+        self.free = free
+
+    def memory_stats(self):
+        return {"bytes_limit": self.free + 10, "bytes_in_use": 10}
+
+    def __str__(self):
+        return "cuda:0"
+
+
+def test_a_train_step_too_large_for_an_accelerator_is_refused_with_its_fixes():
+    # ladder-1b at 8 x 2048 with xla attention and no remat on one H100 (analysis memory's figures)
+    gib = 2**30
+    analysis = SimpleNamespace(
+        argument_size_in_bytes=14.35 * gib,
+        output_size_in_bytes=14.35 * gib,
+        alias_size_in_bytes=14.35 * gib,
+        temp_size_in_bytes=93.10 * gib,
+        generated_code_size_in_bytes=0,
+    )
+    compiled = SimpleNamespace(memory_analysis=lambda: analysis)
+    with pytest.raises(
+        memory.MemoryCheckError,
+        match=r"^a train step's state, batch and activations \(ladder-1b, 8 x 2048 tokens\) need 107.45 GiB per "
+        r"device \(mesh data=1 x tensor=1\) but cuda:0 has 79.00 GiB free; use train.remat=full, "
+        r"train.grad_accum=2 \(half the rows per micro-batch\), a shorter train.seq_len or more",
+    ):
+        memory.check_step_fits(FakeTrainer(compiled))
+    # XLA:TPU refuses the compile itself: its sentence, and the same fixes (remat full is on already)
+    refused = RuntimeError(
+        "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
+        "Used 107.45G of 15.75G hbm. Exceeded hbm capacity by 91.70G.\nmore"
+    )
+    with pytest.raises(memory.MemoryCheckError) as err:
+        memory.check_step_fits(FakeTrainer(refused, remat="full", grad_accum=8))
+    assert str(err.value) == (
+        "a train step's state, batch and activations (ladder-1b, 8 x 2048 tokens) does not fit: XLA:TPU compile "
+        "permanent error. Ran out of memory in memory space hbm. Used 107.45G of 15.75G hbm. Exceeded hbm "
+        "capacity by 91.70G; use a smaller preset or a shorter train.seq_len"
+    )
+    with pytest.raises(ValueError, match="other"):  # any other compile error is not a memory matter
+        memory.check_step_fits(FakeTrainer(ValueError("other")))

@@ -56,7 +56,7 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def test_loss_decreases_and_resume_continues_exactly(corpus, tmp_path, devices):
+def test_loss_decreases_and_resume_continues_exactly(corpus, tmp_path, devices, compiles):
     # scanned: the state is held stacked (model.stack_layers) and saved and restored per layer
     cfg = config(corpus, "train.steps=8", "train.save_every=4", "train.eval_every=8", "train.scan_layers=true")
     straight = train(cfg, tmp_path / "straight", progress=False, log=lambda *_: None)
@@ -75,6 +75,9 @@ def test_loss_decreases_and_resume_continues_exactly(corpus, tmp_path, devices):
     assert jax.tree.structure(want) == jax.tree.structure(got)
     for path, w, g in zip(*zip(*jax.tree_util.tree_leaves_with_path(want)), jax.tree.leaves(got)):
         assert w.dtype == g.dtype and np.array_equal(w, g), jax.tree_util.keystr(path)
+    # the step compiled once, for the memory check before the first run's state, and every step
+    # of the three calls ran that program (the data's batches match its abstract batch)
+    assert compiles.count("jit(step)") == 1, compiles
 
 
 def test_a_save_killed_midway_is_never_restored(corpus, tmp_path, devices):

@@ -9,6 +9,7 @@ import jax
 
 from ..config import load_config
 from ..instruments import deviceless, sync
+from ..memory import refusal
 from ..mesh import apply_xla_flags, force_cpu_devices, make_mesh
 from ..plan import parse_plan
 from . import _format
@@ -103,10 +104,10 @@ def schedule(args) -> int:
             cfg.model, mesh, args.variant or [cfg.model.plan], args.batch, args.cache_len, dump=args.dump
         )
     except Exception as e:
-        if deviceless.refusal(e) is None:
+        if refusal(e) is None:
             raise
         raise deviceless.TargetError(
-            f"the decode step does not fit {target.name} with {_format.mesh_shape(mesh)}: {deviceless.refusal(e)}; "
+            f"the decode step does not fit {target.name} with {_format.mesh_shape(mesh)}: {refusal(e)}; "
             f"use more devices (--target, --tensor) or a smaller --batch/--cache-len"
         ) from None
     if args.json:

@@ -26,6 +26,7 @@ from .. import accelerators, decode
 from ..attention import DECODE_KEY_BLOCK
 from ..config import Config, ModelConfig
 from ..errors import LadderError
+from ..memory import refusal, step_bytes
 from ..mesh import batch_shards, make_mesh
 from ..model import abstract_params, param_shardings, run_lengths, stack_layers
 from ..plan import parse_plan
@@ -431,13 +432,6 @@ def train_hlo(
     return jax.jit(fn).lower(params, tokens).compile(compiler_options).as_text()
 
 
-def refusal(error: Exception) -> str | None:
-    """XLA:TPU refuses to compile a program that cannot fit in HBM, and says by how much: that
-    sentence, or None for any other error."""
-    found = re.search(r"RESOURCE_EXHAUSTED: ([^\n]*)", str(error))
-    return found.group(1).rstrip(".") if found else None
-
-
 def target_mesh(cfg: Config, target: Target) -> Mesh:
     """The config's (data, tensor) mesh over the target's compile-only devices (Config.mesh: data -1
     means every device the tensor axis leaves over)."""
@@ -516,26 +510,10 @@ def host_synced_loops(text: str) -> int:
 def train_memory(cfg: Config, mesh: Mesh, hbm_bytes: int) -> dict:
     """Per-device memory of the real train step (`training.Trainer`), compiled from abstract state
     and batch for this mesh: nothing is allocated."""
-    trainer = get_trainer(cfg, mesh)
-    tr = cfg.train
-    shape = (tr.grad_accum, tr.batch_size // tr.grad_accum, tr.seq_len)
-    batch = {
-        k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "mask" else jnp.int32, sharding=trainer.batch_sharding[k])
-        for k in BATCH_KEYS
-    }
-    lowered = trainer._step.lower(trainer.abstract_state(), batch)
     try:
-        m = lowered.compile().memory_analysis()
+        out = step_bytes(get_trainer(cfg, mesh).compile())
     except Exception as e:
         if refusal(e) is None:
             raise
         return {"hbm": hbm_bytes, "fits": False, "refused": refusal(e)}
-    out = {
-        "arguments": m.argument_size_in_bytes,
-        "outputs": m.output_size_in_bytes,
-        "aliased": m.alias_size_in_bytes,  # outputs written over donated arguments (the state)
-        "temporaries": m.temp_size_in_bytes,
-        "code": m.generated_code_size_in_bytes,
-    }
-    out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"] + out["code"]
     return {**out, "hbm": hbm_bytes, "fits": out["total"] <= hbm_bytes}
