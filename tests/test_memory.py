@@ -9,9 +9,8 @@ import pytest
 import infer
 import train as train_script
 from ladder_jax import checkpoint as ckpt
-from ladder_jax import memory
+from ladder_jax import memory, training
 from ladder_jax import model as M
-from ladder_jax import training
 from ladder_jax.config import load_config
 from ladder_jax.mesh import make_mesh
 
