@@ -66,20 +66,23 @@ def test_params_that_do_not_fit_stop_in_one_line_before_they_are_created_or_load
     assert not (tmp_path / "new").exists()
 
 
+class GPU:
+    """A fake accelerator with `free` bytes left."""
+
+    platform, process_index = "gpu", 0
+
+    def __init__(self, free):
+        self.free = free
+
+    def memory_stats(self):
+        return {"bytes_limit": self.free + 10, "bytes_in_use": 10}
+
+    def __str__(self):
+        return "cuda:0"
+
+
 def test_an_accelerator_compares_one_devices_share_with_its_free_memory():
-    class Device:
-        platform, process_index = "gpu", 0
-
-        def __init__(self, free):
-            self.free = free
-
-        def memory_stats(self):
-            return {"bytes_limit": self.free + 10, "bytes_in_use": 10}
-
-        def __str__(self):
-            return "cuda:0"
-
-    mesh = SimpleNamespace(devices=np.array([Device(2**30), Device(3 * 2**30)]), shape={"data": 1, M.TENSOR: 2})
+    mesh = SimpleNamespace(devices=np.array([GPU(2**30), GPU(3 * 2**30)]), shape={"data": 1, M.TENSOR: 2})
     memory.check_fits("the parameters", 2**30, mesh)
     with pytest.raises(
         memory.MemoryCheckError,
@@ -133,19 +136,6 @@ class FakeTrainer:
         if isinstance(self.compiled, Exception):
             raise self.compiled
         return self.compiled
-
-
-class GPU:
-    platform, process_index = "gpu", 0
-
-    def __init__(self, free):
-        self.free = free
-
-    def memory_stats(self):
-        return {"bytes_limit": self.free + 10, "bytes_in_use": 10}
-
-    def __str__(self):
-        return "cuda:0"
 
 
 def test_a_train_step_too_large_for_an_accelerator_is_refused_with_its_fixes():
