@@ -57,19 +57,21 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from . import decode
 from . import model as M
 from .config import ModelConfig, dtype_of
 from .decode import GREEDY, ROWS, ROWS_BY_SEQ, DecodeError, Sampling
-from .memory import free_device_bytes
+from .memory import GiB, device_memory, free_device_bytes, step_bytes
 from .mesh import batch_shards, broadcast_from_first, local_device
 
 log = logging.getLogger("ladder_jax.engine")
 PAGE_SIZE = 16  # positions per KV cache page (vLLM's default block size)
 PREFILL_CHUNK = 512  # prompt tokens prefilled per step and data shard (vLLM's max_num_batched_tokens, in spirit)
 MAX_LOGPROBS = 20  # the most likely tokens a request may ask log-probabilities for (OpenAI's limit)
+KV_MEMORY = 0.9  # the share of each device's memory `serve` fills, KV pages last (vLLM's gpu_memory_utilization)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +189,8 @@ def _floor_pow2(n: int) -> int:
 class Engine:
     """`max_running` requests run at once (rounded up to the data shards), each with up to
     `cache_len` positions (default model.max_seq_len), over `kv_pages` pages of `page_size`
-    positions in all (default: enough for every row at cache_len, the bytes fixed slots took).
+    positions in all (default: enough for every row at cache_len, the bytes fixed slots took; or,
+    with `kv_memory`, as many as fill that share of each device's memory: `pages_that_fit`).
     Each step prefills up to `prefill_chunk` prompt tokens per data shard; `prefix_cache` keeps
     full prompt pages for later prompts that share them."""
 
@@ -202,6 +205,7 @@ class Engine:
         kv_pages: int | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
         prefix_cache: bool = True,
+        kv_memory: float | None = None,
     ):
         self.cfg, self.mesh, self.params = cfg, mesh, params
         self.cache_len = cache_len or cfg.max_seq_len
@@ -212,10 +216,14 @@ class Engine:
                 f"max_running={max_running}, page_size={page_size}, kv_pages={kv_pages}, "
                 f"prefill_chunk={prefill_chunk}; give at least 1 of each"
             )
+        if kv_memory is not None and not 0 < kv_memory <= 1:
+            raise DecodeError(f"--kv-memory {kv_memory}: give the share of each device's memory to fill, in (0, 1]")
         self.data = data = batch_shards(mesh)
         self.slots = -(-max_running // data) * data  # every data shard holds the same number of rows
         self.page_size, self.prefill_chunk, self.prefix_cache = page_size, prefill_chunk, prefix_cache
         self.table_width = -(-self.cache_len // page_size)  # pages a request may hold
+        if kv_pages is None and kv_memory is not None:
+            kv_pages = self.pages_that_fit(kv_memory)
         kv_pages = self.slots * self.table_width if kv_pages is None else kv_pages
         self.shard_pages = -(-kv_pages // data)  # each data shard's pool
         self.total_pages = self.shard_pages * data
@@ -279,6 +287,52 @@ class Engine:
         self.to_cancel: set[int] = set()  # rids every process cancels this step
         self.to_stop: list[int] = []  # rids whose on_token said stop, to tell the others
         self.ended = False  # process 0 stopped: every process leaves serve_forever
+
+    def pages_that_fit(self, share: float) -> int | None:
+        """KV pages in all that fill `share` of each device's memory (JAX's allocator limit) next to
+        what it holds now (the weights) and the largest temporaries of the programs the engine runs
+        (`program_temporaries`); None where the device does not report its memory (XLA:CPU)."""
+        limit_in_use = device_memory(local_device(self.mesh))
+        if limit_in_use is None:
+            return None
+        limit, in_use = limit_in_use
+        temporaries = self.program_temporaries()
+        per_page = M.cache_bytes_per_device(  # one page in each data shard's pool
+            self.cfg, (self.data, self.mesh.shape[decode.TENSOR]), self.data, self.page_size
+        )
+        left = share * limit - in_use - temporaries
+        pages = max(int(left // per_page), 0)
+        if jax.process_count() > 1:  # every process must make the same pools: the smallest
+            pages = int(np.min(multihost_utils.process_allgather(np.int64(pages))))
+        if pages < self.table_width:
+            raise DecodeError(
+                f"--kv-memory {share:g} of {limit / GiB:.2f} GiB per device leaves {max(left, 0) / GiB:.2f} GiB for the "
+                f"KV cache after {in_use / GiB:.2f} GiB in use (the weights) and {temporaries / GiB:.2f} GiB of the "
+                f"largest program's temporaries: fewer than the {self.table_width} pages of {self.page_size} positions "
+                f"one request of {self.cache_len} positions may hold; raise --kv-memory, lower --max-len or "
+                "--prefill-chunk, or give --kv-pages"
+            )
+        return pages * self.data
+
+    def program_temporaries(self) -> int:
+        """The largest temporaries per device (XLA's memory_analysis) of the decode step (its
+        costliest draw) and the longest prefill call, compiled over pools of one page per shard:
+        they do not grow with the pools, which the programs update in place."""
+        n, w = self.slots, self.table_width
+        args = decode.abstract_paged_step_args(self.cfg, self.mesh, n, self.data, self.page_size, w)
+        params, per_row, _, pools, table, *sampling = args
+        step = decode.paged_step_fn(self.cfg, self.mesh, MAX_LOGPROBS, "cuts")
+        compiled = [step.lower(self.params, per_row, per_row, pools, table, *sampling).compile()]
+        per_shard, chunk = max(self.prefill_shapes(), key=lambda shape: shape[0] * shape[1])
+        n = per_shard * self.data
+        tokens = jax.ShapeDtypeStruct((n, chunk), jnp.int32, sharding=NamedSharding(self.mesh, ROWS_BY_SEQ))
+        table = jax.ShapeDtypeStruct((n, w), jnp.int32, sharding=table.sharding)
+        rows = lambda x: jax.ShapeDtypeStruct((n,), x.dtype, sharding=x.sharding)  # noqa: E731
+        prefill = decode.paged_prefill_fn(self.cfg, self.mesh, MAX_LOGPROBS)
+        compiled.append(
+            prefill.lower(self.params, tokens, tokens, pools, table, rows(per_row), *map(rows, sampling)).compile()
+        )
+        return max(step_bytes(c)["temporaries"] for c in compiled)
 
     def prefill_shapes(self) -> list[tuple[int, int]]:
         """(rows per data shard, chunk length) of every prefill call `_prefill_batch` can make:

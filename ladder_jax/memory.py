@@ -36,12 +36,20 @@ class MemoryCheckError(LadderError):
     """Arrays that would not fit in this machine's memory; the message says what to change."""
 
 
-def free_device_bytes(device) -> int | None:
-    """Bytes the device can still allocate, or None where the runtime does not say (XLA:CPU)."""
+def device_memory(device) -> tuple[int, int] | None:
+    """(bytes_limit, bytes_in_use) of an accelerator: what JAX's allocator may hold in all (on a
+    GPU its preallocated share, XLA_PYTHON_CLIENT_MEM_FRACTION) and what it holds now; None where
+    the runtime does not say (XLA:CPU)."""
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if not stats or "bytes_limit" not in stats:
         return None
-    return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    return stats["bytes_limit"], stats.get("bytes_in_use", 0)
+
+
+def free_device_bytes(device) -> int | None:
+    """Bytes the device can still allocate, or None where the runtime does not say (XLA:CPU)."""
+    limit_in_use = device_memory(device)
+    return None if limit_in_use is None else limit_in_use[0] - limit_in_use[1]
 
 
 def host_available_bytes() -> int | None:

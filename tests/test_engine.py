@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ladder_jax import decode
+from ladder_jax import engine as engine_module
 from ladder_jax import model as M
 from ladder_jax.decode import Sampling
 from ladder_jax.engine import MAX_LOGPROBS, Engine, Request
@@ -404,3 +405,38 @@ def test_a_step_that_raises_ends_its_requests_with_error_and_the_engine_goes_on(
         engine.stop()
         thread.join(60)
     assert second.tokens == alone and engine.pages_in_use == 0
+
+
+def test_on_an_accelerator_the_kv_pool_gets_the_memory_share_the_weights_and_temporaries_leave(devices, monkeypatch):
+    cfg, mesh, params = model_on("standard", 1, 2)
+    alone = small_engine("standard")  # XLA:CPU reports no memory: the pool is the rows' worth
+    assert alone.total_pages == alone.slots * alone.table_width == 2 * 4
+    temporaries = alone.program_temporaries()
+    # by hand, one page of 8 positions per device: k and v of every layer, its KV heads over
+    # tensor 2, float32
+    m = cfg.model
+    per_page = 2 * m.n_layers * 8 * (m.n_kv_heads // 2) * (m.d_model // m.n_heads) * 4
+    assert M.cache_bytes_per_device(m, (1, 2), 1, 8) == per_page and temporaries > 0
+    # the step's temporaries do not grow with its pool (the pool is updated in place)
+    step = decode.paged_step_fn(m, mesh, MAX_LOGPROBS, "cuts")
+    for pages in (1, 1000):
+        args = decode.abstract_paged_step_args(m, mesh, 2, pages, 8, 4)
+        memory = step.lower(params, *args[1:]).compile().memory_analysis()
+        assert memory.temp_size_in_bytes <= temporaries, pages
+    in_use = 3 * 2**20  # the weights, say
+    fake = {"limit": int(2 * (in_use + temporaries + 100.5 * per_page))}  # half of it leaves 100.5 pages
+    monkeypatch.setattr(engine_module, "device_memory", lambda device: (fake["limit"], in_use))
+    sized = small_engine("standard", kv_memory=0.5)
+    assert (sized.total_pages, sized.shard_pages) == (100, 100)
+    assert small_engine("standard", kv_memory=0.5, kv_pages=6).total_pages == 6  # pages given win
+    request = Request(PROMPTS[1], 16)  # 13 + 16 positions: 4 pages
+    assert sized.run([request])[0].tokens == alone.run([Request(PROMPTS[1], 16)])[0].tokens
+    fake["limit"] = int(2 * (in_use + temporaries + 3.5 * per_page))  # 3 pages: one request needs 4
+    with pytest.raises(decode.DecodeError) as err:
+        small_engine("standard", kv_memory=0.5)
+    assert str(err.value).startswith("--kv-memory 0.5 of ") and str(err.value).endswith(
+        "fewer than the 4 pages of 8 positions one request of 32 positions may hold; raise --kv-memory, "
+        "lower --max-len or --prefill-chunk, or give --kv-pages"
+    )
+    with pytest.raises(decode.DecodeError, match=r"--kv-memory 1.5: give the share .* in \(0, 1\]"):
+        small_engine("standard", kv_memory=1.5)

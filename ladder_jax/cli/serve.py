@@ -7,6 +7,7 @@ import os
 import jax
 
 from .. import checkpoint
+from ..engine import KV_MEMORY
 from ..errors import LadderError
 from ..mesh import init_runtime
 from ..storage import is_remote, path
@@ -43,7 +44,15 @@ def add(sub) -> None:
     p.add_argument(
         "--kv-pages",
         type=int,
-        help="KV cache pages in all (default: --max-running x --max-len positions' worth)",
+        help="KV cache pages in all (default: what --kv-memory leaves on an accelerator; on CPU "
+        "--max-running x --max-len positions' worth)",
+    )
+    p.add_argument(
+        "--kv-memory",
+        type=float,
+        default=KV_MEMORY,
+        help="share of each device's memory (JAX's allocator limit) to fill: weights, the largest program's "
+        f"temporaries, and KV pages with the rest, as vLLM's --gpu-memory-utilization (default {KV_MEMORY})",
     )
     p.add_argument(
         "--prefill-chunk",
@@ -89,6 +98,8 @@ def start_server(args) -> int:
         raise ServeError(
             f"--max-running {args.max_running} / --port {args.port}: give at least 1 running request and a port in 1..65535"
         )
+    if not 0 < args.kv_memory <= 1:
+        raise ServeError(f"--kv-memory {args.kv_memory}: give the share of each device's memory to fill, in (0, 1]")
     if min(args.page_size, args.prefill_chunk) < 1 or (args.kv_pages is not None and args.kv_pages < 1):
         raise ServeError(
             f"--page-size {args.page_size} / --kv-pages {args.kv_pages} / --prefill-chunk {args.prefill_chunk}: "
@@ -112,6 +123,7 @@ def start_server(args) -> int:
         args.kv_pages,
         args.prefill_chunk,
         args.prefix_cache,
+        args.kv_memory,
     )
     compiled = ""
     if args.precompile:
