@@ -135,7 +135,8 @@ def start_server(args) -> int:
     name = args.model_name or (run_dir if is_remote(run_dir) else run_dir.resolve()).name
     print(
         f"{compiled}serving '{name}' ({run.cfg.model.plan}) on http://{args.host}:{args.port}/v1: up to {engine.slots} "
-        f"requests at once over {engine.total_pages} KV pages of {engine.page_size} positions, prefilling "
+        f"requests at once over {engine.total_pages} KV pages of {engine.page_size} positions "
+        f"({engine.kv_bytes / 2**30:.2f} GiB per device), prefilling "
         f"{engine.prefill_chunk} tokens a step, prefix cache {'on' if engine.prefix_cache else 'off'}",
         flush=True,
     )
