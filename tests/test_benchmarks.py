@@ -83,7 +83,7 @@ def test_the_gpu_run_dry_run_reports_every_part_with_numbers_without_the_data_an
     assert all(0 <= r["compile_s"] <= r["seconds"] + 0.1 and r["compiles"] >= 0 for r in rows)
     assert steps[0]["compiles"] > 0 and report["compiles"] >= sum(r["compiles"] for r in rows)
     assert report["compile_s"] <= report["seconds"] and "s compiling" in (tmp_path / "gpu_run.md").read_text()
-    # warmed up on other prompts of the same lengths: nothing compiles in the timed runs
+    # warmed up on other prompts of the same lengths, EOS ignored: nothing compiles in the timed runs
     assert parts["serve"]["rows"][0]["compiles_while_timed"] == 0
     train = {(r["config"], r["attention"], r["remat"]) for r in parts["train"]["rows"]}
     assert train == {(c, a, r) for c in ("llama-3.2-1b", "ladder-1b") for a, r in (("triton", "none"), ("xla", "full"))}
