@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 
 from . import model as M
 from .errors import LadderError
+from .mesh import batch_shards
 
 GiB = 2**30
 FEWER_LAYERS = "a smaller preset, fewer layers (model.n_layers=N)"
@@ -185,7 +186,7 @@ def check_step_fits(trainer, available=None) -> dict:
     Returns `step_bytes` of the step."""
     cfg, tr = trainer.cfg, trainer.cfg.train
     fixes = [] if tr.remat == "full" else ["train.remat=full"]
-    if (tr.batch_size // tr.grad_accum) % (2 * trainer.mesh.shape["data"]) == 0:
+    if (tr.batch_size // tr.grad_accum) % (2 * batch_shards(trainer.mesh)) == 0:  # half the rows still split
         fixes.append(f"train.grad_accum={2 * tr.grad_accum} (half the rows per micro-batch)")
     fixes.append("a shorter train.seq_len" if fixes else "a smaller preset or a shorter train.seq_len")
     what = f"a train step's state, batch and activations ({cfg.model.name}, {tr.batch_size} x {tr.seq_len} tokens)"

@@ -129,7 +129,7 @@ class FakeTrainer:
     def __init__(self, compiled, remat="none", grad_accum=1):
         train = SimpleNamespace(remat=remat, grad_accum=grad_accum, batch_size=8, seq_len=2048)
         self.cfg = SimpleNamespace(train=train, model=SimpleNamespace(name="ladder-1b"))
-        self.mesh = SimpleNamespace(devices=np.array([GPU(79 * 2**30)]), shape={"data": 1, M.TENSOR: 1})
+        self.mesh = SimpleNamespace(devices=np.array([GPU(79 * 2**30)]), shape={"data": 1, "fsdp": 1, M.TENSOR: 1})
         self.compiled = compiled
 
     def compile(self):
