@@ -195,7 +195,7 @@ def check_step_fits(trainer, available=None) -> dict:
     except Exception as e:
         if refusal(e) is None:
             raise
-        raise MemoryCheckError(f"{what} does not fit: {refusal(e)}; use {', '.join(fixes)}") from None
+        raise MemoryCheckError(f"{what} do not fit: {refusal(e)}; use {', '.join(fixes)}") from None
     need = step_bytes(compiled)
     check_fits(what, need["total"], trainer.mesh, available, smaller=", ".join(fixes))
     return need

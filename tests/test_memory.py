@@ -164,7 +164,7 @@ def test_a_train_step_too_large_for_an_accelerator_is_refused_with_its_fixes():
     with pytest.raises(memory.MemoryCheckError) as err:
         memory.check_step_fits(FakeTrainer(refused, remat="full", grad_accum=8))
     assert str(err.value) == (
-        "a train step's state, batch and activations (ladder-1b, 8 x 2048 tokens) does not fit: XLA:TPU compile "
+        "a train step's state, batch and activations (ladder-1b, 8 x 2048 tokens) do not fit: XLA:TPU compile "
         "permanent error. Ran out of memory in memory space hbm. Used 107.45G of 15.75G hbm. Exceeded hbm "
         "capacity by 91.70G; use a smaller preset or a shorter train.seq_len"
     )
