@@ -182,6 +182,8 @@ def test_serve_refuses_a_bad_command_line_in_one_line(tmp_path, capsys):
     assert "--page-size 0" in capsys.readouterr().err
     assert main(["serve", "--checkpoint", str(tmp_path), "--prefill-chunk", "0"]) == 2
     assert "--prefill-chunk 0" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", str(tmp_path), "--kv-memory", "0"]) == 2
+    assert "--kv-memory 0.0: give the share of each device's memory to fill, in (0, 1]" in capsys.readouterr().err
 
 
 def test_a_missing_or_wrong_api_key_gets_a_401_and_the_server_goes_on(server, client):
