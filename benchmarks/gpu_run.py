@@ -98,7 +98,8 @@ GPU = Shapes(
     serve_concurrency=16,
     serve_max_tokens=128,
     train_configs=(("llama-3.2-1b", "llama-3.2-1b", ()), ("ladder-1b", "ladder-1b", ())),
-    train_grid=(("triton", "none"), ("xla", "none"), ("triton", "full"), ("xla", "full")),
+    # xla attention without a remat last: the largest step, refused on an H100 for ladder-1b
+    train_grid=(("triton", "none"), ("triton", "full"), ("xla", "full"), ("xla", "none")),
     train_batch=8,
     train_seq=2048,
     probe_mib=2048,
