@@ -41,6 +41,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -174,6 +175,7 @@ class Run:
             "platform": self.device.platform,
             "spec": dataclasses.asdict(self.spec) if self.spec else None,
             "jax": jax.__version__,
+            "driver": gpu_driver() if self.device.platform == "gpu" else None,
             "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M"),
             "budget_s": budget,
@@ -248,6 +250,21 @@ class Run:
             print(f"   {line}", flush=True)
             gc.collect()
         out["seconds"] = round(time.perf_counter() - start, 1)
+
+
+def gpu_driver() -> str | None:
+    """The NVIDIA driver's version (nvidia-smi), or None where it cannot be asked."""
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = done.stdout.split()
+    return lines[0] if done.returncode == 0 and lines else None
 
 
 def _reports(paths) -> list[dict]:
@@ -608,7 +625,9 @@ def markdown(report: dict) -> str:
     p = report["parts"]
     spec = report["spec"]
     out = [
-        f"# gpu_run: {report['device']} ({report['platform']}), jax {report['jax']}, {report['date']}",
+        f"# gpu_run: {report['device']} ({report['platform']}), jax {report['jax']}, "
+        + (f"driver {report['driver']}, " if report.get("driver") else "")
+        + report["date"],
         "",
         f"Spec ({spec['name'] if spec else 'none: not an accelerator in ladder_jax/accelerators.yaml'}): "
         + (
