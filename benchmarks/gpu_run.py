@@ -108,8 +108,8 @@ GPU = Shapes(
     train_runs=5,
     # Estimates: the first H200 run (2026-12-04) paid a minute of init compiles per model, since
     # gone; its other costs and deviceless XLA:GPU compiles of each row's program (2 CPU cores,
-    # no autotuning: 8B decode step 4-6 s, 8B prefill 4 s cuDNN and 26 s xla, 1B train step 5 s
-    # triton and 16-20 s xla + remat full) give these. The parts' sum passes the run's budget:
+    # no autotuning: 8B decode step 4-6 s, 8B prefill 4 s cuDNN and 26 s xla, 1B train step 4-5 s
+    # triton and 14-18 s xla) give these. The parts' sum passes the run's budget:
     # the train rows take what the others leave, and a second call with --resume the rest.
     budgets={"bandwidth": 15, "decode": 100, "prefill": 70, "layer": 50, "serve": 100, "train": 220},
 )
