@@ -124,3 +124,18 @@ def save_run(run, cfg, params):
     ckpt.save_config(run, cfg)
     ckpt.save_params(run, params, step=1)
     return run
+
+
+class FakeGPU:
+    """A fake accelerator device with `free` bytes left, for the memory checks."""
+
+    platform, process_index = "gpu", 0
+
+    def __init__(self, free):
+        self.free = free
+
+    def memory_stats(self):
+        return {"bytes_limit": self.free + 10, "bytes_in_use": 10}
+
+    def __str__(self):
+        return "cuda:0"

@@ -21,7 +21,7 @@ from ladder_jax.config import load_config, replace
 from ladder_jax.mesh import make_mesh
 from ladder_jax.tokenizer import ByteTokenizer
 
-from .conftest import SMALL, small_config
+from .conftest import SMALL, FakeGPU, small_config
 
 # Three layers keep compiles short and still give the hybrid a standard layer before two ladder
 # ones, and lp (and track) a step of two layers followed by a standard layer.
@@ -152,21 +152,11 @@ def test_a_cache_larger_than_the_free_device_memory_is_refused(devices):
         need == 2 * 3 * (2 // 2) * 32 * 1 * 8 * 4
     )  # k and v, 3 layers, 1 row, 32 positions, 1 kv slot, head_dim 8, float32
 
-    class Device:
-        def __init__(self, free):
-            self.free = free
-
-        def memory_stats(self):
-            return {"bytes_limit": self.free + 1000, "bytes_in_use": 1000}
-
-        def __str__(self):
-            return "gpu:0"
-
-    assert decode.check_cache_fits(cfg.model, mesh, shape, Device(need)) == need
+    assert decode.check_cache_fits(cfg.model, mesh, shape, FakeGPU(need)) == need
     with pytest.raises(
-        decode.DecodeError, match=r"KV cache needs 0.00 GiB per device \(batch 2 x 32 positions\) but gpu:0 has"
+        decode.DecodeError, match=r"KV cache needs 0.00 GiB per device \(batch 2 x 32 positions\) but cuda:0 has"
     ) as e:
-        decode.check_cache_fits(cfg.model, mesh, shape, Device(need - 1))
+        decode.check_cache_fits(cfg.model, mesh, shape, FakeGPU(need - 1))
     one_line(e)
 
 

@@ -14,7 +14,7 @@ from ladder_jax import model as M
 from ladder_jax.config import load_config
 from ladder_jax.mesh import make_mesh
 
-from .conftest import SMALL, save_small_run, small_config
+from .conftest import SMALL, FakeGPU, save_small_run, small_config
 
 
 def host_ram(monkeypatch, nbytes):
@@ -66,23 +66,8 @@ def test_params_that_do_not_fit_stop_in_one_line_before_they_are_created_or_load
     assert not (tmp_path / "new").exists()
 
 
-class GPU:
-    """A fake accelerator with `free` bytes left."""
-
-    platform, process_index = "gpu", 0
-
-    def __init__(self, free):
-        self.free = free
-
-    def memory_stats(self):
-        return {"bytes_limit": self.free + 10, "bytes_in_use": 10}
-
-    def __str__(self):
-        return "cuda:0"
-
-
 def test_an_accelerator_compares_one_devices_share_with_its_free_memory():
-    mesh = SimpleNamespace(devices=np.array([GPU(2**30), GPU(3 * 2**30)]), shape={"data": 1, M.TENSOR: 2})
+    mesh = SimpleNamespace(devices=np.array([FakeGPU(2**30), FakeGPU(3 * 2**30)]), shape={"data": 1, M.TENSOR: 2})
     memory.check_fits("the parameters", 2**30, mesh)
     with pytest.raises(
         memory.MemoryCheckError,
@@ -129,7 +114,7 @@ class FakeTrainer:
     def __init__(self, compiled, remat="none", grad_accum=1):
         train = SimpleNamespace(remat=remat, grad_accum=grad_accum, batch_size=8, seq_len=2048)
         self.cfg = SimpleNamespace(train=train, model=SimpleNamespace(name="ladder-1b"))
-        self.mesh = SimpleNamespace(devices=np.array([GPU(79 * 2**30)]), shape={"data": 1, "fsdp": 1, M.TENSOR: 1})
+        self.mesh = SimpleNamespace(devices=np.array([FakeGPU(79 * 2**30)]), shape={"data": 1, "fsdp": 1, M.TENSOR: 1})
         self.compiled = compiled
 
     def compile(self):
