@@ -15,9 +15,12 @@ from ladder_jax.mesh import force_cpu_devices
 # compute the same values to float32 rounding, and every tolerance in the suite stays as it is.
 # Read when JAX starts its CPU backend, so set here, before any test runs; the user's own
 # XLA_FLAGS come after these and win. Not where a GPU or TPU compiler is installed: the deviceless
-# tests read the schedules those compilers give users, with the flags users have.
-TEST_XLA_FLAGS = ["--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"]
-DEVICELESS_COMPILERS = any(importlib.util.find_spec(m) for m in ("libtpu", "jax_cuda12_plugin"))
+# tests read the schedules those compilers give users, with the flags users have. jax 0.11's
+# XLA:CPU has only the fusion emitters and aborts on a flag it does not know.
+TEST_XLA_FLAGS = ["--xla_backend_optimization_level=0"]
+if jax.__version_info__ < (0, 11):
+    TEST_XLA_FLAGS.append("--xla_cpu_use_fusion_emitters=false")
+DEVICELESS_COMPILERS = any(importlib.util.find_spec(m) for m in ("libtpu", "jax_cuda13_plugin", "jax_cuda12_plugin"))
 if not DEVICELESS_COMPILERS and not os.environ.get("XLA_FLAGS", "").startswith(TEST_XLA_FLAGS[0]):
     os.environ["XLA_FLAGS"] = " ".join(
         [*TEST_XLA_FLAGS, os.environ.get("XLA_FLAGS", "")]

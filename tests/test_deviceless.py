@@ -46,11 +46,22 @@ PARAMS = """  %x = f32[1,8]{1,0} parameter(0), metadata={op_name="args[0]"}
 """
 
 
-def test_gpu_async_all_reduce_reports_the_gemms_scheduled_inside():
+@pytest.mark.parametrize(
+    "start_shape, groups",
+    [
+        ("f32[1,8]{1,0}", GROUPS),  # jax 0.10
+        # jax 0.11: the start's shape holds its operands, the groups name mesh axes
+        (
+            "((f32[1,8]{1,0}), f32[1,8]{1,0})",
+            "replica_groups=mesh['data'=1,'fsdp'=1,'tensor'=8] {'tensor'}, to_apply=%add",
+        ),
+    ],
+)
+def test_gpu_async_all_reduce_reports_the_gemms_scheduled_inside(start_shape, groups):
     hlo = f"""HloModule m, is_scheduled=true
 {ADD}ENTRY %main (x: f32[1,8], wo: f32[8,8], wu: f32[8,8]) -> f32[1,8] {{
 {PARAMS}  %o = f32[1,8]{{1,0}} dot(%x, %wo), lhs_contracting_dims={{1}}, rhs_contracting_dims={{0}}
-  %ars = f32[1,8]{{1,0}} all-reduce-start(%o), {GROUPS}
+  %ars = {start_shape} all-reduce-start(%o), {groups}
   %u = f32[1,8]{{1,0}} dot(%x, %wu), lhs_contracting_dims={{1}}, rhs_contracting_dims={{0}}
   %ard = f32[1,8]{{1,0}} all-reduce-done(%ars)
   ROOT %r = f32[1,8]{{1,0}} add(%ard, %u)
@@ -152,6 +163,11 @@ def test_xla_flags_are_added_without_overriding_the_users(monkeypatch):
 LAYERS = 3
 
 
+def needs_compiler(platform: str) -> None:
+    if not deviceless.has_compiler(platform):
+        pytest.skip(f"no {platform} compiler plugin (pip install 'ladder_jax[{platform}]')")
+
+
 def _rows(target, plans, batch, options, preset="tiny"):
     cfg = load_config(preset, [f"model.n_layers={LAYERS}", f"mesh.tensor={get_target(target).devices}"])
     return {
@@ -173,7 +189,7 @@ def test_gpu_ladder_overlaps_every_all_reduce_but_the_last_and_standard_none(tar
     # A100 target, layers as small as tiny's (32 columns per device) lose the MLP all-reduces'
     # overlap since the decode attention is a loop (its cost model then starts the all-reduce
     # after the next attention); layers of a real model's width keep it (docs/decoding.md).
-    pytest.importorskip("jax_cuda12_plugin")
+    needs_compiler("cuda")
     rows = _rows(target, ["standard", "ladder"], batch, None, preset)  # XLA:GPU defaults
     assert rows["standard"]["overlapped"] == 0
     ladder = rows["ladder"]
@@ -184,7 +200,7 @@ def test_gpu_ladder_overlaps_every_all_reduce_but_the_last_and_standard_none(tar
 
 @pytest.mark.deviceless
 def test_tpu_flags_make_the_ladder_all_reduces_async_and_overlapped():
-    pytest.importorskip("libtpu")
+    needs_compiler("tpu")
     default = _rows("v5e-8", ["ladder"], 8, None)["ladder"]
     assert default["merged"] == 0 and default["async"] == 0  # a chain nothing merges, but synchronous
     rows = _rows("v5e-8", ["standard", "ladder"], 8, tpu_flags())
@@ -206,15 +222,15 @@ def ladder_8b_train_all_reduces(target, scan=False):
 
 
 @pytest.mark.deviceless
-@pytest.mark.parametrize("target, compiler", [("v5e-8", "libtpu"), ("h100-8", "jax_cuda12_plugin")])
-def test_the_ladder_backward_overlaps_every_layer_gradient_all_reduce(target, compiler):
+@pytest.mark.parametrize("target, platform", [("v5e-8", "tpu"), ("h100-8", "cuda")])
+def test_the_ladder_backward_overlaps_every_layer_gradient_all_reduce(target, platform):
     # The reductions of the gradients at the layers' psums, in the backward pass: each async, and
     # all but the first (the head's gradient: nothing of a layer to run beside it) with GEMMs
     # inside. On XLA:TPU only 2 of the 7 were before Stream.settle_after's third barrier
     # (docs/training.md, "The backward pass's all-reduces"). The 8B layer shape: narrow layers
     # lose overlap for reasons of their own. (The embedding's gradient reduction, the last, is
     # left out: at this shape XLA:TPU merges it with the norm scales' and runs it synchronously.)
-    pytest.importorskip(compiler)
+    needs_compiler(platform)
     ars = ladder_8b_train_all_reduces(target)
     grads = [a for a in ars if a.backward and a.scope.startswith("layer")]
     assert len(grads) == 2 * LAYERS
@@ -222,8 +238,8 @@ def test_the_ladder_backward_overlaps_every_layer_gradient_all_reduce(target, co
 
 
 @pytest.mark.deviceless
-@pytest.mark.parametrize("target, compiler", [("v5e-8", "libtpu"), ("h100-8", "jax_cuda12_plugin")])
-def test_the_scanned_ladder_train_step_overlaps_the_all_reduce_at_its_iteration_boundary(target, compiler):
+@pytest.mark.parametrize("target, platform", [("v5e-8", "tpu"), ("h100-8", "cuda")])
+def test_the_scanned_ladder_train_step_overlaps_the_all_reduce_at_its_iteration_boundary(target, platform):
     # train.scan_layers: layer 0 runs alone, layers 1-2 are the loop body (read once). Forward:
     # every layer all-reduce async and all but the last (after the loop) with GEMMs inside, the
     # MLP output's that each iteration leaves in its carry included (LayerContext.defer_last;
@@ -231,7 +247,7 @@ def test_the_scanned_ladder_train_step_overlaps_the_all_reduce_at_its_iteration_
     # XLA:TPU). Backward (remat none): every gradient reduction async, and both of the loop body's
     # with GEMMs inside, the carried output's included (Stream.issue's tie; before it, it had none:
     # docs/training.md, "Scanned layers"). The last layer's, after the loop, comes first.
-    pytest.importorskip(compiler)
+    needs_compiler(platform)
     ars = [a for a in ladder_8b_train_all_reduces(target, scan=True) if a.scope.startswith(("layer", "scan"))]
     fwd, bwd = [a for a in ars if not a.backward], [a for a in ars if a.backward]
     assert [a.scope for a in fwd] == ["layer0"] + [f"scan_layers1-{LAYERS - 1}"] * 3
@@ -245,7 +261,7 @@ def test_the_scanned_ladder_train_step_overlaps_the_all_reduce_at_its_iteration_
 def test_the_serving_engines_decode_step_for_tpu_runs_the_pallas_paged_attention_kernel():
     # llama-3.1-8b's shapes (bfloat16 cache, head_dim 128) at tensor 8 on v5e-8: one paged
     # attention kernel per layer in the engine's decode step; its numerics: test_attention.py
-    pytest.importorskip("libtpu")
+    needs_compiler("tpu")
     import re
 
     cfg = load_config("llama-3.1-8b", ["model.n_layers=2", "mesh.tensor=8"])
@@ -260,7 +276,7 @@ def test_the_serving_engines_decode_step_for_gpu_runs_the_triton_paged_attention
     # llama-3.1-8b's shapes at tensor 8 on h100-8: one Pallas Triton kernel per layer in the
     # engine's decode step, and no while loop left whose trip count XLA:GPU does not know (its
     # runtime would wait on the host at every iteration). Its numerics: test_attention.py
-    pytest.importorskip("jax_cuda12_plugin")
+    needs_compiler("cuda")
     import re
 
     cfg = load_config("llama-3.1-8b", ["model.n_layers=2", "mesh.tensor=8"])
@@ -278,7 +294,7 @@ def test_no_gpu_prefill_or_train_step_has_a_loop_the_host_waits_on():
     # XLA:GPU's runtime copies the condition of a loop of unknown trip count to the host at every
     # iteration: the prompt's prefill, the engine's chunked prefill (its key loop over the page
     # table) and a train step, unrolled or scanned, have none (one H100, 2 layers of the 1B).
-    pytest.importorskip("jax_cuda12_plugin")
+    needs_compiler("cuda")
     from ladder_jax.mesh import make_mesh
 
     cfg = load_config("llama-3.2-1b", ["model.n_layers=2", "mesh.tensor=1", "mesh.data=1"])
@@ -292,12 +308,12 @@ def test_no_gpu_prefill_or_train_step_has_a_loop_the_host_waits_on():
 
 
 @pytest.mark.deviceless
-@pytest.mark.parametrize("target, compiler", [("v5e-8", "libtpu"), ("h100-8", "jax_cuda12_plugin")])
-def test_schedule_and_memory_commands_on_a_target(target, compiler, tmp_path):
+@pytest.mark.parametrize("target, platform", [("v5e-8", "tpu"), ("h100-8", "cuda")])
+def test_schedule_and_memory_commands_on_a_target(target, platform, tmp_path):
     # The commands end to end as a user runs them, in a process of their own (the library's libtpu
     # flags must be set before libtpu loads, which this process has done already), a schedule
     # added through the registry (track) included, and the kernel counts of the programs they dump.
-    pytest.importorskip(compiler)
+    needs_compiler(platform)
     import json
     import subprocess
     import sys
@@ -334,7 +350,7 @@ def test_schedule_and_memory_commands_on_a_target(target, compiler, tmp_path):
 
 @pytest.mark.deviceless
 def test_train_step_memory_on_a_tpu_slice():
-    pytest.importorskip("libtpu")
+    needs_compiler("tpu")
     cfg = load_config("tiny", [*SMALL, "mesh.tensor=2", "mesh.data=4", "train.batch_size=8"])
     target = get_target("v5e-8")
     r = deviceless.train_memory(cfg, target_mesh(cfg, target), target.hbm_bytes)
@@ -429,17 +445,17 @@ def test_hbm_traffic_counts_what_crosses_device_memory_once():
 
 
 @pytest.mark.deviceless
-@pytest.mark.parametrize("target, compiler", [("v5e-8", "libtpu"), ("h100-8", "jax_cuda12_plugin")])
-def test_the_ladder_decode_step_moves_what_standard_moves_near_the_floor(target, compiler):
+@pytest.mark.parametrize("target, platform", [("v5e-8", "tpu"), ("h100-8", "cuda")])
+def test_the_ladder_decode_step_moves_what_standard_moves_near_the_floor(target, platform):
     # The 8B's layer shape with 2 layers (weights dominate, as in the whole model; tiny's embedding
     # and head would). XLA:TPU's cost analysis counts ~29% more bytes for ladder: on-chip buffers of
     # its overlapped all-reduces, not HBM traffic (docs/decoding.md, "Memory traffic"). On XLA:GPU
     # one row per device reads its weights once (one-row products kept GEMMs: layers._gemm_rows;
     # before, 2.4x the floor per layer), and no loop waits on the host at every iteration.
-    pytest.importorskip(compiler)
+    needs_compiler(platform)
     cfg = load_config("llama-3.1-8b", ["model.n_layers=2", "mesh.tensor=8"])
     mesh = target_mesh(cfg, get_target(target))
-    options = tpu_flags() if compiler == "libtpu" else None
+    options = tpu_flags() if platform == "tpu" else None
     for batch in (1, 16):
         rows = {
             r["variant"]: r
@@ -447,9 +463,9 @@ def test_the_ladder_decode_step_moves_what_standard_moves_near_the_floor(target,
         }
         standard, ladder = rows["standard"], rows["ladder"]
         assert abs(ladder["hbm_bytes"] / standard["hbm_bytes"] - 1) < 0.01, (batch, ladder, standard)
-        if compiler == "libtpu" or batch == 1:
+        if platform == "tpu" or batch == 1:
             assert standard["hbm_over_floor"] < 1.10 and ladder["hbm_over_floor"] < 1.10, (batch, rows)
-        if compiler == "libtpu":
+        if platform == "tpu":
             assert ladder["on_chip_operand_bytes"] > standard["on_chip_operand_bytes"] + 60 * 2**20
         else:
             assert standard["host_synced_loops"] == ladder["host_synced_loops"] == 0, (batch, rows)

@@ -51,10 +51,15 @@ def test_report_bytes_are_the_reduced_activations(devices):
     assert {a.bytes for a in report.on("tensor")} == {2 * 16 * 64 * 4}  # (B, S, d_model) float32
 
 
-def test_hlo_helpers_read_both_replica_group_forms_and_tuple_shapes():
+def test_hlo_helpers_read_every_replica_group_form_and_tuple_shapes():
     assert parse_replica_groups("replica_groups={{0,1,2,3},{4,5,6,7}}, x") == [(0, 1, 2, 3), (4, 5, 6, 7)]
     assert parse_replica_groups("replica_groups=[2,4]<=[8], x") == [(0, 1, 2, 3), (4, 5, 6, 7)]
     assert parse_replica_groups("replica_groups=[4,2]<=[2,4]T(1,0), x") == [(0, 4), (1, 5), (2, 6), (3, 7)]
+    assert parse_replica_groups("replica_groups=mesh['a'=2,'b'=4] {'b'}, x") == [(0, 1, 2, 3), (4, 5, 6, 7)]
+    assert parse_replica_groups("replica_groups=mesh['a'=2,'b'=4] {'a'}, x") == [(0, 4), (1, 5), (2, 6), (3, 7)]
+    three = "replica_groups=mesh['x'=2,'y'=2,'z'=2] {'x','z'}, x"
+    assert parse_replica_groups(three) == [(0, 1, 4, 5), (2, 3, 6, 7)]
+    assert parse_replica_groups("replica_groups=mesh['a'=2,'b'=4] <=[4,2]T(1,0) {'b'}, x") is None  # unknown: "other"
     assert shape_bytes("(f32[2,3]{1,0}, bf16[4]{0})") == 2 * 3 * 4 + 4 * 2
 
 

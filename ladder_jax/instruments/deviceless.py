@@ -33,10 +33,13 @@ from ..plan import parse_plan
 from ..storage import path
 from ..training import BATCH_KEYS, get_trainer, loss_sums_fn
 from . import traffic
-from .hlo import Instr, collective_axis, is_matmul, mesh_axis_groups, parse_hlo, shape_bytes
+from .hlo import Instr, collective_axis, is_matmul, mesh_axis_groups, parse_hlo, result_shape, shape_bytes
 
 TARGETS_DIR = Path(__file__).parent / "targets"
-EXTRA = {"cuda": ("jax_cuda12_plugin", "cuda", "XLA:GPU's CUDA plugin"), "tpu": ("libtpu", "tpu", "XLA:TPU (libtpu)")}
+# A platform's compiler plugins, any one of which compiles for it (JAX's XLA:GPU comes for CUDA 13
+# or CUDA 12), and the extra that installs one.
+PLUGINS = {"cuda": ("jax_cuda13_plugin", "jax_cuda12_plugin"), "tpu": ("libtpu",)}
+EXTRA = {"cuda": ("cuda", "XLA:GPU's CUDA plugin"), "tpu": ("tpu", "XLA:TPU (libtpu)")}
 # Deviceless GPU targets: 8 GPUs of one NVLink node of an accelerator (ladder_jax/accelerators.yaml)
 GPU_TARGETS = {"h100-8": "h100-sxm", "a100-8": "a100-sxm", "h200-8": "h200-sxm"}
 # Slice shapes (chips) as Cloud TPU names them. A v5p chip's two TensorCores are one JAX device (megacore).
@@ -88,10 +91,15 @@ def get_target(name: str) -> Target:
     raise TargetError(f"unknown target '{name}'; pick one of {known}")
 
 
+def has_compiler(platform: str) -> bool:
+    """Whether a compiler plugin for `platform` ("cuda" or "tpu") is installed."""
+    return any(importlib.util.find_spec(m) for m in PLUGINS[platform])
+
+
 def check_extra(target: Target) -> None:
     """The compiler plugin this target needs, or TargetError saying how to install it."""
-    module, extra, what = EXTRA[target.platform]
-    if importlib.util.find_spec(module) is None:
+    extra, what = EXTRA[target.platform]
+    if not has_compiler(target.platform):
         raise TargetError(
             f"--target {target.name} compiles with {what}, which is not installed; install it with: pip install 'ladder_jax[{extra}]'"
         )
@@ -305,7 +313,7 @@ def scheduled_all_reduces(text: str, mesh: Mesh) -> list[ScheduledAllReduce]:
                 ins.name,
                 collective_axis(ar.attrs, groups),
                 is_done is not None,
-                shape_bytes(ar.shape),
+                shape_bytes(result_shape(ar)),
                 reduces,
                 gemms,
                 overlaps,

@@ -110,7 +110,25 @@ def shape_bytes(shape: str) -> int:
     return total
 
 
+def result_shape(ins: Instr) -> str:
+    """The shape `ins` produces. Newer XLA gives an all-reduce-start the shape (its operands, its
+    result), older XLA the result's alone."""
+    if ins.opcode == "all-reduce-start" and ins.shape.startswith("(("):
+        return ins.shape[_matching(ins.shape, 1, "(", ")") + 1 : -1].strip(" ,")
+    return ins.shape
+
+
 def parse_replica_groups(attrs: str) -> list[tuple[int, ...]] | None:
+    """A collective's device groups, from any of XLA's forms: explicit ({{0,1},{2,3}}), iota
+    ([2,2]<=[4]T(1,0)) or, in newer XLA, mesh axes and those it runs over (mesh['a'=2,'b'=2] {'b'});
+    None for a form not known here."""
+    m = re.search(r"replica_groups=mesh\[((?:'[^']+'=\d+,?)*)\]\s*\{((?:'[^']+',?)*)\}", attrs)
+    if m:
+        axes = [(a, int(n)) for a, n in re.findall(r"'([^']+)'=(\d+)", m.group(1))]
+        over = [[a for a, _ in axes].index(a) for a in re.findall(r"'([^']+)'", m.group(2))]
+        ids = np.arange(math.prod(n for _, n in axes)).reshape([n for _, n in axes])
+        moved = np.moveaxis(ids, over, range(ids.ndim - len(over), ids.ndim))
+        return [tuple(row) for row in moved.reshape(-1, math.prod(axes[k][1] for k in over)).tolist()]
     m = re.search(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}", attrs)
     if m:
         return [tuple(int(x) for x in g.split(",") if x) for g in re.findall(r"\{([\d,]*)\}", m.group(1))]

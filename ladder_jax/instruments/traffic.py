@@ -28,7 +28,7 @@ import re
 
 import numpy as np
 
-from .hlo import _DTYPE_BYTES, Instr, parse_hlo
+from .hlo import _DTYPE_BYTES, Instr, parse_hlo, result_shape
 
 # Instructions that move no data: layout, tuples, the ends of async pairs (their start is counted).
 NO_TRAFFIC = {
@@ -163,7 +163,9 @@ def hbm_traffic(text: str, loop_trips: int = 1, top: int = 0) -> dict:
             if ins.opcode in NO_TRAFFIC or any(t in ins.attrs for t in NO_TRAFFIC_CALLS):
                 continue
             operands = [index[o] for o in ins.operands if o in index]
-            if ins.opcode.endswith("-start"):  # an async copy: the destination buffer crosses once
+            if ins.opcode == "all-reduce-start":  # as a synchronous all-reduce: its input in, its result out
+                read, written = sum(hbm_bytes(o.shape) for o in operands), hbm_bytes(result_shape(ins))
+            elif ins.opcode.endswith("-start"):  # an async copy: the destination buffer crosses once
                 sizes = [b for b, _ in arrays(ins.shape)]
                 moved = max(0, sum(sizes) - sum(all_bytes(o.shape) for o in operands) - sum(b for b in sizes if b <= 8))
                 src_hbm = any(hbm_bytes(o.shape) for o in operands)
