@@ -7,6 +7,7 @@ reading, the targets, the flags and the one-line errors are checked always, chea
 
 import importlib.util
 
+import jax
 import pytest
 
 from ladder_jax import accelerators
@@ -238,21 +239,37 @@ def test_the_ladder_backward_overlaps_every_layer_gradient_all_reduce(target, pl
 
 
 @pytest.mark.deviceless
-@pytest.mark.parametrize("target, platform", [("v5e-8", "tpu"), ("h100-8", "cuda")])
+@pytest.mark.parametrize(
+    "target, platform",
+    [
+        ("v5e-8", "tpu"),
+        pytest.param(
+            "h100-8",
+            "cuda",
+            marks=pytest.mark.xfail(
+                jax.__version_info__ >= (0, 11),
+                reason="jax 0.11's XLA:GPU runs one of the loop body's gradient all-reduces synchronously "
+                "(docs/training.md, 'Scanned layers and the ladder's overlap')",
+                strict=True,
+            ),
+        ),
+    ],
+)
 def test_the_scanned_ladder_train_step_overlaps_the_all_reduce_at_its_iteration_boundary(target, platform):
     # train.scan_layers: layer 0 runs alone, layers 1-2 are the loop body (read once). Forward:
-    # every layer all-reduce async and all but the last (after the loop) with GEMMs inside, the
-    # MLP output's that each iteration leaves in its carry included (LayerContext.defer_last;
-    # without it that all-reduce closed the iteration with nothing inside, synchronously on
-    # XLA:TPU). Backward (remat none): every gradient reduction async, and both of the loop body's
-    # with GEMMs inside, the carried output's included (Stream.issue's tie; before it, it had none:
-    # docs/training.md, "Scanned layers"). The last layer's, after the loop, comes first.
+    # every layer all-reduce but the last (after the loop) async with GEMMs inside, the MLP
+    # output's that each iteration leaves in its carry included (LayerContext.defer_last; without
+    # it that all-reduce closed the iteration with nothing inside, synchronously on XLA:TPU).
+    # Backward (remat none): both of the loop body's gradient reductions with GEMMs inside, the
+    # carried output's included (Stream.issue's tie; before it, it had none: docs/training.md,
+    # "Scanned layers"). The last layer's, after the loop, comes first. (An all-reduce with
+    # nothing beside it may be async or not: jax 0.11's XLA makes such a one synchronous.)
     needs_compiler(platform)
     ars = [a for a in ladder_8b_train_all_reduces(target, scan=True) if a.scope.startswith(("layer", "scan"))]
     fwd, bwd = [a for a in ars if not a.backward], [a for a in ars if a.backward]
     assert [a.scope for a in fwd] == ["layer0"] + [f"scan_layers1-{LAYERS - 1}"] * 3
-    assert all(a.async_ for a in fwd) and all(a.overlapped for a in fwd[:-1])
-    assert len(bwd) == 4 and all(a.async_ for a in bwd)
+    assert all(a.async_ and a.overlapped for a in fwd[:-1])
+    assert len(bwd) == 4
     body = [a for a in bwd if a.scope.startswith("scan")]
     assert len(body) == 3 and all(a.overlapped for a in body[1:])
 
