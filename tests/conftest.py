@@ -1,13 +1,13 @@
 """Every test runs on 8 fake CPU devices (asked for before JAX starts its backends), compiled
 for a short compile rather than a fast program."""
 
-import importlib.util
 import os
 
 import jax
 import pytest
 
 from ladder_jax.config import load_config
+from ladder_jax.instruments import deviceless
 from ladder_jax.mesh import force_cpu_devices
 
 # The suite's time is XLA:CPU compiling tiny programs that then run a few times. LLVM's -O0 and
@@ -20,7 +20,7 @@ from ladder_jax.mesh import force_cpu_devices
 TEST_XLA_FLAGS = ["--xla_backend_optimization_level=0"]
 if jax.__version_info__ < (0, 11):
     TEST_XLA_FLAGS.append("--xla_cpu_use_fusion_emitters=false")
-DEVICELESS_COMPILERS = any(importlib.util.find_spec(m) for m in ("libtpu", "jax_cuda13_plugin", "jax_cuda12_plugin"))
+DEVICELESS_COMPILERS = any(map(deviceless.has_compiler, deviceless.PLUGINS))
 if not DEVICELESS_COMPILERS and not os.environ.get("XLA_FLAGS", "").startswith(TEST_XLA_FLAGS[0]):
     os.environ["XLA_FLAGS"] = " ".join(
         [*TEST_XLA_FLAGS, os.environ.get("XLA_FLAGS", "")]
