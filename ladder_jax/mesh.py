@@ -90,7 +90,7 @@ def logical_to_spec(axes, rules) -> P:
 # libtpu flags without which a ladder model's all-reduces do not overlap its GEMMs on a TPU, found
 # by reading the compiled schedule (`python -m ladder_jax analysis schedule`, docs/analysis.md). No combiner
 # flag is needed: a ladder's all-reduces form a chain (schedules.Stream.settle_after) that no
-# combiner can merge, and on GPU XLA's defaults already overlap every one of them.
+# combiner can merge.
 TPU_FLAGS = {
     # Without these two every XLA:TPU all-reduce is synchronous. With them an all-reduce becomes an
     # async collective fusion whose steps run inside the compute kernels scheduled beside it.
@@ -99,6 +99,12 @@ TPU_FLAGS = {
     # ... also inside loop fusions: at small decode batches the matmuls are matrix-vector loops.
     "xla_tpu_enable_async_collective_fusion_fuse_kloop_fusions": "true",
 }
+
+
+# XLA:GPU's, for the same reason: jax 0.12's XLA:GPU leaves its latency-hiding scheduler off for an
+# A100, and every all-reduce then runs synchronously (on an H100, and on an A100 up to jax 0.11, it
+# is on by default).
+GPU_FLAGS = {"xla_gpu_enable_latency_hiding_scheduler": "true"}
 
 
 def _merged_flags(current: str, flags: dict[str, str]) -> str:
@@ -112,15 +118,22 @@ def tpu_flags() -> dict[str, str]:
     return dict(TPU_FLAGS)
 
 
-def apply_xla_flags() -> None:
-    """Add TPU_FLAGS to LIBTPU_INIT_ARGS, keeping any value the user set.
+def gpu_flags() -> dict[str, bool | str]:
+    """The XLA:GPU flags the library runs with (see GPU_FLAGS), as compiler options (XLA:GPU takes
+    a boolean option only as a bool)."""
+    return {k: {"true": True, "false": False}.get(v, v) for k, v in GPU_FLAGS.items()}
 
-    Must run before JAX starts its backends: libtpu reads its flags once, when it loads.
-    LADDER_JAX_XLA_FLAGS=0 turns this off (e.g. for a libtpu that no longer knows one of them).
+
+def apply_xla_flags() -> None:
+    """Add TPU_FLAGS to LIBTPU_INIT_ARGS and GPU_FLAGS to XLA_FLAGS, keeping any value the user set.
+
+    Must run before JAX starts its backends: XLA and libtpu read their flags once, when they load.
+    LADDER_JAX_XLA_FLAGS=0 turns this off (e.g. for an XLA that no longer knows one of them).
     """
     if os.environ.get("LADDER_JAX_XLA_FLAGS", "1") == "0":
         return
     os.environ["LIBTPU_INIT_ARGS"] = _merged_flags(os.environ.get("LIBTPU_INIT_ARGS", ""), TPU_FLAGS)
+    os.environ["XLA_FLAGS"] = _merged_flags(os.environ.get("XLA_FLAGS", ""), GPU_FLAGS)
 
 
 def init_runtime(

@@ -22,7 +22,7 @@ from ladder_jax.instruments.deviceless import (
     scheduled_all_reduces,
     target_mesh,
 )
-from ladder_jax.mesh import apply_xla_flags, tpu_flags
+from ladder_jax.mesh import apply_xla_flags, gpu_flags, tpu_flags
 
 from .conftest import SMALL
 
@@ -150,11 +150,16 @@ def test_xla_flags_are_added_without_overriding_the_users(monkeypatch):
         and "--xla_tpu_enable_async_collective_fusion_fuse_all_reduce=true" in tpu
     )
     assert sum(f.startswith("--xla_enable_async_all_reduce") for f in tpu) == 1
-    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"  # XLA:GPU needs none
+    flags = "--xla_force_host_platform_device_count=8 --xla_gpu_enable_latency_hiding_scheduler=true"
+    assert os.environ["XLA_FLAGS"] == flags
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_latency_hiding_scheduler=false")
+    apply_xla_flags()
+    assert os.environ["XLA_FLAGS"] == "--xla_gpu_enable_latency_hiding_scheduler=false"  # the user's wins
     monkeypatch.setenv("LADDER_JAX_XLA_FLAGS", "0")
     monkeypatch.setenv("LIBTPU_INIT_ARGS", "")
+    monkeypatch.setenv("XLA_FLAGS", "")
     apply_xla_flags()
-    assert os.environ["LIBTPU_INIT_ARGS"] == ""
+    assert os.environ["LIBTPU_INIT_ARGS"] == os.environ["XLA_FLAGS"] == ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +196,7 @@ def test_gpu_ladder_overlaps_every_all_reduce_but_the_last_and_standard_none(tar
     # overlap since the decode attention is a loop (its cost model then starts the all-reduce
     # after the next attention); layers of a real model's width keep it (docs/decoding.md).
     needs_compiler("cuda")
-    rows = _rows(target, ["standard", "ladder"], batch, None, preset)  # XLA:GPU defaults
+    rows = _rows(target, ["standard", "ladder"], batch, gpu_flags(), preset)  # the library's, as it runs
     assert rows["standard"]["overlapped"] == 0
     ladder = rows["ladder"]
     assert ladder["ladder_overlaps"] and ladder["merged"] == 0
@@ -217,7 +222,7 @@ def ladder_8b_train_all_reduces(target, scan=False):
     with LAYERS layers, 8 x 512 tokens, compiled for `target` (v5e-8 with the library's TPU flags)."""
     cfg = load_config("llama-3.1-8b", [f"model.n_layers={LAYERS}", "model.plan=ladder", "mesh.tensor=8"])
     mesh = target_mesh(cfg, get_target(target))
-    options = tpu_flags() if target == "v5e-8" else None
+    options = tpu_flags() if target == "v5e-8" else gpu_flags()
     text = deviceless.train_hlo(cfg.model, mesh, 8, 512, scan=scan, compiler_options=options)
     return [a for a in scheduled_all_reduces(text, mesh) if a.axis == "tensor"]
 
@@ -472,7 +477,7 @@ def test_the_ladder_decode_step_moves_what_standard_moves_near_the_floor(target,
     needs_compiler(platform)
     cfg = load_config("llama-3.1-8b", ["model.n_layers=2", "mesh.tensor=8"])
     mesh = target_mesh(cfg, get_target(target))
-    options = tpu_flags() if platform == "tpu" else None
+    options = tpu_flags() if platform == "tpu" else gpu_flags()
     for batch in (1, 16):
         rows = {
             r["variant"]: r

@@ -70,7 +70,7 @@ def add(sub) -> None:
         q.add_argument(
             "--no-xla-flags",
             action="store_true",
-            help="compile without the library's libtpu flags (mesh.TPU_FLAGS), to see XLA's defaults",
+            help="compile without the library's XLA flags (mesh.TPU_FLAGS, mesh.GPU_FLAGS), to see XLA's defaults",
         )
         q.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -113,7 +113,9 @@ def schedule(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    flags = "ladder_jax.mesh TPU_FLAGS" if target.platform == "tpu" and not args.no_xla_flags else "XLA defaults"
+    flags = (
+        "XLA defaults" if args.no_xla_flags else f"ladder_jax.mesh {'TPU' if target.platform == 'tpu' else 'GPU'}_FLAGS"
+    )
     print(_format.schedule_report(cfg.model, mesh, target, args.batch, args.cache_len, flags, rows))
     return 0
 
