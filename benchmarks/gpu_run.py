@@ -175,6 +175,7 @@ class Run:
             "platform": self.device.platform,
             "spec": dataclasses.asdict(self.spec) if self.spec else None,
             "jax": jax.__version__,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "driver": gpu_driver() if self.device.platform == "gpu" else None,
             "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -635,7 +636,8 @@ def markdown(report: dict) -> str:
             if spec
             else ""
         )
-        + (f" JAX's allocator may hold {report['memory_limit_gib']} GiB." if report.get("memory_limit_gib") else ""),
+        + (f" JAX's allocator may hold {report['memory_limit_gib']} GiB." if report.get("memory_limit_gib") else "")
+        + (f" XLA_FLAGS: `{report['xla_flags']}`." if report.get("xla_flags") else ""),
         "",
         f"{_f(report.get('seconds'), '.0f')} s in all, of which {_f(report.get('compile_s'), '.0f')} s compiling "
         f"({report.get('compiles')} programs) and {_f(report.get('trace_s'), '.0f')} s tracing and lowering.",
@@ -760,6 +762,9 @@ def main(argv=None) -> int:
         if not Path(p).is_file():
             print(f"error: no report at {p}; give the gpu_run.json of an earlier call", file=sys.stderr)
             return 2
+    from ladder_jax.mesh import apply_xla_flags
+
+    apply_xla_flags()  # the flags train.py and infer.py run with, before the backend starts
     import jax
 
     try:

@@ -46,6 +46,7 @@ def test_the_gpu_run_dry_run_reports_every_part_with_numbers_without_the_data_an
     report = dry_run(tmp_path)
     parts = report["parts"]
     assert list(parts) == ["bandwidth", "decode", "prefill", "layer", "serve", "train"]
+    assert "--xla_gpu_enable_latency_hiding_scheduler=true" in report["xla_flags"]  # as train.py runs
     # one layer of tiny may hide in a loaded CPU's timing noise: that part then says so in a line
     noise = ["tiny tensor 2 (one device's shapes) batch 1: RuntimeError: the layers' time is below the timing noise"]
     if parts["layer"]["skipped"] == noise:
