@@ -19,14 +19,17 @@ from . import attention
 from .config import ModelConfig, dtype_of
 
 
-def _param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
-    # `init`: how model.init_params creates the parameter (leaf by leaf; a module is only ever
-    # built abstractly, for shapes and metadata)
-    return nnx.Param(jax.random.normal(rngs.params(), shape, dtype) * std, axes=axes, init=("normal", std))
+def _param(rngs: nnx.Rngs | None, shape, axes, std: float, dtype) -> nnx.Param:
+    # `init`: how model.init_params creates the parameter (leaf by leaf; the library builds a
+    # module only abstractly, for shapes and metadata, and with rngs=None: on jax 0.10 each draw
+    # from an nnx.Rngs under tracing costs time in proportion to what was traced before it, and
+    # llama-3.1-405b's shapes took 20 s instead of 1)
+    value = jnp.zeros(shape, dtype) if rngs is None else jax.random.normal(rngs.params(), shape, dtype) * std
+    return nnx.Param(value, axes=axes, init=("normal", std))
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None):
         self.eps = cfg.norm_eps
         self.scale = nnx.Param(jnp.ones((cfg.d_model,), dtype_of(cfg.param_dtype)), axes=("embed",), init=("ones",))
 
@@ -92,7 +95,7 @@ class Attention(nnx.Module):
     """Grouped-query attention over this device's heads; the output is a partial sum (row-parallel).
     `width` (config.ModelConfig.layer_widths): how many layers' heads it holds side by side."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, width: int = 1):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None, width: int = 1):
         d, hd, pd = cfg.d_model, cfg.hd, dtype_of(cfg.param_dtype)
         h, kv = cfg.n_heads * width, cfg.n_kv_heads * width
         std = cfg.init_std
@@ -212,7 +215,7 @@ class MLP(nnx.Module):
     """SwiGLU over this device's FFN columns; the output is a partial sum (row-parallel).
     `width`: how many layers' FFN columns it holds side by side (as Attention's)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, width: int = 1):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None, width: int = 1):
         d, f, pd, std = cfg.d_model, cfg.ffn_dim * width, dtype_of(cfg.param_dtype), cfg.init_std
         self.dtype = dtype_of(cfg.dtype)
         self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), std, pd)
@@ -230,7 +233,7 @@ class MLP(nnx.Module):
 class Embed(nnx.Module):
     """Vocab-parallel embedding: this device holds rows [offset, offset + V_local) of the table."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None):
         self.dtype = dtype_of(cfg.dtype)
         self.table = _param(
             rngs, (cfg.padded_vocab, cfg.d_model), ("vocab", "embed"), cfg.init_std, dtype_of(cfg.param_dtype)
@@ -252,7 +255,7 @@ class Embed(nnx.Module):
 class LMHead(nnx.Module):
     """Untied vocab-parallel output projection: logits for this device's vocab columns."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None):
         self.dtype = dtype_of(cfg.dtype)
         self.kernel = _param(
             rngs, (cfg.d_model, cfg.padded_vocab), ("embed", "vocab"), cfg.init_std, dtype_of(cfg.param_dtype)

@@ -42,7 +42,7 @@ TENSOR = "tensor"
 class Block(nnx.Module):
     """One layer's modules. A schedule without an MLP norm (parallel) has a single norm."""
 
-    def __init__(self, cfg: ModelConfig, schedule: str, *, rngs: nnx.Rngs, width: int = 1):
+    def __init__(self, cfg: ModelConfig, schedule: str, *, rngs: nnx.Rngs | None, width: int = 1):
         self.attn_norm = RMSNorm(cfg, rngs=rngs)
         self.attn = Attention(cfg, rngs=rngs, width=width)
         self.mlp_norm = RMSNorm(cfg, rngs=rngs) if lookup(schedule).mlp_norm else None
@@ -50,7 +50,7 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None):
         self.cfg = cfg
         self.embed = Embed(cfg, rngs=rngs)
         self.layers = nnx.List(
@@ -402,7 +402,7 @@ def to_split_layout(cfg: ModelConfig, params: dict, mesh: Mesh) -> dict:
 
 @functools.lru_cache(maxsize=32)
 def _abstract(cfg: ModelConfig):
-    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=None))
     graphdef, state = nnx.split(model, nnx.Param)
     return graphdef, state
 
@@ -647,7 +647,7 @@ def block_inputs_fn(cfg: ModelConfig, mesh: Mesh, layers: tuple[int, ...]):
 def block_fn(cfg: ModelConfig, mesh: Mesh, schedule: str):
     """jit(layer_params, x, positions, segment_ids) -> the residual after one layer run under
     `schedule` (x: (B, S, D) residual entering it, batch over data x fsdp). For block-level distillation."""
-    gdef, _ = nnx.split(nnx.eval_shape(lambda: Block(cfg, schedule, rngs=nnx.Rngs(0))), nnx.Param)
+    gdef, _ = nnx.split(nnx.eval_shape(lambda: Block(cfg, schedule, rngs=None)), nnx.Param)
     specs = mesh_param_specs(cfg, mesh)["layers"][0]
     rope_freq = rope_frequencies(cfg)
 

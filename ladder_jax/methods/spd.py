@@ -168,8 +168,8 @@ def choose_blocks(report: dict, blocks: int | None = None, max_increase: float |
 def per_head_outputs(cfg, layer: dict, x: np.ndarray, positions: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
     """(H, N, D): each query head's attention output after o_proj, on the residual x (B, S, D), global view."""
     one = dataclasses.replace(cfg, plan="standard")
-    attn_def, _ = nnx.split(nnx.eval_shape(lambda: Attention(one, rngs=nnx.Rngs(0))), nnx.Param)
-    norm_def, _ = nnx.split(nnx.eval_shape(lambda: RMSNorm(one, rngs=nnx.Rngs(0))), nnx.Param)
+    attn_def, _ = nnx.split(nnx.eval_shape(lambda: Attention(one, rngs=None)), nnx.Param)
+    norm_def, _ = nnx.split(nnx.eval_shape(lambda: RMSNorm(one, rngs=None)), nnx.Param)
     host = jax.device_get({"attn": layer["attn"], "attn_norm": layer["attn_norm"]})
 
     @jax.jit
