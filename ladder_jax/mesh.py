@@ -109,9 +109,9 @@ if (0, 11) <= jax.__version_info__ < (0, 13):
     # From jax 0.11 the scheduler's "speed of light" cost model (on by default for an H100) leaves
     # a gradient all-reduce of a scanned ladder layer with no GEMM beside it, synchronous; its
     # older model overlaps it as jax 0.10 did, and the decode step is the same with either
-    # (docs/training.md, "Scanned layers and the ladder's overlap"). Up to 0.10 the new model
-    # overlaps more, so it stays on there. Only the versions it was checked on: XLA aborts at
-    # start on a flag it does not know, and a newer one may drop this one.
+    # (docs/training.md, "Scanned layers and the ladder's overlap"). Up to 0.10 the speed-of-light
+    # model overlaps more, so it stays on there. Only the versions it was checked on: XLA aborts
+    # at start on a flag it does not know, and a newer one may drop this one.
     GPU_FLAGS["xla_gpu_enable_analytical_sol_latency_estimator"] = "false"
 
 
