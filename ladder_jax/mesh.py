@@ -115,6 +115,16 @@ if (0, 11) <= jax.__version_info__ < (0, 13):
     GPU_FLAGS["xla_gpu_enable_analytical_sol_latency_estimator"] = "false"
 
 
+def ties_late_residual(platform: str) -> bool:
+    """Whether a ladder's late add reads its own copy of the residual, tied to the module's output
+    (schedules.Stream.settle_after's third barrier), in a program compiled for `platform`. The tie
+    keeps XLA:TPU's backward gradient all-reduces beside the next module's backward, and XLA:GPU's
+    on jax 0.10 (on 0.11 it makes little difference). From jax 0.12 XLA:GPU overlaps more without
+    it: with it, a scanned ladder's body left one gradient all-reduce with nothing inside
+    (docs/training.md, "Scanned layers and the ladder's overlap")."""
+    return platform != "gpu" or jax.__version_info__ < (0, 12)
+
+
 def _merged_flags(current: str, flags: dict[str, str]) -> str:
     """`current` plus `--name=value` for each flag it does not set already: the user's value wins."""
     have = {f.lstrip("-").split("=")[0] for f in current.split()}

@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 from . import attention, plan
 from .config import REMAT_POLICIES, Config, ModelConfig
 from .layers import MLP, Attention, Embed, LMHead, RMSNorm, rope_frequencies, rope_tables
-from .mesh import BATCH, FSDP, batch_shards, logical_to_spec, sharding_rules
+from .mesh import BATCH, FSDP, batch_shards, logical_to_spec, sharding_rules, ties_late_residual
 from .plan import lookup
 from .schedules import LayerContext, Schedule, Stream
 
@@ -355,6 +355,7 @@ def layer_context(cfg: ModelConfig, rope, positions, segment_ids=None, page_tabl
         all_reduce=functools.partial(jax.lax.psum, axis_name=TENSOR),
         attend=attend,
         pick=lambda a, b: jnp.where(first_half, a, b),
+        tie_late=ties_late_residual(attention.current_platform()),
     )
 
 

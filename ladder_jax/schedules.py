@@ -46,7 +46,7 @@ class Stream:
             x = x + y
         return Stream(x)
 
-    def settle_after(self, y: jax.Array, tie_first: bool = False) -> tuple["Stream", jax.Array]:
+    def settle_after(self, y: jax.Array, tie_first: bool = False, tie_late: bool = True) -> tuple["Stream", jax.Array]:
         """Add the pending outputs once this module's output `y` exists (ladder).
 
         The module read `x` without them, so their all-reduces can run while it computes. The
@@ -59,11 +59,13 @@ class Stream:
         own copy of the residual (`late`), tied to `y`: in the backward pass that add's gradient
         is then read only once `y`'s gradient is reduced, so XLA:TPU cannot run that all-reduce
         in place after the next module's whole backward, synchronously (docs/training.md, "The
-        backward pass's all-reduces"). Returns the stream and `y` to reduce. The first module of
-        a stream has nothing to add; with `tie_first` (a step over a KV cache) the next module
-        still waits for its output: else it may run first, and this output's all-reduce has
-        nothing to hide behind (XLA:GPU's A100 schedule did that with layer 0 at batch 1). Not in
-        training: in the backward that tie cost XLA:TPU the overlap of two gradient all-reduces.
+        backward pass's all-reduces"); `tie_late=False` leaves it out, for a compiler that
+        overlaps more without it (`LayerContext.tie_late`). Returns the stream and `y` to
+        reduce. The first module of a stream has nothing to add; with `tie_first` (a step over a
+        KV cache) the next module still waits for its output: else it may run first, and this
+        output's all-reduce has nothing to hide behind (XLA:GPU's A100 schedule did that with
+        layer 0 at batch 1). Not in training: in the backward that tie cost XLA:TPU the overlap
+        of two gradient all-reduces.
         """
         if not self.pending:
             if tie_first:
@@ -75,6 +77,8 @@ class Stream:
         for p in settle:
             x = x + p
         x = jax.lax.optimization_barrier(x)
+        if not tie_late:
+            return Stream(x), y
         late, y = jax.lax.optimization_barrier((x, y))
         return Stream(x, late=(late,)), y
 
@@ -119,13 +123,16 @@ class LayerContext:
     # unreduced in the carry (Stream.defer): the next iteration reduces it while its first module,
     # which does not read it, computes; reduced here, it would close the iteration synchronously
     defer_last: Callable | None = None
+    # whether a ladder's next late add reads its own copy of the residual tied to this module's
+    # output (Stream.settle_after's third barrier): mesh.ties_late_residual, by compiler
+    tie_late: bool = True
 
 
 # Every schedule function: (blocks, kv, stream, ctx) -> (stream, kv) for one step of the plan;
 # blocks and kv (each layer's cache, None without one) hold one entry per layer of the step.
 
 
-def _module(s: Stream, f, reduce, ladder: bool, defer: Callable | None = None):
+def _module(s: Stream, f, reduce, ladder: bool, defer: Callable | None = None, tie_late: bool = True):
     """One module over the stream. f(x) -> (partial output, cache). A standard module reads the
     settled residual; a ladder module reads it without the previous module's output, which is
     added only once this module's output exists. With `defer` the output stays unreduced."""
@@ -133,15 +140,15 @@ def _module(s: Stream, f, reduce, ladder: bool, defer: Callable | None = None):
         s = s.read()
     y, kv = f(s.x)
     if ladder:
-        s, y = s.settle_after(y, tie_first=kv is not None)
+        s, y = s.settle_after(y, tie_first=kv is not None, tie_late=tie_late)
     return (s.push(reduce(y)) if defer is None else s.defer(defer(y))), kv
 
 
 def _sequential(blocks, kv, s: Stream, ctx: LayerContext, reduce, ladder: bool = False):
     (b,), (c,) = blocks, kv
-    s, c = _module(s, lambda x: ctx.attend(b.attn, b.attn_norm(x), c), reduce, ladder)
+    s, c = _module(s, lambda x: ctx.attend(b.attn, b.attn_norm(x), c), reduce, ladder, tie_late=ctx.tie_late)
     defer = ctx.defer_last if ladder else None
-    s, _ = _module(s, lambda x: (b.mlp(b.mlp_norm(x)), None), reduce, ladder, defer)
+    s, _ = _module(s, lambda x: (b.mlp(b.mlp_norm(x)), None), reduce, ladder, defer, ctx.tie_late)
     return s, (c,)
 
 

@@ -7,7 +7,6 @@ reading, the targets, the flags and the one-line errors are checked always, chea
 
 import importlib.util
 
-import jax
 import pytest
 
 from ladder_jax import accelerators
@@ -247,22 +246,7 @@ def test_the_ladder_backward_overlaps_every_layer_gradient_all_reduce(target, pl
 
 
 @pytest.mark.deviceless
-@pytest.mark.parametrize(
-    "target, platform",
-    [
-        ("v5e-8", "tpu"),
-        pytest.param(
-            "h100-8",
-            "cuda",
-            marks=pytest.mark.xfail(
-                jax.__version_info__ >= (0, 12),
-                reason="jax 0.12's XLA:GPU runs one of the loop body's gradient all-reduces with nothing "
-                "beside it (docs/training.md, 'Scanned layers and the ladder's overlap')",
-                strict=True,
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("target, platform", [("v5e-8", "tpu"), ("h100-8", "cuda")])
 def test_the_scanned_ladder_train_step_overlaps_the_all_reduce_at_its_iteration_boundary(target, platform):
     # train.scan_layers: layer 0 runs alone, layers 1-2 are the loop body (read once). Forward:
     # every layer all-reduce but the last (after the loop) async with GEMMs inside, the MLP
