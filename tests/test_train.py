@@ -138,22 +138,29 @@ def _grads(plan, shape, remat="none", scan=False):
     return jax.device_get(jax.jit(jax.grad(loss))(params, global_batch(mesh, _batch())))
 
 
+@functools.cache
+def _reference_grads(plan, tensor):
+    """`plan`'s gradients on one data x fsdp device at `tensor` (1 but for tensor-dependent plans)."""
+    return _grads(plan, (1, 1, tensor))
+
+
 @pytest.mark.parametrize("plan, shape, remat, scan", GRADIENT_CASES, ids=lambda c: str(c).replace(" ", ""))
 def test_gradients_equal_a_tensor_1_run(plan, shape, remat, scan, devices):
     # SPD and track at tensor > 1 are other functions by design: their reference keeps the tensor size.
     dependent = any(lookup(s).tensor_dependent for s in small_config(plan).model.layer_schedules)
-    reference = (1, 1, shape[2] if dependent else 1)
-    want, got = _grads(plan, reference), _grads(plan, shape, remat, scan)
+    want, got = _reference_grads(plan, shape[2] if dependent else 1), _grads(plan, shape, remat, scan)
     for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
         np.testing.assert_allclose(g, w, atol=2e-6, rtol=2e-4)
 
 
 def test_ladder_gradients_without_the_late_residual_tie_equal_a_tensor_1_run(monkeypatch, devices):
     # XLA:GPU from jax 0.12 compiles the ladder without Stream.settle_after's third barrier
-    # (mesh.ties_late_residual): the same function, here scanned, with a remat, on data x fsdp x tensor.
+    # (mesh.ties_late_residual): the same function, here scanned, with a remat, on data x fsdp x
+    # tensor, against the tensor-1 run with the barrier (made before the patch).
+    want = _reference_grads("ladder", 1)
     asked = []
     monkeypatch.setattr(M, "ties_late_residual", lambda platform: asked.append(platform) or False)
-    want, got = _grads("ladder", (1, 1, 1)), _grads("ladder", (1, 2, 4), "full", True)
+    got = _grads("ladder", (1, 2, 4), "full", True)
     assert asked
     for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
         np.testing.assert_allclose(g, w, atol=2e-6, rtol=2e-4)
