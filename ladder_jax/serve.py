@@ -516,11 +516,15 @@ def serve(server: Server, host: str = "127.0.0.1", port: int = 8000) -> None:
 @contextlib.contextmanager
 def serving_in_thread(server: Server, host: str = "127.0.0.1", port: int = 0):
     """Serve in a background thread (port 0: a free one) and yield the base URL; stop on exit.
-    For tests and benchmarks that talk to the server from the same process."""
+    For tests and benchmarks that talk to the server from the same process. Idle connections stay
+    open a minute, not uvicorn's 5 s: such a caller pauses between requests (to compile a
+    reference, say), and a pooled connection the server closes as the client reuses it fails that
+    request with "Server disconnected"."""
     import uvicorn
 
     server.start()
-    web = uvicorn.Server(uvicorn.Config(server.app, host=host, port=port, log_level="warning"))
+    config = uvicorn.Config(server.app, host=host, port=port, log_level="warning", timeout_keep_alive=60)
+    web = uvicorn.Server(config)
     thread = threading.Thread(target=web.run, daemon=True)
     thread.start()
     try:
