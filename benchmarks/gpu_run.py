@@ -18,7 +18,8 @@ two calls on two fresh machines make one report.
   bandwidth (ladder_jax/accelerators.yaml) and of a plain copy measured here first; then batch 1
   and 64 with the keys read in a loop up to the position, as every step ran before 2026-12-05
   (XLA:GPU's runtime fetches such a loop's condition to the host at every iteration), and a
-  `jax.profiler` trace of three batch-1 steps in --out/profile;
+  `jax.profiler` trace of three batch-1 steps in --out/profile, summed up into the report here
+  (`ladder_jax.instruments.timeline`: kernels per step, busy share, idle gaps, top ops);
 - prefill: 8192 tokens of llama-3.1-8b, `model.attention=cudnn` against `xla`;
 - layer: `layer_decode.py`'s table (llama-2-70b at tensor 8: one device's shapes) against the
   latency model (the h100-nvlink profile, with the spec numbers of the device at hand);
@@ -360,6 +361,7 @@ def decode_rows(run: Run):
 
     from ladder_jax import model as M
     from ladder_jax.config import load_config
+    from ladder_jax.instruments import timeline
     from ladder_jax.instruments.traffic import floor_bytes
 
     sh = run.shapes
@@ -405,6 +407,10 @@ def decode_rows(run: Run):
         folder = run.out / "profile"
         with jax.profiler.trace(str(folder / "trace")):
             t = layer_decode.time_steps(m, mesh, 1, sh.context, 3, 0, sh.context - 1, params())
+        try:  # read here, so the report has it even if the trace files are too large to bring back
+            summary = {"timeline": timeline.read(folder / "trace", steps=3)}
+        except Exception as e:  # the trace's layout is the profiler's; keep the row and its files
+            summary = {"timeline_error": _line(e)}
         files = []
         for p in sorted((folder / "trace").rglob("*")):
             if p.is_file():
@@ -417,7 +423,7 @@ def decode_rows(run: Run):
                     shutil.copy(p, dest)
                 files.append(f"{dest.name} ({dest.stat().st_size / 2**20:.1f} MiB)")
         shutil.rmtree(folder / "trace")
-        return {"batch": 1, "reads": "platform", "ms_per_token": t * 1e3, "trace_files": files}
+        return {"batch": 1, "reads": "platform", "ms_per_token": t * 1e3, "trace_files": files, **summary}
 
     yield f"{m.name} batch 1, profiled", profile
 
@@ -623,6 +629,8 @@ def _f(x, spec: str = ".1f") -> str:
 
 
 def markdown(report: dict) -> str:
+    from ladder_jax.instruments import timeline
+
     p = report["parts"]
     spec = report["spec"]
     out = [
@@ -680,6 +688,11 @@ def markdown(report: dict) -> str:
             ("of copy", "of_copy", "%"),
         ],
     )
+    for r in p.get("decode", {}).get("rows", []):
+        if r.get("timeline"):
+            out.extend(["", f"### {r['label']}: where a step's time goes", "", timeline.table(r["timeline"])])
+        elif r.get("timeline_error"):
+            out.extend(["", f"### {r['label']}: the trace could not be read: {r['timeline_error']}"])
     table(
         "prefill",
         "Prefill",

@@ -79,6 +79,8 @@ def test_the_gpu_run_dry_run_reports_every_part_with_numbers_without_the_data_an
     traces = sorted(p.name for p in (tmp_path / "profile").iterdir())
     assert any(name.endswith(".xplane.pb") for name in traces) and not (tmp_path / "profile" / "trace").exists()
     assert [f.split(" ")[0] for f in profiled["trace_files"]] == traces
+    # read where it was taken: the three profiled steps of the decode program
+    assert profiled["timeline"]["steps"] == 3 and profiled["timeline"]["kernels_per_step"] > 0
     # where the seconds went: each row's compiles (JAX's events) within its own seconds, and the run's
     rows = [r for part in parts.values() for r in part["rows"]]
     assert all(0 <= r["compile_s"] <= r["seconds"] + 0.1 and r["compiles"] >= 0 for r in rows)
@@ -91,6 +93,7 @@ def test_the_gpu_run_dry_run_reports_every_part_with_numbers_without_the_data_an
     table = (tmp_path / "gpu_run.md").read_text()
     for title in ("Decode", "Prefill", "layer_decode", "Serving", "Train step", "attention=cudnn: AttentionError"):
         assert title in table
+    assert "batch 1, profiled: where a step's time goes" in table
 
 
 def test_a_gpu_run_past_its_budget_skips_every_row_with_a_line_and_still_writes_its_report(tmp_path):

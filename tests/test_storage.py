@@ -130,7 +130,8 @@ def test_a_gcs_run_killed_with_sigkill_resumes_from_its_last_checkpoint_bit_exac
 
 @pytest.fixture(scope="module")
 def prepared_run(gcs, corpus):
-    """`data prepare` from gs:// JSONL into gs://, then two training steps from it into a gs:// run."""
+    """`data prepare` from gs:// JSONL into gs://, then two training steps from it into a gs:// run,
+    the second one profiled."""
     docs = [json.dumps({"text": line}) for line in corpus.read_text().split("\n") if line.strip()]
     for i in range(2):  # inputs on gs:// too, named by a glob
         storage.path(f"gs://{BUCKET}/corpus/part{i}.jsonl").write_text("\n".join(docs[i::2]) + "\n")
@@ -138,6 +139,7 @@ def prepared_run(gcs, corpus):
     prepare = ["data", "prepare", f"gs://{BUCKET}/corpus/*.jsonl", "--out", data, "--workers", "1", "--no-progress"]
     assert cli_main([*prepare, "--val-fraction", "0.2"]) == 0
     over = [*RUN, f"train.data={data}", "train.steps=2", "train.eval_every=2", "train.eval_batches=1"]
+    over += ["train.profile=2:3"]
     result = training.train(load_config("tiny", over), run, progress=False, log=lambda *_: None)
     return data, run, result
 
@@ -156,6 +158,10 @@ def test_data_prepared_on_gcs_trains_and_infer_and_eval_read_the_gcs_run(prepare
     assert capsys.readouterr().out.startswith("ab")
     assert cli_main(["eval", "perplexity", "--checkpoint", run, "--data", data, "--max-documents", "2", *DECODING]) == 0
     assert "token_perplexity" in capsys.readouterr().out
+    assert cli_main(["analysis", "trace", run, "--json"]) == 0  # the profile, mirrored into the gs:// run
+    trace = json.loads(capsys.readouterr().out)
+    assert trace["trace"].startswith(f"{run}/profile/plugins/profile/")
+    assert "jit_step" in [trace["program"], *(p["program"] for p in trace["other_programs"])]  # step 2's eval too
 
 
 def test_serve_answers_from_a_gcs_run(prepared_run, monkeypatch):

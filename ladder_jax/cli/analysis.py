@@ -1,5 +1,5 @@
 """`analysis sync`, `analysis schedule`, `analysis memory`: where the all-reduces are, on CPU and in
-deviceless GPU/TPU compiles."""
+deviceless GPU/TPU compiles. `analysis trace`: where a profiled step's device time went."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import jax
 
 from ..config import load_config
-from ..instruments import deviceless, sync
+from ..instruments import deviceless, sync, timeline
 from ..memory import refusal
 from ..mesh import apply_xla_flags, force_cpu_devices, make_mesh
 from ..plan import parse_plan
@@ -66,6 +66,21 @@ def add(sub) -> None:
     m.add_argument("--data", type=int, help="data-parallel degree (default: every device the tensor axis leaves over)")
     m.add_argument("--tensor", type=int, help="tensor-parallel degree (default: the config's mesh.tensor)")
     m.set_defaults(handler=memory)
+    t = verbs.add_parser(
+        "trace",
+        help="a jax.profiler trace's steps: kernels per step, the device's busy share, idle gaps, the ops that took the time",
+    )
+    t.add_argument(
+        "trace", help="a trace folder (jax.profiler.trace's DIR), a run directory (train.profile) or an .xplane.pb"
+    )
+    t.add_argument(
+        "--steps",
+        type=int,
+        help="steps in the trace, for a trace whose events carry no run id (a GPU's): it is split at the longest idle gaps",
+    )
+    t.add_argument("--top", type=int, default=8, help="how many ops and gaps to list (default 8)")
+    t.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    t.set_defaults(handler=trace)
     for q in (c, m):
         q.add_argument(
             "--no-xla-flags",
@@ -130,4 +145,12 @@ def memory(args) -> int:
         print(json.dumps({"target": target.name, "mesh": dict(mesh.shape), **r}, indent=1))
     else:
         print(_format.memory_summary(cfg, mesh, target, r))
+    return 0
+
+
+def trace(args) -> int:
+    if args.steps is not None and args.steps < 1 or args.top < 1:
+        raise timeline.TraceError(f"--steps {args.steps} --top {args.top}: give whole numbers of at least 1")
+    summary = timeline.read(args.trace, args.steps, args.top)
+    print(json.dumps(summary, indent=1) if args.json else f"{summary['trace']}\n\n{timeline.table(summary)}")
     return 0
