@@ -79,10 +79,10 @@ def test_a_gpu_trace_splits_at_its_longest_idle_gaps_and_busy_time_is_the_union_
         (pytest.approx(2), "fusion.1", "gemm.2"),
     ]
     # named by the HLO instruction where the kernel carries one
-    assert [(o["op"], round(o["us_per_step"], 3), o["per_step"]) for o in s["top_ops"]] == [
-        ("gemm.2", 17.0, 1),
-        ("fusion.1", 10.0, 1),
-        ("MemcpyD2H", 1.0, 1),
+    assert [(o["op"], o["kernels"], round(o["us_per_step"], 3), o["per_step"]) for o in s["top_ops"]] == [
+        ("gemm.2", ["sm90_gemm"], 17.0, 1),
+        ("fusion.1", ["loop_fusion"], 10.0, 1),
+        ("MemcpyD2H", [], 1.0, 1),
     ]
     assert s["other_programs"] == [{"program": "jit_zeros", "us": pytest.approx(1), "executions": None}]
     kind, devices, ops = T.device_ops(tmp_path)

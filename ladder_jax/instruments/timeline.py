@@ -40,11 +40,12 @@ class TraceError(LadderError):
 class Op:
     """One span of device work: a kernel or a copy, of one execution (`run`) of one program."""
 
-    name: str
+    name: str  # the HLO instruction, else the kernel's name
     start_ns: float
     end_ns: float
     run: int | None = None
     module: str | None = None
+    kernel: str = ""  # the kernel's (or thunk's) own name
 
     @property
     def is_copy(self) -> bool:
@@ -97,7 +98,8 @@ def device_ops(path) -> tuple[str, int, list[Op]]:
                 name, module = str(stats.get("hlo_op") or ev.name), stats.get("hlo_module")
                 device = int(stats.get("device_ordinal", 0)) if kind == "cpu" else int(chip.group(2))
                 end = ev.start_ns + ev.duration_ns
-                found[(kind, device)].append(Op(name, ev.start_ns, end, stats.get("run_id"), module and str(module)))
+                op = Op(name, ev.start_ns, end, stats.get("run_id"), module and str(module), ev.name)
+                found[(kind, device)].append(op)
     for kind in ("gpu", "tpu", "cpu"):  # a GPU or TPU trace also holds host events: the device wins
         devices = sorted(d for k, d in found if k == kind)
         if devices:
@@ -173,10 +175,11 @@ def summarize(kind: str, ops: list[Op], steps: int | None = None, top: int = 8, 
     busy = [busy_ns(g) for g in groups]
     between = [b[0].start_ns - max(op.end_ns for op in a) for a, b in zip(groups, groups[1:])]
     copies = collections.Counter(op.name for op in ops if op.is_copy)
-    by_name, count = collections.Counter(), collections.Counter()
+    by_name, count, kernels = collections.Counter(), collections.Counter(), collections.defaultdict(set)
     for op in ops:
         by_name[op.name] += op.end_ns - op.start_ns
         count[op.name] += 1
+        kernels[op.name].add(op.kernel)
     total = sum(by_name.values())
     gaps = sorted((gap for g in groups for gap in idle_gaps(g)), reverse=True)[:top]
     return {
@@ -192,7 +195,13 @@ def summarize(kind: str, ops: list[Op], steps: int | None = None, top: int = 8, 
         "between_steps_us": statistics.median(between) / 1e3 if between else None,
         "longest_gaps": [{"us": g / 1e3, "after": a, "before": b} for g, a, b in gaps],
         "top_ops": [
-            {"op": k, "us_per_step": v / n / 1e3, "share": v / total if total else 0.0, "per_step": count[k] / n}
+            {
+                "op": k,
+                "kernels": sorted(kernels[k] - {k}),  # where the kernel's name is not the op's (cuBLAS's, say)
+                "us_per_step": v / n / 1e3,
+                "share": v / total if total else 0.0,
+                "per_step": count[k] / n,
+            }
             for k, v in by_name.most_common(top)
         ],
         "other_programs": [
@@ -225,9 +234,14 @@ def table(summary: dict) -> str:
         f"copies: {copies}; span {s['span_us']:.1f} us, busy {s['busy_us']:.1f} us ({share}); idle between steps "
         f"{between}; other programs: {len(s['other_programs'])}, {sum(o['us'] for o in s['other_programs']):.1f} us",
         "",
-        "| op | us per step | share of device time | per step |",
-        "| --- | --- | --- | --- |",
-        *(f"| `{o['op']}` | {o['us_per_step']:.1f} | {o['share']:.1%} | {o['per_step']:g} |" for o in s["top_ops"]),
+        "| op | us per step | share of device time | per step | kernels |",
+        "| --- | --- | --- | --- | --- |",
+        *(
+            f"| `{o['op']}` | {o['us_per_step']:.1f} | {o['share']:.1%} | {o['per_step']:g} | "
+            + ", ".join(f"`{k[:60]}`" for k in o["kernels"][:3])
+            + " |"
+            for o in s["top_ops"]
+        ),
     ]
     if s["longest_gaps"]:
         out += ["", "| idle gap us | after | before |", "| --- | --- | --- |"]
