@@ -112,3 +112,14 @@ def test_analysis_trace_reads_each_run_of_the_profiled_program(tmp_path, capsys)
 
     assert main(["analysis", "trace", str(tmp_path / "plugins")]) == 2
     assert "no jax.profiler trace (*.xplane.pb) under" in capsys.readouterr().err
+
+
+def test_of_several_traces_the_newest_and_its_first_host_are_read(tmp_path):
+    for start in ("2026_12_05_10_00_00", "2026_12_05_11_00_00"):
+        folder = tmp_path / "profile" / "plugins" / "profile" / start
+        folder.mkdir(parents=True)
+        for host in ("worker-1", "worker-0"):
+            (folder / f"{host}.xplane.pb").write_bytes(b"")
+    assert T.find_trace(tmp_path).relative_to(tmp_path).as_posix() == (
+        "profile/plugins/profile/2026_12_05_11_00_00/worker-0.xplane.pb"
+    )

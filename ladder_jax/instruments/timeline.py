@@ -63,13 +63,13 @@ def find_trace(folder) -> storage.Path:
     if not folder.exists():
         raise TraceError(f"{folder} does not exist; give the DIR of jax.profiler.trace(DIR) or a run directory")
     found = [p for pattern in TRACE_GLOBS for p in folder.glob(pattern)]
-    found.sort(key=lambda p: (p.parent.name, p.name))
     if not found:
         raise TraceError(
             f"no jax.profiler trace (*.xplane.pb) under {folder}; write one with train.profile=START:END "
             "or `with jax.profiler.trace(DIR): ...`"
         )
-    return found[-1]
+    newest = max(p.parent.name for p in found)
+    return min((p for p in found if p.parent.name == newest), key=lambda p: p.name)
 
 
 def device_ops(path) -> tuple[str, int, list[Op]]:
