@@ -15,8 +15,10 @@ two calls on two fresh machines make one report.
 - decode: per-token latency of llama-3.1-8b (random bfloat16 weights, tensor 1) at batch 1, 8,
   32, 64 with every row's new token at position 1023 (a 1024-token context); the bytes a step
   must read (`ladder_jax.instruments.traffic.floor_bytes`) over that time, as a fraction of the device's spec
-  bandwidth (ladder_jax/accelerators.yaml) and of a plain copy measured here first; then batch 1
-  and 64 with the keys read in a loop up to the position, as every step ran before 2026-12-05
+  bandwidth (ladder_jax/accelerators.yaml) and of a plain copy measured here first, each step's
+  token read before the next is sent; then batch 1 and 64 with the steps queued back to back (as
+  `decode.generate` keeps the next step queued: the device's time per step); batch 1 and 64 with
+  the keys read in a loop up to the position, as every step ran before 2026-12-05
   (XLA:GPU's runtime fetches such a loop's condition to the host at every iteration), and a
   `jax.profiler` trace of three batch-1 steps in --out/profile, summed up into the report here
   (`ladder_jax.instruments.timeline`: kernels per step, busy share, idle gaps, top ops);
@@ -374,13 +376,14 @@ def decode_rows(run: Run):
             shared["params"] = M.init_params(m, mesh, 0)
         return shared["params"]
 
-    def row(b, reads=None):
-        t = layer_decode.time_steps(m, mesh, b, sh.context, sh.runs, 3, sh.context - 1, params(), reads)
+    def row(b, reads=None, queued=False):
+        t = layer_decode.time_steps(m, mesh, b, sh.context, sh.runs, 3, sh.context - 1, params(), reads, queued)
         floor = floor_bytes(m, 1, b, sh.context, sh.context)
         rate = floor["total"] / t
         return {
             "batch": b,
             "reads": reads or "platform",
+            "dispatch": "queued" if queued else "each read",
             "ms_per_token": t * 1e3,
             "tokens_per_s": b / t,
             "floor_mb": floor["total"] / 1e6,
@@ -391,6 +394,10 @@ def decode_rows(run: Run):
 
     for b in sh.decode_batches:
         yield f"{m.name} batch {b}", lambda b=b: row(b)
+    # The same steps sent back to back, as `decode.generate` keeps the next step queued: the device's
+    # time per step without the host's turn between steps
+    for b in (sh.decode_batches[0], sh.decode_batches[-1]):
+        yield f"{m.name} batch {b}, queued", lambda b=b: row(b, queued=True)
     # The same steps with the keys read in a loop up to the position, whose trip count XLA:GPU's
     # runtime fetches to the host at every iteration (how every step ran before 2026-12-05)
     for b in (sh.decode_batches[0], sh.decode_batches[-1]):
@@ -423,7 +430,14 @@ def decode_rows(run: Run):
                     shutil.copy(p, dest)
                 files.append(f"{dest.name} ({dest.stat().st_size / 2**20:.1f} MiB)")
         shutil.rmtree(folder / "trace")
-        return {"batch": 1, "reads": "platform", "ms_per_token": t * 1e3, "trace_files": files, **summary}
+        return {
+            "batch": 1,
+            "reads": "platform",
+            "dispatch": "each read",
+            "ms_per_token": t * 1e3,
+            "trace_files": files,
+            **summary,
+        }
 
     yield f"{m.name} batch 1, profiled", profile
 
@@ -680,6 +694,7 @@ def markdown(report: dict) -> str:
         [
             ("batch", "batch", ""),
             ("keys read", "reads", ""),
+            ("dispatch", "dispatch", ""),
             ("ms/token", "ms_per_token", ".2f"),
             ("tokens/s", "tokens_per_s", ".0f"),
             ("floor MB", "floor_mb", ".0f"),

@@ -59,10 +59,13 @@ def time_steps(
     position: int | None = None,
     params=None,
     reads: str | None = None,
+    queued: bool = False,
 ) -> float:
     """Median seconds of one decode step of `cfg` (tensor=1) at `batch` rows over a `cache_len` cache,
-    every row at `position` (default mid-cache). `params`: the model's, else random ones;
-    `reads`: what the decode attention reads (`attention.decode_reads`; None: the platform's)."""
+    every row at `position` (default mid-cache), each step's token read before the next is sent.
+    `params`: the model's, else random ones; `reads`: what the decode attention reads
+    (`attention.decode_reads`; None: the platform's). `queued`: the `runs` steps sent back to back
+    and read once at the end, their mean: the host's dispatch hidden behind the device's work."""
     import jax
     import numpy as np
     from jax.sharding import NamedSharding
@@ -83,12 +86,13 @@ def time_steps(
     step = decode.step_fn(cfg, mesh) if reads is None else decode.step_fn.__wrapped__(cfg, mesh)
     times = []
     with attention.decode_reads(reads):
-        for k in range(warmup + runs):
+        for k in range(warmup + (1 if queued else runs)):
             start = time.perf_counter()
-            tokens, _, cache = step(params, tokens, positions, cache)  # positions stay put: the cache never fills
+            for _ in range(runs if queued and k >= warmup else 1):
+                tokens, _, cache = step(params, tokens, positions, cache)  # positions stay put: the cache never fills
             tokens.block_until_ready()
             if k >= warmup:
-                times.append(time.perf_counter() - start)
+                times.append((time.perf_counter() - start) / (runs if queued else 1))
     del cache
     return statistics.median(times)
 

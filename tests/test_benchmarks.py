@@ -57,7 +57,9 @@ def test_the_gpu_run_dry_run_reports_every_part_with_numbers_without_the_data_an
             numbers = [
                 v
                 for k, v in row.items()
-                if isinstance(v, float) and k not in ("of_peak", "mfu", "copy_of_peak", "compile_s", "trace_s")
+                if isinstance(v, float)
+                and k
+                not in ("of_peak", "mfu", "copy_of_peak", "compile_s", "trace_s", "seconds")  # seconds: 0.1 s steps
             ]
             assert numbers and all(np.isfinite(numbers)) and min(numbers) > 0, (name, row)
     # cuDNN cannot run on a CPU: the one row the dry run skips, with its reason
@@ -65,12 +67,15 @@ def test_the_gpu_run_dry_run_reports_every_part_with_numbers_without_the_data_an
         "tiny prefill 128 tokens, attention=cudnn"
     ]
     *steps, profiled = parts["decode"]["rows"]
-    # each batch as the platform reads keys, then the smallest and largest read up to the position
-    assert [(r["batch"], r["reads"]) for r in steps] == [
-        (1, "platform"),
-        (4, "platform"),
-        (1, "written"),
-        (4, "written"),
+    # each batch as the platform reads keys, the smallest and largest queued back to back, then
+    # read up to the position
+    assert [(r["batch"], r["reads"], r["dispatch"]) for r in steps] == [
+        (1, "platform", "each read"),
+        (4, "platform", "each read"),
+        (1, "platform", "queued"),
+        (4, "platform", "queued"),
+        (1, "written", "each read"),
+        (4, "written", "each read"),
     ]
     for row in steps:  # the tokens sit at position 63 of a 64-position cache: all 64 keys are read
         assert row["floor_mb"] * 1e6 == tiny_step_floor_bytes(row["batch"], 64)
