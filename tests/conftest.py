@@ -109,6 +109,19 @@ def saved_state(cfg, run_dir, step):
     return jax.device_get({k: restored[k] for k in items})
 
 
+def free_ports(n: int = 1) -> list[int]:
+    """`n` distinct loopback ports nothing listens on now (the OS picks them): coordinators' and
+    servers'. Not derived from the pid: such a port may be an ephemeral one another connection holds."""
+    import contextlib
+    import socket
+
+    with contextlib.ExitStack() as held:  # all bound at once, so they differ
+        socks = [held.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
 def start_two_processes(cmd, **popen):
     """`cmd --process-id 0` and `... 1` on CPU with the suite's compile flags: a two-process run
     over gloo (`cmd` names the coordinator, --num-processes 2 and the devices of each)."""

@@ -277,18 +277,17 @@ def test_infer_decodes_a_prompts_file_with_the_latest_complete_run(tmp_path, cap
 
 def test_infer_over_two_processes_with_tensor_spanning_both_writes_what_one_process_decodes(tmp_path, devices):
     # 2 processes x 4 CPU devices over gloo, tensor 8 across both; process 0 writes, 1 stays quiet
-    import os
     import subprocess
     import sys
     from pathlib import Path
 
-    from .conftest import save_run, start_two_processes
+    from .conftest import free_ports, save_run, start_two_processes
 
     cfg, mesh, params = model_on("standard", 1, 8)
     run = save_run(tmp_path / "run", cfg, params)
     texts = ["Hello", "naïve"]
     (tmp_path / "prompts.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
-    port = 20000 + (os.getpid() + 29) % 20000
+    (port,) = free_ports()
     cmd = [sys.executable, str(Path(infer.__file__).resolve()), "--checkpoint", str(run), "--prompts-file"]
     cmd += [str(tmp_path / "prompts.txt"), "--max-new-tokens", str(NEW), "mesh.tensor=8", "--cpu-devices", "4"]
     cmd += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]

@@ -14,7 +14,7 @@ from ladder_jax import checkpoint as ckpt
 from ladder_jax import training
 from ladder_jax.config import ConfigError
 
-from .conftest import TEST_XLA_FLAGS, saved_state, small_config
+from .conftest import TEST_XLA_FLAGS, free_ports, saved_state, small_config
 
 STEPS = 6
 
@@ -170,7 +170,7 @@ def test_two_processes_train_together_stop_together_on_one_sigterm_and_resume(co
     from pathlib import Path
 
     steps, run = 16, tmp_path / "run"
-    port = 20000 + (os.getpid() + 7) % 20000
+    (port,) = free_ports()
     cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"), "--no-progress"]
     cmd += ["--sample-tokens", "0", "--cpu-devices", "4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
     over = [f"train.data={corpus}", f"train.steps={steps}", "train.batch_size=8", "train.seq_len=32"]
@@ -214,7 +214,7 @@ def test_a_multi_process_run_whose_directory_each_process_sees_alone_stops_in_on
     import subprocess
     from pathlib import Path
 
-    port = 20000 + (os.getpid() + 13) % 20000
+    (port,) = free_ports()
     cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"), "--no-progress"]
     cmd += ["--cpu-devices", "4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
     over = [f"train.data={corpus}", "train.steps=2", "train.batch_size=8", "train.seq_len=32", "mesh.tensor=2"]

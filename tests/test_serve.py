@@ -376,18 +376,17 @@ def test_under_load_with_dropped_streams_every_other_request_gets_its_solo_outpu
 def test_serve_over_two_processes_with_tensor_spanning_both_answers_as_one_process(tmp_path, devices):
     # 2 processes x 4 CPU devices over gloo, tensor 8 across both: process 0 takes the requests,
     # both step the engine; greedy, stop strings, seeded samples and a dropped stream, then SIGINT
-    import os
     import signal
     import subprocess
     import sys
 
     from ladder_jax import decode
 
-    from .conftest import save_run, start_two_processes
+    from .conftest import free_ports, save_run, start_two_processes
 
     cfg, mesh, params = model_on("ladder", 1, 8)
     run = save_run(tmp_path / "run", cfg, params)
-    port, coordinator = (20000 + (os.getpid() + k) % 20000 for k in (31, 37))
+    port, coordinator = free_ports(2)
     cmd = [sys.executable, "-m", "ladder_jax", "serve", "--checkpoint", str(run), "--port", str(port)]
     cmd += ["--max-running", "4", "--cpu-devices", "4", "--coordinator", f"127.0.0.1:{coordinator}"]
     cmd += ["--num-processes", "2", "--model-name", NAME, "--no-precompile", "mesh.tensor=8"]
