@@ -9,7 +9,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from ladder_jax.checkpoint import save_config
 from ladder_jax.cli import main
+from ladder_jax.config import load_config
 from ladder_jax.instruments import timeline as T
 
 # Three steps of one program on two streams of GPU 0, each step waiting on the host before the
@@ -62,7 +64,7 @@ def xspace(device0: list, module0: list) -> bytes:
     return jax.profiler.ProfileData.text_proto_to_serialized_xspace(gpu0 + gpu1 + host)
 
 
-def test_a_gpu_trace_splits_at_its_longest_idle_gaps_and_busy_time_is_the_union_of_the_kernels(tmp_path):
+def test_a_gpu_trace_splits_at_its_longest_idle_gaps_and_busy_time_is_the_union_of_the_kernels(tmp_path, capsys):
     events = sorted([e for s in STEPS for e in s] + [OTHER], key=lambda e: e[2])
     (tmp_path / "host.xplane.pb").write_bytes(
         xspace(events, ["jit_zeros" if e is OTHER else "jit_step" for e in events])
@@ -85,7 +87,16 @@ def test_a_gpu_trace_splits_at_its_longest_idle_gaps_and_busy_time_is_the_union_
         ("MemcpyD2H", [], 1.0, 1),
     ]
     assert s["other_programs"] == [{"program": "jit_zeros", "us": pytest.approx(1), "executions": None}]
-    kind, devices, ops = T.device_ops(tmp_path)
+    # a run directory's trace: as many steps as its train.profile names
+    run = tmp_path / "run"
+    (run / "profile" / "plugins" / "profile" / "2026_12_05_10_00_00").mkdir(parents=True)
+    (tmp_path / "host.xplane.pb").rename(
+        run / "profile" / "plugins" / "profile" / "2026_12_05_10_00_00" / "host.xplane.pb"
+    )
+    save_config(run, load_config("tiny", ["train.steps=5", "train.profile=2:5"]))
+    assert main(["analysis", "trace", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["between_steps_us"] == pytest.approx(45)
+    kind, devices, ops = T.device_ops(run)
     # without a step count, one step from the first op to the last
     assert T.summarize(kind, ops)["span_us"] == pytest.approx(172)
     # with run ids (XLA:CPU's), a step the trace caught only the end of is left out

@@ -7,7 +7,9 @@ import json
 
 import jax
 
-from ..config import load_config
+from .. import storage
+from ..checkpoint import load_run_config
+from ..config import load_config, profile_steps
 from ..instruments import deviceless, sync, timeline
 from ..memory import refusal
 from ..mesh import apply_xla_flags, force_cpu_devices, make_mesh
@@ -76,7 +78,8 @@ def add(sub) -> None:
     t.add_argument(
         "--steps",
         type=int,
-        help="steps in the trace, for a trace whose events carry no run id (a GPU's): it is split at the longest idle gaps",
+        help="steps in the trace, for a trace whose events carry no run id (a GPU's): it is split at the longest "
+        "idle gaps (default: a run directory's train.profile, else one)",
     )
     t.add_argument("--top", type=int, default=8, help="how many ops and gaps to list (default 8)")
     t.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -151,6 +154,9 @@ def memory(args) -> int:
 def trace(args) -> int:
     if args.steps is not None and args.steps < 1 or args.top < 1:
         raise timeline.TraceError(f"--steps {args.steps} --top {args.top}: give whole numbers of at least 1")
-    summary = timeline.read(args.trace, args.steps, args.top)
+    steps, folder = args.steps, storage.path(args.trace)
+    if steps is None and (folder / "config.yaml").exists():  # a run directory: the steps train.profile traced
+        steps = len(profile_steps(load_run_config(folder).train) or [None])
+    summary = timeline.read(folder, steps, args.top)
     print(json.dumps(summary, indent=1) if args.json else f"{summary['trace']}\n\n{timeline.table(summary)}")
     return 0
