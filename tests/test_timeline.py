@@ -64,7 +64,7 @@ def xspace(device0: list, module0: list) -> bytes:
     return jax.profiler.ProfileData.text_proto_to_serialized_xspace(gpu0 + gpu1 + host)
 
 
-def test_a_gpu_trace_splits_at_its_longest_idle_gaps_and_busy_time_is_the_union_of_the_kernels(tmp_path, capsys):
+def test_a_gpu_traces_totals_are_shared_by_its_steps_and_busy_time_is_the_union_of_the_kernels(tmp_path, capsys):
     events = sorted([e for s in STEPS for e in s] + [OTHER], key=lambda e: e[2])
     (tmp_path / "host.xplane.pb").write_bytes(
         xspace(events, ["jit_zeros" if e is OTHER else "jit_step" for e in events])
@@ -72,12 +72,13 @@ def test_a_gpu_trace_splits_at_its_longest_idle_gaps_and_busy_time_is_the_union_
     s = T.read(tmp_path, steps=3, top=3)
     assert (s["device"], s["devices"], s["program"], s["steps"]) == ("gpu", 2, "jit_step", 3)
     assert s["kernels_per_step"] == 2 and s["copies_per_step"] == {"MemcpyD2H": 1}
-    # spans 31, 20, 31 us; busy 29 (a 2 us gap), 20 (overlapped on two streams), 29 (a 2 us gap)
-    assert s["span_us"] == pytest.approx(31) and s["busy_us"] == pytest.approx(29)
-    assert s["busy_share"] == pytest.approx(78 / 82)
-    assert s["between_steps_us"] == pytest.approx(45)  # 50 and 40: the host's turn between steps
+    # no run ids: 172 us from the first kernel to the last, of which 29 + 20 (overlapped on two
+    # streams) + 29 busy, over 3 steps; the steps' bounds are unknown
+    assert s["span_us"] == pytest.approx(172 / 3) and s["busy_us"] == pytest.approx(78 / 3)
+    assert s["busy_share"] == pytest.approx(78 / 172) and s["between_steps_us"] is None
     assert [(g["us"], g["after"], g["before"]) for g in s["longest_gaps"]] == [
-        (pytest.approx(2), "fusion.1", "gemm.2"),
+        (pytest.approx(50), "MemcpyD2H", "fusion.1"),  # the host's turn between steps
+        (pytest.approx(40), "MemcpyD2H", "fusion.1"),
         (pytest.approx(2), "fusion.1", "gemm.2"),
     ]
     # named by the HLO instruction where the kernel carries one
@@ -95,13 +96,16 @@ def test_a_gpu_trace_splits_at_its_longest_idle_gaps_and_busy_time_is_the_union_
     )
     save_config(run, load_config("tiny", ["train.steps=5", "train.profile=2:5"]))
     assert main(["analysis", "trace", str(run), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["between_steps_us"] == pytest.approx(45)
+    assert json.loads(capsys.readouterr().out)["busy_us"] == pytest.approx(78 / 3)
     kind, devices, ops = T.device_ops(run)
     # without a step count, one step from the first op to the last
     assert T.summarize(kind, ops)["span_us"] == pytest.approx(172)
-    # with run ids (XLA:CPU's), a step the trace caught only the end of is left out
+    # with run ids (XLA:CPU's): each step on its own, and one the trace caught only the end of is left out
     runs = [dataclasses.replace(o, run=1 + int(o.start_ns > 70e3) + int(o.start_ns > 130e3)) for o in ops]
-    assert T.summarize(kind, [dataclasses.replace(ops[-1], start_ns=-5e3, end_ns=-4e3, run=0), *runs])["steps"] == 3
+    s = T.summarize(kind, [dataclasses.replace(ops[-1], start_ns=-5e3, end_ns=-4e3, run=0), *runs])
+    assert s["steps"] == 3 and s["between_steps_us"] == pytest.approx(45)  # 50 and 40 us
+    # spans 31, 20, 31 us; busy 29 (a 2 us gap), 20 (overlapped), 29
+    assert (s["span_us"], s["busy_us"], s["busy_share"]) == pytest.approx((31, 29, 78 / 82))
 
 
 def test_analysis_trace_reads_each_run_of_the_profiled_program(tmp_path, capsys):

@@ -78,8 +78,8 @@ def add(sub) -> None:
     t.add_argument(
         "--steps",
         type=int,
-        help="steps in the trace, for a trace whose events carry no run id (a GPU's): it is split at the longest "
-        "idle gaps (default: a run directory's train.profile, else one)",
+        help="steps in the trace, for a trace whose events carry no run id (a GPU's): its totals are shared by "
+        "them (default: a run directory's train.profile, else one)",
     )
     t.add_argument("--top", type=int, default=8, help="how many ops and gaps to list (default 8)")
     t.add_argument("--json", action="store_true", help="print JSON instead of a table")

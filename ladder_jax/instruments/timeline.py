@@ -13,9 +13,8 @@ profile) is read with JAX's own `ProfileData`, no TensorBoard or xprof needed. D
 On the CPU a loop's thunk spans the thunks of its body, and both are listed among the ops.
 Events are named by their `hlo_op` stat (the HLO instruction) where they carry one. The program
 that took the most device time (its `hlo_module` stat) is the one summarized, the others are
-listed. A step is the events of one of its executions (`run_id`); where events carry none, `steps`
-splits the trace at its `steps - 1` longest idle gaps, as between steps that each wait for their
-result.
+listed. A step is the events of one of its executions (`run_id`); where events carry none (a
+GPU's), the trace's totals are shared by the `steps` it holds.
 """
 
 from __future__ import annotations
@@ -107,22 +106,14 @@ def device_ops(path) -> tuple[str, int, list[Op]]:
     raise TraceError(f"the trace {trace} holds no device work (no kernels, no XLA:CPU thunks)")
 
 
-def split_steps(ops: list[Op], steps: int | None) -> list[list[Op]]:
-    """The ops of each step: by `run_id` where every op has one, else at the `steps - 1` longest
-    idle gaps between ops (all ops one step if `steps` is None)."""
-    if ops and all(op.run is not None for op in ops):
-        runs = collections.defaultdict(list)
-        for op in ops:
-            runs[op.run].append(op)
-        return sorted(runs.values(), key=lambda rs: rs[0].start_ns)
-    if not steps or steps == 1:
-        return [ops]
-    ends, gaps = [], []
-    for i in range(1, len(ops)):
-        ends.append(max(ends[-1] if ends else ops[0].end_ns, ops[i - 1].end_ns))
-        gaps.append((ops[i].start_ns - ends[-1], i))
-    cuts = sorted(i for _, i in sorted(gaps, reverse=True)[: steps - 1])
-    return [ops[a:b] for a, b in zip([0, *cuts], [*cuts, len(ops)])]
+def runs_of(ops: list[Op]) -> list[list[Op]] | None:
+    """The ops of each execution, by `run_id`, in start order; None unless every op has one."""
+    if not ops or any(op.run is None for op in ops):
+        return None
+    runs = collections.defaultdict(list)
+    for op in ops:
+        runs[op.run].append(op)
+    return sorted(runs.values(), key=lambda rs: rs[0].start_ns)
 
 
 def busy_ns(ops: list[Op]) -> float:
@@ -155,24 +146,28 @@ def by_module(ops: list[Op]) -> dict[str | None, list[Op]]:
 
 
 def summarize(kind: str, ops: list[Op], steps: int | None = None, top: int = 8, devices: int = 1) -> dict:
-    """For the program with the most device time, per step (medians over the steps): kernels and
-    copies launched, the span from the first op's start to the last op's end, the time some op ran
-    (busy) and its share of the span (over all steps); the idle time between steps; the longest
-    idle gaps inside a step; the ops that took the most time. The other programs: their device
-    time and executions."""
+    """For the program with the most device time, per step (medians over its executions): kernels
+    and copies launched, the span from the first op's start to the last op's end, the time some op
+    ran (busy) and its share of the span (over all steps); the idle time between steps; the longest
+    idle gaps; the ops that took the most time. The other programs: their device
+    time and executions. Where the ops carry no run id, the whole trace is shared evenly by
+    `steps`: its span then holds whatever idle time lay between the steps too."""
     (module, ops), *others = by_module(ops).items()
-    groups = [g for g in split_steps(ops, steps) if g]
-    # a step the trace caught only the end or the start of (a trace starts while the previous step
-    # still runs): fewer ops than a whole one
-    whole = statistics.median(len(g) for g in groups)
-    while len(groups) > 1 and len(groups[0]) < whole:
-        groups = groups[1:]
-    while len(groups) > 1 and len(groups[-1]) < whole:
-        groups = groups[:-1]
-    ops = [op for g in groups for op in g]
-    n = len(groups)
-    spans = [max(op.end_ns for op in g) - g[0].start_ns for g in groups]
-    busy = [busy_ns(g) for g in groups]
+    groups, shared = runs_of(ops), 1  # shared: how many steps one group holds
+    if groups:
+        # a step the trace caught only the end or the start of (a trace starts while the previous
+        # step still runs): fewer ops than a whole one
+        whole = statistics.median(len(g) for g in groups)
+        while len(groups) > 1 and len(groups[0]) < whole:
+            groups = groups[1:]
+        while len(groups) > 1 and len(groups[-1]) < whole:
+            groups = groups[:-1]
+        ops = [op for g in groups for op in g]
+    else:  # no run ids: the whole trace, shared evenly by the steps it holds
+        groups, shared = [ops], steps or 1
+    n = len(groups) * shared
+    spans = [(max(op.end_ns for op in g) - g[0].start_ns) / shared for g in groups]
+    busy = [busy_ns(g) / shared for g in groups]
     between = [b[0].start_ns - max(op.end_ns for op in a) for a, b in zip(groups, groups[1:])]
     copies = collections.Counter(op.name for op in ops if op.is_copy)
     by_name, count, kernels = collections.Counter(), collections.Counter(), collections.defaultdict(set)
@@ -187,7 +182,7 @@ def summarize(kind: str, ops: list[Op], steps: int | None = None, top: int = 8, 
         "devices": devices,
         "program": module,
         "steps": n,
-        "kernels_per_step": statistics.median(sum(not op.is_copy for op in g) for g in groups),
+        "kernels_per_step": statistics.median(sum(not op.is_copy for op in g) for g in groups) / shared,
         "copies_per_step": {k: v / n for k, v in sorted(copies.items())},
         "span_us": statistics.median(spans) / 1e3,
         "busy_us": statistics.median(busy) / 1e3,
