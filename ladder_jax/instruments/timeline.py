@@ -138,11 +138,17 @@ def idle_gaps(ops: list[Op]) -> list[tuple[float, str, str]]:
 
 
 def by_module(ops: list[Op]) -> dict[str | None, list[Op]]:
-    """The ops of each program, the one with the most device time first."""
+    """The ops of each program, the one with the most device time first. Ops of no known program
+    (a kernel XLA's annotations did not reach) count with that one."""
     out = collections.defaultdict(list)
     for op in ops:
         out[op.module].append(op)
-    return dict(sorted(out.items(), key=lambda kv: -sum(op.end_ns - op.start_ns for op in kv[1])))
+    out = dict(sorted(out.items(), key=lambda kv: -sum(op.end_ns - op.start_ns for op in kv[1])))
+    if None in out and len(out) > 1:
+        unknown = out.pop(None)
+        main = next(iter(out))
+        out[main] = sorted(out[main] + unknown, key=lambda op: op.start_ns)
+    return out
 
 
 def summarize(kind: str, ops: list[Op], steps: int | None = None, top: int = 8, devices: int = 1) -> dict:
