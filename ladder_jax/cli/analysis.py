@@ -156,7 +156,8 @@ def trace(args) -> int:
         raise timeline.TraceError(f"--steps {args.steps} --top {args.top}: give whole numbers of at least 1")
     steps, folder = args.steps, storage.path(args.trace)
     if steps is None and (folder / "config.yaml").exists():  # a run directory: the steps train.profile traced
-        steps = len(profile_steps(load_run_config(folder).train) or [None])
+        traced = profile_steps(load_run_config(folder).train)
+        steps = len(traced) if traced else None
     summary = timeline.read(folder, steps, args.top)
     print(json.dumps(summary, indent=1) if args.json else f"{summary['trace']}\n\n{timeline.table(summary)}")
     return 0
