@@ -29,7 +29,8 @@ two calls on two fresh machines make one report.
   without HTTP: the GPU machine has no fastapi/uvicorn/openai, and HTTP adds nothing to a
   throughput on one device) against the same requests as static batches (`decode.generate`);
 - train: a train step of llama-3.2-1b and ladder-1b at 8 x 2048, tokens/s and MFU, `triton`
-  against `xla` attention, remat none and full (the layers as one scan: it compiles one layer).
+  against `xla` attention, remat none and full (the layers as one scan: it compiles one layer);
+  at the first kernel and remat, two more steps of each model traced and summed up in the report.
 
 Needs jax, flax, optax, orbax and pyyaml only (none of grain, array_record or the serving extras).
 """
@@ -363,7 +364,6 @@ def decode_rows(run: Run):
 
     from ladder_jax import model as M
     from ladder_jax.config import load_config
-    from ladder_jax.instruments import timeline
     from ladder_jax.instruments.traffic import floor_bytes
 
     sh = run.shapes
@@ -414,10 +414,7 @@ def decode_rows(run: Run):
         folder = run.out / "profile"
         with jax.profiler.trace(str(folder / "trace")):
             t = layer_decode.time_steps(m, mesh, 1, sh.context, 3, 0, sh.context - 1, params())
-        try:  # read here, so the report has it even if the trace files are too large to bring back
-            summary = {"timeline": timeline.read(folder / "trace", steps=3)}
-        except Exception as e:  # the trace's layout is the profiler's; keep the row and its files
-            summary = {"timeline_error": _line(e)}
+        summary = timeline_of(folder / "trace", 3)  # here: the files may be too large to bring back
         files = []
         for p in sorted((folder / "trace").rglob("*")):
             if p.is_file():
@@ -563,6 +560,9 @@ def serve_rows(run: Run):
 
 
 def train_rows(run: Run):
+    import tempfile
+
+    import jax
     import numpy as np
 
     from ladder_jax import memory
@@ -601,6 +601,13 @@ def train_rows(run: Run):
                 setup = time.perf_counter() - setup  # the step's compile, params and optimizer state
                 t, first = median_seconds(step, sh.train_runs)
                 tokens_s = sh.train_batch * sh.train_seq / t
+                profiled = {}
+                if (impl, remat) == sh.train_grid[0]:  # where each model's step time goes: two steps traced
+                    with tempfile.TemporaryDirectory() as folder:
+                        with jax.profiler.trace(folder):
+                            step()
+                            step()
+                        profiled = timeline_of(folder, 2)
                 return {
                     "config": label,
                     "attention": impl,
@@ -610,6 +617,7 @@ def train_rows(run: Run):
                     "mfu": _share(flops_per_token(cfg) * tokens_s, run.spec.matmul_flops if run.spec else None),
                     "first_call_s": first,
                     "setup_s": setup,
+                    **profiled,
                 }
 
             yield f"{label} train {sh.train_batch}x{sh.train_seq} attention={impl} remat={remat}", measure
@@ -623,6 +631,16 @@ PARTS = {
     "serve": serve_rows,
     "train": train_rows,
 }
+
+
+def timeline_of(folder, steps: int) -> dict:
+    """The trace in `folder` summed up (`analysis trace`), or the line saying why it could not be."""
+    from ladder_jax.instruments import timeline
+
+    try:
+        return {"timeline": timeline.read(folder, steps=steps)}
+    except Exception as e:  # the trace's layout is the profiler's: keep the row and its numbers
+        return {"timeline_error": _line(e)}
 
 
 def _line(e: Exception) -> str:
@@ -703,11 +721,6 @@ def markdown(report: dict) -> str:
             ("of copy", "of_copy", "%"),
         ],
     )
-    for r in p.get("decode", {}).get("rows", []):
-        if r.get("timeline"):
-            out.extend(["", f"### {r['label']}: where a step's time goes", "", timeline.table(r["timeline"])])
-        elif r.get("timeline_error"):
-            out.extend(["", f"### {r['label']}: the trace could not be read: {r['timeline_error']}"])
     table(
         "prefill",
         "Prefill",
@@ -759,6 +772,14 @@ def markdown(report: dict) -> str:
             ("setup s", "setup_s", ".1f"),
         ],
     )
+    profiled = [r for part in p.values() for r in part["rows"] if r.get("timeline") or r.get("timeline_error")]
+    if profiled:
+        out.extend(["", "## Profiles (`analysis trace`)"])
+    for r in profiled:
+        if r.get("timeline"):
+            out.extend(["", f"### {r['label']}: where a step's time goes", "", timeline.table(r["timeline"])])
+        else:
+            out.extend(["", f"### {r['label']}: the trace could not be read: {r['timeline_error']}"])
     return "\n".join(out) + "\n"
 
 

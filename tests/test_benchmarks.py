@@ -94,11 +94,16 @@ def test_the_gpu_run_dry_run_reports_every_part_with_numbers_without_the_data_an
     # warmed up on other prompts of the same lengths, EOS ignored: nothing compiles in the timed runs
     assert parts["serve"]["rows"][0]["compiles_while_timed"] == 0
     train = {(r["config"], r["attention"], r["remat"]) for r in parts["train"]["rows"]}
+    # the first kernel and remat of each model: two steps traced and read
+    assert sorted(r["config"] for r in parts["train"]["rows"] if r.get("timeline", {}).get("steps") == 2) == [
+        "ladder-1b",
+        "llama-3.2-1b",
+    ]
     assert train == {(c, a, r) for c in ("llama-3.2-1b", "ladder-1b") for a, r in (("triton", "none"), ("xla", "full"))}
     table = (tmp_path / "gpu_run.md").read_text()
     for title in ("Decode", "Prefill", "layer_decode", "Serving", "Train step", "attention=cudnn: AttentionError"):
         assert title in table
-    assert "batch 1, profiled: where a step's time goes" in table
+    assert "batch 1, profiled: where a step's time goes" in table and "remat=none: where a step's time goes" in table
 
 
 def test_a_gpu_run_past_its_budget_skips_every_row_with_a_line_and_still_writes_its_report(tmp_path):
