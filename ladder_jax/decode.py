@@ -164,7 +164,7 @@ def check_request(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_to
         room = cfg.max_seq_len - longest
         fix = f"ask for at most {room} new tokens or shorten the prompt" if room > 0 else "shorten the prompt"
         raise DecodeError(
-            f"the longest prompt ({longest} tokens) plus max_new_tokens={max_new_tokens} is {longest + max_new_tokens}, "
+            f"{'the prompt' if len(prompts) == 1 else 'the longest prompt'} ({longest} tokens) plus max_new_tokens={max_new_tokens} is {longest + max_new_tokens}, "
             f"above model.max_seq_len={cfg.max_seq_len}; {fix}"
         )
 

@@ -18,22 +18,24 @@ a client that disconnects has its request cancelled and its row and KV pages fre
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import dataclasses
 import hmac
 import json
 import random
+import socket
 import threading
 import time
 import uuid
 
-import numpy as np
 import prometheus_client as prom
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client.core import CounterMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import engine as E
 from .decode import DecodeError, Sampling
@@ -44,62 +46,133 @@ MAX_N = 8  # samples per request
 MAX_LOGPROBS = E.MAX_LOGPROBS
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    include_usage: bool = False
-
-
-class Body(BaseModel):
-    """Fields every generation request shares; unknown fields are refused (400). Ranges are
-    checked in `Server.prepare` and by the engine, each with a message that says what to send."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str
-    max_tokens: int | None = Field(
-        default=None, description="new tokens at most (default: 16 or max_completion_tokens)"
-    )
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = 1
-    user: str | None = None
-
-
-class CompletionBody(Body):
-    prompt: str
-    logprobs: int | None = None
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    role: str
-    content: str
-
-
-class ChatBody(Body):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
-
-
 class BadRequest(LadderError):
     """A request the server refuses (HTTP 400); the message says what to change."""
+
+
+class NotFound(LadderError):
+    """A model the server does not serve (HTTP 404)."""
 
 
 class Unauthorized(LadderError):
     """A /v1 request without the server's API key (HTTP 401)."""
 
 
-def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+def error_body(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> dict:
+    """OpenAI's error object; `code` is the HTTP status, as vLLM's."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, kind, param), status_code=status)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    include_usage: bool | None = None
+
+
+class Body(BaseModel):
+    """Fields every generation request shares. As OpenAI's, every field may be null (its default)
+    and a value of the wrong type is refused, not converted; unknown fields are refused (400).
+    Ranges are checked in `Server.prepare` and by the engine, each with a message that says what
+    to send. Some OpenAI fields the server does not implement are taken at the value that changes
+    nothing, which clients send by default (`NEUTRAL`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str
+    max_tokens: int | None = Field(
+        default=None, description="new tokens at most (default: 16 for completions, the rest of the context for chat)"
+    )
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    n: int | None = None
+    user: str | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+
+class CompletionBody(Body):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: str
+    text: str | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self, i: int) -> str:
+        """The content as the chat template reads it: text parts joined by newlines (as vLLM's)."""
+        if self.content is None:
+            if self.role != "assistant":
+                raise BadRequest(f"messages[{i}] has no content; only an assistant message may leave it out")
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        other = [p.type for p in self.content if p.type != "text" or p.text is None]
+        if other:
+            raise BadRequest(f"messages[{i}] has a '{other[0]}' content part; this model takes text parts only")
+        return "\n".join(p.text for p in self.content)
+
+
+class ChatBody(Body):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+
+
+# OpenAI fields the server takes only at the value that changes nothing: (the values it takes, what to send).
+NEUTRAL = {
+    "frequency_penalty": ((0,), "leave it out or send 0"),
+    "presence_penalty": ((0,), "leave it out or send 0"),
+    "logit_bias": (({},), "leave it out or send {}"),
+    "suffix": (("",), "leave it out"),
+    "response_format": (({"type": "text"},), 'leave it out or send {"type": "text"}'),
+    "tools": (([],), "leave it out: this server does not call tools"),
+    "tool_choice": (("none", "auto"), 'leave it out or send "none"'),
+}
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A request as the engine takes it: each prompt's ids (and its text, for echo), the new
+    tokens each may make (and the field that said so), samples per prompt, the sampling, stop
+    strings and logprobs (None or how many most likely)."""
+
+    prompts: list[list[int]]
+    texts: list[str]
+    max_tokens: list[int]
+    limit: str
+    n: int
+    sampling: Sampling
+    stops: list[str]
+    logprobs: int | None
 
 
 class TextOut:
@@ -119,22 +192,28 @@ class TextOut:
         self.ids: list[int] = []
         self.prefix = self.read = 0  # ids[prefix:read] decode to text already taken
         self.unsent = ""  # text taken from the ids and not yet sent
-        self.ended = False
+        self.ended = self.cut = False  # cut: a stop string ended the text
         self.hold = max((len(s) for s in stops), default=1) - 1
+        self.starts: list[int] = []  # where each token's text begins in the whole text
+        self.sent = 0  # characters sent
+        self.pending = 0  # characters of the window past the text taken (unfinished: U+FFFD)
 
     def push(self, token: int) -> tuple[str, bool]:
+        self.starts.append(self.sent + len(self.unsent) + self.pending)
         self.ids.append(token)
         seen = self.tokenizer.decode(self.ids[self.prefix : self.read])
         text = self.tokenizer.decode(self.ids[self.prefix :])
+        self.pending = len(text) - len(seen)
         if len(text) > len(seen) and not text.endswith("\ufffd"):
             self.unsent += text[len(seen) :]
-            self.prefix, self.read = self.read, len(self.ids)
+            self.prefix, self.read, self.pending = self.read, len(self.ids), 0
         cut = min((i for i in (self.unsent.find(s) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:
-            self.unsent, self.ended = self.unsent[:cut], True
+            self.unsent, self.ended, self.cut = self.unsent[:cut], True, True
             return self.flush(), False
         send = max(len(self.unsent) - self.hold, 0)
         new, self.unsent = self.unsent[:send], self.unsent[send:]
+        self.sent += len(new)
         return new, True
 
     def flush(self) -> str:
@@ -145,7 +224,16 @@ class TextOut:
             self.prefix = self.read = len(self.ids)
             self.ended = True
         new, self.unsent = self.unsent, ""
+        self.sent += len(new)
         return new
+
+    def behind(self) -> int:
+        """How many tokens the text sent so far stands for: those whose text begins in it, and at
+        the end every token unless a stop string cut the text (the tokens from the cut on are not
+        part of it, as their log-probabilities are not)."""
+        if self.ended and not self.cut:
+            return len(self.ids)
+        return bisect.bisect_left(self.starts, self.sent)
 
 
 class Metrics:
@@ -258,70 +346,145 @@ class Server:
 
     # -- requests
 
-    def prepare(self, body: Body, chat: bool) -> tuple[list[int], int, Sampling, list[str], int | None]:
-        """(prompt ids, max new tokens, sampling, stop strings, logprobs: None or how many most
-        likely tokens), or BadRequest for what the engine does not check itself."""
+    def prepare(self, body: Body, chat: bool) -> Prepared:
+        """The request as the engine takes it, or BadRequest (NotFound) for what the engine does
+        not check itself."""
         if body.model != self.model_name:
-            raise BadRequest(f"model '{body.model}' is not served here; use '{self.model_name}' (GET /v1/models)")
-        if not 1 <= body.n <= MAX_N:
-            raise BadRequest(f"n={body.n}; give 1..{MAX_N} samples")
+            raise NotFound(f"model '{body.model}' is not served here; use '{self.model_name}' (GET /v1/models)")
+        n = body.n if body.n is not None else 1
+        if not 1 <= n <= MAX_N:
+            raise BadRequest(f"n={n}; give 1..{MAX_N} samples")
+        for field, (takes, fix) in NEUTRAL.items():
+            value = getattr(body, field, None)
+            if value is not None and value not in takes:
+                raise BadRequest(f"{field}={json.dumps(value)} is not supported; {fix}")
         if body.stream_options is not None and not body.stream:
             raise BadRequest("stream_options is only allowed with stream: true")
+        if body.seed is not None and not 0 <= body.seed < 2**31:
+            raise BadRequest(f"seed={body.seed}; give 0..{2**31 - 1}")
         if chat:
             if body.top_logprobs is not None and not body.logprobs:
                 raise BadRequest("top_logprobs needs logprobs: true")
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
             name = "top_logprobs"
-            messages = [m.model_dump() for m in body.messages]
-            prompt = self.tokenizer.encode(self.tokenizer.render_chat(messages))
+            messages = [
+                {"role": m.role, "content": m.text(i)} | ({"name": m.name} if m.name is not None else {})
+                for i, m in enumerate(body.messages)
+            ]
+            texts = [self.tokenizer.render_chat(messages)]
+            prompts = [self.encode(self.tokenizer.encode, texts[0], "messages")]
         else:
+            if body.best_of not in (None, n):
+                raise BadRequest(f"best_of={body.best_of} is not supported; leave it out or send n ({n})")
+            if body.echo and body.logprobs is not None:
+                raise BadRequest(
+                    "echo with logprobs needs the prompt's log-probabilities, which this server does not compute; "
+                    "leave one out (to score text: python -m ladder_jax eval)"
+                )
             logprobs, name = body.logprobs, "logprobs"
-            if not body.prompt:
-                raise BadRequest("prompt is empty; give some text to continue")
-            prompt = self.tokenizer.encode_prompt(body.prompt)
+            prompts, texts = self.completion_prompts(body.prompt)
         if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
             raise BadRequest(f"{name}={logprobs}; give 0..{MAX_LOGPROBS}")
-        max_tokens = body.max_tokens if body.max_tokens is not None else getattr(body, "max_completion_tokens", None)
-        max_tokens = 16 if max_tokens is None else max_tokens
-        seed = random.randrange(2**31) if body.seed is None else body.seed
-        top_k = 0 if body.top_k == -1 else body.top_k  # vLLM's "off"
-        sampling = Sampling(body.temperature, top_k, body.top_p, seed)
+        # As vLLM: max_completion_tokens wins; unset, a completion makes 16 and a chat reply up to
+        # the end of the positions a request may hold.
+        limit = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
+        max_tokens = [getattr(body, limit)] * len(prompts)
+        if max_tokens[0] is None and not chat:
+            max_tokens = [16] * len(prompts)
+        elif max_tokens[0] is None:
+            room = self.engine.cache_len - len(prompts[0])
+            if room < 1:
+                raise BadRequest(
+                    f"the messages take {len(prompts[0])} tokens, all of the {self.engine.cache_len} positions "
+                    "a request may hold; shorten them"
+                )
+            max_tokens = [room]
+        top_k = {None: 0, -1: 0}.get(body.top_k, body.top_k)  # -1: vLLM's "off"
+        sampling = Sampling(
+            1.0 if body.temperature is None else body.temperature,
+            top_k,
+            1.0 if body.top_p is None else body.top_p,
+            random.randrange(2**31) if body.seed is None else body.seed,
+        )
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if any(not s for s in stops):
             raise BadRequest("stop strings must not be empty")
-        return prompt, max_tokens, sampling, stops, logprobs
+        return Prepared(prompts, texts, max_tokens, limit, n, sampling, stops, logprobs)
 
-    async def generate(self, body: Body, chat: bool):
-        """Submit the request's samples (one prefill for all). Events arrive on the returned queue:
-        (sample index, text, [(token, TokenLogprobs)] if asked) per token, and at the end
-        (index, the text held back, [], finish reason)."""
+    def encode(self, encode, text: str, where: str) -> list[int]:
+        try:
+            return encode(text)
+        except UnicodeError:
+            raise BadRequest(
+                f"{where} is not valid Unicode (a lone surrogate such as \\ud800?); send UTF-8 text"
+            ) from None
+
+    def completion_prompts(self, prompt) -> tuple[list[list[int]], list[str]]:
+        """A completion's prompts, as OpenAI takes them (a string, a list of strings, token ids or
+        a list of those): their token ids and their texts."""
+        one = isinstance(prompt, str) or (len(prompt) > 0 and isinstance(prompt[0], int))
+        items = [prompt] if one else prompt
+        if not items:
+            raise BadRequest("prompt is empty; give some text to continue")
+        prompts, texts = [], []
+        for i, item in enumerate(items):
+            where = "prompt" if one else f"prompt[{i}]"
+            if not item:
+                raise BadRequest(f"{where} is empty; give some text to continue")
+            if isinstance(item, str):
+                prompts.append(self.encode(self.tokenizer.encode_prompt, item, where))
+                texts.append(item)
+                continue
+            vocab = self.engine.cfg.vocab_size
+            bad = [t for t in item if not 0 <= t < vocab]
+            if bad:
+                raise BadRequest(f"{where} has token id {bad[0]} outside the vocabulary 0..{vocab - 1}")
+            prompts.append(list(item))
+            texts.append(self.tokenizer.decode(item))
+        return prompts, texts
+
+    async def generate(self, body: Body, chat: bool) -> tuple[list[Sample], asyncio.Queue, Prepared]:
+        """Submit the request's samples, `n` per prompt (one prefill for each prompt's). Events
+        arrive on the returned queue: (choice index, text, [(token, TokenLogprobs, its text's
+        start)] if asked, tokens behind the text sent) per token, and at the end (index, the text
+        held back, [], tokens behind the whole text, finish reason)."""
         start = time.perf_counter()
-        prompt, max_tokens, sampling, stops, logprobs = self.prepare(body, chat)
+        p = self.prepare(body, chat)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         samples = []
-        for i in range(body.n):
-            seeded = dataclasses.replace(sampling, seed=(sampling.seed + i) % 2**31)
-            request = E.Request(prompt, max_tokens, seeded, self.tokenizer.stop_ids, logprobs=logprobs)
-            samples.append(Sample(self, i, request, TextOut(self.tokenizer, stops), start))
-
-        for sample in samples:
+        for i in range(len(p.prompts) * p.n):
+            seeded = dataclasses.replace(p.sampling, seed=(p.sampling.seed + i) % 2**31)
+            k = i // p.n
+            request = E.Request(p.prompts[k], p.max_tokens[k], seeded, self.tokenizer.stop_ids, logprobs=p.logprobs)
+            sample = Sample(self, i, request, TextOut(self.tokenizer, p.stops), start)
 
             def on_token(token, s=sample):
                 s.record_token()
                 piece, go_on = s.text.push(token)
-                scored = [(token, s.request.token_logprobs[-1])] if logprobs is not None else []
-                loop.call_soon_threadsafe(events.put_nowait, (s.index, piece, scored))
+                scored = [(token, s.request.token_logprobs[-1], s.text.starts[-1])] if p.logprobs is not None else []
+                loop.call_soon_threadsafe(events.put_nowait, (s.index, piece, scored, s.text.behind()))
                 return go_on
 
             def on_done(reason, s=sample):
                 s.record_end(reason)
-                loop.call_soon_threadsafe(events.put_nowait, (s.index, s.text.flush(), [], reason))
+                rest = s.text.flush()
+                loop.call_soon_threadsafe(events.put_nowait, (s.index, rest, [], s.text.behind(), reason))
 
-            sample.request.on_token, sample.request.on_done = on_token, on_done
-        self.engine.submit_group([s.request for s in samples])  # DecodeError (400) if it cannot be served
-        self.metrics.prompt_tokens.inc(len(prompt))
-        return samples, events, len(prompt), logprobs is not None
+            request.on_token, request.on_done = on_token, on_done
+            samples.append(sample)
+        submitted = []
+        try:
+            for s in samples:
+                self.engine.check(s.request)  # each prompt's, before any is submitted
+            for k in range(len(p.prompts)):  # one group per prompt: it shares its prefill
+                submitted += self.engine.submit_group([s.request for s in samples[k * p.n : (k + 1) * p.n]])
+        except DecodeError as e:
+            for r in submitted:
+                r.cancel()
+            raise BadRequest(str(e).replace("max_new_tokens", p.limit)) from None
+        self.metrics.prompt_tokens.inc(sum(map(len, p.prompts)))
+        return samples, events, p
 
     def token(self, token: int, logprob: float) -> dict:
         """A token as chat's logprobs show it: text, log p and UTF-8 bytes."""
@@ -329,25 +492,26 @@ class Server:
         text = self.tokenizer.decode([token])
         return {"token": text, "logprob": logprob, "bytes": list(data([token]) if data else text.encode())}
 
-    def chat_logprobs(self, tokens: list[int], entries: list[E.TokenLogprobs]) -> dict:
+    def chat_logprobs(self, scored: list) -> dict:
+        """Chat's logprobs of `scored`: (token, TokenLogprobs, start) each."""
         return {
             "content": [
                 {**self.token(t, e.logprob), "top_logprobs": [self.token(i, lp) for i, lp in e.top]}
-                for t, e in zip(tokens, entries, strict=True)
+                for t, e, _ in scored
             ]
         }
 
-    def completion_logprobs(self, tokens: list[int], entries: list[E.TokenLogprobs], offset: int) -> dict:
-        """The completions API's logprobs: tokens' texts, their log p, the most likely tokens of
-        each position (the chosen one with them, as OpenAI's) and each token's text offset."""
-        texts = [self.tokenizer.decode([t]) for t in tokens]
-        offsets = (offset + np.cumsum([0, *map(len, texts)])[:-1]).tolist()
-        top = [{self.tokenizer.decode([i]): lp for i, lp in [*e.top, (t, e.logprob)]} for t, e in zip(tokens, entries)]
+    def completion_logprobs(self, scored: list, offset: int) -> dict:
+        """The completions API's logprobs of `scored`: tokens' texts, their log p, the most likely
+        tokens of each position (the chosen one with them, as OpenAI's) and where each token's
+        text begins (`offset` on from its place in the completion: an echoed prompt's length)."""
         return {
-            "tokens": texts,
-            "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": top,
-            "text_offset": offsets,
+            "tokens": [self.tokenizer.decode([t]) for t, _, _ in scored],
+            "token_logprobs": [e.logprob for _, e, _ in scored],
+            "top_logprobs": [
+                {self.tokenizer.decode([i]): lp for i, lp in [*e.top, (t, e.logprob)]} for t, e, _ in scored
+            ],
+            "text_offset": [offset + start for _, _, start in scored],
         }
 
     def build_app(self) -> FastAPI:
@@ -356,8 +520,11 @@ class Server:
         @app.exception_handler(RequestValidationError)
         async def invalid(_, exc: RequestValidationError):
             first = exc.errors()[0]
+            if first.get("type") == "json_invalid":
+                why = first.get("ctx", {}).get("error", "")
+                return error(400, f"the body is not valid JSON ({why}); send one JSON object")
             where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-            return error(400, f"{where}: {first.get('msg')}" if where else str(first.get("msg")))
+            return error(400, f"{where}: {first.get('msg')}" if where else str(first.get("msg")), param=where or None)
 
         for kind in (BadRequest, DecodeError, ChatTemplateError):
 
@@ -365,9 +532,21 @@ class Server:
             async def refused(_, exc):
                 return error(400, str(exc))
 
+        @app.exception_handler(NotFound)
+        async def not_found(_, exc):
+            return error(404, str(exc), param="model")
+
         @app.exception_handler(Unauthorized)
         async def unauthorized(_, exc):
             return error(401, str(exc), "authentication_error")
+
+        @app.exception_handler(StarletteHTTPException)
+        async def http_error(raw: Request, exc: StarletteHTTPException):
+            return error(exc.status_code, f"{exc.detail}: {raw.method} {raw.url.path}; {ENDPOINTS}")
+
+        @app.exception_handler(Exception)
+        async def internal(_, exc: Exception):  # a bug: the log has the traceback, the client one line
+            return error(500, f"internal error ({type(exc).__name__}); the server's log says more", "server_error")
 
         def authorize(raw: Request) -> None:
             if self.api_key is None:
@@ -414,82 +593,89 @@ class Server:
         return app
 
     async def respond(self, body: Body, raw: Request, chat: bool):
-        samples, events, prompt_tokens, want_logprobs = await self.generate(body, chat)
+        samples, events, p = await self.generate(body, chat)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         kind = "chat.completion" if chat else "text_completion"
-        sent = [0] * len(samples)  # characters each sample has sent (completions' text offsets)
+        created = int(time.time())
+        echo = [p.texts[s.index // p.n] if getattr(body, "echo", None) else "" for s in samples]
+        scored = [[] for _ in samples]  # (token, TokenLogprobs, start) of each sample's tokens, if asked
+        given = [0] * len(samples)  # of those, how many a choice carried already
+        first = [True] * len(samples)  # no choice of the sample sent yet
 
-        def choice(index, text, scored, reason, delta=False):
-            """`scored`: (token, TokenLogprobs) of the tokens behind `text` when logprobs are asked."""
-            tokens, entries = [t for t, _ in scored], [e for _, e in scored]
+        def choice(index, text, behind, reason):
+            """A choice (or a chunk of one): `text`, and the log-probabilities of the tokens behind
+            it, those from `given[index]` up to `behind`."""
+            tokens, given[index] = scored[index][given[index] : behind], max(given[index], behind)
+            opens, first[index] = first[index], False
+            logprobs = None
             if not chat:
-                logprobs = self.completion_logprobs(tokens, entries, sent[index]) if want_logprobs else None
-                sent[index] += len(text)
+                if p.logprobs is not None:
+                    logprobs = self.completion_logprobs(tokens, len(echo[index]))
+                text = echo[index] + text if opens else text
                 return {"index": index, "text": text, "finish_reason": reason, "logprobs": logprobs}
-            key = "delta" if delta else "message"
-            return {
-                "index": index,
-                key: {"role": "assistant", "content": text},
-                "logprobs": self.chat_logprobs(tokens, entries) if want_logprobs else None,
-                "finish_reason": reason,
-            }
+            if p.logprobs is not None:
+                logprobs = self.chat_logprobs(tokens)
+            key = "delta" if body.stream else "message"
+            content = {"role": "assistant", "content": text} if opens else {"content": text}
+            return {"index": index, key: content, "logprobs": logprobs, "finish_reason": reason}
 
         def usage():
             n = sum(len(s.request.tokens) for s in samples)
-            cached = {"cached_tokens": samples[0].request.cached_tokens}  # found in the prefix cache
+            prompt_tokens = sum(map(len, p.prompts))  # each prompt once, however many samples it has
+            cached = sum(s.request.cached_tokens for s in samples[:: p.n])  # found in the prefix cache
             return {
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": n,
                 "total_tokens": prompt_tokens + n,
-                "prompt_tokens_details": cached,
+                "prompt_tokens_details": {"cached_tokens": cached},
             }
 
         def record(choices, **extra):
             obj = kind + (".chunk" if chat and body.stream else "")
-            return {
-                "id": rid,
-                "object": obj,
-                "created": int(time.time()),
-                "model": self.model_name,
-                "choices": choices,
-                **extra,
-            }
+            return {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": choices, **extra}
 
         def cancel():  # no-op once done; frees the rows and pages if the client went away
             for s in samples:
                 s.request.cancel()
 
         if not body.stream:
-            pieces, scored = [[] for _ in samples], [[] for _ in samples]
-            reasons = [None] * len(samples)
-            try:
-                while None in reasons:
-                    index, piece, new, *end = await events.get()
+            pieces = [[] for _ in samples]
+            ends: list[tuple[str, int] | None] = [None] * len(samples)  # (finish reason, tokens behind the text)
+
+            async def collect():
+                while None in ends:
+                    index, piece, new, behind, *end = await events.get()
                     pieces[index].append(piece)
                     scored[index] += new
                     if end:
-                        reasons[index] = finish(end[0])
-                choices = [choice(i, "".join(pieces[i]), scored[i], reasons[i]) for i in range(len(samples))]
-                return record(choices, usage=usage())
+                        ends[index] = (end[0], behind)
+
+            try:
+                if not await unless_disconnected(collect(), raw):
+                    return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
             finally:
                 cancel()
+            if any(reason == "error" for reason, _ in ends):
+                return error(500, ENGINE_FAILED, "server_error")
+            choices = [choice(i, "".join(pieces[i]), ends[i][1], finish(ends[i][0])) for i in range(len(samples))]
+            return record(choices, usage=usage())
 
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        include_usage = body.stream_options is not None and bool(body.stream_options.include_usage)
 
         async def stream():
-            held = [[] for _ in samples]  # log-probabilities of tokens whose text is held back
-            done = 0
+            done = failed = 0
             try:
-                while done < len(samples):
-                    index, piece, new, *end = await events.get()
-                    held[index] += new
-                    if piece or end:
-                        reason = finish(end[0]) if end else None
-                        chunk = record([choice(index, piece, held[index], reason, delta=True)])
-                        held[index] = []
+                while done < len(samples) and not failed:
+                    index, piece, new, behind, *end = await events.get()
+                    scored[index] += new
+                    failed = bool(end) and end[0] == "error"
+                    if failed:  # as vLLM: an error event, then the end of the stream
+                        yield f"data: {json.dumps(error_body(500, ENGINE_FAILED, 'server_error'))}\n\n"
+                    elif piece or end:
+                        chunk = record([choice(index, piece, behind, finish(end[0]) if end else None)])
                         yield f"data: {json.dumps({**chunk, 'usage': None} if include_usage else chunk)}\n\n"
                     done += bool(end)
-                if include_usage:
+                if include_usage and not failed:
                     yield f"data: {json.dumps(record([], usage=usage()))}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
@@ -498,19 +684,66 @@ class Server:
         return StreamingResponse(stream(), media_type="text/event-stream")
 
 
+ENDPOINTS = "the server has POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics"
+ENGINE_FAILED = "the engine failed while generating this request (the server's log says why); send it again"
+
+
 def finish(reason: str) -> str:
     """OpenAI's finish reasons: "stop" (an end id or stop string) or "length"."""
     return "length" if reason == "length" else "stop"
 
 
-def serve(server: Server, host: str = "127.0.0.1", port: int = 8000) -> None:
+async def unless_disconnected(work, raw: Request) -> bool:
+    """Await `work` (a coroutine) unless the client hangs up first (then cancel it, as vLLM's
+    `with_cancellation`); whether it ended. Once the body is read, the next ASGI message is the
+    disconnect."""
+
+    async def hangup():
+        while (await raw.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(hangup())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        return False
+    task.result()  # its exception, if any
+    return True
+
+
+def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, sock: socket.socket | None = None) -> None:
+    """Serve until Ctrl-C or SIGTERM; on `sock` if given (bound already, see `bind`), else on host:port."""
     import uvicorn
 
     server.start()
     try:
-        uvicorn.run(server.app, host=host, port=port, log_level="info")
+        uvicorn.Server(uvicorn.Config(server.app, host=host, port=port, log_level="info")).run([sock] if sock else None)
+    except KeyboardInterrupt:  # uvicorn raises Ctrl-C's signal again once it has shut down (as uvicorn.run)
+        pass
     finally:
         server.stop()
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, for `serve`: bound before the model loads and compiles, so an
+    address in use (or no such host) is said at once, and the port stays ours meanwhile."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise LadderError(f"--host {host}: {e.strerror}; give an address of this machine, such as 127.0.0.1") from None
+    sock = socket.socket(family, kind)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise LadderError(
+            f"cannot listen on {host}:{port} ({e.strerror}); give another --port or stop what holds it"
+        ) from None
+    return sock
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ with a 4xx, a disconnect freeing its slot."""
 import concurrent.futures
 import http.client
 import json
+import socket
 import time
 import urllib.parse
 
@@ -21,6 +22,7 @@ from ladder_jax.cli import main
 from ladder_jax.engine import Engine
 from ladder_jax.tokenizer import ByteTokenizer
 
+from .conftest import free_ports, save_run
 from .test_decode import NEW, model_on
 
 NAME = "tiny-test"
@@ -124,7 +126,7 @@ CHAT_BODY = {"model": NAME, "messages": [{"role": "user", "content": "hi"}]}
 @pytest.mark.parametrize(
     "body, message",
     [
-        (b"{not json", "JSON"),
+        (b"{not json", "the body is not valid JSON (Expecting property name"),
         (json.dumps({"model": NAME, "prompt": "x", "n": 9}), "n=9; give 1..8 samples"),
         (json.dumps({"model": NAME, "prompt": "x", "n": 3}), "3 samples of one prompt but the engine has 2 slots"),
         (json.dumps({"model": NAME, "prompt": "x", "logprobs": 21}), "logprobs=21; give 0..20"),
@@ -142,8 +144,36 @@ CHAT_BODY = {"model": NAME, "messages": [{"role": "user", "content": "hi"}]}
         (json.dumps({"model": NAME, "prompt": "x", "max_tokens": 0}), "ask for at least 1 new token"),
         (json.dumps({"model": NAME, "prompt": "x", "max_tokens": 10**9}), "above model.max_seq_len=64"),
         (json.dumps({"model": NAME, "prompt": "x", "temperature": -0.5}), "temperature=-0.5"),
-        (json.dumps({"model": "gpt-4", "prompt": "x"}), "model 'gpt-4' is not served here"),
         (json.dumps({"model": NAME, "prompt": ""}), "prompt is empty"),
+        (json.dumps({"model": NAME, "prompt": [[1], []]}), "prompt[1] is empty"),
+        (json.dumps({"model": NAME, "prompt": [65, 300]}), "prompt has token id 300 outside the vocabulary 0..258"),
+        (json.dumps({"model": NAME, "prompt": "x\ud800"}), "prompt is not valid Unicode"),
+        (
+            json.dumps({"model": NAME, "prompt": "x", "temperature": "0.5"}),
+            "temperature: Input should be a valid number",
+        ),
+        (json.dumps({"model": NAME, "prompt": "x", "n": 2.0}), "n: Input should be a valid integer"),
+        (json.dumps({"model": NAME, "prompt": "x", "seed": -1}), "seed=-1; give 0..2147483647"),
+        (
+            json.dumps({"model": NAME, "prompt": "x", "frequency_penalty": 0.5}),
+            "frequency_penalty=0.5 is not supported",
+        ),
+        (
+            json.dumps({"model": NAME, "prompt": "x", "logit_bias": {"65": 5}}),
+            'logit_bias={"65": 5.0} is not supported',
+        ),
+        (
+            json.dumps({"model": NAME, "prompt": "x", "best_of": 2}),
+            "best_of=2 is not supported; leave it out or send n",
+        ),
+        (json.dumps({"model": NAME, "prompt": "x", "echo": True, "logprobs": 1}), "echo with logprobs"),
+        (json.dumps({**CHAT_BODY, "response_format": {"type": "json_object"}}), "response_format="),
+        (json.dumps({**CHAT_BODY, "messages": [{"role": "user"}]}), "messages[0] has no content"),
+        (
+            json.dumps({**CHAT_BODY, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+            "messages[0] has a 'image_url' content part; this model takes text parts only",
+        ),
+        (json.dumps({**CHAT_BODY, "max_tokens": 40}), "plus max_tokens=40 is"),
     ],
 )
 def test_bad_requests_get_a_400_with_a_message(server, body, message):
@@ -153,6 +183,131 @@ def test_bad_requests_get_a_400_with_a_message(server, body, message):
     connection.close()
     error = json.loads(text)["error"]["message"]
     assert reply.status == 400 and message in error and "\n" not in error, text
+
+
+def request(url, method, path, body: dict | None = None):
+    """(status, JSON body) of a raw request with the API key."""
+    address = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
+    headers = {"content-type": "application/json", "authorization": f"Bearer {KEY}"}
+    connection.request(method, path, None if body is None else json.dumps(body), headers)
+    reply = connection.getresponse()
+    data = json.loads(reply.read())
+    connection.close()
+    return reply.status, data
+
+
+def test_errors_have_openais_shape_and_status(server):
+    url = server[1]
+    for method, path, body, status, words in [
+        ("POST", "/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model 'gpt-4' is not served here"),
+        ("POST", "/v1/embeddings", {"input": "x"}, 404, "Not Found: POST /v1/embeddings; the server has POST"),
+        ("GET", "/v1/completions", None, 405, "Method Not Allowed: GET /v1/completions; the server has"),
+        ("POST", "/v1/completions", {"model": NAME, "prompt": "x", "top_p": None, "stop": 3}, 400, "stop"),
+    ]:
+        got, data = request(url, method, path, body)
+        assert got == status and set(data["error"]) == {"message", "type", "param", "code"}, data
+        assert data["error"]["code"] == status and words in data["error"]["message"], data
+    assert (
+        request(url, "POST", "/v1/completions", {"model": NAME, "prompt": "x", "seed": "1"})[1]["error"]["param"]
+        == "seed"
+    )
+
+
+def test_openai_fields_at_their_defaults_and_nulls_are_taken(server, client):
+    neutral = {"frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "n": None, "stream": None}
+    neutral |= {"temperature": None, "top_p": None, "top_k": None, "user": "u", "stop": None, "logprobs": None}
+    plain = complete(client, "Hello", max_tokens=6, temperature=0, seed=2)
+    seeded = {"model": NAME, "prompt": "Hello", "max_tokens": 6, "seed": 2}
+    status, data = request(server[1], "POST", "/v1/completions", {**seeded, **neutral, "best_of": 1, "suffix": ""})
+    assert (
+        status == 200 and data["choices"][0]["text"] == complete(client, "Hello", max_tokens=6, seed=2).choices[0].text
+    )
+    chat = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0}
+    want = client.chat.completions.create(**chat).choices[0].message.content
+    chat_neutral = {"response_format": {"type": "text"}, "tool_choice": "none", "tools": [], "logprobs": None}
+    status, data = request(server[1], "POST", "/v1/chat/completions", {**chat, **chat_neutral})
+    assert status == 200 and data["choices"][0]["message"] == {"role": "assistant", "content": want}
+    assert plain.choices[0].text != ""
+
+
+def test_prompts_as_lists_token_ids_and_echo_as_openai_takes_them(server, client):
+    tokens = ByteTokenizer().encode_prompt("Hello")
+    one = complete(client, "Hello", max_tokens=5, temperature=0)
+    assert complete(client, tokens, max_tokens=5, temperature=0).choices[0].text == one.choices[0].text
+    other = complete(client, "a", max_tokens=5, temperature=0).choices[0].text
+    batch = complete(client, ["Hello", "a"], max_tokens=5, temperature=0, n=2)
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    assert [c.text for c in batch.choices] == [one.choices[0].text] * 2 + [other] * 2
+    assert batch.usage.prompt_tokens == 6 + 2 and batch.usage.completion_tokens == 20
+    assert complete(client, [tokens], max_tokens=5, temperature=0).choices[0].text == one.choices[0].text
+    echoed = complete(client, "Hello", max_tokens=5, temperature=0, echo=True).choices[0].text
+    assert echoed == "Hello" + one.choices[0].text
+    pieces = [c.choices[0].text for c in complete(client, "Hello", max_tokens=5, temperature=0, echo=True, stream=True)]
+    assert pieces[0].startswith("Hello") and "".join(pieces) == echoed
+
+
+def test_chat_takes_text_parts_names_and_replies_to_the_end_of_the_context(server, client):
+    def reply(messages, **kw):
+        return client.chat.completions.create(model=NAME, messages=messages, temperature=0, **kw)
+
+    parts = [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]
+    said = reply([{"role": "user", "content": parts, "name": "ann"}], max_tokens=4).choices[0].message.content
+    assert said == reply([{"role": "user", "content": "h\ni"}], max_tokens=4).choices[0].message.content
+    empty = reply([{"role": "assistant", "content": None}], max_tokens=4).choices[0].message.content
+    assert empty == reply([{"role": "assistant", "content": ""}], max_tokens=4).choices[0].message.content
+    full = reply([{"role": "user", "content": "hi"}])  # no max_tokens: up to the engine's 32 positions
+    assert full.usage.prompt_tokens == len(b"<user>hi\n<assistant>")
+    if full.choices[0].finish_reason == "length":
+        assert full.usage.prompt_tokens + full.usage.completion_tokens == 32
+    chunks = list(reply([{"role": "user", "content": "hi"}], max_tokens=6, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant" and all(c.choices[0].delta.role is None for c in chunks[1:])
+    assert len({c.created for c in chunks}) == 1 and len({c.id for c in chunks}) == 1
+
+
+def test_logprobs_of_a_stop_cut_text_are_those_of_its_tokens(server, client):
+    whole = complete(client, "Hello", max_tokens=12, temperature=0, logprobs=0).choices[0]
+    text = whole.text
+    stop = next(text[i : i + 2] for i in range(3, 10) if text[i : i + 2].isascii() and text.find(text[i : i + 2]) == i)
+    cut = complete(client, "Hello", max_tokens=12, temperature=0, logprobs=0, stop=stop).choices[0]
+    assert cut.text == text[: text.index(stop)] and "".join(cut.logprobs.tokens) == cut.text
+    assert cut.logprobs.token_logprobs == whole.logprobs.token_logprobs[: len(cut.logprobs.tokens)]
+    assert cut.logprobs.text_offset == whole.logprobs.text_offset[: len(cut.logprobs.tokens)]
+    for token, offset in zip(whole.logprobs.tokens, whole.logprobs.text_offset):
+        assert text[offset : offset + len(token)] == token  # a token's text stands at its offset
+    chunks = list(complete(client, "Hello", max_tokens=12, temperature=0, logprobs=0, stop=stop, stream=True))
+    streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert streamed == cut.logprobs.tokens
+
+
+def test_a_client_hanging_up_on_a_whole_response_cancels_it(server, client, monkeypatch):
+    app, url = server
+    step = app.engine.step
+
+    def slow_step():  # so the request cannot end before the hang-up is seen
+        time.sleep(0.05)
+        step()
+
+    monkeypatch.setattr(app.engine, "step", slow_step)
+    before = dict(app.engine.finished)
+    body = {"model": NAME, "prompt": "Hello", "max_tokens": 26, "temperature": 0}
+    address = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
+    headers = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    connection.request("POST", "/v1/completions", json.dumps(body), headers)
+    for _ in range(200):  # until it decodes
+        if app.engine.busy_slots:
+            break
+        time.sleep(0.02)
+    connection.sock.close()
+    for _ in range(200):
+        if app.engine.busy_slots == 0:
+            break
+        time.sleep(0.05)
+    assert app.engine.finished["cancelled"] == before.get("cancelled", 0) + 1
+    assert app.engine.finished["length"] == before.get("length", 0) and app.engine.pages_in_use == 0
+    monkeypatch.undo()
+    assert complete(client, "Hello", max_tokens=3, temperature=0).usage.completion_tokens == 3
 
 
 def test_a_client_disconnecting_mid_stream_frees_its_slot(server, client):
@@ -184,6 +339,24 @@ def test_serve_refuses_a_bad_command_line_in_one_line(tmp_path, capsys):
     assert "--prefill-chunk 0" in capsys.readouterr().err
     assert main(["serve", "--checkpoint", str(tmp_path), "--kv-memory", "0"]) == 2
     assert "--kv-memory 0.0: give the share of each device's memory to fill, in (0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # argparse's own refusals, in one line too
+        main(["serve", "--checkpoint", str(tmp_path), "--port", "abc"])
+    err = capsys.readouterr().err
+    assert (
+        exit_.value.code == 2 and err.startswith("error: argument --port: invalid int value") and err.count("\n") == 1
+    )
+    with socket.socket() as held:  # said before anything loads
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert main(["serve", "--checkpoint", str(tmp_path / "missing"), "--port", str(port)]) == 2
+        assert f"error: cannot listen on 127.0.0.1:{port} (Address already in use)" in capsys.readouterr().err
+    run = save_run(tmp_path / "run", *model_on("ladder", 2, 4)[::2])
+    (port,) = free_ports(1)
+    assert main(["serve", "--checkpoint", str(run), "--port", str(port), "--kv-pages", "1", "--max-len", "32"]) == 2
+    assert "--kv-pages 1: 1 pages per data shard, fewer than the 2 pages of 16 positions one request of 32" in (
+        capsys.readouterr().err
+    )
 
 
 def test_a_missing_or_wrong_api_key_gets_a_401_and_the_server_goes_on(server, client):
@@ -382,7 +555,7 @@ def test_serve_over_two_processes_with_tensor_spanning_both_answers_as_one_proce
 
     from ladder_jax import decode
 
-    from .conftest import free_ports, save_run, start_two_processes
+    from .conftest import start_two_processes
 
     cfg, mesh, params = model_on("ladder", 1, 8)
     run = save_run(tmp_path / "run", cfg, params)

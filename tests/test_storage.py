@@ -169,7 +169,7 @@ def test_serve_answers_from_a_gcs_run(prepared_run, monkeypatch):
 
     answers = []
 
-    def serve_one(server, host, port):  # the command's server, asked one question on loopback, then stopped
+    def serve_one(server, host, port, sock):  # the command's server, asked one question on loopback, then stopped
         import openai
 
         with serve.serving_in_thread(server) as url:

@@ -27,15 +27,13 @@ import argparse
 
 from . import analysis, convert, data, describe, infer, lp, perfmodel, plot, serve, spd, train
 from . import eval as evaluate
-from ._common import VerbParser, run
+from ._common import Parser, VerbParser, run
 
 VERBS = (train, infer, describe, convert, spd, lp, evaluate, analysis, perfmodel, plot, data, serve)
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m ladder_jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = Parser(prog="python -m ladder_jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="VERB", parser_class=VerbParser)
     for verb in VERBS:
         verb.add(sub)

@@ -32,7 +32,15 @@ def run(args: argparse.Namespace) -> int:
         return PREEMPTED
 
 
-class VerbParser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """A command line argparse cannot parse is refused as any other bad input: one line on stderr,
+    exit status 2 (argparse's own status), the usage left to --help."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
+class VerbParser(Parser):
     """A verb's parser. With `intermixed` set (train, infer), key=value overrides may come before,
     between or after its options, as `parse_intermixed_args` allows; argparse cannot do that
     for a sub-command by itself."""
@@ -60,7 +68,7 @@ def script_verb(sub, name: str, help: str, description: str, arguments) -> None:
 
 def script_main(description: str, arguments, argv=None) -> int:
     """Such a verb run as its script: the same arguments, the same handler."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     arguments(p)
     return run(p.parse_intermixed_args(argv))
 

@@ -106,6 +106,7 @@ def start_server(args) -> int:
             "give at least 1"
         )
     init_runtime(args.cpu_devices, args.coordinator, args.num_processes, args.process_id)
+    sock = serve.bind(args.host, args.port) if jax.process_index() == 0 else None  # before loading and compiling
     run_dir = path(args.checkpoint)
     run_overrides = decoding_overrides(args.overrides)
     cfg = checkpoint.load_run_config(run_dir, run_overrides)
@@ -125,6 +126,12 @@ def start_server(args) -> int:
         args.prefix_cache,
         args.kv_memory,
     )
+    if engine.shard_pages < engine.table_width:  # as vLLM: the pool holds at least one request
+        raise ServeError(
+            f"--kv-pages {args.kv_pages}: {engine.shard_pages} pages per data shard, fewer than the "
+            f"{engine.table_width} pages of {engine.page_size} positions one request of {engine.cache_len} positions "
+            f"may hold; give at least {engine.table_width * engine.data} pages or lower --max-len"
+        )
     compiled = ""
     if args.precompile:
         seconds = engine.precompile()
@@ -140,5 +147,5 @@ def start_server(args) -> int:
         f"{engine.prefill_chunk} tokens a step, prefix cache {'on' if engine.prefix_cache else 'off'}",
         flush=True,
     )
-    serve.serve(serve.Server(engine, tokenizer, name, args.api_key or None), args.host, args.port)
+    serve.serve(serve.Server(engine, tokenizer, name, args.api_key or None), args.host, args.port, sock)
     return 0
