@@ -162,12 +162,12 @@ NEUTRAL = {
 @dataclasses.dataclass
 class Prepared:
     """A request as the engine takes it: each prompt's ids (and its text, for echo), the new
-    tokens each may make (and the field that said so), samples per prompt, the sampling, stop
+    tokens each sample may make (and the field that said so), samples per prompt, the sampling, stop
     strings and logprobs (None or how many most likely)."""
 
     prompts: list[list[int]]
     texts: list[str]
-    max_tokens: list[int]
+    max_tokens: int
     limit: str
     n: int
     sampling: Sampling
@@ -388,17 +388,16 @@ class Server:
         # As vLLM: max_completion_tokens wins; unset, a completion makes 16 and a chat reply up to
         # the end of the positions a request may hold.
         limit = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
-        max_tokens = [getattr(body, limit)] * len(prompts)
-        if max_tokens[0] is None and not chat:
-            max_tokens = [16] * len(prompts)
-        elif max_tokens[0] is None:
-            room = self.engine.cache_len - len(prompts[0])
-            if room < 1:
+        max_tokens = getattr(body, limit)
+        if max_tokens is None and not chat:
+            max_tokens = 16
+        elif max_tokens is None:
+            max_tokens = self.engine.cache_len - len(prompts[0])
+            if max_tokens < 1:
                 raise BadRequest(
                     f"the messages take {len(prompts[0])} tokens, all of the {self.engine.cache_len} positions "
                     "a request may hold; shorten them"
                 )
-            max_tokens = [room]
         top_k = {None: 0, -1: 0}.get(body.top_k, body.top_k)  # -1: vLLM's "off"
         sampling = Sampling(
             1.0 if body.temperature is None else body.temperature,
@@ -455,8 +454,7 @@ class Server:
         samples = []
         for i in range(len(p.prompts) * p.n):
             seeded = dataclasses.replace(p.sampling, seed=(p.sampling.seed + i) % 2**31)
-            k = i // p.n
-            request = E.Request(p.prompts[k], p.max_tokens[k], seeded, self.tokenizer.stop_ids, logprobs=p.logprobs)
+            request = E.Request(p.prompts[i // p.n], p.max_tokens, seeded, self.tokenizer.stop_ids, logprobs=p.logprobs)
             sample = Sample(self, i, request, TextOut(self.tokenizer, p.stops), start)
 
             def on_token(token, s=sample):
