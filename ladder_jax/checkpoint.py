@@ -126,6 +126,22 @@ def latest_step(run_dir: str | Path) -> int | None:
     return manager(run_dir, create=False).latest_step()
 
 
+def restore(mngr: ocp.CheckpointManager, run_dir: Path, step: int, args) -> dict:
+    """`mngr.restore(step, args)`, or CheckpointError in one line when the step cannot be read (cut
+    short by a full disk, damaged, or not an orbax checkpoint): nothing is deleted, and the message
+    names the step before it to fall back to."""
+    try:
+        return mngr.restore(step, args=args)
+    except (ValueError, KeyError, OSError) as e:  # tensorstore's and orbax's words for a damaged step
+        earlier = [s for s in mngr.all_steps() if s < step]
+        then = f"to resume from step {max(earlier)}" if earlier else "to start again"
+        why = (str(e).strip().splitlines() or [""])[0][:160]
+        raise CheckpointError(
+            f"checkpoint {step} of {run_dir} cannot be read ({type(e).__name__}: {why}); it is incomplete or "
+            f"damaged: move {run_dir / 'checkpoints' / str(step)} out of the way {then}"
+        ) from None
+
+
 def abstract_with_sharding(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
@@ -148,9 +164,8 @@ def restore_params(run_dir: str | Path, cfg: Config, mesh: Mesh, step: int | Non
     check_params_fit(cfg.model, mesh, f"the parameters of {run_dir} ({cfg.model.param_dtype})")
     stored = dataclasses.replace(cfg.model, lp_layout="shared")
     target = abstract_with_sharding(M.abstract_params(stored), M.param_shardings(stored, mesh))
-    restored = manager(run_dir, create=False).restore(
-        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
-    )
+    args = ocp.args.Composite(params=ocp.args.StandardRestore(target))
+    restored = restore(manager(run_dir, create=False), run_dir, step, args)
     return M.to_split_layout(cfg.model, restored["params"], mesh)
 
 
@@ -214,12 +229,15 @@ def latest_run(root: str | Path = "runs", preset: str = "tiny") -> Path:
     return max(candidates)[2]
 
 
+PROBE = ".write-test-"  # a file `check_writable` writes and removes
+
+
 def check_writable(run_dir: Path, need_bytes: int = 0) -> None:
     """Fail early, in one line, when the run directory cannot take checkpoints."""
     run_dir = path(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{socket.gethostname()}-{os.getpid()}"  # one per process: hosts share it
+        probe = run_dir / f"{PROBE}{socket.gethostname()}-{os.getpid()}"  # one per process: hosts share it
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:

@@ -7,6 +7,7 @@ and the fix in one line.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -243,13 +244,23 @@ def _parse_value(dotted: str, text: str):
     `ladder@-2:` is not YAML)."""
     if _field_type(dotted) is str and text.lower() not in ("null", "~"):
         return text[1:-1] if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"" else text
-    value = yaml.safe_load(text) if text else ""
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{dotted}={text}: not a YAML value ({yaml_problem(e)}); quote it or fix it") from None
     if _field_type(dotted) is float and isinstance(value, str):
         try:  # YAML 1.1 reads 1e-6 (no dot) as a string
             return float(value)
         except ValueError:
             pass
     return value
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in a few words: what and where ("expected ',' or ']' at line 2, column 1")."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or type(e).__name__}{where}"
 
 
 def resolve_preset(name_or_path: str | Path) -> Path:
@@ -274,7 +285,11 @@ def load_config(preset: str | Path | None = "tiny", overrides: typing.Sequence[s
     """Load a preset (name or YAML path) and apply `section.key=value` overrides (YAML values)."""
     raw = {}
     if preset is not None:
-        raw = yaml.safe_load(resolve_preset(preset).read_text()) or {}
+        source = resolve_preset(preset)
+        try:
+            raw = yaml.safe_load(source.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source} is not valid YAML ({yaml_problem(e)}); fix the file") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{preset}: the top level must be a mapping with model/mesh/train sections")
     for item in overrides:
@@ -316,6 +331,9 @@ def _check_sizes(cfg: Config) -> None:
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
         if getattr(m, key) <= 0:
             raise ConfigError(f"model.{key} must be positive, got {getattr(m, key)}")
+    for key in ("rope_theta", "norm_eps", "init_std"):
+        if not 0 < getattr(m, key) < math.inf:
+            raise ConfigError(f"model.{key} must be positive and finite, got {getattr(m, key)}")
     if t <= 0:
         raise ConfigError(f"mesh.tensor must be positive, got {t}")
     if cfg.mesh.fsdp <= 0:
@@ -407,6 +425,26 @@ def _check_train(cfg: Config) -> None:
         )
     if not 0 <= tr.val_fraction < 1:
         raise ConfigError(f"train.val_fraction={tr.val_fraction} must be in [0, 1)")
+    # The optimizer's numbers, where a value out of range trains without an error, only wrongly
+    # (a negative lr climbs the loss; a clip of 0 zeroes every gradient).
+    for key, low, high, closed in [
+        ("lr", 0, math.inf, False),
+        ("min_lr_ratio", 0, 1, True),
+        ("weight_decay", 0, math.inf, False),
+        ("b1", 0, 1, False),
+        ("b2", 0, 1, False),
+        ("peak_tflops", 0, math.inf, False),
+    ]:
+        value = getattr(tr, key)
+        if not (low <= value <= high if closed else low <= value < high):
+            interval = f"[{low}, {high}]" if closed else f"[{low}, {high})"
+            raise ConfigError(f"train.{key}={value} must be in {interval}")
+    if not 0 < tr.grad_clip < math.inf:
+        raise ConfigError(
+            f"train.grad_clip={tr.grad_clip} must be positive and finite (the global norm gradients clip to)"
+        )
+    if tr.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps={tr.warmup_steps} must be 0 or more")
     profile_steps(tr)
     if tr.wandb_mode not in WANDB_MODES:
         raise ConfigError(f"train.wandb_mode={tr.wandb_mode!r} is not a mode; choose from {', '.join(WANDB_MODES)}")

@@ -9,9 +9,13 @@ shard_map's own transpose sums the gradients of what is replicated over `data`.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import math
 import re
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -415,26 +419,29 @@ def train(
     mesh, trainer = resolve(cfg)
     run_dir = run_directory(cfg, run_dir)
     with ckpt.run_lock(run_dir, cfg.train.lock_timeout):
-        resume = open_run_directory(cfg, run_dir, init_from)
-        data = open_data(cfg, init_from if init_from is not None else run_dir)
-        # Random parameters count XLA's temporaries too.
-        fresh = init_from is None and resume is None
-        check_training_fits(
-            cfg.model, mesh, trainer.abstract_state(), fresh, copied_to_save=trainer.lengths is not None
-        )
-        check_step_fits(trainer)  # compiles the step: the activations counted, before any state is made
-        record_run(cfg, run_dir, init_from)
-        mngr = ckpt.manager(run_dir, keep=cfg.train.keep)
+        mngr = None
         try:
-            if resume is None:
-                state = trainer.init_state(initial_params(cfg, mesh, init_from))
-            else:
-                state = restore_state(trainer, mngr, resume, data.train)
-                log(f"resumed {run_dir} at step {resume}")
+            with stop_at_once(run_dir):  # the setup has nothing to save: a signal stops it where it is
+                resume = open_run_directory(cfg, run_dir, init_from)
+                data = open_data(cfg, init_from if init_from is not None else run_dir)
+                # Random parameters count XLA's temporaries too.
+                fresh = init_from is None and resume is None
+                check_training_fits(
+                    cfg.model, mesh, trainer.abstract_state(), fresh, copied_to_save=trainer.lengths is not None
+                )
+                check_step_fits(trainer)  # compiles the step: the activations counted, before any state is made
+                record_run(cfg, run_dir, init_from)
+                mngr = ckpt.manager(run_dir, keep=cfg.train.keep)
+                if resume is None:
+                    state = trainer.init_state(initial_params(cfg, mesh, init_from))
+                else:
+                    state = restore_state(trainer, mngr, run_dir, resume, data.train)
+                    log(f"resumed {run_dir} at step {resume}")
             summary = Loop(cfg, trainer, mngr, data, run_dir, resume or 0, progress).run(state, stop_at)
         finally:
-            mngr.wait_until_finished()
-            mngr.close()
+            if mngr is not None:
+                mngr.wait_until_finished()
+                mngr.close()
     return {**summary, "mesh": mesh}
 
 
@@ -459,16 +466,57 @@ def resolve(cfg: Config) -> tuple[Mesh, Trainer]:
 
 
 def open_run_directory(cfg: Config, run_dir: Path, init_from) -> int | None:
-    """Check the run directory (under its lock) and the run to start from: same parameter shapes,
-    room for a checkpoint. Returns the step to resume from, None for a new run."""
+    """Check the run directory (under its lock) and the run to start from: a run to resume with
+    its model and batches, or a new or empty directory; same parameter shapes; room for a
+    checkpoint. Returns the step to resume from, None for a new run."""
     if init_from is not None:
         ckpt.check_same_shapes(cfg, ckpt.load_run_config(init_from), str(init_from))
         if ckpt.latest_step(init_from) is None:
             raise ckpt.CheckpointError(f"--init-from {init_from} has no complete checkpoint; train or convert it first")
     if (run_dir / "config.yaml").exists():
-        ckpt.check_same_shapes(cfg, ckpt.load_run_config(run_dir), f"run directory {run_dir}")
+        saved = ckpt.load_run_config(run_dir)
+        ckpt.check_same_shapes(cfg, saved, f"run directory {run_dir}")
+        check_resumes(cfg, saved, run_dir)
+        step = ckpt.latest_step(run_dir)
+        if init_from is not None and step is not None:
+            raise ckpt.CheckpointError(
+                f"--init-from starts a new run, but {run_dir} has checkpoints to resume (step {step}); "
+                "drop --init-from to resume it, or give a new --run-dir"
+            )
+    elif run_dir.exists():
+        # (the lock, and another process's write probe of a multi-host start, are ours)
+        others = sorted(
+            p.name for p in run_dir.iterdir() if p.name != ckpt.LOCK_NAME and not p.name.startswith(ckpt.PROBE)
+        )
+        if others:
+            raise ckpt.CheckpointError(
+                f"{run_dir} holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''} but no config.yaml, "
+                "so it is not a run to resume; give a new or empty --run-dir (nothing in it was touched)"
+            )
     ckpt.check_writable(run_dir, need_bytes=3 * M.bytes_per_device(cfg.model, 1) // max(1, jax.process_count()))
     return ckpt.latest_step(run_dir)
+
+
+# What a resumed run keeps from its config.yaml: the model (how it runs may change: the attention
+# kernel, the compute dtype, the lp layout, the mesh) and the batches it is fed, in their order.
+RUN_KEEPS_MODEL_BUT = ("name", "attention", "dtype", "lp_layout", "init_std", "max_seq_len")
+RUN_KEEPS_TRAIN = ("seed", "batch_size", "seq_len", "data", "text_field", "val_fraction", "trainable")
+
+
+def check_resumes(cfg: Config, saved: Config, run_dir: Path) -> None:
+    """Refuse to resume a run with a config that changes its model or its batches."""
+    keys = [f"model.{f.name}" for f in dataclasses.fields(cfg.model) if f.name not in RUN_KEEPS_MODEL_BUT]
+    keys += [f"train.{k}" for k in RUN_KEEPS_TRAIN]
+    for key in keys:
+        section, name = key.split(".")
+        was, now = getattr(getattr(saved, section), name), getattr(getattr(cfg, section), name)
+        if was != now:
+            what = "model" if section == "model" else "batches"
+            raise ckpt.CheckpointError(
+                f"{run_dir} was trained with {key}={was}; resuming it with {key}={now} would change the {what} it "
+                f"continues; drop that setting (a resumed run keeps its config.yaml), or start a new run from it "
+                f"with --init-from {run_dir}"
+            )
 
 
 @dataclass
@@ -496,19 +544,17 @@ def record_run(cfg: Config, run_dir: Path, init_from) -> None:
             copy_tokenizer_files(init_from, run_dir)
 
 
-def restore_state(trainer: Trainer, mngr: ocp.CheckpointManager, step: int, it) -> dict:
+def restore_state(trainer: Trainer, mngr: ocp.CheckpointManager, run_dir: Path, step: int, it) -> dict:
     """Parameters and optimizer state of checkpoint `step`; `it` resumes where that step left it."""
     import grain  # here, not at the top: the train step (benchmarks, a bare GPU machine) needs no grain
 
     target = trainer.abstract_checkpoint()
-    restored = mngr.restore(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(target["params"]),
-            opt_state=ocp.args.StandardRestore(target["opt_state"]),
-            data=grain.checkpoint.CheckpointRestore(it),
-        ),
+    args = ocp.args.Composite(
+        params=ocp.args.StandardRestore(target["params"]),
+        opt_state=ocp.args.StandardRestore(target["opt_state"]),
+        data=grain.checkpoint.CheckpointRestore(it),
     )
+    restored = ckpt.restore(mngr, run_dir, step, args)
     return trainer.from_checkpoint({"params": restored["params"], "opt_state": restored["opt_state"]})
 
 
@@ -524,13 +570,35 @@ def initial_params(cfg: Config, mesh: Mesh, init_from) -> dict:
 
 
 class Preempted(Exception):
-    """SIGTERM or SIGINT stopped training: the step in flight finished and was saved."""
+    """SIGTERM or SIGINT stopped training: the step in flight finished and was saved (`step`), or
+    the setup stopped before the first step, with nothing to save (`step` None)."""
 
-    def __init__(self, signal_name: str, step: int, run_dir: Path):
+    def __init__(self, signal_name: str, step: int | None, run_dir: Path):
         self.signal_name, self.step, self.run_dir = signal_name, step, run_dir
-        super().__init__(
-            f"{signal_name} at step {step}: saved checkpoint {step} in {run_dir}; run the same command again to resume"
-        )
+        # The same command without --run-dir would start a new run: name the directory.
+        again = f"resume with --run-dir {run_dir}"
+        if step is None:
+            super().__init__(f"{signal_name} before the first step: nothing to save; {again}")
+        else:
+            super().__init__(f"{signal_name} at step {step}: saved checkpoint {step} in {run_dir}; {again}")
+
+
+@contextlib.contextmanager
+def stop_at_once(run_dir: Path):
+    """While the setup runs (reading, compiling, restoring: minutes on a large model), SIGTERM and
+    SIGINT raise Preempted where the setup is, so a scheduler still sees the preempted status.
+    Nothing is half-written by it: the setup writes only config.yaml, atomically."""
+
+    def stop(signum, frame):
+        raise Preempted(signal.Signals(signum).name, None, run_dir)
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, stop) for s in monitoring.SIGNALS} if main else {}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 class Loop:

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from ladder_jax.config import ConfigError, list_presets, load_config
@@ -98,11 +100,26 @@ def test_rope_scaling_override_builds_the_nested_section():
         (["model.plan=ladder,parallel"], "two default schedules"),
         (["model.dtype=int8"], "model.dtype='int8' is not supported"),
         (["model.n_layers"], "not key=value"),
+        (["train.steps={a"], "train.steps={a: not a YAML value (expected ',' or '}'"),
+        (["train.lr=-1"], "train.lr=-1.0 must be in [0, inf)"),
+        (["train.lr=nan"], "train.lr=nan must be in [0, inf)"),
+        (["train.b1=2"], "train.b1=2.0 must be in [0, 1)"),
+        (["train.min_lr_ratio=5"], "train.min_lr_ratio=5.0 must be in [0, 1]"),
+        (["train.weight_decay=-1"], "train.weight_decay=-1.0 must be in [0, inf)"),
+        (["train.grad_clip=0"], "train.grad_clip=0.0 must be positive and finite"),
+        (["train.warmup_steps=-5"], "train.warmup_steps=-5 must be 0 or more"),
+        (["model.rope_theta=-1"], "model.rope_theta must be positive and finite, got -1.0"),
     ],
 )
 def test_bad_configs_fail_with_a_message_naming_the_key(overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config("tiny", overrides)
+
+
+def test_a_config_file_that_is_not_yaml_is_refused_with_where(tmp_path):
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml is not valid YAML \(.*at line 2, column 1\); fix the file"):
+        load_config(tmp_path / "bad.yaml")
 
 
 def test_error_on_32_layer_model_names_layer_40():

@@ -3,6 +3,7 @@ and W&B, profiled (ladder_jax.monitoring and the loop in ladder_jax.training).""
 
 import json
 import re
+import shutil
 import signal
 import sys
 
@@ -13,6 +14,7 @@ import pytest
 from ladder_jax import checkpoint as ckpt
 from ladder_jax import training
 from ladder_jax.config import ConfigError
+from ladder_jax.mesh import make_mesh
 
 from .conftest import TEST_XLA_FLAGS, free_ports, saved_state, small_config
 
@@ -79,6 +81,10 @@ def test_sigterm_saves_the_step_in_flight_and_the_rerun_resumes_bit_exactly(watc
     assert stopped.value.step == 3 and ckpt.latest_step(run) == 3
     assert signal.getsignal(signal.SIGTERM) is handler  # the loop's handlers are gone
     monkeypatch.setattr(training.Trainer, "step", step)
+    with pytest.raises(
+        ckpt.CheckpointError, match=r"--init-from starts a new run, but .* checkpoints to resume \(step 3\)"
+    ):
+        training.train(cfg, run, init_from=watched[1], progress=False)
     notes = []
     resumed = training.train(cfg, run, progress=False, log=notes.append)
     assert notes == [f"resumed {run} at step 3"] and resumed["step"] == STEPS
@@ -89,6 +95,30 @@ def test_sigterm_saves_the_step_in_flight_and_the_rerun_resumes_bit_exactly(watc
     assert jax.tree.structure(want) == jax.tree.structure(got)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
         assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_a_signal_during_the_setup_stops_it_there_as_preempted(corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "check_step_fits", lambda trainer: signal.raise_signal(signal.SIGTERM))
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(
+        training.Preempted, match="SIGTERM before the first step: nothing to save; resume with --run-dir"
+    ):
+        training.train(config(corpus), tmp_path / "run", progress=False)
+    assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_a_checkpoint_that_cannot_be_read_is_named_with_the_step_to_fall_back_to(watched, tmp_path, devices):
+    cfg, run, _ = watched
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "checkpoints" / "99").mkdir()  # a step cut short (by hand, or a disk that filled up)
+    mesh = make_mesh(cfg)
+    with pytest.raises(ckpt.CheckpointError) as refused:
+        ckpt.restore_params(copy, cfg, mesh)
+    message = str(refused.value)
+    assert message.startswith(f"checkpoint 99 of {copy} cannot be read (") and "\n" not in message
+    assert message.endswith(f"move {copy / 'checkpoints' / '99'} out of the way to resume from step {STEPS}")
+    assert (copy / "checkpoints" / "99").is_dir() and ckpt.latest_step(copy) == 99  # nothing deleted
 
 
 def test_metrics_reach_tensorboard_wandb_and_metrics_jsonl(watched):

@@ -1,6 +1,7 @@
 """Training on 8 fake CPU devices: the loss falls, resume is exact, a killed save is skipped,
 gradients do not depend on the mesh, and bad input stops before anything compiles."""
 
+import argparse
 import functools
 import json
 import os
@@ -17,6 +18,7 @@ import pytest
 from ladder_jax import checkpoint as ckpt
 from ladder_jax import model as M
 from ladder_jax import storage
+from ladder_jax.cli.train import train_config
 from ladder_jax.config import ConfigError, replace
 from ladder_jax.data import DataError, PackedWindows, val_batches
 from ladder_jax.mesh import make_mesh
@@ -240,6 +242,26 @@ def test_bad_input_fails_before_compiling(corpus, tmp_path, devices, compiles):
         train(config(corpus), other, progress=False)
     with pytest.raises(ckpt.CheckpointError, match=r"init-from .* has no complete checkpoint|shape"):
         train(config(corpus), tmp_path / "c", init_from=other, progress=False)
+    # A run resumes with its own model and batches; the command line reads its config.yaml.
+    laddered = tmp_path / "laddered"
+    ckpt.check_writable(laddered)
+    ckpt.save_config(laddered, config(corpus, plan="ladder"))
+    with pytest.raises(ckpt.CheckpointError, match=r"trained with model.plan=ladder; resuming it with model.plan="):
+        train(config(corpus), laddered, progress=False)
+    with pytest.raises(
+        ckpt.CheckpointError, match=r"train.batch_size=8; resuming it with .*=16 would change the batches"
+    ):
+        train(config(corpus, "train.batch_size=16", plan="ladder"), laddered, progress=False)
+    args = argparse.Namespace(config=None, run_dir=str(laddered), overrides=["train.steps=9"])
+    resumed = train_config(args)
+    assert (resumed.model.plan, resumed.train.steps, resumed.train.data) == ("ladder", 9, corpus)
+    assert train_config(argparse.Namespace(config="tiny", run_dir=str(laddered), overrides=[])).model.plan == "standard"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ckpt.CheckpointError, match=r"mine holds notes.txt but no config.yaml, so it is not a run"):
+        train(config(corpus), mine, progress=False)
+    assert (mine / "notes.txt").read_text() == "keep me" and not (mine / "config.yaml").exists()
     if os.geteuid() != 0:  # root writes anywhere; the check is then a no-op
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o500)

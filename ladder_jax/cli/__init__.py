@@ -18,7 +18,7 @@ its handler, which parses, calls the library and prints. Input that cannot work
 (ladder_jax.errors.LadderError) prints one line, `error: <message>`, on stderr, and every command
 exits with status 2 for it (as argparse does for a command line it cannot parse). `train`
 stopped by SIGTERM or SIGINT saves the step in flight, prints one line and exits with status 75;
-the same command resumes it.
+`--run-dir` resumes it.
 """
 
 from __future__ import annotations

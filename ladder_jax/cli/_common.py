@@ -83,9 +83,23 @@ def overrides(p: argparse.ArgumentParser, example: str = "model.n_layers=4") -> 
     p.add_argument("overrides", nargs="*", help=f"key=value, e.g. {example}")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}; give at least 1")
+    return value
+
+
 def cpu_devices(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--cpu-devices", type=int, default=8, help="fake CPU devices when no accelerator is present (default 8)"
+        "--cpu-devices",
+        type=positive_int,
+        default=8,
+        help="fake CPU devices when no accelerator is present (default 8)",
     )
 
 

@@ -9,11 +9,13 @@ import argparse
 import jax
 
 from .. import decode
-from ..config import load_config
+from ..checkpoint import load_run_config
+from ..config import Config, load_config
 from ..mesh import init_runtime
+from ..storage import path
 from ..tokenizer import get_tokenizer
 from ..training import train
-from ._common import multihost, script_main, script_verb
+from ._common import cpu_devices, multihost, script_main, script_verb
 
 
 def add(sub) -> None:
@@ -26,13 +28,18 @@ def main(argv=None) -> int:
 
 
 def arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--config", default="tiny", help="preset name (see configs/) or a YAML path; default: tiny")
-    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model.plan=ladder train.steps=100")
-    ap.add_argument("--run-dir", help="run directory (default: train.out_dir/<preset>-<time>); an existing one resumes")
-    ap.add_argument("--init-from", help="start from another run's (or a converted model's) parameters")
     ap.add_argument(
-        "--cpu-devices", type=int, default=8, help="fake CPU devices when no accelerator is present (default 8)"
+        "--config",
+        help="preset name (see configs/) or a YAML path; default: tiny, or for an existing --run-dir its config.yaml",
     )
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model.plan=ladder train.steps=100")
+    ap.add_argument(
+        "--run-dir",
+        help="run directory (default: train.out_dir/<preset>-<time>); an existing one resumes with its own config.yaml "
+        "and these overrides",
+    )
+    ap.add_argument("--init-from", help="start a new run from another run's (or a converted model's) parameters")
+    cpu_devices(ap)
     multihost(ap)
     ap.add_argument(
         "--sample-tokens",
@@ -44,8 +51,17 @@ def arguments(ap: argparse.ArgumentParser) -> None:
     ap.set_defaults(handler=train_run)
 
 
+def train_config(args) -> Config:
+    """A new run's config: --config (default tiny) with the overrides. An existing run resumes with
+    its own config.yaml and the overrides, or with --config's (`training.train` refuses what would
+    change the model or its batches)."""
+    if args.config is None and args.run_dir is not None and (path(args.run_dir) / "config.yaml").exists():
+        return load_run_config(args.run_dir, args.overrides)
+    return load_config(args.config or "tiny", args.overrides)
+
+
 def train_run(args) -> int:
-    cfg = load_config(args.config, args.overrides)  # a bad config fails here, before JAX starts its backends
+    cfg = train_config(args)  # a bad config fails here, before JAX starts its backends
     init_runtime(args.cpu_devices, args.coordinator, args.num_processes, args.process_id)
     result = train(cfg, run_dir=args.run_dir, init_from=args.init_from, progress=not args.no_progress)
     if jax.process_index() != 0:
