@@ -473,7 +473,10 @@ def open_run_directory(cfg: Config, run_dir: Path, init_from) -> int | None:
         ckpt.check_same_shapes(cfg, ckpt.load_run_config(init_from), str(init_from))
         if ckpt.latest_step(init_from) is None:
             raise ckpt.CheckpointError(f"--init-from {init_from} has no complete checkpoint; train or convert it first")
-    if (run_dir / "config.yaml").exists():
+    # One listing: on a multi-host start process 0 may write config.yaml as another process looks,
+    # and it writes nothing else before it (the lock, write probes and config.yaml's temporary are ours).
+    names = {p.name for p in run_dir.iterdir()} if run_dir.exists() else set()
+    if "config.yaml" in names:
         saved = ckpt.load_run_config(run_dir)
         ckpt.check_same_shapes(cfg, saved, f"run directory {run_dir}")
         check_resumes(cfg, saved, run_dir)
@@ -483,11 +486,8 @@ def open_run_directory(cfg: Config, run_dir: Path, init_from) -> int | None:
                 f"--init-from starts a new run, but {run_dir} has checkpoints to resume (step {step}); "
                 "drop --init-from to resume it, or give a new --run-dir"
             )
-    elif run_dir.exists():
-        # (the lock, and another process's write probe of a multi-host start, are ours)
-        others = sorted(
-            p.name for p in run_dir.iterdir() if p.name != ckpt.LOCK_NAME and not p.name.startswith(ckpt.PROBE)
-        )
+    else:
+        others = sorted(n for n in names if not n.startswith((ckpt.LOCK_NAME, ckpt.PROBE, "config.yaml")))
         if others:
             raise ckpt.CheckpointError(
                 f"{run_dir} holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''} but no config.yaml, "
