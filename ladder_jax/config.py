@@ -265,11 +265,13 @@ def yaml_problem(e: yaml.YAMLError) -> str:
 
 def resolve_preset(name_or_path: str | Path) -> Path:
     p = storage.path(name_or_path)  # a YAML file may be on gs:// too (a run's config.yaml)
-    if p.suffix in (".yaml", ".yml"):
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if p.suffix in (".yaml", ".yml") or (not preset.exists() and p.is_file()):  # a file, whatever its name
         if not p.exists():
             raise ConfigError(f"config file {p} does not exist; presets: {', '.join(list_presets())}")
         return p
-    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if not preset.exists() and p.is_dir():
+        raise ConfigError(f"--config {p} is a directory; give a preset ({', '.join(list_presets())}) or a YAML file")
     if not preset.exists():
         raise ConfigError(
             f"no preset named '{name_or_path}'; choose from {', '.join(list_presets())} or give a .yaml path"

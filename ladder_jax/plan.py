@@ -37,6 +37,11 @@ def _parse_range(text: str, n_layers: int, segment: str) -> range:
             raise ConfigError(
                 f"model.plan: '{segment}' has a bad layer index '{s}'; write SCHEDULE@START:END, e.g. ladder@-16:"
             )
+        if re.fullmatch(r"-0+", s):  # Python's -0 is 0: '@-0:' would be every layer, not the last 0
+            raise ConfigError(
+                f"model.plan: '{segment}' has layer index '{s}', which is layer 0 (not the end); write 0 for the "
+                f"first layer or -N for the last N, e.g. ladder@-16:"
+            )
         i = int(s)
         return i + n_layers if i < 0 else i
 
@@ -61,8 +66,13 @@ def parse_plan(plan: str, n_layers: int) -> tuple[str, ...]:
         raise ConfigError("model.plan is empty; give a schedule such as 'standard' or 'ladder'")
     base, owner = None, [None] * n_layers
     for seg in segments:
-        name, _, where = seg.partition("@")
+        name, at, where = seg.partition("@")
         name = lookup(name, seg).name
+        if at and not where.strip():
+            raise ConfigError(
+                f"model.plan: '{seg}' has no layer range after '@'; write SCHEDULE@START:END (e.g. {name}@-16:), "
+                f"or '{name}' alone for every layer"
+            )
         if not where:
             if base is not None:
                 raise ConfigError(

@@ -86,13 +86,16 @@ def _stamp(files: list[str]) -> list:
     return [[f, *size_and_version(f)] for f in files]
 
 
-def _done(out: Path, k: int, unit: dict) -> dict | None:
+def _done(out: Path, k: int, unit: dict, options: dict) -> dict | None:
+    """A unit's record if it is done with these inputs and `options` (a unit tokenized by a
+    prepare whose split was refused, with other options, is redone)."""
     unit_file = out / f"unit-{k:05d}.json"
     if not unit_file.exists():
         return None
     record = json.loads(unit_file.read_text())
     complete = all((out / record[s]["path"]).exists() for s in SPLITS if record[s]["documents"])
-    return record if complete and record["inputs"] == _stamp(unit["files"]) else None
+    same = record["inputs"] == _stamp(unit["files"]) and record.get("options") == options
+    return record if complete and same else None
 
 
 def _write_json(file: Path, obj) -> None:
@@ -116,7 +119,7 @@ _worker: dict = {}
 
 
 def _init_worker(tokenizer, docs, tokens) -> None:
-    _worker.update(tokenizer=tokenizer, docs=docs, tokens=tokens)
+    _worker.update(tokenizer=tokenizer, identity=tokenizer_identity(tokenizer), docs=docs, tokens=tokens)
 
 
 def _prepare_unit(out: Path, k: int, unit: dict, text_field: str, val_fraction: float, dtype: str) -> dict:
@@ -138,7 +141,7 @@ def _prepare_unit(out: Path, k: int, unit: dict, text_field: str, val_fraction: 
                 _report(pending_docs, pending_tokens)
                 pending_docs = pending_tokens = 0
     _report(pending_docs, pending_tokens)
-    record = {"inputs": _stamp(unit["files"])}
+    record = {"inputs": _stamp(unit["files"]), "options": _unit_options(text_field, val_fraction, dtype)}
     for s in SPLITS:
         writers[s].close()
         tmp = out / f"{names[s]}.arrayrecord.tmp"
@@ -153,6 +156,11 @@ def _prepare_unit(out: Path, k: int, unit: dict, text_field: str, val_fraction: 
         }
     _write_json(out / f"unit-{k:05d}.json", record)  # the unit is done only now
     return record
+
+
+def _unit_options(text_field: str, val_fraction: float, dtype: str) -> dict:
+    """What a unit's shards depend on besides its inputs and the tokenizer (prepare.json names it)."""
+    return {"text_field": text_field, "val_fraction": val_fraction, "dtype": dtype, "tokenizer": _worker["identity"]}
 
 
 def _report(docs: int, tokens: int) -> None:
@@ -191,9 +199,10 @@ def prepare(
         "tokenizer": tokenizer_identity(tokenizer),
         "dtype": dtype,
     }
-    _start(out, args)
+    started = _start(out, args)
     work.mkdir(parents=True, exist_ok=True)
-    records = {k: r for k, u in enumerate(units) if (r := _done(out, k, u)) is not None}
+    options = {k: v for k, v in args.items() if k != "inputs"}  # what _unit_options records
+    records = {k: r for k, u in enumerate(units) if (r := _done(out, k, u, options)) is not None}
     if records:
         log(
             f"{out}: {len(records)} of {len(units)} units already done, preparing the other {len(units) - len(records)}"
@@ -201,7 +210,15 @@ def prepare(
     t0 = time.perf_counter()
     tokens = _tokenize((work, out), units, records, tokenizer, workers, (text_field, val_fraction, dtype), progress)
     manifest = {"format": 1, **args, "splits": {s: _finish_split(work, out, s, units, records) for s in SPLITS}}
-    _check_splits(manifest["splits"], inputs, val_fraction)
+    try:
+        _check_splits(manifest["splits"], inputs, val_fraction)
+    except DataError:
+        # These inputs and options never make a valid prepare: forget them, so that a rerun into
+        # the same --out with other options is not refused (its units record their options, so
+        # those tokenized here are redone, never reused).
+        if started:
+            (out / "prepare.json").unlink(missing_ok=True)
+        raise
     _write_json(out / MANIFEST, manifest)
     dt = time.perf_counter() - t0
     log(
@@ -215,15 +232,23 @@ def prepare(
     return manifest
 
 
-def _start(out: Path, args: dict) -> None:
-    """Record the arguments in `out`/prepare.json; a directory prepared with others is refused."""
-    out.mkdir(parents=True, exist_ok=True)
+def _start(out: Path, args: dict) -> bool:
+    """Record the arguments in `out`/prepare.json; a directory prepared with others is refused.
+    Returns whether `out` held no finished prepare (one with a manifest, which the end re-makes)."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a directory; give a new directory (or a prepared one to resume)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create --out {out} ({e.strerror or e}); choose another directory") from None
     if (out / "prepare.json").exists() and json.loads((out / "prepare.json").read_text()) != args:
         raise DataError(
             f"{out} holds a prepare with other inputs, tokenizer or options; choose another --out or delete it"
         )
+    finished = (out / MANIFEST).exists()
     _write_json(out / "prepare.json", args)
     (out / MANIFEST).unlink(missing_ok=True)  # re-made from the units at the end
+    return not finished
 
 
 def _tokenize(dirs: tuple, units, records: dict, tokenizer, workers: int, options, progress: bool) -> int:
@@ -259,7 +284,7 @@ def _check_splits(splits: dict, inputs: list[str], val_fraction: float) -> None:
     if val_fraction > 0 and n_val == 0:
         raise DataError(
             f"--val-fraction {val_fraction} held out none of the {n_all} documents; "
-            f"prepare into a new --out with a larger --val-fraction (or 0 for no validation)"
+            f"rerun with a larger --val-fraction (or 0 for no validation); the same --out is fine"
         )
 
 

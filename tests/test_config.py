@@ -120,6 +120,10 @@ def test_a_config_file_that_is_not_yaml_is_refused_with_where(tmp_path):
     (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml is not valid YAML \(.*at line 2, column 1\); fix the file"):
         load_config(tmp_path / "bad.yaml")
+    (tmp_path / "mine").write_text("train:\n  steps: 7\n")  # a config file without a .yaml suffix
+    assert load_config(str(tmp_path / "mine")).train.steps == 7
+    with pytest.raises(ConfigError, match="is a directory; give a preset"):
+        load_config(str(tmp_path))
 
 
 def test_error_on_32_layer_model_names_layer_40():

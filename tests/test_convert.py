@@ -375,6 +375,22 @@ def test_an_existing_output_directory_is_not_touched(hf, tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"] and len(list(tmp_path.iterdir())) == 1
 
 
+def test_an_output_directory_that_cannot_be_written_is_refused_in_one_line(hf, tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    h = hf[LLAMA3_NAME]
+    for verb, source, out in [
+        ("from-hf", h.dir, "/proc/o1"),
+        ("to-hf", h.run, "/proc/x"),
+        ("from-hf", h.dir, tmp_path / "afile" / "out"),
+        ("to-hf", h.run, tmp_path / "afile" / "sub" / "out"),
+    ]:
+        assert main(["convert", verb, str(source), str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: cannot write to {out}") and err.count("\n") == 1, err
+        assert err.rstrip().endswith("choose another output directory"), err
+    assert (tmp_path / "afile").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
 # What Meta's model cards and transformers report for three of them, written down independently.
 PUBLISHED_PARAMETERS = {
     "llama-3.1-70b": 70_553_706_496,
@@ -394,3 +410,13 @@ def test_describe_counts_the_parameters_transformers_counts_for_every_llama_pres
         n = sum(p.numel() for p in hf.parameters())  # tied embeddings count once
         assert M.count_params(cfg.model) == n == PUBLISHED_PARAMETERS.get(preset, n), preset
         assert f"({n:,})" in M.describe(cfg), preset
+
+
+def test_convert_help_names_every_positional(capsys):
+    for verb, names in [("from-hf", ["hf_dir", "out_run"]), ("to-hf", ["run", "out_dir"])]:
+        with pytest.raises(SystemExit):
+            main(["convert", verb, "--help"])
+        lines = capsys.readouterr().out.split("positional arguments:")[1].split("options:")[0].splitlines()
+        for name in names:
+            row = next(line.split() for line in lines if line.split()[:1] == [name])
+            assert len(row) > 1, f"{verb} {name} has no help"

@@ -202,6 +202,22 @@ def test_training_on_a_prepared_directory_checkpoints_the_iterator(prepared, tmp
         train(replace(cfg, train={"data": str(tmp_path / "unfinished")}), tmp_path / "other", **quiet)
 
 
+def test_a_refused_split_leaves_nothing_that_blocks_a_rerun(prepared, tmp_path):
+    (tmp_path / "one.txt").write_text("a single document")
+    inputs, out = [str(tmp_path / "one.txt")], tmp_path / "out"
+    with pytest.raises(DataError, match="held out none of the 1 documents; rerun with a larger --val-fraction"):
+        prepare(inputs, out, BYTES, workers=1, val_fraction=0.0001, **quiet)
+    notes = []
+    manifest = prepare(inputs, out, BYTES, workers=1, val_fraction=0, progress=False, log=notes.append)
+    assert manifest["splits"]["train"]["documents"] == 1 and manifest["val_fraction"] == 0
+    assert not any("already done" in n for n in notes)  # the refused prepare's unit is redone, not reused
+    # A finished prepare's directory is still refused to other options, and left as it was.
+    kept = {p.name: p.stat().st_mtime_ns for p in prepared[0].iterdir()}
+    with pytest.raises(DataError, match="holds a prepare with other inputs"):
+        prepare(prepared[1], prepared[0], BYTES, workers=1, val_fraction=0.0001, **quiet)
+    assert {p.name: p.stat().st_mtime_ns for p in prepared[0].iterdir()} == kept
+
+
 def test_bad_input_is_one_line(prepared, corpus, tmp_path, capsys):
     out, inputs = prepared
     broken = tmp_path / "broken"
@@ -231,15 +247,16 @@ def test_bad_input_is_one_line(prepared, corpus, tmp_path, capsys):
         ([str(tmp_path / "blank.txt")], "holds no text"),
         ([str(tmp_path / "two.txt"), str(corpus / "t0.txt"), "--val-fraction", "0.001"], "held out none of the 2"),
         ([str(tmp_path / "none*.txt")], "matches no file"),
+        ([str(corpus / "t0.txt"), "--out", str(tmp_path / "two.txt")], r"--out .*two\.txt is a file, not a directory"),
+        ([str(corpus / "t0.txt"), "--out", "/proc/prepared"], r"cannot create --out /proc/prepared \("),
     ]
     for k, (args, message) in enumerate(cases):
-        assert (
-            cli.main(["data", "prepare", *args, "--out", str(tmp_path / f"o{k}"), "--workers", "1", "--no-progress"])
-            == 2
-        )
+        out = [] if "--out" in args else ["--out", str(tmp_path / f"o{k}")]
+        assert cli.main(["data", "prepare", *args, *out, "--workers", "1", "--no-progress"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and len(err.splitlines()) == 1, err
         assert re.search(message, err), err
+    assert (tmp_path / "two.txt").read_text() == "two documents only"
 
 
 def test_each_process_reads_only_its_own_shards(prepared):

@@ -197,6 +197,11 @@ def test_bad_prompts_files_are_refused_in_one_line(tmp_path, name, content, mess
     one_line(e)
 
 
+def test_a_prompts_file_that_is_a_directory_is_named_so(tmp_path):
+    with pytest.raises(infer_verb.InputError, match="is a directory; give a text file"):
+        infer_verb.read_prompts_file(tmp_path)
+
+
 @pytest.fixture
 def tiny_run(tmp_path):
     """A run directory with the tiny preset's config.yaml (no parameters: every check below

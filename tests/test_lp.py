@@ -72,3 +72,10 @@ def test_sweep_refuses_a_mixed_plan_and_an_odd_delta():
 def test_a_negative_budget_is_refused_before_the_run_loads(tmp_path):
     with pytest.raises(ConfigError, match="--budget -0.1 is negative"):
         lp.check_sweep(tmp_path / "no-run", [], None, budget=-0.1)
+
+
+def test_max_delta_zero_is_refused_not_taken_as_every_layer():
+    assert lp.check_max_delta(None, 5) == 4 and lp.check_max_delta(2, 4) == 2
+    for bad in (0, 3, 6, -2):
+        with pytest.raises(ConfigError, match=f"--max-delta={bad} must be even and between 2 and the model's 4 layers"):
+            lp.check_max_delta(bad, 4)

@@ -2,6 +2,7 @@
 whole-number ticks where only whole numbers exist."""
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,30 @@ def test_legends_match_their_marks_and_stay_off_the_data_and_counts_get_whole_ti
 def test_plot_refuses_a_label_count_that_does_not_match_the_runs(tmp_path):
     with pytest.raises(PlotError, match="--labels gives 1 labels for 2 runs; give one label per run"):
         plot_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "loss.png", ["only"])
+
+
+def test_plot_refuses_an_out_it_cannot_write_in_one_line(tmp_path, capsys):
+    from ladder_jax.cli import main
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    cases = {
+        tmp_path / "nodir" / "x.png": r"the directory .*nodir does not exist; create it or choose another --out",
+        tmp_path: r"is a directory; give a file name such as .*loss\.png",
+        "/proc/x.png": r"cannot write --out /proc/x\.png \(.*\); choose another --out",
+    }
+    for out, message in cases.items():
+        assert main(["plot", str(tmp_path / "run"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and re.search(message, err), err
+    assert not (tmp_path / "nodir").exists()
+
+
+def test_plot_help_describes_the_command_and_every_argument(capsys):
+    from ladder_jax.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["plot", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Draw the training loss" in text and "run directories made by train.py" in text
+    assert "the PNG to write" in text and "(default loss.png)" in text

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import jax
 import numpy as np
@@ -204,3 +205,34 @@ def test_apply_measures_the_standard_model_on_the_sequences_sensitivity_used(sen
         "the first 12 validation windows" in line
         and "NOT the first 8 validation windows of 32 tokens that s.json" in line
     )
+
+
+def test_a_tensor_or_calibration_spd_cannot_use_is_refused_in_one_line(run, tmp_path, capsys):
+    # A copy of the run's config at mesh.tensor=1: refused before its parameters would load.
+    one = tmp_path / "t1"
+    one.mkdir()
+    (one / "config.yaml").write_text((run / "config.yaml").read_text().replace("tensor: 2", "tensor: 1"))
+    assert "tensor: 1" in (one / "config.yaml").read_text()
+    (tmp_path / "notjson.txt").write_text("just some text\n")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "t1.json").write_text(json.dumps(_report(tensor=1)))
+    sens = ["spd", "sensitivity", "--checkpoint", str(run)]
+    apply = [*sens[:1], "apply", "--checkpoint", str(run), "--blocks", "1", "--out", str(tmp_path / "o")]
+    cases = [
+        ([*sens, "--tensor", "0"], r"--tensor 0: SPD drops a tensor-parallel all-reduce.*pass --tensor N>=2"),
+        ([*sens, "--tensor", "1"], r"--tensor 1: .*pass --tensor N>=2"),
+        (["spd", "sensitivity", "--checkpoint", str(one)], r"runs at mesh.tensor=1, where SPD equals standard.*N>=2"),
+        ([*sens, "--calibration", "0"], r"--calibration 0: give at least 1 calibration sequence"),
+        ([*sens, "--calibration", "-5"], r"--calibration -5: give at least 1"),
+        ([*apply, "--sensitivity", str(tmp_path / "notjson.txt")], r"notjson\.txt is not JSON \(Expecting value"),
+        ([*apply, "--sensitivity", str(tmp_path / "list.json")], r"list\.json is JSON but not a sensitivity file"),
+        ([*apply, "--sensitivity", str(tmp_path / "t1.json")], r"measured at tensor=1, where SPD equals standard"),
+        ([*apply, "--sensitivity", str(tmp_path / "t1.json"), "--tensor", "1"], r"--tensor 1: "),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and re.search(message, err), err
+    assert not (tmp_path / "o").exists() and not list(run.glob("spd_sensitivity_t1*"))
+    with pytest.raises(spd.SPDError, match="--calibration 0"):
+        spd.check_options(calibration=0)

@@ -138,3 +138,12 @@ def test_of_several_traces_the_newest_and_its_first_host_are_read(tmp_path):
     assert T.find_trace(tmp_path).relative_to(tmp_path).as_posix() == (
         "profile/plugins/profile/2026_12_05_11_00_00/worker-0.xplane.pb"
     )
+
+
+def test_a_file_that_is_not_a_trace_is_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("hello\n")
+    assert main(["analysis", "trace", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'afile'} is not a jax.profiler trace (") and err.count("\n") == 1, err
+    with pytest.raises(T.TraceError, match=r"afile is not a jax.profiler trace .*give a \*\.xplane\.pb"):
+        T.read(tmp_path / "afile")

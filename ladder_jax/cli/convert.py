@@ -10,8 +10,8 @@ from ._common import cpu_devices, verb_group
 def add(sub) -> None:
     _, verbs = verb_group(sub, "convert", "Hugging Face Llama checkpoints in and out", hf.__doc__)
     a = verbs.add_parser("from-hf", help="HF Llama directory -> run directory")
-    a.add_argument("hf_dir")
-    a.add_argument("out_run")
+    a.add_argument("hf_dir", help="a Hugging Face Llama model directory (config.json, *.safetensors, tokenizer files)")
+    a.add_argument("out_run", help="the run directory to write; must not exist or be empty")
     a.add_argument(
         "--plan", default="standard", help="layer plan of the run, e.g. standard,ladder@-16: (default standard)"
     )
@@ -27,8 +27,10 @@ def add(sub) -> None:
     cpu_devices(a)
     a.set_defaults(handler=from_hf)
     b = verbs.add_parser("to-hf", help="standard-plan run -> HF Llama directory")
-    b.add_argument("run")
-    b.add_argument("out_dir")
+    b.add_argument("run", help="run directory with a standard-plan checkpoint; its latest step is exported")
+    b.add_argument(
+        "out_dir", help="the directory to write (model.safetensors, config.json, tokenizer); must not exist or be empty"
+    )
     b.add_argument(
         "--dtype", choices=list(hf.NUMPY_DTYPES), help="dtype of the written tensors (default: the run's param_dtype)"
     )

@@ -38,7 +38,7 @@ from ..instruments import decode_speed
 from ..mesh import init_runtime, make_mesh
 from ..storage import Path, path
 from ..tokenizer import get_tokenizer
-from ._common import decoding_overrides, multihost, script_main, script_verb
+from ._common import cpu_devices, decoding_overrides, multihost, script_main, script_verb
 from ._format import markdown_table
 
 
@@ -82,9 +82,7 @@ def arguments(ap: argparse.ArgumentParser) -> None:
         help="sample among the k most likely tokens (0: off, at most the vocabulary size)",
     )
     ap.add_argument("--top-p", type=float, default=1.0, help="sample within the nucleus of this probability (1: off)")
-    ap.add_argument(
-        "--cpu-devices", type=int, default=8, help="fake CPU devices when no accelerator is present (default 8)"
-    )
+    cpu_devices(ap)
     bench = ap.add_argument_group("benchmark (random weights, as the Ladder Residual paper)")
     bench.add_argument("--benchmark", action="store_true", help="time prefill and decode per variant and batch size")
     bench.add_argument(
@@ -113,6 +111,8 @@ def infer_or_benchmark(args) -> int:
 
 def read_prompts_file(name: str | Path) -> list[str]:
     file = path(name)
+    if file.is_dir():
+        raise InputError(f"prompts file {file} is a directory; give a text file with one prompt per line")
     if not file.is_file():
         raise InputError(f"prompts file {file} does not exist; give a text file with one prompt per line")
     raw = file.read_bytes()

@@ -28,7 +28,12 @@ def add(sub) -> None:
     _predict_options(q)
     overrides(q, "model.n_layers=40")
     c = verbs.add_parser("calibrate", help="fit a profile's calibrated constants to the published 70B TP8 table")
-    c.add_argument("--hardware", default="h100-nvlink")
+    c.add_argument(
+        "--hardware",
+        default="h100-nvlink",
+        help="the profile to fit: h100-nvlink (the published table's 8xH100 NVLink machine; the default) "
+        "or a YAML profile of that machine",
+    )
     c.add_argument("--write", action="store_true", help="write the fitted values back into the profile file")
     c.set_defaults(handler=fit)
 

@@ -50,7 +50,7 @@ def _run_arguments(q) -> None:
     q.add_argument(
         "--tensor",
         type=int,
-        help="tensor-parallel degree to measure at (sensitivity depends on it; default: the run's)",
+        help="tensor-parallel degree to measure at, at least 2 (sensitivity depends on it; default: the run's)",
     )
     q.add_argument(
         "--calibration",
@@ -64,11 +64,14 @@ def _run_arguments(q) -> None:
 
 def sensitivity(args) -> int:
     spd.check_thresholds(args.sensitive, args.extreme)  # before anything loads
+    spd.check_options(args.tensor, args.calibration)
     tasks = metric_tasks(args)  # an unknown task is refused before the run loads
     init_runtime(args.cpu_devices)
     run = spd.open_run(args.checkpoint, args.tensor, args.overrides)
     measure = task_measure(run, args, tasks)
-    calib = spd.calibration_batches(run, args.calibration or 128) if measure is None else []
+    calib = (
+        spd.calibration_batches(run, 128 if args.calibration is None else args.calibration) if measure is None else []
+    )
     report = spd.sensitivity_report(run, calib, args.sensitive, args.extreme, measure=measure)
     path, png = spd.write_sensitivity(report, args.out or args.checkpoint)
     counts = {c: sum(b["class"] == c for b in report["blocks"]) for c in spd.CLASSES}
@@ -79,6 +82,7 @@ def sensitivity(args) -> int:
 
 def apply(args) -> int:
     drop = None if args.drop is None else _blocks(args.drop)
+    spd.check_options(args.tensor, args.calibration)
     req = spd.check_apply(
         args.checkpoint, args.sensitivity, args.out, args.tensor, args.blocks, args.max_increase, drop
     )  # everything that can be refused from the files alone is refused before the run loads

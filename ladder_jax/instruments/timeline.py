@@ -77,7 +77,13 @@ def device_ops(path) -> tuple[str, int, list[Op]]:
     import jax
 
     trace = find_trace(path)
-    data = jax.profiler.ProfileData.from_serialized_xspace(trace.read_bytes())
+    try:
+        data = jax.profiler.ProfileData.from_serialized_xspace(trace.read_bytes())
+    except RuntimeError as e:  # "Failed to parse XSpace from array": any other file
+        raise TraceError(
+            f"{trace} is not a jax.profiler trace ({str(e).splitlines()[0] if str(e) else 'unreadable'}); give a "
+            "*.xplane.pb, the DIR of jax.profiler.trace(DIR) or a run directory"
+        ) from None
     found = collections.defaultdict(list)  # (kind, device ordinal) -> ops
     for plane in data.planes:
         lines, chip = list(plane.lines), re.fullmatch(r"/device:(GPU|TPU):(\d+)", plane.name)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 from dataclasses import dataclass
 
 import jax
@@ -217,6 +218,26 @@ def read_json(path: Path) -> dict:
         raise ConvertError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
+def check_writable(out: Path) -> None:
+    """Refuse an output directory that cannot be created, before minutes of reading weights: make
+    and remove a probe directory in its nearest existing ancestor (creating nothing else)."""
+    if is_remote(out):
+        return
+    at = out.parent
+    while not at.exists() and at.parent != at:
+        at = at.parent
+    if not at.is_dir():
+        raise ConvertError(f"cannot write to {out}: {at} is a file, not a directory; choose another output directory")
+    probe = at / f".{out.name}.probe-{secrets.token_hex(4)}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        raise ConvertError(
+            f"cannot write to {out} (creating a directory in {at}: {e.strerror or e}); choose another output directory"
+        ) from None
+
+
 def hf_model_config(hf_dir: Path, plan: str, dtype: str | None) -> Config:
     """Our config for the Llama that `hf_dir/config.json` describes; refuses anything else."""
     if not hf_dir.is_dir():
@@ -386,6 +407,7 @@ def from_hf(
     stored = hf_tensors(hf_dir)
     tensors = check_tensors(cfg.model, stored)
     check_new_directory(out_run)
+    check_writable(out_run)
     # Everything above only read JSON and headers; now the weights, one tensor at a time.
     mesh = make_mesh(replace(cfg, mesh={"data": 1}))  # one copy of the parameters, split over `tensor`
     check_params_fit(cfg.model, mesh, f"the parameters of {hf_dir} ({cfg.model.param_dtype})")
@@ -482,6 +504,7 @@ def to_hf_dir(
     specs = [(t.hf_name, t.hf_shape, NUMPY_DTYPES[dtype]) for t in tensors.values()]
     groups = shard_groups(specs, max_shard_bytes)
     check_new_directory(out_dir)  # before the restore, which can take minutes
+    check_writable(out_dir)
     cfg = replace(saved, mesh={"data": 1})  # one copy of the parameters, split over the run's tensor size
     mesh = make_mesh(cfg)
     params = checkpoint.restore_params(run_dir, cfg, mesh)

@@ -148,7 +148,8 @@ def plot(rows: list[dict], out: Path, title: str) -> Path | None:
 
 
 def check_max_delta(max_delta: int | None, n_layers: int) -> int:
-    max_delta = max_delta or n_layers - n_layers % 2
+    if max_delta is None:  # only None is unset: --max-delta 0 is refused like any other bad value
+        max_delta = n_layers - n_layers % 2
     if max_delta % 2 or not 2 <= max_delta <= n_layers:
         raise ConfigError(f"--max-delta={max_delta} must be even and between 2 and the model's {n_layers} layers")
     return max_delta

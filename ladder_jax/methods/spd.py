@@ -370,12 +370,35 @@ def distill(cfg: Config, mesh: Mesh, layer: dict, train: BlockData, steps: int, 
 # A run in; a sensitivity report, or a new run with the syncs dropped, out
 
 
+def check_options(tensor: int | None = None, calibration: int | None = None) -> None:
+    """Refuse a given --tensor below 2 or --calibration below 1 (None: not given), before anything loads."""
+    if tensor is not None and tensor < 2:
+        raise SPDError(
+            f"--tensor {tensor}: SPD drops a tensor-parallel all-reduce, which exists only at 2 or more devices; "
+            f"pass --tensor N>=2 (the degree you deploy at)"
+        )
+    if calibration is not None and calibration < 1:
+        raise SPDError(f"--calibration {calibration}: give at least 1 calibration sequence (or leave it out)")
+
+
+def run_tensor(checkpoint: Path, tensor: int | None, saved_tensor: int) -> int:
+    """The tensor degree to measure or apply SPD at: `tensor`, else the run's own, at least 2 (at
+    tensor 1 no all-reduce exists, so every SPD plan equals standard)."""
+    check_options(tensor)
+    if tensor is None and saved_tensor < 2:
+        raise SPDError(
+            f"{checkpoint} runs at mesh.tensor={saved_tensor}, where SPD equals standard (there is no all-reduce "
+            f"to drop); pass --tensor N>=2 (the degree you deploy at)"
+        )
+    return saved_tensor if tensor is None else tensor
+
+
 def open_run(checkpoint: Path, tensor: int | None, overrides=()) -> Run:
-    """The standard-plan run at `tensor` (default: the run's own) with every other device on `data`."""
+    """The standard-plan run at `tensor` (default: the run's own; at least 2) with every other device on `data`."""
     saved = C.load_run_config(checkpoint)
     C.require_shared_layout(C.load_run_config(checkpoint, overrides), "spd")
     spd_plan(saved.model.plan, saved.model.n_layers, [])
-    tensor = tensor or saved.mesh.tensor
+    tensor = run_tensor(checkpoint, tensor, saved.mesh.tensor)
     return C.load_run(
         checkpoint, [*overrides, f"mesh.tensor={tensor}", f"mesh.data={max(1, jax.device_count() // tensor)}"]
     )
@@ -384,6 +407,7 @@ def open_run(checkpoint: Path, tensor: int | None, overrides=()) -> Run:
 def calibration_batches(run: Run, sequences: int) -> list[dict]:
     """At least `sequences` of the run's validation windows, in whole batches (fewer when the
     validation split is shorter): always the first ones, so equal requests give equal sequences."""
+    check_options(calibration=sequences)
     return run.validation_batches(-(-sequences // run.cfg.train.batch_size))
 
 
@@ -491,7 +515,21 @@ def read_sensitivity(name) -> dict:
     file = path(name)
     if not file.is_file():
         raise SPDError(f"--sensitivity {name} is not a file; run `python -m ladder_jax spd sensitivity` first")
-    return json.loads(file.read_text())
+    fix = "give the spd_sensitivity_t<T>.json that `python -m ladder_jax spd sensitivity` writes"
+    try:
+        report = json.loads(file.read_text())
+    except UnicodeDecodeError:
+        raise SPDError(f"--sensitivity {name} is not JSON (not text); {fix}") from None
+    except json.JSONDecodeError as e:
+        raise SPDError(f"--sensitivity {name} is not JSON ({e.msg} at line {e.lineno}); {fix}") from None
+    blocks = report.get("blocks") if isinstance(report, dict) else None
+    if not (
+        isinstance(blocks, list)
+        and blocks
+        and all(isinstance(b, dict) and {"block", "rank", "delta"} <= b.keys() for b in blocks)
+    ):
+        raise SPDError(f"--sensitivity {name} is JSON but not a sensitivity file (no list of measured blocks); {fix}")
+    return report
 
 
 def apply(
@@ -559,9 +597,15 @@ def check_apply(
     """The blocks a budget (`blocks`, `max_increase` or `drop`) picks from a sensitivity file, and
     the plan they make; refuses a used `out`, a file of another model or tensor size, a bad budget."""
     C.check_new_directory(out)
+    check_options(tensor)
     report = read_sensitivity(sensitivity)
     saved = C.load_run_config(checkpoint)
-    tensor = tensor or report.get("tensor")
+    tensor = report.get("tensor") if tensor is None else tensor
+    if isinstance(tensor, int) and tensor < 2:
+        raise SPDError(
+            f"{sensitivity} was measured at tensor={tensor}, where SPD equals standard; measure again with "
+            f"`spd sensitivity --tensor N>=2` (the degree you deploy at) and apply that file"
+        )
     check_sensitivity(report, saved, tensor, sensitivity)
     chosen = choose_blocks(report, blocks, max_increase, drop)
     return ApplyRequest(
@@ -579,7 +623,9 @@ def apply_to_new_run(
     batch = [f"train.batch_size={recorded['batch_size']}"] if recorded else []
     run = open_run(req.checkpoint, req.tensor, [*batch, *overrides])
     check_sensitivity(req.report, run.cfg, run.cfg.mesh.tensor, req.sensitivity, fingerprint(run.params))
-    calib = calibration_batches(run, calibration or (recorded["windows"] if recorded else 128))
+    if calibration is None:
+        calibration = recorded["windows"] if recorded else 128
+    calib = calibration_batches(run, calibration)
     log(compare_calibration(req.report, calibration_record(run, calib), req.sensitivity))
     base_ppl, zero_shot = perplexity(run, run.cfg.model.plan, calib), perplexity(run, req.plan, calib)
     log(f"standard (every block synced): calibration ppl {base_ppl:.4f}")
