@@ -380,6 +380,12 @@ def _release(run_dir: LocalPath, record: dict) -> None:
         path.unlink(missing_ok=True)
 
 
+MARKER = ".process-"  # a file each process of a multi-process start writes, and removes (`check_shared`)
+# What a trainer itself writes into a run directory before it is a run (before config.yaml is
+# in place): the lock and the short-lived files of the checks above. Prefixes of file names.
+SETUP_FILES = (LOCK_NAME, PROBE, MARKER, "config.yaml")
+
+
 def check_shared(run_dir: Path) -> None:
     """Every process of a multi-process run must see one run directory: orbax writes each host's
     shards and process 0 the metadata into it. Each process leaves a marker named for this job
@@ -390,7 +396,7 @@ def check_shared(run_dir: Path) -> None:
     from jax.experimental import multihost_utils
 
     job = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))
-    marker = lambda i: run_dir / f".process-{i}-of-{n}-{job:08x}"  # noqa: E731
+    marker = lambda i: run_dir / f"{MARKER}{i}-of-{n}-{job:08x}"  # noqa: E731
     run_dir.mkdir(parents=True, exist_ok=True)
     marker(jax.process_index()).write_text(socket.gethostname())
     multihost_utils.sync_global_devices("ladder_jax: storage markers written")

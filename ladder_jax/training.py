@@ -474,7 +474,7 @@ def open_run_directory(cfg: Config, run_dir: Path, init_from) -> int | None:
         if ckpt.latest_step(init_from) is None:
             raise ckpt.CheckpointError(f"--init-from {init_from} has no complete checkpoint; train or convert it first")
     # One listing: on a multi-host start process 0 may write config.yaml as another process looks,
-    # and it writes nothing else before it (the lock, write probes and config.yaml's temporary are ours).
+    # and before it only files of its own setup (`ckpt.SETUP_FILES`).
     names = {p.name for p in run_dir.iterdir()} if run_dir.exists() else set()
     if "config.yaml" in names:
         saved = ckpt.load_run_config(run_dir)
@@ -487,7 +487,7 @@ def open_run_directory(cfg: Config, run_dir: Path, init_from) -> int | None:
                 "drop --init-from to resume it, or give a new --run-dir"
             )
     else:
-        others = sorted(n for n in names if not n.startswith((ckpt.LOCK_NAME, ckpt.PROBE, "config.yaml")))
+        others = sorted(n for n in names if not n.startswith(ckpt.SETUP_FILES))
         if others:
             raise ckpt.CheckpointError(
                 f"{run_dir} holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''} but no config.yaml, "
