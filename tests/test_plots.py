@@ -113,3 +113,10 @@ def test_plot_help_describes_the_command_and_every_argument(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "Draw the training loss" in text and "run directories made by train.py" in text
     assert "the PNG to write" in text and "(default loss.png)" in text
+
+
+def test_a_metrics_line_cut_short_by_a_killed_trainer_is_passed_over(tmp_path):
+    from ladder_jax.instruments.plots import read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "lo\n{"step": 2, "loss": 2.0}\n')
+    assert read_metrics(tmp_path) == ([(1, 2.5), (2, 2.0)], [])

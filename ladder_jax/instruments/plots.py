@@ -41,7 +41,10 @@ def read_metrics(run_dir: Path) -> tuple[list, list]:
         raise PlotError(f"{run_dir} has no metrics.jsonl; give run directories made by train.py")
     train, val = [], []
     for line in metrics.read_text().splitlines():
-        r = json.loads(line)
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a killed trainer (the resumed run goes on after it)
+            continue
         if "loss" in r:
             train.append((r["step"], r["loss"]))
         if "val_loss" in r:
