@@ -596,3 +596,26 @@ def test_serve_over_two_processes_with_tensor_spanning_both_answers_as_one_proce
         procs[0].send_signal(signal.SIGINT)
         outs = [p.communicate(timeout=60)[0].decode(errors="replace") for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]
+
+
+def test_an_engine_failure_is_a_500_or_an_error_event_never_a_finished_text(server, client, monkeypatch):
+    app, url = server
+    step, failed = app.engine.step, []
+
+    def failing_step():  # the first step with the request in a row fails, once
+        if app.engine.busy_slots and not failed:
+            failed.append(1)
+            raise RuntimeError("a device error")
+        step()
+
+    body = {"model": NAME, "prompt": "Hello", "max_tokens": 20, "temperature": 0}
+    monkeypatch.setattr(app.engine, "step", failing_step)
+    status, data = request(url, "POST", "/v1/completions", body)
+    assert status == 500 and data["error"]["type"] == "server_error" and "engine failed" in data["error"]["message"]
+    failed.clear()
+    connection, reply = post(url, "/v1/completions", json.dumps({**body, "stream": True}).encode())
+    events = [line for line in reply.read().decode().splitlines() if line.startswith("data: ")]
+    connection.close()
+    assert "engine failed" in json.loads(events[-2][6:])["error"]["message"] and events[-1] == "data: [DONE]"
+    monkeypatch.undo()
+    assert complete(client, "Hello", max_tokens=3, temperature=0).usage.completion_tokens == 3
