@@ -419,11 +419,10 @@ def paged_step_fn(cfg: ModelConfig, mesh: Mesh, logprobs: int = 0, sampler: str 
     return jax.jit(M.sharded(cfg, mesh, body, in_specs, out_specs), donate_argnums=3)
 
 
-@functools.lru_cache(maxsize=32)
-def paged_prefill_fn(cfg: ModelConfig, mesh: Mesh, logprobs: int = 0):
+def paged_prefill_fn(cfg: ModelConfig, mesh: Mesh, logprobs: int = 0, prompt_scores: bool = False):
     """A chunk of each row's prompt into a paged KV cache: jit(params, tokens (P, C), positions (P, C),
-    pages, page_table (P, W), last (P,), temperature, top_k, top_p, seed) -> (next token (P,),
-    pages[, logprobs]).
+    pages, page_table (P, W), last (P,)[, targets (P, C)], temperature, top_k, top_p, seed) ->
+    (next token (P,), pages[, logprobs][, prompt scores]).
 
     Row b's tokens sit at positions[b] (absolute: the chunk's start + t; -1 pads the row and is
     written nowhere). Each layer writes the chunk's keys and values into the row's pages, then
@@ -432,19 +431,41 @@ def paged_prefill_fn(cfg: ModelConfig, mesh: Mesh, logprobs: int = 0):
     last[b]) goes through the LM head: the next token, drawn as the decode step draws, is the
     prompt's first new token when the chunk ends the prompt (else it is not used). Rows are over
     `data` as the pools are: a row's page ids index its data shard's pool. The pools are donated;
-    the compiled shapes are (P, C), which the engine keeps to a few buckets."""
+    the compiled shapes are (P, C), which the engine keeps to a few buckets.
 
-    def body(model, tokens, positions, pages, page_table, last, *sampling):
+    With `prompt_scores` (and `logprobs` > 0) every position goes through the LM head and the
+    call also returns, for each position, log p of `targets` there (the prompt's next token) and
+    the `logprobs` most likely ids and their log p: (P, C), (P, C, n), (P, C, n). That is the
+    prompt's log-probabilities (OpenAI's echo with logprobs), in the same pass as the prefill.
+
+    One jitted function per argument values, however they are spelled (an lru_cache alone keys
+    `f(a, b, c)` and `f(a, b, c, False)` apart, and the engine's precompiled programs would be
+    another function's)."""
+    return _paged_prefill_fn(cfg, mesh, logprobs, prompt_scores)
+
+
+@functools.lru_cache(maxsize=32)
+def _paged_prefill_fn(cfg: ModelConfig, mesh: Mesh, logprobs: int, prompt_scores: bool):
+
+    def body(model, tokens, positions, pages, page_table, last, *rest):
+        targets, sampling = (rest[0], rest[1:]) if prompt_scores else (None, rest)
         x, pages, _ = model.residual(tokens, positions, cache=pages, page_table=page_table)
         logits = model.head(jnp.take_along_axis(x, last[:, None, None], axis=1))[:, 0]
         produced = jnp.take_along_axis(positions, last[:, None], axis=1)[:, 0] + 1
         new = next_tokens(logits, produced, sampling, "cuts")
         extra = (vocab_parallel_logprobs(logits, new, logprobs),) if logprobs else ()
+        if prompt_scores:
+            rows, chunk = tokens.shape
+            every = model.head(x).reshape(rows * chunk, -1)  # (P x C, V/T): this device's vocab shard
+            chosen, ids, values = vocab_parallel_logprobs(every, targets.reshape(-1), logprobs)
+            extra += ((chosen.reshape(rows, chunk), ids.reshape(rows, chunk, -1), values.reshape(rows, chunk, -1)),)
         return new, pages, *extra
 
     specs = M.page_specs(cfg)
-    in_specs = (ROWS_BY_SEQ, ROWS_BY_SEQ, specs, ROWS_BY_SEQ, ROWS, *sampling_specs(True))
-    out_specs = (ROWS, specs, *logprob_specs(logprobs))
+    scores_in = (ROWS_BY_SEQ,) if prompt_scores else ()
+    scores_out = ((ROWS_BY_SEQ, P(BATCH, None, None), P(BATCH, None, None)),) if prompt_scores else ()
+    in_specs = (ROWS_BY_SEQ, ROWS_BY_SEQ, specs, ROWS_BY_SEQ, ROWS, *scores_in, *sampling_specs(True))
+    out_specs = (ROWS, specs, *logprob_specs(logprobs), *scores_out)
     return jax.jit(M.sharded(cfg, mesh, body, in_specs, out_specs), donate_argnums=3)
 
 

@@ -38,6 +38,13 @@ first sample's last chunk or later; each draws its first token with its own seed
 also returns each row's log-probabilities (the chosen token's and the MAX_LOGPROBS most likely),
 read to the host only when a request asks for them.
 
+A request may also ask for its prompt's log-probabilities (`prompt_logprobs`, OpenAI's echo with
+logprobs, which lm-eval's loglikelihood over HTTP sends): its prefill calls then run every
+position through the LM head (`decode.paged_prefill_fn(prompt_scores=True)`, compiled when first
+needed), in the same pass that writes its pages. Such a request takes nothing from the prefix
+cache and shares no pages with its group's other samples, since the positions it did not prefill
+would have no scores.
+
 One thread drives the engine (`run` or `serve_forever`); `submit` may be called from any thread.
 """
 
@@ -96,8 +103,11 @@ class Request:
     on_token: Callable[[int], bool | None] | None = None
     on_done: Callable[[str], None] | None = None
     logprobs: int | None = None  # None: none; k: each token's log p and the k most likely (0..MAX_LOGPROBS)
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens
     tokens: list[int] = dataclasses.field(default_factory=list)
     token_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)  # one per token, if asked
+    # One per prompt token if asked, filled by the prefill: None for the first (nothing before it).
+    prompt_token_logprobs: list[TokenLogprobs | None] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     cancelled: bool = False  # set from any thread; the engine frees its row and pages before its next step
@@ -115,6 +125,7 @@ class Request:
             "sampling": [s.temperature, s.top_k, s.top_p, s.seed],
             "stop_ids": sorted(self.stop_ids),
             "logprobs": self.logprobs,
+            "prompt_logprobs": self.prompt_logprobs,
         }
 
     @classmethod
@@ -125,6 +136,7 @@ class Request:
             Sampling(*spec["sampling"]),
             frozenset(spec["stop_ids"]),
             logprobs=spec["logprobs"],
+            prompt_logprobs=spec["prompt_logprobs"],
             rid=spec["rid"],
         )
 
@@ -316,8 +328,9 @@ class Engine:
 
     def program_temporaries(self) -> int:
         """The largest temporaries per device (XLA's memory_analysis) of the decode step (its
-        costliest draw) and the longest prefill call, compiled over pools of one page per shard:
-        they do not grow with the pools, which the programs update in place."""
+        costliest draw) and the longest prefill call, with and without prompt scores (whose
+        logits of every position are the largest temporaries), compiled over pools of one page
+        per shard: they do not grow with the pools, which the programs update in place."""
         n, w = self.slots, self.table_width
         args = decode.abstract_paged_step_args(self.cfg, self.mesh, n, self.data, self.page_size, w)
         params, per_row, _, pools, table, *sampling = args
@@ -328,10 +341,11 @@ class Engine:
         tokens = jax.ShapeDtypeStruct((n, chunk), jnp.int32, sharding=NamedSharding(self.mesh, ROWS_BY_SEQ))
         table = jax.ShapeDtypeStruct((n, w), jnp.int32, sharding=table.sharding)
         rows = lambda x: jax.ShapeDtypeStruct((n,), x.dtype, sharding=x.sharding)  # noqa: E731
-        prefill = decode.paged_prefill_fn(self.cfg, self.mesh, MAX_LOGPROBS)
-        compiled.append(
-            prefill.lower(self.params, tokens, tokens, pools, table, rows(per_row), *map(rows, sampling)).compile()
-        )
+        for scoring in (False, True):
+            prefill = decode.paged_prefill_fn(self.cfg, self.mesh, MAX_LOGPROBS, scoring)
+            targets = (tokens,) if scoring else ()
+            args = (tokens, tokens, pools, table, rows(per_row), *targets, *map(rows, sampling))
+            compiled.append(prefill.lower(self.params, *args).compile())
         return max(step_bytes(c)["temporaries"] for c in compiled)
 
     def prefill_shapes(self) -> list[tuple[int, int]]:
@@ -421,12 +435,13 @@ class Engine:
         unpromised, free_rows, placed = list(unpromised), list(free_rows), []
         per_shard = self.slots // self.data
         shared = self._shared_pages(group[0].prompt)
-        keys = page_keys(group[0].prompt, self.page_size)[:shared] if self.prefix_cache and lookup else []
+        share = group[0].prompt_logprobs is None  # a prompt's scores need every position prefilled
+        keys = page_keys(group[0].prompt, self.page_size)[:shared] if self.prefix_cache and lookup and share else []
         with_sample: set[int] = set()
         for r in group:
             options = {}
             for shard in {row // per_shard for row in free_rows}:
-                if shard in with_sample:
+                if shard in with_sample and share:
                     options[shard] = (self.pages_for(r) - shared, None)
                 else:  # cached pages someone holds cost nothing more; the others are charged as taken
                     hits = self._hits(shard, keys)
@@ -451,8 +466,10 @@ class Engine:
             raise DecodeError("this Request was submitted already; submit a new Request (each holds its own tokens)")
         decode.check_request(self.cfg, [request.prompt], request.max_new_tokens)
         request.sampling.check(self.cfg.vocab_size)
-        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
-            raise DecodeError(f"logprobs={request.logprobs}; give 0..{MAX_LOGPROBS} most likely tokens")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(request, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise DecodeError(f"{name}={value}; give 0..{MAX_LOGPROBS} most likely tokens")
         total = len(request.prompt) + request.max_new_tokens
         if total > self.cache_len:
             raise DecodeError(
@@ -481,6 +498,8 @@ class Engine:
             raise DecodeError("a group holds one Request twice; give each sample a Request of its own")
         if any(list(r.prompt) != list(group[0].prompt) for r in group):
             raise DecodeError("the samples of a group must share one prompt")
+        if len({r.prompt_logprobs for r in group}) > 1:
+            raise DecodeError("the samples of a group must ask for the same prompt_logprobs")
         if self._place(group, [self.shard_pages] * self.data, list(range(self.slots)), lookup=False) is None:
             raise DecodeError(
                 f"{len(group)} samples of {self.pages_for(group[0])} pages each do not fit the KV cache's "
@@ -676,37 +695,60 @@ class Engine:
         last = np.zeros(n, np.int32)
         sampling = [GREEDY] * n
         ends = []  # (row, request) of the prompts this call ends
+        scoring = any(p.request.prompt_logprobs is not None for chosen in batch for p, _ in chosen)
+        targets = np.full((n, chunk), self.cfg.pad_id, np.int32) if scoring else None
+        scored = []  # (row, request, first position, tokens) of the rows whose prompt is scored
         for shard, chosen in enumerate(batch):
             for i, (p, count) in enumerate(chosen):
                 row = shard * rows + i
-                tokens[row, :count] = np.asarray(p.request.prompt[p.done : p.done + count])
+                prompt = p.request.prompt
+                tokens[row, :count] = np.asarray(prompt[p.done : p.done + count])
                 positions[row, :count] = np.arange(p.done, p.done + count)
                 table[row], last[row], sampling[row] = self.table[p.slot], count - 1, p.request.sampling
+                if p.request.prompt_logprobs is not None:  # each position's next prompt token
+                    following = prompt[p.done + 1 : p.done + count + 1]
+                    targets[row, : len(following)] = np.asarray(following)
+                    scored.append((row, p.request, p.done, len(following)))
                 p.done += count
                 self.prefill_tokens += count
                 if not p.left:
                     self.prefilling.remove(p)
                     ends.append((row, p))
         by_row = NamedSharding(self.mesh, ROWS_BY_SEQ)
-        new, self.pages, logprobs = decode.paged_prefill_fn(self.cfg, self.mesh, MAX_LOGPROBS)(
+        new, self.pages, logprobs, *scores = decode.paged_prefill_fn(self.cfg, self.mesh, MAX_LOGPROBS, scoring)(
             self.params,
             jax.device_put(tokens, by_row),
             jax.device_put(positions, by_row),
             self.pages,
             jax.device_put(table, by_row),
-            *(jax.device_put(a, NamedSharding(self.mesh, ROWS)) for a in (last, *decode.sampling_arrays(sampling))),
+            jax.device_put(last, NamedSharding(self.mesh, ROWS)),
+            *([jax.device_put(targets, by_row)] if scoring else []),
+            *(jax.device_put(a, NamedSharding(self.mesh, ROWS)) for a in decode.sampling_arrays(sampling)),
         )
         self.prefills += 1
         for chosen in batch:
             for p, _ in chosen:
                 self._cache_pages(p)
-        return new, logprobs, ends
+        return new, logprobs, ends, (scores[0], scored) if scoring else None
 
     def _read_prefill(self, dispatched) -> None:
         """The first token of each prompt the prefill call ended; its row decodes from the next
-        decode step on. (Read even when none ended: XLA:CPU runs one program at a time.)"""
-        new, logprobs, ends = dispatched
+        decode step on. (Read even when none ended: XLA:CPU runs one program at a time.) Scored
+        prompts get their positions' log-probabilities first."""
+        new, logprobs, ends, scores = dispatched
         new = decode.to_host(new)
+        if scores is not None:
+            (chosen, ids, values), scored = (tuple(decode.to_host(a) for a in scores[0]), scores[1])
+            for row, r, start, count in scored:
+                if start == 0:
+                    r.prompt_token_logprobs.append(None)  # the first token: nothing before it to score
+                k = r.prompt_logprobs
+                r.prompt_token_logprobs += [
+                    TokenLogprobs(
+                        float(chosen[row, t]), tuple(zip(ids[row, t, :k].tolist(), values[row, t, :k].tolist()))
+                    )
+                    for t in range(count)
+                ]
         logprobs = self._host_logprobs(logprobs, [p.request for _, p in ends])
         for row, p in ends:
             if self.active[p.slot] is not p.request:

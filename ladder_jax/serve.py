@@ -3,12 +3,14 @@
     python -m ladder_jax serve --checkpoint runs/tiny-... [overrides] [--port 8000 --max-running 8]
 
 Endpoints: POST /v1/completions and /v1/chat/completions (JSON, or server-sent events with
-"stream": true), GET /v1/models, /health and /metrics (Prometheus). Prompts are tokenized as
+"stream": true), GET /v1/models, vLLM's POST /tokenize and /detokenize and GET /tokenizer_info
+(lm-eval's remote tokenizer), GET /health and /metrics (Prometheus). Prompts are tokenized as
 transformers does (BOS only when the tokenizer adds one; chat messages through the model's chat
 template), generation stops at every end id of generation_config.json and at the request's stop
 strings. Sampling settings (temperature, top_p, top_k, seed) are per request; temperature 0 is
-greedy. `n` samples share one prefill; `logprobs`/`top_logprobs` come from every decode step;
-with an API key, /v1 wants `Authorization: Bearer <key>`. docs/serving.md lists every field.
+greedy. `n` samples share one prefill; `logprobs`/`top_logprobs` come from every decode step,
+and with `echo` from the prefill for the prompt's tokens too (what lm-eval's local-completions
+scores with); with an API key, /v1 and the tokenizer endpoints want `Authorization: Bearer <key>`. docs/serving.md lists every field.
 
 One engine thread runs the decode loop; request handlers hand it requests and receive tokens
 through an asyncio queue. A request the model cannot serve gets a 400 with a one-line message;
@@ -147,6 +149,25 @@ class ChatBody(Body):
     parallel_tool_calls: bool | None = None
 
 
+class TokenizeBody(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages rendered by the chat template."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (as vLLM)
+    return_token_strs: bool | None = None
+
+
+class DetokenizeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    tokens: list[int]
+
+
 # OpenAI fields the server takes only at the value that changes nothing: (the values it takes, what to send).
 NEUTRAL = {
     "frequency_penalty": ((0,), "leave it out or send 0"),
@@ -163,7 +184,7 @@ NEUTRAL = {
 class Prepared:
     """A request as the engine takes it: each prompt's ids (and its text, for echo), the new
     tokens each sample may make (and the field that said so), samples per prompt, the sampling, stop
-    strings and logprobs (None or how many most likely)."""
+    strings and logprobs (None or how many most likely), of the new tokens and (echo) of the prompt."""
 
     prompts: list[list[int]]
     texts: list[str]
@@ -173,6 +194,7 @@ class Prepared:
     sampling: Sampling
     stops: list[str]
     logprobs: int | None
+    prompt_logprobs: int | None = None
 
 
 class TextOut:
@@ -323,8 +345,8 @@ class Sample:
 
 class Server:
     """The FastAPI app (`self.app`) and the engine thread behind it. With `api_key`, every /v1
-    request must send `Authorization: Bearer <api_key>` (401 otherwise); /health and /metrics
-    stay open, as vLLM's."""
+    and tokenizer request must send `Authorization: Bearer <api_key>` (401 otherwise); /health
+    and /metrics stay open, as vLLM's."""
 
     def __init__(self, engine: E.Engine, tokenizer, model_name: str, api_key: str | None = None):
         self.engine, self.tokenizer, self.model_name, self.api_key = engine, tokenizer, model_name, api_key
@@ -346,11 +368,14 @@ class Server:
 
     # -- requests
 
+    def check_model(self, model: str | None) -> None:
+        if model != self.model_name:
+            raise NotFound(f"model '{model}' is not served here; use '{self.model_name}' (GET /v1/models)")
+
     def prepare(self, body: Body, chat: bool) -> Prepared:
         """The request as the engine takes it, or BadRequest (NotFound) for what the engine does
         not check itself."""
-        if body.model != self.model_name:
-            raise NotFound(f"model '{body.model}' is not served here; use '{self.model_name}' (GET /v1/models)")
+        self.check_model(body.model)
         n = body.n if body.n is not None else 1
         if not 1 <= n <= MAX_N:
             raise BadRequest(f"n={n}; give 1..{MAX_N} samples")
@@ -367,20 +392,11 @@ class Server:
                 raise BadRequest("top_logprobs needs logprobs: true")
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
             name = "top_logprobs"
-            messages = [
-                {"role": m.role, "content": m.text(i)} | ({"name": m.name} if m.name is not None else {})
-                for i, m in enumerate(body.messages)
-            ]
-            texts = [self.tokenizer.render_chat(messages)]
+            texts = [self.render_chat(body.messages)]
             prompts = [self.encode(self.tokenizer.encode, texts[0], "messages")]
         else:
             if body.best_of not in (None, n):
                 raise BadRequest(f"best_of={body.best_of} is not supported; leave it out or send n ({n})")
-            if body.echo and body.logprobs is not None:
-                raise BadRequest(
-                    "echo with logprobs needs the prompt's log-probabilities, which this server does not compute; "
-                    "leave one out (to score text: python -m ladder_jax eval)"
-                )
             logprobs, name = body.logprobs, "logprobs"
             prompts, texts = self.completion_prompts(body.prompt)
         if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
@@ -408,7 +424,56 @@ class Server:
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if any(not s for s in stops):
             raise BadRequest("stop strings must not be empty")
-        return Prepared(prompts, texts, max_tokens, limit, n, sampling, stops, logprobs)
+        scored = logprobs if not chat and body.echo else None  # echo with logprobs scores the prompt too
+        return Prepared(prompts, texts, max_tokens, limit, n, sampling, stops, logprobs, scored)
+
+    def render_chat(self, messages: list[Message]) -> str:
+        """The chat template's text of the messages, ending with the assistant's turn."""
+        return self.tokenizer.render_chat(
+            [
+                {"role": m.role, "content": m.text(i)} | ({"name": m.name} if m.name is not None else {})
+                for i, m in enumerate(messages)
+            ]
+        )
+
+    def tokenize(self, body: TokenizeBody) -> dict:
+        """vLLM's /tokenize answer: the ids of a prompt (with the tokenizer's special tokens unless
+        told otherwise, as a completion's prompt is encoded) or of chat messages (without)."""
+        if body.model is not None:
+            self.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise BadRequest("give either prompt (text) or messages (chat), not both or neither")
+        if body.prompt is not None:
+            special = body.add_special_tokens is not False
+            encode = self.tokenizer.encode_prompt if special else self.tokenizer.encode
+            tokens = self.encode(encode, body.prompt, "prompt")
+        else:
+            text = self.render_chat(body.messages)
+            encode = self.tokenizer.encode_prompt if body.add_special_tokens else self.tokenizer.encode
+            tokens = self.encode(encode, text, "messages")
+        strs = [self.tokenizer.decode([t]) for t in tokens] if body.return_token_strs else None
+        return {"count": len(tokens), "max_model_len": self.engine.cache_len, "tokens": tokens, "token_strs": strs}
+
+    def detokenize(self, body: DetokenizeBody) -> dict:
+        if body.model is not None:
+            self.check_model(body.model)
+        vocab = self.engine.cfg.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise BadRequest(f"tokens has token id {bad[0]} outside the vocabulary 0..{vocab - 1}")
+        return {"prompt": self.tokenizer.decode(body.tokens)}
+
+    def tokenizer_info(self) -> dict:
+        """vLLM's /tokenizer_info, what lm-eval's remote tokenizer reads: the special tokens'
+        texts (None where the tokenizer has none, as the byte-level one), the chat template and
+        the positions a request may hold."""
+        special = getattr(self.tokenizer, "special", {})
+        return {
+            "tokenizer_class": type(self.tokenizer).__name__,
+            **{key: special.get(key) for key in ("bos_token", "eos_token", "pad_token")},
+            "chat_template": self.tokenizer.chat_template,
+            "model_max_length": self.engine.cache_len,
+        }
 
     def encode(self, encode, text: str, where: str) -> list[int]:
         try:
@@ -454,7 +519,14 @@ class Server:
         samples = []
         for i in range(len(p.prompts) * p.n):
             seeded = dataclasses.replace(p.sampling, seed=(p.sampling.seed + i) % 2**31)
-            request = E.Request(p.prompts[i // p.n], p.max_tokens, seeded, self.tokenizer.stop_ids, logprobs=p.logprobs)
+            request = E.Request(
+                p.prompts[i // p.n],
+                p.max_tokens,
+                seeded,
+                self.tokenizer.stop_ids,
+                logprobs=p.logprobs,
+                prompt_logprobs=p.prompt_logprobs,
+            )
             sample = Sample(self, i, request, TextOut(self.tokenizer, p.stops), start)
 
             def on_token(token, s=sample):
@@ -506,11 +578,31 @@ class Server:
         return {
             "tokens": [self.tokenizer.decode([t]) for t, _, _ in scored],
             "token_logprobs": [e.logprob for _, e, _ in scored],
-            "top_logprobs": [
-                {self.tokenizer.decode([i]): lp for i, lp in [*e.top, (t, e.logprob)]} for t, e, _ in scored
-            ],
+            "top_logprobs": [self.top_by_text([*e.top, (t, e.logprob)]) for t, e, _ in scored],
             "text_offset": [offset + start for _, _, start in scored],
         }
+
+    def top_by_text(self, top: list[tuple[int, float]]) -> dict[str, float]:
+        """OpenAI's top_logprobs, keyed by token text; of tokens with the same text (bytes of an
+        unfinished character all read U+FFFD) the most likely is kept, so that the largest value
+        is the most likely token's, which clients such as lm-eval compare the chosen one with."""
+        out: dict[str, float] = {}
+        for token, logprob in sorted(top, key=lambda pair: -pair[1]):
+            out.setdefault(self.tokenizer.decode([token]), logprob)
+        return out
+
+    def prompt_logprobs(self, request: E.Request) -> dict:
+        """The completions API's logprobs of an echoed prompt (vLLM's): its first token has none."""
+        text = TextOut(self.tokenizer, [])
+        for token in request.prompt:
+            text.push(token)
+        first, *rest = request.prompt_token_logprobs
+        scored = self.completion_logprobs(list(zip(request.prompt[1:], rest, text.starts[1:])), 0)
+        scored["tokens"].insert(0, self.tokenizer.decode(request.prompt[:1]))
+        scored["token_logprobs"].insert(0, first)
+        scored["top_logprobs"].insert(0, first)
+        scored["text_offset"].insert(0, text.starts[0])
+        return scored
 
     def build_app(self) -> FastAPI:
         app = FastAPI(title="ladder_jax", docs_url=None, redoc_url=None)
@@ -587,7 +679,23 @@ class Server:
         async def chat_completions(body: ChatBody, raw: Request):
             return await self.respond(body, raw, chat=True)
 
+        # vLLM's tokenizer endpoints, at the root where lm-eval's remote tokenizer looks for them.
+        tokenizer = APIRouter(dependencies=[Depends(authorize)])
+
+        @tokenizer.post("/tokenize")
+        async def tokenize(body: TokenizeBody):
+            return self.tokenize(body)
+
+        @tokenizer.post("/detokenize")
+        async def detokenize(body: DetokenizeBody):
+            return self.detokenize(body)
+
+        @tokenizer.get("/tokenizer_info")
+        async def tokenizer_info():
+            return self.tokenizer_info()
+
         app.include_router(v1)
+        app.include_router(tokenizer)
         return app
 
     async def respond(self, body: Body, raw: Request, chat: bool):
@@ -609,6 +717,9 @@ class Server:
             if not chat:
                 if p.logprobs is not None:
                     logprobs = self.completion_logprobs(tokens, len(echo[index]))
+                if p.prompt_logprobs is not None and opens:  # the echoed prompt's come first
+                    prompt = self.prompt_logprobs(samples[index].request)
+                    logprobs = {key: prompt[key] + logprobs[key] for key in logprobs}
                 text = echo[index] + text if opens else text
                 return {"index": index, "text": text, "finish_reason": reason, "logprobs": logprobs}
             if p.logprobs is not None:
@@ -682,7 +793,10 @@ class Server:
         return StreamingResponse(stream(), media_type="text/event-stream")
 
 
-ENDPOINTS = "the server has POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics"
+ENDPOINTS = (
+    "the server has POST /v1/completions, POST /v1/chat/completions, GET /v1/models, POST /tokenize, "
+    "POST /detokenize, GET /tokenizer_info, GET /health, GET /metrics"
+)
 ENGINE_FAILED = "the engine failed while generating this request (the server's log says why); send it again"
 
 

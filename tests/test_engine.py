@@ -33,6 +33,8 @@ def engine(devices):
 
 def test_requests_coming_and_going_get_what_they_get_alone_without_recompiling(engine):
     cfg, mesh, params = engine.cfg, engine.mesh, engine.params
+    prefill = decode.paged_prefill_fn(cfg, mesh, MAX_LOGPROBS)
+    compiled = prefill._cache_size()  # (0, or more where the server's tests ran first on this process)
     settings = [decode.GREEDY, SAMPLED, decode.GREEDY, Sampling(temperature=1.0, top_k=5, seed=3), decode.GREEDY]
     requests = [Request(p, n, s) for p, n, s in zip(PROMPTS, NEW, settings)]
     # Two start together; the rest arrive while they decode and wait for a free slot.
@@ -46,10 +48,9 @@ def test_requests_coming_and_going_get_what_they_get_alone_without_recompiling(e
     for r, p, n, s in zip(requests, PROMPTS, NEW, settings):  # what each gets alone here
         assert engine.run([Request(p, n, s)])[0].tokens == r.tokens, p
     steps = [decode.paged_step_fn(cfg, mesh, MAX_LOGPROBS, s)._cache_size() for s in decode.SAMPLERS]
-    prefill = decode.paged_prefill_fn(cfg, mesh, MAX_LOGPROBS)
     # Greedy rows alone ran the greedy step, rows with cuts the full one, each compiled once; every
     # prompt is in the 16-token chunk bucket, one row per data shard: one prefill program.
-    assert steps[0] == steps[2] == 1 and steps[1] <= 1 and prefill._cache_size() == 1
+    assert steps[0] == steps[2] == 1 and steps[1] <= 1 and prefill._cache_size() - compiled <= 1
     # What the static decoder gives a prompt alone, greedy and sampled.
     for r, s in zip(requests[:2], settings):
         assert r.tokens == decode.generate(cfg, mesh, params, [r.prompt], 16, sampling=s).tokens[0]
@@ -208,6 +209,14 @@ def assert_forward_logprobs(cfg, mesh, params, requests, top_n):
         np.testing.assert_allclose(got, want[np.arange(len(r.tokens)), r.tokens], atol=2e-5)
         top = np.array([[lp for _, lp in e.top] for e in r.token_logprobs])
         np.testing.assert_allclose(top, -np.sort(-want, axis=-1)[:, :top_n], atol=2e-5)
+        if r.prompt_logprobs is not None:  # the prompt's tokens after the first, and their most likely
+            first, *scored = r.prompt_token_logprobs
+            assert first is None and len(scored) == len(r.prompt) - 1
+            want = logp[row, : len(r.prompt) - 1]
+            prompt = np.asarray(r.prompt[1:])
+            np.testing.assert_allclose([e.logprob for e in scored], want[np.arange(len(prompt)), prompt], atol=2e-5)
+            top = np.array([[lp for _, lp in e.top] for e in scored]).reshape(len(scored), r.prompt_logprobs)
+            np.testing.assert_allclose(top, -np.sort(-want, axis=-1)[:, : r.prompt_logprobs], atol=2e-5)
 
 
 def step_until_done(engine, requests):
@@ -244,11 +253,14 @@ def test_batched_and_chunked_prefill_give_the_dense_decoders_tokens_and_log_prob
     x = chunked.submit(Request(test_decode.PROMPTS[0], NEW[0], on_token=lambda t: events.append("x"), logprobs=2))
     chunked.step()
     assert events == ["prefill", "x", "x"]  # its prefill's token, then a decode step's (in one step on CPU)
-    y = chunked.submit(Request(test_decode.PROMPTS[1], NEW[0], on_token=lambda t: events.append("y"), logprobs=2))
-    step_until_done(chunked, [x, y])
+    y = Request(test_decode.PROMPTS[1], NEW[0], on_token=lambda t: events.append("y"), logprobs=2, prompt_logprobs=3)
+    step_until_done(chunked, [x, chunked.submit(y)])
     # y's first chunk, a decode step of x, y's last chunk (its first token), then both decode.
     assert events[3:8] == ["prefill", "x", "prefill", "y", "x"] and events.count("prefill") == 3
     assert [x.tokens, y.tokens] == dense and chunked.prefill_tokens == 6 + 13
+    # y's prompt was scored over its two chunks; again, its cached first page is prefilled anyway.
+    again = chunked.run([Request(y.prompt, 2, prompt_logprobs=3)])[0]
+    assert again.cached_tokens == 0 and again.prompt_token_logprobs == y.prompt_token_logprobs
     assert_forward_logprobs(cfg, mesh, params, [x, y], 2)
     assert prefill._cache_size() - compiled <= 2  # (2 rows x 16) and (1 row x 8), unless compiled before
     assert chunked.pages_in_use == 0 and chunked.unpromised == [chunked.shard_pages]

@@ -56,10 +56,10 @@ def post(url, path, body: bytes, key=KEY):
     return connection, connection.getresponse()
 
 
-def get(url, path) -> str:
+def get(url, path, key=None) -> str:
     address = urllib.parse.urlsplit(url)
     connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
-    connection.request("GET", path)
+    connection.request("GET", path, headers={"authorization": f"Bearer {key}"} if key else {})
     reply = connection.getresponse()
     text = reply.read().decode()
     connection.close()
@@ -166,7 +166,6 @@ CHAT_BODY = {"model": NAME, "messages": [{"role": "user", "content": "hi"}]}
             json.dumps({"model": NAME, "prompt": "x", "best_of": 2}),
             "best_of=2 is not supported; leave it out or send n",
         ),
-        (json.dumps({"model": NAME, "prompt": "x", "echo": True, "logprobs": 1}), "echo with logprobs"),
         (json.dumps({**CHAT_BODY, "response_format": {"type": "json_object"}}), "response_format="),
         (json.dumps({**CHAT_BODY, "messages": [{"role": "user"}]}), "messages[0] has no content"),
         (
@@ -406,6 +405,70 @@ def test_logprobs_equal_a_full_forwards_log_softmax_streamed_or_not(server, clie
     assert len(greedy.tokens) == len(greedy.token_logprobs) == len(greedy.top_logprobs) == 5
     for chosen, top in zip(greedy.token_logprobs, greedy.top_logprobs):
         assert chosen == max(top.values()) and len(top) <= 3  # greedy picks the most likely; 2 and the chosen
+
+
+def test_echo_with_logprobs_scores_the_prompt_and_lm_eval_reads_it_as_a_full_forward(server, client, monkeypatch):
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    app, url = server
+    pad = app.engine.cfg.pad_id
+
+    def reference(ids):  # padded to one length: one compile; causal, so the padding changes nothing before it
+        return full_log_softmax(app, ids + [pad] * (24 - len(ids)))[: len(ids)]
+
+    kw = dict(max_tokens=3, temperature=0, echo=True, logprobs=2)
+    whole = complete(client, "Hello", **kw).choices[0]
+    scored = whole.logprobs
+    prompt = ByteTokenizer().encode_prompt("Hello")  # BOS and five bytes, then three new tokens
+    assert len(scored.tokens) == 9 and "".join(scored.tokens[:6]) == "Hello" == whole.text[:5]
+    assert scored.token_logprobs[0] is None and scored.top_logprobs[0] is None  # nothing before the first
+    assert scored.text_offset[:7] == [0, 0, 1, 2, 3, 4, 5]  # BOS has no text; the first new token follows
+    want = reference(prompt)
+    np.testing.assert_allclose(scored.token_logprobs[1:6], want[np.arange(5), prompt[1:]], atol=1e-4)
+    for top, row in zip(scored.top_logprobs[1:6], want):
+        assert len(top) <= 3 and max(top.values()) == pytest.approx(row.max(), abs=1e-4)
+    chunks = list(complete(client, "Hello", **kw, stream=True))
+    streamed = [lp for c in chunks if c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs]
+    assert streamed == scored.token_logprobs
+    # lm-eval's loglikelihood over HTTP: echo, logprobs 1, max_tokens 1, the server's own tokenizer.
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    lm = LocalCompletionsAPI(
+        base_url=url + "/v1/completions", model=NAME, tokenizer_backend="remote", auth_token=KEY, max_length=32
+    )
+    pairs = [("Hello", " world"), ("def f(x):", " return x")]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])
+    for (context, continuation), (loglikelihood, greedy) in zip(pairs, got):
+        ids, n = list((context + continuation).encode()), len(continuation)
+        want = reference(ids)[len(ids) - n - 1 : len(ids) - 1]
+        assert loglikelihood == pytest.approx(want[np.arange(n), ids[-n:]].sum(), abs=1e-3)
+        assert greedy == bool((want.argmax(-1) == ids[-n:]).all())
+
+
+def test_tokenizer_endpoints_answer_as_vllms(server):
+    url = server[1]
+
+    def call(path, body):
+        connection, reply = post(url, path, json.dumps(body).encode())
+        answer = json.loads(reply.read())
+        connection.close()
+        return reply.status, answer
+
+    assert call("/tokenize", {"prompt": "Hi"}) == (
+        200,
+        {"count": 3, "max_model_len": 32, "tokens": [256, 72, 105], "token_strs": None},
+    )
+    status, answer = call("/tokenize", {"prompt": "Hi", "add_special_tokens": False, "return_token_strs": True})
+    assert answer["tokens"] == [72, 105] and answer["token_strs"] == ["H", "i"]
+    status, answer = call("/tokenize", {"messages": [{"role": "user", "content": "hi"}]})
+    assert answer["tokens"] == list(b"<user>hi\n<assistant>")
+    assert call("/detokenize", {"tokens": [256, 72, 105]}) == (200, {"prompt": "Hi"})
+    status, answer = call("/detokenize", {"tokens": [72, 9999]})
+    assert status == 400 and "token id 9999 outside the vocabulary" in answer["error"]["message"]
+    status, answer = call("/tokenize", {"prompt": "a", "messages": []})
+    assert status == 400 and "either prompt" in answer["error"]["message"]
+    info = json.loads(get(url, "/tokenizer_info", key=KEY))
+    assert info["eos_token"] is None and info["model_max_length"] == 32 and info["chat_template"] == CHAT
 
 
 def test_n_samples_share_one_prefill_and_streams_carry_usage(server, client):
