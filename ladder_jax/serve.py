@@ -613,8 +613,8 @@ class Server:
             if first.get("type") == "json_invalid":
                 why = first.get("ctx", {}).get("error", "")
                 return error(400, f"the body is not valid JSON ({why}); send one JSON object")
-            where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-            return error(400, f"{where}: {first.get('msg')}" if where else str(first.get("msg")), param=where or None)
+            message, field = validation_message(exc.errors())
+            return error(400, message, param=field)
 
         for kind in (BadRequest, DecodeError, ChatTemplateError):
 
@@ -798,6 +798,34 @@ ENDPOINTS = (
     "POST /detokenize, GET /tokenizer_info, GET /health, GET /metrics"
 )
 ENGINE_FAILED = "the engine failed while generating this request (the server's log says why); send it again"
+
+
+# What a field of several forms takes, said when a value fits none of them.
+FORMS = {
+    "prompt": "a string, a list of strings, a list of token ids, or a list of lists of token ids",
+    "stop": "a string or a list of strings",
+    "content": "a string, a list of text parts, or null (an assistant's)",
+}
+
+
+def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """(one line, the field) for pydantic's errors. A value that fits none of a field's forms
+    has an error per form, each under the form's name (`prompt.list[int].0`): the one that got
+    furthest is said, at its path without the form's name, with the forms the field takes."""
+    first = max(errors, key=lambda e: len(e.get("loc", ())))
+    loc = [p for p in first.get("loc", ()) if p != "body"]
+    forms = [p for p in loc if isinstance(p, str) and ("[" in p or p in ("str", "int", "float", "bool", "none"))]
+    path = ""
+    for p in loc:
+        if p not in forms:
+            path += f"[{p}]" if isinstance(p, int) else f".{p}" if path else p
+    if not forms:
+        first = errors[0]
+        path = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return (f"{path}: {first.get('msg')}" if path else str(first.get("msg"))), path or None
+    field = next((p for p in reversed(loc[: loc.index(forms[0])]) if isinstance(p, str)), path)
+    hint = f"; {field} takes {FORMS[field]}" if field in FORMS else ""
+    return f"{path}: {first.get('msg')}{hint}", path
 
 
 def finish(reason: str) -> str:

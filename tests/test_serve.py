@@ -443,6 +443,22 @@ def test_echo_with_logprobs_scores_the_prompt_and_lm_eval_reads_it_as_a_full_for
         want = reference(ids)[len(ids) - n - 1 : len(ids) - 1]
         assert loglikelihood == pytest.approx(want[np.arange(n), ids[-n:]].sum(), abs=1e-3)
         assert greedy == bool((want.argmax(-1) == ids[-n:]).all())
+    # A rolling log-likelihood starts from the prefix token: the byte-level tokenizer's BOS has no
+    # text for lm-eval to look up, so it is given (without it lm-eval sent a null, told as such).
+    lm = LocalCompletionsAPI(
+        base_url=url + "/v1/completions",
+        model=NAME,
+        tokenizer_backend="remote",
+        auth_token=KEY,
+        max_length=32,
+        custom_prefix_token_id=256,
+    )
+    (rolling,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("Hello world",), 0)])
+    ids = [256, *b"Hello world"]
+    assert rolling == pytest.approx(reference(ids)[np.arange(len(ids) - 1), ids[1:]].sum(), abs=1e-3)
+    connection, reply = post(url, "/v1/completions", json.dumps({"model": NAME, "prompt": [[None, 72]]}).encode())
+    message = json.loads(reply.read())["error"]["message"]
+    assert reply.status == 400 and message.startswith("prompt[0][0]: Input should be a valid integer; prompt takes")
 
 
 def test_tokenizer_endpoints_answer_as_vllms(server):
