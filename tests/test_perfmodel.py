@@ -160,6 +160,26 @@ def test_predict_command_prints_json_and_table(anchor, capsys):
     assert perfmodel_main(["predict", "--config", "llama-2-70b", *half, "--batch", "1"]) == 0
     out = capsys.readouterr().out
     assert "desync" in out and "vs standard" in out
+    # Options before the sub-verb hold (argparse would put the sub-verb's defaults over them).
+    assert (
+        perfmodel_main(
+            [
+                "--batch",
+                "4",
+                "--tensor",
+                "8",
+                "predict",
+                "--config",
+                "llama-2-70b",
+                *half,
+                "--variant",
+                "ladder",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    assert {r["batch"] for r in json.loads(capsys.readouterr().out)["rows"]} == {4}
 
 
 def test_plot_writes_a_png(tmp_path):

@@ -7,6 +7,7 @@ without it argparse would read the first override as one.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ def add(sub) -> None:
     _predict_options(p)
     p.set_defaults(handler=predict, overrides=[])
     q = verbs.add_parser("predict", help="per-token latency, tokens/s and speed-up over standard (the default verb)")
-    _predict_options(q)
+    _predict_options(q, given_only=True)
     overrides(q, "model.n_layers=40")
     c = verbs.add_parser("calibrate", help="fit a profile's calibrated constants to the published 70B TP8 table")
     c.add_argument(
@@ -38,26 +39,43 @@ def add(sub) -> None:
     c.set_defaults(handler=fit)
 
 
-def _predict_options(q) -> None:
-    q.add_argument("--config", default="llama-2-70b", help="preset name or YAML path")
-    q.add_argument("--tensor", type=int, default=8, help="tensor-parallel degree")
+def _predict_options(q, given_only: bool = False) -> None:
+    """`perfmodel`'s options, and again `perfmodel predict`'s: there (`given_only`) an option not
+    given sets nothing, so `perfmodel --tensor 4 predict` keeps the 4 (argparse would otherwise
+    put the sub-verb's defaults over it)."""
+
+    def default(value):
+        return argparse.SUPPRESS if given_only else value
+
+    q.add_argument("--config", default=default("llama-2-70b"), help="preset name or YAML path")
+    q.add_argument("--tensor", type=int, default=default(8), help="tensor-parallel degree (default 8)")
     q.add_argument(
-        "--hardware", default="h100-nvlink", help=f"profile name ({', '.join(hardware.known_hardware())}) or YAML path"
+        "--hardware",
+        default=default("h100-nvlink"),
+        help=f"profile name ({', '.join(hardware.known_hardware())}) or YAML path",
     )
-    q.add_argument("--batch", type=int, nargs="+", default=[1, 4, 64], help="batch sizes")
+    q.add_argument("--batch", type=int, nargs="+", default=default([1, 4, 64]), help="batch sizes (default 1 4 64)")
     q.add_argument(
-        "--variant", action="append", help=f"a layer plan; repeat it (default: {' '.join(cost.DEFAULT_VARIANTS)})"
+        "--variant",
+        action="append",
+        default=default(None),
+        help=f"a layer plan; repeat it (default: {' '.join(cost.DEFAULT_VARIANTS)})",
     )
-    q.add_argument("--prompt", type=int, default=1024, help="prompt tokens per sequence")
-    q.add_argument("--gen", type=int, default=512, help="generated tokens per sequence")
+    q.add_argument("--prompt", type=int, default=default(1024), help="prompt tokens per sequence (default 1024)")
+    q.add_argument("--gen", type=int, default=default(512), help="generated tokens per sequence (default 512)")
     q.add_argument(
         "--sweep-batch",
         type=int,
-        default=None,
+        default=default(None),
         help="batch of the tensor-size sweep in the plot (default: the first --batch)",
     )
-    q.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    q.add_argument("--out", type=storage.Path, help="write perfmodel.json and perfmodel.png here (local or gs://)")
+    q.add_argument("--json", action="store_true", default=default(False), help="print JSON instead of a table")
+    q.add_argument(
+        "--out",
+        type=storage.Path,
+        default=default(None),
+        help="write perfmodel.json and perfmodel.png here (local or gs://)",
+    )
 
 
 def predict(args) -> int:
