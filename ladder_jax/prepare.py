@@ -141,7 +141,8 @@ def _prepare_unit(out: Path, k: int, unit: dict, text_field: str, val_fraction: 
                 _report(pending_docs, pending_tokens)
                 pending_docs = pending_tokens = 0
     _report(pending_docs, pending_tokens)
-    record = {"inputs": _stamp(unit["files"]), "options": _unit_options(text_field, val_fraction, dtype)}
+    options = unit_options(text_field, val_fraction, dtype, _worker["identity"])
+    record = {"inputs": _stamp(unit["files"]), "options": options}
     for s in SPLITS:
         writers[s].close()
         tmp = out / f"{names[s]}.arrayrecord.tmp"
@@ -158,9 +159,10 @@ def _prepare_unit(out: Path, k: int, unit: dict, text_field: str, val_fraction: 
     return record
 
 
-def _unit_options(text_field: str, val_fraction: float, dtype: str) -> dict:
-    """What a unit's shards depend on besides its inputs and the tokenizer (prepare.json names it)."""
-    return {"text_field": text_field, "val_fraction": val_fraction, "dtype": dtype, "tokenizer": _worker["identity"]}
+def unit_options(text_field: str, val_fraction: float, dtype: str, tokenizer: str) -> dict:
+    """What a unit's shards depend on besides its inputs: a unit recorded with other options is
+    redone on resume (prepare.json records them with the inputs)."""
+    return {"text_field": text_field, "val_fraction": val_fraction, "dtype": dtype, "tokenizer": tokenizer}
 
 
 def _report(docs: int, tokens: int) -> None:
@@ -192,16 +194,10 @@ def prepare(
         raise DataError(f"prepare: {' '.join(inputs)} names no file; give text, JSONL or Parquet files")
     units = plan_units(paths, text_field)
     dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "int32"
-    args = {
-        "inputs": paths,
-        "text_field": text_field,
-        "val_fraction": val_fraction,
-        "tokenizer": tokenizer_identity(tokenizer),
-        "dtype": dtype,
-    }
+    options = unit_options(text_field, val_fraction, dtype, tokenizer_identity(tokenizer))
+    args = {"inputs": paths, **options}
     started = _start(out, args)
     work.mkdir(parents=True, exist_ok=True)
-    options = {k: v for k, v in args.items() if k != "inputs"}  # what _unit_options records
     records = {k: r for k, u in enumerate(units) if (r := _done(out, k, u, options)) is not None}
     if records:
         log(
