@@ -220,6 +220,9 @@ def test_bad_input_one_line(tiny, tmp_path, capsys, monkeypatch):
         assert main(argv) == 2, expected
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and expected in err[-1], (expected, err)
+    with pytest.raises(SystemExit):  # argparse's refusal, one line too
+        main([*harness, "x", "--limit", "-1", "--checkpoint", "x"])
+    assert "--limit: -1; give a number of documents (1, 2, ...) or a fraction" in capsys.readouterr().err
 
 
 def test_spd_sensitivity_scored_by_a_task(tiny, tmp_path, capsys):

@@ -94,6 +94,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def task_limit(text: str) -> float:
+    """An argparse type for lm-eval's limit: N documents (a whole number) or a fraction in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (0 < value < 1 or (value >= 1 and value.is_integer())):
+        raise argparse.ArgumentTypeError(f"{text}; give a number of documents (1, 2, ...) or a fraction in (0, 1)")
+    return value
+
+
 def cpu_devices(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cpu-devices",
@@ -138,7 +149,7 @@ def metric_option(p: argparse.ArgumentParser, thresholds: str) -> None:
         help="perplexity (default) or task:NAME[:METRIC], an lm-eval task's score (METRIC default acc); "
         f"with a task, {thresholds} are absolute score drops (0.01 = one point)",
     )
-    p.add_argument("--limit", type=float, help="--metric task: at most N documents of the task")
+    p.add_argument("--limit", type=task_limit, help="--metric task: at most N documents of the task (or a fraction)")
     p.add_argument("--include-path", type=Path, help="--metric task: a directory of extra task YAMLs")
     p.add_argument(
         "--no-builtin-tasks", action="store_true", help="--metric task: look the task up in --include-path only"
