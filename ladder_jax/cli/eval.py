@@ -15,7 +15,9 @@ def add(sub) -> None:
     h = verbs.add_parser("harness", help="lm-eval tasks (ARC, HellaSwag, PIQA, ...) through our sharded model")
     h.add_argument("--tasks", required=True, help="comma-separated lm-eval task or group names, e.g. arc_easy,piqa")
     h.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
-    h.add_argument("--limit", type=task_limit, help="at most N documents per task (a fraction below 1); for quick checks")
+    h.add_argument(
+        "--limit", type=task_limit, help="at most N documents per task (a fraction below 1); for quick checks"
+    )
     h.add_argument("--batch-size", type=int, default=8, help="rows per compiled call (default 8)")
     h.add_argument("--max-gen-toks", type=int, default=256, help="generation tasks: new tokens unless the task says")
     h.add_argument("--gen-kwargs", help="generation settings over the tasks', e.g. max_gen_toks=64 (lm-eval syntax)")
