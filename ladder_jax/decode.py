@@ -41,7 +41,6 @@ from .config import Config, ModelConfig, dtype_of
 from .errors import LadderError
 from .memory import free_device_bytes
 from .mesh import BATCH, batch_shards, local_device
-from .training import vocab_parallel_nll
 
 TENSOR = M.TENSOR
 MIN_BUCKET = 16
@@ -315,7 +314,7 @@ def next_tokens(local_logits, produced, sampling: tuple, sampler: str):
 def vocab_parallel_logprobs(local_logits, tokens, n: int):
     """(log p(token) (B,), the n most likely ids (B, n), their log p (B, n)) from this device's
     vocab shard of the logits (B, V/T): the evaluation harness's float32 log-softmax
-    (`training.vocab_parallel_nll`) of the model's own distribution, before any temperature or
+    (`model.vocab_parallel_nll`) of the model's own distribution, before any temperature or
     cut. The n best need no gather of the logits: each device offers its n best, one all-gather
     of n x tensor candidates per row, the best n of those (ties to the lower id)."""
     v_local = local_logits.shape[-1]
@@ -324,7 +323,7 @@ def vocab_parallel_logprobs(local_logits, tokens, n: int):
     values, ids = (jax.lax.all_gather(x, TENSOR, axis=1, tiled=True) for x in (values, ids))
     top_ids = jnp.take_along_axis(ids, jax.lax.top_k(values, n)[1], axis=1)
     top_ids = jax.lax.pmin(top_ids, TENSOR)  # equal on every device; says so to shard_map's types
-    logprobs = -vocab_parallel_nll(local_logits[:, None, :], jnp.concatenate([tokens[:, None], top_ids], axis=1))
+    logprobs = -M.vocab_parallel_nll(local_logits[:, None, :], jnp.concatenate([tokens[:, None], top_ids], axis=1))
     return logprobs[:, 0], top_ids, logprobs[:, 1:]
 
 

@@ -39,7 +39,6 @@ from .errors import LadderError
 from .mesh import BATCH, batch_shards
 from .storage import Path, path
 from .tokenizer import HFTokenizer, get_tokenizer
-from .training import vocab_parallel_nll
 
 # Scored sequences are padded to a power of two of at least this many tokens: few compiles, and
 # multiple-choice prompts are rarely much shorter.
@@ -56,7 +55,7 @@ def token_scores_fn(cfg: ModelConfig, mesh: Mesh):
 
     def body(model, inputs, targets):
         logits, _ = model(inputs, M.default_positions(inputs))
-        return -vocab_parallel_nll(logits, targets), vocab_parallel_argmax(logits) == targets
+        return -M.vocab_parallel_nll(logits, targets), vocab_parallel_argmax(logits) == targets
 
     rows = P(BATCH, None)
     return jax.jit(M.sharded(cfg, mesh, body, (rows, rows), (rows, rows)))

@@ -596,6 +596,19 @@ def sharded(cfg: ModelConfig, mesh: Mesh, body: Callable, in_specs: tuple, out_s
     return jax.shard_map(local, mesh=mesh, in_specs=(specs, *in_specs), out_specs=out_specs, check_vma=check_vma)
 
 
+def vocab_parallel_nll(logits, targets):
+    """-log p(target) from this device's vocab shard of the logits (..., V/T), without gathering the
+    vocab: the one log-softmax that the training loss, evaluation scores and decoding's
+    log-probabilities share (float32 where the logits are)."""
+    v_local = logits.shape[-1]
+    m = jax.lax.pmax(jax.lax.stop_gradient(logits.max(-1)), TENSOR)
+    lse = jnp.log(jax.lax.psum(jnp.exp(logits - m[..., None]).sum(-1), TENSOR)) + m
+    local = targets - jax.lax.axis_index(TENSOR) * v_local
+    inside = (local >= 0) & (local < v_local)
+    picked = jnp.take_along_axis(logits, jnp.where(inside, local, 0)[..., None], axis=-1)[..., 0]
+    return lse - jax.lax.psum(jnp.where(inside, picked, 0.0), TENSOR)
+
+
 def default_positions(tokens):
     return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32)[None], tokens.shape)
 

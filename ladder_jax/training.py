@@ -51,17 +51,6 @@ class TrainingError(LadderError):
 # Loss
 
 
-def vocab_parallel_nll(logits, targets):
-    """-log p(target) from this device's vocab shard of the logits, without gathering the vocab."""
-    v_local = logits.shape[-1]
-    m = jax.lax.pmax(jax.lax.stop_gradient(logits.max(-1)), M.TENSOR)
-    lse = jnp.log(jax.lax.psum(jnp.exp(logits - m[..., None]).sum(-1), M.TENSOR)) + m
-    local = targets - jax.lax.axis_index(M.TENSOR) * v_local
-    inside = (local >= 0) & (local < v_local)
-    picked = jnp.take_along_axis(logits, jnp.where(inside, local, 0)[..., None], axis=-1)[..., 0]
-    return lse - jax.lax.psum(jnp.where(inside, picked, 0.0), M.TENSOR)
-
-
 @functools.lru_cache(maxsize=16)
 def loss_sums_fn(cfg: ModelConfig, mesh: Mesh, remat: str = "none", scan: bool = False, lengths=None):
     """(params, batch) -> (sum of masked token NLL, number of masked tokens), over the whole mesh.
@@ -71,7 +60,7 @@ def loss_sums_fn(cfg: ModelConfig, mesh: Mesh, remat: str = "none", scan: bool =
     def body(model, batch, stacked=None):
         inputs, positions, segments = batch["inputs"], batch["positions"], batch["segment_ids"]
         logits, _ = model(inputs, positions, segment_ids=segments, remat=remat, scan=scan, stacked=stacked)
-        nll = vocab_parallel_nll(logits, batch["targets"]) * batch["mask"]
+        nll = M.vocab_parallel_nll(logits, batch["targets"]) * batch["mask"]
         return jax.lax.psum(nll.sum(), BATCH), jax.lax.psum(batch["mask"].sum(), BATCH)
 
     spec = {k: P(BATCH, None) for k in BATCH_KEYS}
