@@ -3,11 +3,15 @@
 The cache is, per layer, a pool of fixed-size pages (`page_size` positions each) that lives as long
 as the engine; each data shard has a pool of its own for its rows. A running request has a row of
 the compiled decode batch (`max_running` rows) and a page table row: position p of the request is
-at offset p % page_size of page table[row, p // page_size]. A request is admitted when a row is
-free and its shard's pool can still promise every page the request may need (prompt plus
-max_new_tokens, so no request is ever preempted); it takes its prompt's pages at once and the
-others as its cache grows, one at a time, and gives them all back when it ends (finished,
-stopped or cancelled).
+at offset p % page_size of page table[row, p // page_size]. A request is admitted, oldest first,
+when a row is free and its shard's pool has the pages of its prompt and first new token; it takes
+its prompt's pages at once and the others as its cache grows, one at a time, and gives them all
+back when it ends (finished, stopped or cancelled). When a growing request finds its shard's pool
+empty, the newest request on the shard is preempted, as vLLM's scheduler does: its pages go back
+and it waits, before any new request, to be prefilled again, its prompt and the tokens it made so
+far (often from the prefix cache), and it goes on where it was with the tokens it would have made
+(a token's draw depends on its seed and position only). A request alone on its shard always
+fits (`check`), so the oldest always makes progress.
 
 Prompts are prefilled straight into their pages (`decode.paged_prefill_fn`), several requests in
 one call and a long prompt in chunks: each step prefills up to `prefill_chunk` prompt tokens per
@@ -50,6 +54,7 @@ One thread drives the engine (`run` or `serve_forever`); `submit` may be called 
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import functools
@@ -114,6 +119,17 @@ class Request:
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     rid: int = -1  # over several processes: its number, the same on every process
     stopped_at: int | None = None  # over several processes: tokens it had when on_token said stop
+    preemptions: int = 0  # times the engine took its pages back to prefill it again later
+
+    @property
+    def context(self) -> Sequence[int]:
+        """What its prefill reads: the prompt, and after a preemption the tokens made so far."""
+        return [*self.prompt, *self.tokens] if self.tokens else self.prompt
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Its prefill still has the prompt's log-probabilities to compute."""
+        return self.prompt_logprobs is not None and len(self.prompt_token_logprobs) < len(self.prompt)
 
     def spec(self) -> dict:
         """What another process needs to run this request in step (no callbacks)."""
@@ -157,7 +173,7 @@ class Prefill:
 
     @property
     def left(self) -> int:
-        return len(self.request.prompt) - self.done
+        return len(self.request.context) - self.done
 
 
 def page_keys(prompt: Sequence[int], page_size: int) -> list[bytes]:
@@ -275,6 +291,10 @@ class Engine:
         self.sampling = [GREEDY] * self.slots
         self.waiting: queue.Queue[list[Request] | None] = queue.Queue()  # groups of samples of one prompt
         self.held: list[Request] = []  # the next group, until it has a row and its pages per sample
+        self.preempted: list[Request] = []  # waiting to be prefilled again, oldest first; before any new group
+        self.admitted = np.zeros(self.slots, np.int64)  # when each row's request started (`_make_room`)
+        self.starts = itertools.count()
+        self.preemptions = 0  # requests preempted so far
         self.host_set = np.zeros(self.slots, bool)  # rows whose next token and position the host set
         self._reset_rows()  # last_new, last_positions: the next step's tokens and positions, on the device
         self.sent: dict[str, tuple[np.ndarray, jax.Array]] = {}  # `_sent`: the last copy of each input
@@ -397,6 +417,10 @@ class Engine:
         """The pages a request may hold: its prompt and every new token."""
         return -(-(len(request.prompt) + request.max_new_tokens) // self.page_size)
 
+    def start_pages(self, request: Request) -> int:
+        """The pages a request needs to start: its context and the first new token's position."""
+        return min(-(-(len(request.context) + 1) // self.page_size), self.pages_for(request))
+
     @property
     def pages_in_use(self) -> int:
         """Pages some request holds (cached pages nobody holds are free)."""
@@ -426,26 +450,36 @@ class Engine:
             pages.append(page)
         return pages
 
-    def _place(self, group: Sequence[Request], unpromised: list[int], free_rows: list[int], lookup: bool = True):
+    def _place(
+        self,
+        group: Sequence[Request],
+        unpromised: list[int],
+        free_rows: list[int],
+        lookup: bool = True,
+        whole: bool = False,
+    ):
         """A free row for each request of the group on a data shard that can promise the pages it
-        may still take, as [(row, pages promised, prefix-cache hits or None: shares the group's
-        first sample on that shard)], or None where they do not all fit. Samples go where a
-        sample of the group already is, else where the prefix cache holds most of the prompt,
-        else where most pages are unpromised. `lookup`: consult the prefix cache."""
+        takes to start (`whole`: every page it may take), as [(row, pages promised, prefix-cache
+        hits or None: shares the group's first sample on that shard)], or None where they do not
+        all fit. Samples go where a sample of the group already is, else where the prefix cache
+        holds most of the prompt, else where most pages are unpromised. `lookup`: consult the
+        prefix cache."""
         unpromised, free_rows, placed = list(unpromised), list(free_rows), []
         per_shard = self.slots // self.data
-        shared = self._shared_pages(group[0].prompt)
-        share = group[0].prompt_logprobs is None  # a prompt's scores need every position prefilled
-        keys = page_keys(group[0].prompt, self.page_size)[:shared] if self.prefix_cache and lookup and share else []
+        context = group[0].context
+        shared = self._shared_pages(context)
+        share = not group[0].scores_prompt  # a prompt's scores need every position prefilled
+        keys = page_keys(context, self.page_size)[:shared] if self.prefix_cache and lookup and share else []
         with_sample: set[int] = set()
         for r in group:
+            need = self.pages_for(r) if whole else self.start_pages(r)
             options = {}
             for shard in {row // per_shard for row in free_rows}:
                 if shard in with_sample and share:
-                    options[shard] = (self.pages_for(r) - shared, None)
+                    options[shard] = (need - shared, None)
                 else:  # cached pages someone holds cost nothing more; the others are charged as taken
                     hits = self._hits(shard, keys)
-                    options[shard] = (self.pages_for(r) - int((self.refs[shard, hits] > 0).sum()), hits)
+                    options[shard] = (need - int((self.refs[shard, hits] > 0).sum()), hits)
             fits = [row for row in free_rows if unpromised[row // per_shard] >= options[row // per_shard][0]]
             if not fits:
                 return None
@@ -500,7 +534,10 @@ class Engine:
             raise DecodeError("the samples of a group must share one prompt")
         if len({r.prompt_logprobs for r in group}) > 1:
             raise DecodeError("the samples of a group must ask for the same prompt_logprobs")
-        if self._place(group, [self.shard_pages] * self.data, list(range(self.slots)), lookup=False) is None:
+        if (
+            self._place(group, [self.shard_pages] * self.data, list(range(self.slots)), lookup=False, whole=True)
+            is None
+        ):
             raise DecodeError(
                 f"{len(group)} samples of {self.pages_for(group[0])} pages each do not fit the KV cache's "
                 f"{self.total_pages} pages; ask for fewer samples or tokens"
@@ -524,7 +561,7 @@ class Engine:
         """Requests submitted and not yet running (waiting for a row and pages)."""
         with self.waiting.mutex:
             queued = sum(len(g) for g in self.waiting.queue if g)
-        return queued + sum(len(g) for g in self.agreed) + len(self.held)
+        return queued + sum(len(g) for g in self.agreed) + len(self.held) + len(self.preempted)
 
     # -- the engine's thread
 
@@ -605,6 +642,9 @@ class Engine:
         for slot, r in enumerate(self.active):
             if r is not None and r.rid in stop:
                 self._finish(slot, "stop")
+        for r in [r for r in self.preempted if r.rid in stop]:  # said stop, then preempted
+            self.preempted.remove(r)
+            self._end(r, "stop")
         self.ended = message["end"]
 
     def _dispatch(self) -> None:
@@ -614,10 +654,14 @@ class Engine:
         a step's tokens to send the next, and a step of the same rows within their pages sends
         nothing (each copy is a transfer and a launch on an accelerator, host time per token)."""
         per_shard = self.slots // self.data
-        for slot in np.flatnonzero(self.decoding):  # a page for the position this step writes
+        oldest_first = sorted(np.flatnonzero(self.decoding), key=lambda slot: self.admitted[slot])
+        for slot in oldest_first:  # a page for the position this step writes
             page = self.positions[slot] // self.page_size
-            if page < self.table_width and self.table[slot, page] == self.shard_pages:
+            need = self.decoding[slot] and page < self.table_width and self.table[slot, page] == self.shard_pages
+            if need and self._make_room(slot):
                 self._take_page(slot, slot // per_shard)
+        if not self.decoding.any():  # each went back to wait
+            return
         rows, by_row = NamedSharding(self.mesh, ROWS), NamedSharding(self.mesh, ROWS_BY_SEQ)
         tokens, positions = self.last_new, self.last_positions
         if self.host_set.any():
@@ -695,20 +739,20 @@ class Engine:
         last = np.zeros(n, np.int32)
         sampling = [GREEDY] * n
         ends = []  # (row, request) of the prompts this call ends
-        scoring = any(p.request.prompt_logprobs is not None for chosen in batch for p, _ in chosen)
+        scoring = any(p.request.scores_prompt for chosen in batch for p, _ in chosen)
         targets = np.full((n, chunk), self.cfg.pad_id, np.int32) if scoring else None
         scored = []  # (row, request, first position, tokens) of the rows whose prompt is scored
         for shard, chosen in enumerate(batch):
             for i, (p, count) in enumerate(chosen):
                 row = shard * rows + i
-                prompt = p.request.prompt
-                tokens[row, :count] = np.asarray(prompt[p.done : p.done + count])
+                context = p.request.context
+                tokens[row, :count] = np.asarray(context[p.done : p.done + count])
                 positions[row, :count] = np.arange(p.done, p.done + count)
                 table[row], last[row], sampling[row] = self.table[p.slot], count - 1, p.request.sampling
-                if p.request.prompt_logprobs is not None:  # each position's next prompt token
-                    following = prompt[p.done + 1 : p.done + count + 1]
+                if p.request.scores_prompt:  # each position's next prompt token
+                    following = p.request.prompt[p.done + 1 : p.done + count + 1]
                     targets[row, : len(following)] = np.asarray(following)
-                    scored.append((row, p.request, p.done, len(following)))
+                    scored.append((row, p, p.done, len(following)))
                 p.done += count
                 self.prefill_tokens += count
                 if not p.left:
@@ -739,7 +783,10 @@ class Engine:
         new = decode.to_host(new)
         if scores is not None:
             (chosen, ids, values), scored = (tuple(decode.to_host(a) for a in scores[0]), scores[1])
-            for row, r, start, count in scored:
+            for row, p, start, count in scored:
+                r = p.request
+                if self.active[p.slot] is not r:  # preempted since: scored again when it comes back
+                    continue
                 if start == 0:
                     r.prompt_token_logprobs.append(None)  # the first token: nothing before it to score
                 k = r.prompt_logprobs
@@ -754,7 +801,7 @@ class Engine:
             if self.active[p.slot] is not p.request:
                 continue
             self.decoding[p.slot], self.host_set[p.slot] = True, True
-            self.positions[p.slot] = len(p.request.prompt)
+            self.positions[p.slot] = len(p.request.context)
             self._deliver(p.slot, int(new[row]), logprobs and logprobs(row))
 
     def _cache_pages(self, p: Prefill) -> None:
@@ -763,34 +810,41 @@ class Engine:
         if not self.prefix_cache:
             return
         shard = p.slot // (self.slots // self.data)
-        for i, key in enumerate(page_keys(p.request.prompt[: p.done], self.page_size)):
+        for i, key in enumerate(page_keys(p.request.context[: p.done], self.page_size)):
             page = int(self.table[p.slot, i])
             if key not in self.cached[shard] and page not in self.page_key[shard]:
                 self.cached[shard][key], self.page_key[shard][page] = page, key
 
     def _admit(self, block: bool) -> None:
+        """Start waiting requests in free rows, oldest first: the preempted ones, then the groups
+        in the order they came. One that does not fit yet holds back those behind it."""
         while True:
-            group = self.held or self._next_group(block)
+            resumed = bool(self.preempted)
+            group = self.preempted[:1] if resumed else (self.held or self._next_group(block))
             if not group:
                 return
             block = False
             for r in group:
                 if self._cancelled(r):
-                    r.finish_reason = "cancelled"
-                    self._done(r)
+                    self._end(r, "cancelled")
             group = [r for r in group if not self._cancelled(r)]
             free = [slot for slot, r in enumerate(self.active) if r is None]
             placed = self._place(group, self.unpromised, free) if group else []
-            self.held = group if placed is None else []
-            if self.held:
+            if placed is None:
+                self.held = self.held if resumed else group
                 return
+            if resumed:
+                del self.preempted[0]
+            else:
+                self.held = []
             if group:
                 self._start(group, placed)
 
     def _start(self, group: list[Request], placed: list) -> None:
         """Rows and prompt pages for a group placed by `_place`; its prompts wait for their prefill."""
         per_shard = self.slots // self.data
-        shared = self._shared_pages(group[0].prompt)
+        context = group[0].context
+        shared = self._shared_pages(context)
         firsts: dict[int, Prefill] = {}  # the group's first sample on each shard
         for r, (slot, promise, hits) in zip(group, placed):
             shard = slot // per_shard
@@ -802,17 +856,19 @@ class Engine:
             else:
                 pages = hits
                 if self.prefix_cache:
-                    self.prefix_queries += len(r.prompt)
+                    self.prefix_queries += len(context)
                     self.prefix_hits += len(hits) * self.page_size
-                r.cached_tokens = len(hits) * self.page_size
+                if not r.preemptions:  # (the usage a client sees: of its prompt)
+                    r.cached_tokens = len(hits) * self.page_size
             for page in pages:  # before any fresh page, which could evict a cached one
                 self._hold_page(slot, shard, page)
-            for _ in range(-(-len(r.prompt) // self.page_size) - len(pages)):
+            for _ in range(-(-len(context) // self.page_size) - len(pages)):
                 self._take_page(slot, shard)
             prefill = Prefill(r, slot, len(pages) * self.page_size, first if hits is None and shared else None)
             firsts.setdefault(shard, prefill)
             self.prefilling.append(prefill)
             self.active[slot], self.sampling[slot] = r, r.sampling
+            self.admitted[slot] = next(self.starts)
 
     def _charge(self, slot: int, shard: int) -> bool:
         """Count a page the row now holds that nobody held: against its promise, else against the
@@ -898,8 +954,41 @@ class Engine:
         if len(r.tokens) >= r.max_new_tokens:
             self._finish(slot, "length")
 
+    def _make_room(self, slot: int) -> bool:
+        """A page for the row's next position: preempt the newest requests of its shard until its
+        pool has one (vLLM's preemption by recompute). False where the row was the newest itself
+        and went back to wait."""
+        per_shard = self.slots // self.data
+        shard = slot // per_shard
+        while not self.promised[slot] and not self.unpromised[shard]:
+            rows = [s for s in range(shard * per_shard, (shard + 1) * per_shard) if self.active[s] is not None]
+            newest = max(rows, key=lambda s: self.admitted[s])
+            self._preempt(newest)
+            if newest == slot:
+                return False
+        return True
+
+    def _preempt(self, slot: int) -> None:
+        """Give the row's pages back and queue its request to be prefilled again (its prompt and
+        the tokens made so far) before any new request. A step in flight still writes into its
+        pages; its token for this row is not delivered (`_read`), and is made again."""
+        r = self.active[slot]
+        self._release(slot)
+        if r.scores_prompt:  # cut short: its prompt is scored again from the start
+            r.prompt_token_logprobs.clear()
+        r.preemptions += 1
+        self.preemptions += 1
+        bisect.insort(self.preempted, r, key=lambda q: q.rid)
+        log.info("preempted request %d (%d tokens made) for want of KV pages", r.rid, len(r.tokens))
+
     def _finish(self, slot: int, reason: str) -> None:
         r = self.active[slot]
+        self._release(slot)
+        self._end(r, reason)
+
+    def _release(self, slot: int) -> None:
+        """Free the row: its pages back to the pool (or to the prefix cache), what it was promised,
+        and its place in the prefill queue."""
         self.active[slot] = None
         self.sampling[slot] = GREEDY
         self.tokens[slot], self.positions[slot] = self.cfg.pad_id, 0
@@ -921,6 +1010,8 @@ class Engine:
         self.unpromised[shard] += int(self.promised[slot])
         self.promised[slot] = 0
         self.table[slot] = self.shard_pages
+
+    def _end(self, r: Request, reason: str) -> None:
         if r.stopped_at is not None:  # tokens made after on_token said stop (several processes)
             reason = "stop"
             del r.tokens[r.stopped_at :], r.token_logprobs[r.stopped_at :]

@@ -305,7 +305,7 @@ class Metrics:
 class EngineCounters:
     """The engine's own running counts as Prometheus counters, read when scraped: vLLM's
     prefix_cache_queries and prefix_cache_hits (prompt tokens looked up in the prefix cache,
-    and found there; their ratio is the hit rate)."""
+    and found there; their ratio is the hit rate) and num_preemptions."""
 
     def __init__(self, engine: E.Engine, model_name: str):
         self.engine, self.model_name = engine, model_name
@@ -314,6 +314,7 @@ class EngineCounters:
         for name, doc, value in [
             ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", self.engine.prefix_queries),
             ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", self.engine.prefix_hits),
+            ("num_preemptions", "Requests preempted for want of KV cache pages.", self.engine.preemptions),
         ]:
             family = CounterMetricFamily(f"ladder_jax:{name}", doc, labels=["model_name"])
             family.add_metric([self.model_name], value)

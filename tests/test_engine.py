@@ -338,7 +338,7 @@ def test_prefix_cache_shares_full_prompt_pages_evicts_the_least_recently_used_an
     assert off.cached_pages == 0 and off.prefix_queries == 0 and len(off.free_pages[0]) == off.shard_pages
 
 
-def test_requests_wait_for_pages_and_give_them_back_and_too_many_are_refused(engine):
+def test_past_the_pool_the_newest_is_preempted_and_resumes_with_the_tokens_it_would_have_made(engine):
     cfg, mesh, params = engine.cfg, engine.mesh, engine.params
     # Four rows (two per data shard) but three pages of 8 positions per shard.
     small = Engine(cfg, mesh, params, max_running=4, cache_len=32, page_size=8, kv_pages=6)
@@ -347,20 +347,27 @@ def test_requests_wait_for_pages_and_give_them_back_and_too_many_are_refused(eng
         small.submit(Request(PROMPTS[1], 16))  # 13 + 16 positions
     with pytest.raises(decode.DecodeError, match="3 samples of 3 pages each do not fit the KV cache's 6 pages"):
         small.submit_group([Request(PROMPTS[0], 16) for _ in range(3)])
-    jobs = [(PROMPTS[0], 16), (PROMPTS[0], 10), (PROMPTS[3], 9)]  # 3, 2 and 3 pages
-    requests = [small.submit(Request(p, n)) for p, n in jobs]
+    # Each starts on the pages of its prompt and first token; two on a shard then grow to more
+    # than its three pages, and the newer goes back to wait, before any new request.
+    jobs = [(PROMPTS[0], 16, decode.GREEDY), (PROMPTS[0], 16, SAMPLED), (PROMPTS[3], 12, decode.GREEDY)]
+    jobs += [(PROMPTS[2], 14, decode.GREEDY)]
+    requests = [small.submit(Request(p, n, s, logprobs=2)) for p, n, s in jobs]
     small.step()
-    # The third waits with two rows free: its shard's pages are promised to the first two.
-    assert small.busy_slots == 2 and small.waiting_requests == 1 and small.pages_in_use == 2
-    while not requests[1].done.is_set():
+    assert small.busy_slots == 4 and small.pages_in_use == 5  # 1 + 1 + 2 + 1
+    late = small.submit(Request(PROMPTS[2], 4))
+    waited = False
+    while not all(r.done.is_set() for r in [*requests, late]):
         small.step()
-    small.step()
-    assert small.busy_slots == 2 and small.waiting_requests == 0  # in once the second gave its pages back
-    while not all(r.done.is_set() for r in requests):
-        small.step()
-    assert small.pages_in_use == 0 and small.unpromised == [3, 3]
-    for r, (p, n) in zip(requests, jobs):
-        assert r.tokens == engine.run([Request(p, n)])[0].tokens
+        waited |= bool(small.preempted) and not late.done.is_set() and late.tokens == []
+    assert small.preemptions >= 2 and sum(r.preemptions for r in [*requests, late]) == small.preemptions and waited
+    assert all(r.finish_reason == "length" and len(r.tokens) == n for r, (_, n, _) in zip(requests, jobs))
+    assert small.pages_in_use == 0 and small.unpromised == [3, 3] and not small.preempted
+    for r, (p, n, s) in zip(requests, jobs):  # what each makes alone, and its log-probabilities
+        alone = engine.run([Request(p, n, s, logprobs=2)])[0]
+        assert r.tokens == alone.tokens, p
+        np.testing.assert_allclose(
+            [e.logprob for e in r.token_logprobs], [e.logprob for e in alone.token_logprobs], atol=2e-5
+        )
 
 
 def test_after_precompile_requests_of_any_length_and_batch_compile_nothing(compiles, devices):

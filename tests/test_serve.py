@@ -534,6 +534,7 @@ def test_metrics_report_latencies_requests_and_cache_use_in_prometheus_text(serv
     engine = server[0].engine  # the prefix cache's counts, as the engine has them (tests/test_engine.py checks those)
     assert after[("ladder_jax:prefix_cache_queries_total", None)] == engine.prefix_queries >= 6
     assert after[("ladder_jax:prefix_cache_hits_total", None)] == engine.prefix_hits
+    assert after[("ladder_jax:num_preemptions_total", None)] == engine.preemptions
     assert json.loads(get(url, "/health"))["prefix_cache_hit_rate"] == engine.prefix_hit_rate
 
 
