@@ -2,6 +2,7 @@
 arriving while others decode get the tokens they get alone, and nothing recompiles."""
 
 import dataclasses
+import random
 import threading
 
 import jax
@@ -459,3 +460,43 @@ def test_on_an_accelerator_the_kv_pool_gets_the_memory_share_the_weights_and_tem
     )
     with pytest.raises(decode.DecodeError, match=r"--kv-memory 1.5: give the share .* in \(0, 1\]"):
         small_engine("standard", kv_memory=1.5)
+
+
+def test_random_traffic_ends_every_request_as_alone_and_gives_every_page_back(engine):
+    """Groups of samples, shared prompt prefixes (the prefix cache), cancellations and, over a
+    pool of three pages per shard, preemptions, arriving at random for 40 steps: every request
+    not cancelled ends with the tokens and log-probabilities it gets alone."""
+    cfg, mesh, params = engine.cfg, engine.mesh, engine.params
+    rng = random.Random(1)
+    small = Engine(cfg, mesh, params, max_running=4, cache_len=32, page_size=8, kv_pages=6)
+    shared = [256, *b"shared prefix!!"]  # two full pages of 8 positions
+    prompts = [*PROMPTS, [*shared, 1, 2], [*shared, 3]]
+    submitted, cancel_at = [], {}
+    for step in range(400):
+        p = rng.choice(prompts)
+        if step < 40 and rng.random() < 0.4 and len(p) < 24:
+            n = rng.randint(1, min(24 - len(p), 14))
+            sampling = dataclasses.replace(SAMPLED if rng.random() < 0.4 else decode.GREEDY, seed=rng.randrange(100))
+            group = [Request(p, n, sampling, logprobs=1) for _ in range(rng.choice([1, 1, 2]))]
+            try:
+                small.submit_group(group)
+            except decode.DecodeError:  # two samples whose pages cannot fit at once
+                continue
+            submitted += group
+            cancel_at.update((id(r), step + rng.randint(0, 10)) for r in group if rng.random() < 0.15)
+        for r in submitted:
+            if cancel_at.get(id(r)) == step:
+                r.cancel()
+        small.step()
+        if step > 40 and all(r.done.is_set() for r in submitted):
+            break
+    assert small.preemptions >= 2 and small.prefix_hits > 0 and "cancelled" in small.finished
+    assert small.pages_in_use == 0 and small.unpromised == [3, 3] and not small.preempted
+    for r in submitted:
+        assert r.done.is_set()
+        if r.finish_reason != "cancelled":
+            alone = engine.run([Request(r.prompt, r.max_new_tokens, r.sampling, logprobs=1)])[0]
+            assert r.tokens == alone.tokens, (r.prompt, r.preemptions)
+            np.testing.assert_allclose(
+                [e.logprob for e in r.token_logprobs], [e.logprob for e in alone.token_logprobs], atol=3e-5
+            )
