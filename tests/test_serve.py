@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ladder_jax import model as M
 from ladder_jax import serve
-from ladder_jax.cli import main
+from ladder_jax.cli import main, parser
 from ladder_jax.engine import Engine
 from ladder_jax.tokenizer import ByteTokenizer
 
@@ -338,6 +338,11 @@ def test_serve_refuses_a_bad_command_line_in_one_line(tmp_path, capsys):
     assert "--prefill-chunk 0" in capsys.readouterr().err
     assert main(["serve", "--checkpoint", str(tmp_path), "--kv-memory", "0"]) == 2
     assert "--kv-memory 0.0: give the share of each device's memory to fill, in (0, 1]" in capsys.readouterr().err
+    vllm = ["--max-num-seqs", "4", "--max-model-len", "64", "--block-size", "8", "--gpu-memory-utilization", "0.5"]
+    vllm += ["--no-enable-prefix-caching", "--served-model-name", "m"]  # vLLM's names, taken as ours
+    args = parser().parse_args(["serve", "--checkpoint", str(tmp_path), *vllm])
+    assert (args.max_running, args.max_len, args.page_size, args.kv_memory) == (4, 64, 8, 0.5)
+    assert not args.prefix_cache and args.model_name == "m"
     with pytest.raises(SystemExit) as exit_:  # argparse's own refusals, in one line too
         main(["serve", "--checkpoint", str(tmp_path), "--port", "abc"])
     err = capsys.readouterr().err

@@ -24,13 +24,16 @@ def add(sub) -> None:
         "serve",
         help="OpenAI-compatible /v1/completions and /v1/chat/completions over a run",
         description="An OpenAI-compatible HTTP server (FastAPI, uvicorn) over a continuous-batching engine; "
-        "see docs/serving.md. Needs the 'serve' extra: pip install -e '.[serve]'",
+        "see docs/serving.md. Needs the 'serve' extra: pip install -e '.[serve]'. vLLM's names of the engine's "
+        "flags are taken too (--max-num-seqs, --max-model-len, --block-size, --gpu-memory-utilization, "
+        "--no-enable-prefix-caching, --served-model-name).",
     )
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="run directory (train.py or convert from-hf)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
         "--max-running",
+        "--max-num-seqs",
         "--slots",
         dest="max_running",
         type=int,
@@ -38,9 +41,12 @@ def add(sub) -> None:
         help="requests decoded together: the compiled decode batch (default 8)",
     )
     p.add_argument(
-        "--max-len", type=int, help="positions a request may hold: prompt + new tokens (default model.max_seq_len)"
+        "--max-len",
+        "--max-model-len",
+        type=int,
+        help="positions a request may hold: prompt + new tokens (default model.max_seq_len)",
     )
-    p.add_argument("--page-size", type=int, default=16, help="positions per KV cache page (default 16)")
+    p.add_argument("--page-size", "--block-size", type=int, default=16, help="positions per KV cache page (default 16)")
     p.add_argument(
         "--kv-pages",
         type=int,
@@ -49,6 +55,7 @@ def add(sub) -> None:
     )
     p.add_argument(
         "--kv-memory",
+        "--gpu-memory-utilization",
         type=float,
         default=KV_MEMORY,
         help="share of each device's memory (JAX's allocator limit) to fill: weights, the largest program's "
@@ -63,6 +70,7 @@ def add(sub) -> None:
     )
     p.add_argument(
         "--no-prefix-cache",
+        "--no-enable-prefix-caching",
         dest="prefix_cache",
         action="store_false",
         help="do not keep full prompt pages for later prompts that share them (default: keep them)",
@@ -73,11 +81,14 @@ def add(sub) -> None:
         action="store_false",
         help="compile prefill shapes as requests first need them, not all at startup (default: all at startup)",
     )
-    p.add_argument("--model-name", help="the model id clients send (default: the run directory's name)")
+    p.add_argument(
+        "--model-name", "--served-model-name", help="the model id clients send (default: the run directory's name)"
+    )
     p.add_argument(
         "--api-key",
         default=os.environ.get("LADDER_JAX_API_KEY"),
-        help="/v1 requests must send 'Authorization: Bearer KEY' (default: $LADDER_JAX_API_KEY; unset: open)",
+        help="/v1 and tokenizer requests must send 'Authorization: Bearer KEY' (default: $LADDER_JAX_API_KEY; "
+        "unset: open)",
     )
     cpu_devices(p)
     multihost(p)
