@@ -772,7 +772,7 @@ class Engine:
         self.prefills += 1
         for chosen in batch:
             for p, _ in chosen:
-                self._cache_pages(p)
+                self._cache_pages(p.slot, p.request.context[: p.done])
         return new, logprobs, ends, (scores[0], scored) if scoring else None
 
     def _read_prefill(self, dispatched) -> None:
@@ -804,14 +804,14 @@ class Engine:
             self.positions[p.slot] = len(p.request.context)
             self._deliver(p.slot, int(new[row]), logprobs and logprobs(row))
 
-    def _cache_pages(self, p: Prefill) -> None:
-        """Keep the request's full prompt pages written so far under their prefix keys (a key
-        already cached keeps its page)."""
+    def _cache_pages(self, slot: int, written: Sequence[int]) -> None:
+        """Keep the row's full pages of `written` (the tokens whose keys and values are in its
+        pages, from position 0) under their prefix keys (a key already cached keeps its page)."""
         if not self.prefix_cache:
             return
-        shard = p.slot // (self.slots // self.data)
-        for i, key in enumerate(page_keys(p.request.context[: p.done], self.page_size)):
-            page = int(self.table[p.slot, i])
+        shard = slot // (self.slots // self.data)
+        for i, key in enumerate(page_keys(written, self.page_size)):
+            page = int(self.table[slot, i])
             if key not in self.cached[shard] and page not in self.page_key[shard]:
                 self.cached[shard][key], self.page_key[shard][page] = page, key
 
@@ -973,6 +973,10 @@ class Engine:
         the tokens made so far) before any new request. A step in flight still writes into its
         pages; its token for this row is not delivered (`_read`), and is made again."""
         r = self.active[slot]
+        if self.decoding[slot]:  # (a prefilling row's pages were cached as its chunks went)
+            # Its pages before the last token it was given (whose keys and values a step in
+            # flight may still be writing) stay cached: it comes back through the prefix cache.
+            self._cache_pages(slot, r.context[: len(r.prompt) + len(r.tokens) - 1])
         self._release(slot)
         if r.scores_prompt:  # cut short: its prompt is scored again from the start
             r.prompt_token_logprobs.clear()

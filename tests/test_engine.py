@@ -13,7 +13,7 @@ from ladder_jax import decode
 from ladder_jax import engine as engine_module
 from ladder_jax import model as M
 from ladder_jax.decode import Sampling
-from ladder_jax.engine import MAX_LOGPROBS, Engine, Request
+from ladder_jax.engine import MAX_LOGPROBS, Engine, Request, page_keys
 
 from . import test_decode
 from .test_decode import model_on
@@ -369,6 +369,17 @@ def test_past_the_pool_the_newest_is_preempted_and_resumes_with_the_tokens_it_wo
         np.testing.assert_allclose(
             [e.logprob for e in r.token_logprobs], [e.logprob for e in alone.token_logprobs], atol=2e-5
         )
+    # Preempted by hand with pages to spare: its pages before its last token stay cached (its
+    # prompt's and those of the tokens it made), and it comes back through the prefix cache.
+    r = small.submit(Request(PROMPTS[2], 14))
+    while len(r.tokens) < 10:
+        small.step()
+    slot, hits = small.active.index(r), small.prefix_hits
+    small._preempt(slot)
+    assert page_keys(r.context[:8], 8)[0] in small.cached[slot // 2] and small.preempted == [r]
+    small.run([r])
+    assert small.prefix_hits == hits + 8 and r.preemptions == 1
+    assert r.tokens == engine.run([Request(PROMPTS[2], 14)])[0].tokens
 
 
 def test_after_precompile_requests_of_any_length_and_batch_compile_nothing(compiles, devices):
