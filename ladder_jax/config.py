@@ -115,6 +115,9 @@ class MeshConfig:
     tensor: int = 1
 
 
+LR_SCHEDULES = ("cosine", "linear", "constant", "wsd")  # train.lr_schedule, after the warmup
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
@@ -123,7 +126,12 @@ class TrainConfig:
     seq_len: int = 256
     grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
     lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    # After a linear warmup (LR_SCHEDULES): "cosine" or "linear" decay to lr * min_lr_ratio at the
+    # last step, "constant", or "wsd" (warmup-stable-decay): lr until the last decay_fraction of
+    # the steps, then a straight line down to lr * min_lr_ratio.
+    lr_schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2  # wsd: the share of train.steps spent decaying, at the end
     warmup_steps: int = 50
     weight_decay: float = 0.1  # on matrices only; never on norms or biases
     b1: float = 0.9
@@ -447,6 +455,14 @@ def _check_train(cfg: Config) -> None:
         )
     if tr.warmup_steps < 0:
         raise ConfigError(f"train.warmup_steps={tr.warmup_steps} must be 0 or more")
+    if tr.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(
+            f"train.lr_schedule={tr.lr_schedule!r} is not a schedule; choose from {', '.join(LR_SCHEDULES)}"
+        )
+    if not 0 < tr.decay_fraction <= 1:
+        raise ConfigError(
+            f"train.decay_fraction={tr.decay_fraction} must be in (0, 1] (the share of the steps that decay)"
+        )
     profile_steps(tr)
     if tr.wandb_mode not in WANDB_MODES:
         raise ConfigError(f"train.wandb_mode={tr.wandb_mode!r} is not a mode; choose from {', '.join(WANDB_MODES)}")

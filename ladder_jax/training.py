@@ -153,11 +153,23 @@ def trainable_mask(cfg: Config, params) -> dict:
 
 
 def lr_schedule(cfg: Config) -> optax.Schedule:
-    """Linear warmup, then cosine decay to lr * min_lr_ratio at train.steps."""
+    """A linear warmup over train.warmup_steps, then train.lr_schedule: cosine or linear decay to
+    lr * min_lr_ratio at train.steps, constant, or wsd (warmup-stable-decay, as MiniCPM and
+    MaxText: lr until the last train.decay_fraction of the steps, then linear to lr * min_lr_ratio).
+    A wsd run resumed with more train.steps stays in its stable phase longer."""
     tr = cfg.train
-    return optax.warmup_cosine_decay_schedule(
-        0.0, tr.lr, min(tr.warmup_steps, tr.steps), max(tr.steps, tr.warmup_steps + 1), tr.lr * tr.min_lr_ratio
-    )
+    warmup = min(tr.warmup_steps, tr.steps)
+    end, low = max(tr.steps, warmup + 1), tr.lr * tr.min_lr_ratio
+    if tr.lr_schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, tr.lr, warmup, end, low)
+    ramp = optax.linear_schedule(0.0, tr.lr, warmup)
+    if tr.lr_schedule == "constant":
+        return optax.join_schedules([ramp, optax.constant_schedule(tr.lr)], [warmup])
+    if tr.lr_schedule == "linear":
+        return optax.join_schedules([ramp, optax.linear_schedule(tr.lr, low, end - warmup)], [warmup])
+    decay = max(warmup, end - round(tr.decay_fraction * tr.steps))  # wsd: where the decay starts
+    stable, down = optax.constant_schedule(tr.lr), optax.linear_schedule(tr.lr, low, end - decay)
+    return optax.join_schedules([ramp, stable, down], [warmup, decay])
 
 
 def make_optimizer(cfg: Config, params, lengths=None) -> optax.GradientTransformation:

@@ -1,3 +1,4 @@
+import math
 import re
 
 import pytest
@@ -108,6 +109,8 @@ def test_rope_scaling_override_builds_the_nested_section():
         (["train.weight_decay=-1"], "train.weight_decay=-1.0 must be in [0, inf)"),
         (["train.grad_clip=0"], "train.grad_clip=0.0 must be positive and finite"),
         (["train.warmup_steps=-5"], "train.warmup_steps=-5 must be 0 or more"),
+        (["train.lr_schedule=step"], "train.lr_schedule='step' is not a schedule; choose from cosine, linear"),
+        (["train.lr_schedule=wsd", "train.decay_fraction=0"], "train.decay_fraction=0.0 must be in (0, 1]"),
         (["model.rope_theta=-1"], "model.rope_theta must be positive and finite, got -1.0"),
     ],
 )
@@ -156,3 +159,28 @@ def test_fsdp_sizes_that_do_not_fit_the_devices_or_the_batch_are_refused(devices
     cfg = load_config("tiny", ["mesh.fsdp=4", "mesh.tensor=2", "train.batch_size=6", "train.grad_accum=1"])
     with pytest.raises(ConfigError, match="does not split over mesh data x fsdp=4; make it a multiple of 4"):
         Trainer(cfg, make_mesh(cfg))
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant", "wsd"])
+def test_learning_rate_schedules_follow_their_formulas(kind):
+    """Each schedule against its formula, written out here: warmup, then decay (or none)."""
+    from ladder_jax.training import lr_schedule
+
+    lr, low, warmup, steps, decay = 1e-3, 1e-4, 10, 100, 30  # wsd: decay_fraction 0.3
+    overrides = ["train.lr=1e-3", "train.min_lr_ratio=0.1", "train.warmup_steps=10", "train.steps=100"]
+    schedule = lr_schedule(load_config("tiny", [*overrides, f"train.lr_schedule={kind}", "train.decay_fraction=0.3"]))
+
+    def want(step):
+        if step < warmup:
+            return lr * step / warmup
+        t = min(1.0, (step - warmup) / (steps - warmup))
+        if kind == "cosine":
+            return low + (lr - low) * 0.5 * (1 + math.cos(math.pi * t))
+        if kind == "linear":
+            return lr + (low - lr) * t
+        if kind == "constant":
+            return lr
+        return lr if step < steps - decay else lr + (low - lr) * min(1.0, (step - (steps - decay)) / decay)
+
+    for step in [0, 5, 10, 11, 40, 69, 70, 71, 85, 99, 100, 120]:
+        assert float(schedule(step)) == pytest.approx(want(step), rel=1e-5, abs=1e-9), (kind, step)
