@@ -341,7 +341,9 @@ def block_mse(cfg: ModelConfig, mesh: Mesh, layer: dict, data: BlockData, batch:
 def distill(cfg: Config, mesh: Mesh, layer: dict, train: BlockData, steps: int, lr: float, log=None) -> dict:
     """Train one SPD block to reproduce the original block's output (MSE); returns the new layer params."""
     student = M.block_fn(dataclasses.replace(cfg.model, plan="standard"), mesh, "spd")
-    schedule = dataclasses.replace(cfg.train, trainable="all", lr=lr, steps=steps, warmup_steps=max(1, steps // 10))
+    schedule = dataclasses.replace(
+        cfg.train, trainable="all", lr=lr, steps=steps, warmup_steps=max(1, steps // 10), lr_schedule="cosine"
+    )
     opt = make_optimizer(dataclasses.replace(cfg, train=schedule), layer)  # the trainer's AdamW, clipping, cosine
 
     def loss(p, x, y, pos, seg):
