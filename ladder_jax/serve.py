@@ -100,6 +100,7 @@ class Body(BaseModel):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    ignore_eos: bool | None = None  # vLLM's: run to max_tokens past the end ids (benchmark clients send it)
 
 
 class CompletionBody(Body):
@@ -195,6 +196,7 @@ class Prepared:
     stops: list[str]
     logprobs: int | None
     prompt_logprobs: int | None = None
+    stop_ids: frozenset[int] = frozenset()
 
 
 class TextOut:
@@ -426,7 +428,8 @@ class Server:
         if any(not s for s in stops):
             raise BadRequest("stop strings must not be empty")
         scored = logprobs if not chat and body.echo else None  # echo with logprobs scores the prompt too
-        return Prepared(prompts, texts, max_tokens, limit, n, sampling, stops, logprobs, scored)
+        stop_ids = frozenset() if body.ignore_eos else self.tokenizer.stop_ids
+        return Prepared(prompts, texts, max_tokens, limit, n, sampling, stops, logprobs, scored, stop_ids)
 
     def render_chat(self, messages: list[Message]) -> str:
         """The chat template's text of the messages, ending with the assistant's turn."""
@@ -524,7 +527,7 @@ class Server:
                 p.prompts[i // p.n],
                 p.max_tokens,
                 seeded,
-                self.tokenizer.stop_ids,
+                p.stop_ids,
                 logprobs=p.logprobs,
                 prompt_logprobs=p.prompt_logprobs,
             )

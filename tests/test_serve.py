@@ -246,6 +246,16 @@ def test_prompts_as_lists_token_ids_and_echo_as_openai_takes_them(server, client
     assert pieces[0].startswith("Hello") and "".join(pieces) == echoed
 
 
+def test_ignore_eos_runs_past_an_end_id_to_max_tokens(server, client, monkeypatch):
+    first = server[0].engine.submit(serve.E.Request(ByteTokenizer().encode_prompt("Hello"), 1))
+    assert first.done.wait(60)
+    monkeypatch.setattr(server[0].tokenizer, "stop_ids", frozenset(first.tokens))  # the first token ends it
+    ended = complete(client, "Hello", max_tokens=4, temperature=0)
+    assert ended.choices[0].text == "" and ended.choices[0].finish_reason == "stop"
+    on = complete(client, "Hello", max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    assert on.usage.completion_tokens == 4 and on.choices[0].finish_reason == "length"
+
+
 def test_chat_takes_text_parts_names_and_replies_to_the_end_of_the_context(server, client):
     def reply(messages, **kw):
         return client.chat.completions.create(model=NAME, messages=messages, temperature=0, **kw)
