@@ -24,11 +24,16 @@ time to first token and the gaps between a request's tokens (p50/p99) and output
 Every compile happens before the clock starts. `--capacity` instead fills a KV cache of 8 x 1024
 positions with requests of 64-256 tokens and counts how many run at once, paged against fixed slots.
 `--host-time` times the host's share of each decode step (`Engine._dispatch`) with --slots rows
-decoding, this checkout's engine against the one at --before-rev.
+decoding, this checkout's engine against the one at --before-rev. `--preemption` gives 64
+chat-like requests (max_tokens to the end of 1024 positions, each ending after 32-256 tokens, as
+an end id would end it) to 64 rows over 512 pages of 16: this checkout's engine (admits on the
+prompt's pages, preempts the newest when a pool runs short) against the one at --promise-rev
+(admits only when every page a request may take can be promised).
 
     python benchmarks/serve_throughput.py --rates 2,4,8 --requests 48 --concurrency 8 mesh.tensor=2
     python benchmarks/serve_throughput.py --capacity
     python benchmarks/serve_throughput.py --host-time --slots 16 --max-tokens 200 mesh.tensor=1
+    python benchmarks/serve_throughput.py --preemption mesh.tensor=1
 """
 
 from __future__ import annotations
@@ -63,6 +68,12 @@ def parse_args(argv=None):
     ap.add_argument("--fixed-rev", default="2c98a95", help="the git revision of the fixed-slot engine measured beside")
     ap.add_argument("--capacity", action="store_true", help="requests running at once at a fixed KV budget")
     ap.add_argument("--host-time", action="store_true", help="host milliseconds per decode step, against --before-rev")
+    ap.add_argument("--preemption", action="store_true", help="early-ending chat requests: preempting vs promising")
+    ap.add_argument(
+        "--promise-rev",
+        default="c22a998",
+        help="the git revision of the engine that promised every page (--preemption)",
+    )
     ap.add_argument(
         "--before-rev", default="8807b50", help="the git revision of the engine --host-time measures beside"
     )
@@ -319,6 +330,55 @@ def capacity_mode(args, mesh, cfg, params) -> list[dict]:
     return rows
 
 
+def preemption_mode(args, mesh, cfg, params) -> list[dict]:
+    """64 requests at once, prompts of 32-128 tokens, max_tokens to the end of 1024 positions (a
+    chat request that leaves it out), each ending after 32-256 tokens; 64 rows over 512 pages of
+    16 (8 x 1024 positions). Per engine: the most running at once, engine steps and seconds to
+    finish all, preemptions, and prompt tokens prefilled (recomputes included)."""
+    from ladder_jax import engine as now
+
+    modules = {"preempting (this checkout)": now, f"promising (at {args.promise_rev})": None}
+    modules[f"promising (at {args.promise_rev})"] = engine_module_at(args.promise_rev, "engine_promising")
+    m = cfg.model
+    rng = np.random.default_rng(args.seed)
+    work = [
+        (rng.integers(3, m.vocab_size, rng.integers(32, 129)).tolist(), int(rng.integers(32, 257))) for _ in range(64)
+    ]
+    rows = []
+    for name, module in modules.items():
+        engine = module.Engine(m, mesh, params, 64, 1024, page_size=16, kv_pages=512)
+        engine.precompile()
+
+        def ends_after(n):  # on_token: False once n tokens are out, as an end id would end the text
+            made = [0]
+
+            def on_token(_token):
+                made[0] += 1
+                return made[0] < n
+
+            return on_token
+
+        requests = [engine.submit(module.Request(p, 1024 - len(p), on_token=ends_after(n))) for p, n in work]
+        most, steps, start = 0, 0, time.perf_counter()
+        while not all(r.done.is_set() for r in requests):
+            engine.step()
+            most, steps = max(most, engine.busy_slots), steps + 1
+        seconds = time.perf_counter() - start
+        assert [len(r.tokens) for r in requests] == [n for _, n in work]
+        row = {
+            "engine": name,
+            "most_running": most,
+            "steps": steps,
+            "seconds": seconds,
+            "preemptions": getattr(engine, "preemptions", 0),
+            "prefill_tokens": engine.prefill_tokens,
+            "tokens": sum(n for _, n in work),
+        }
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
 def host_time_mode(args, mesh, cfg, params, rounds: int = 3) -> list[dict]:
     """--slots requests of 20-token prompts decoding together, --max-tokens each: the host's
     milliseconds per decode step in `Engine._dispatch` (what a device step must outlast for the
@@ -372,7 +432,7 @@ def host_time_mode(args, mesh, cfg, params, rounds: int = 3) -> list[dict]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.rates or args.capacity or args.host_time:
+    if args.rates or args.capacity or args.host_time or args.preemption:
         return main_arrivals(args)
     from ladder_jax.mesh import init_runtime
 
@@ -451,7 +511,7 @@ def main_arrivals(args) -> int:
     from ladder_jax.mesh import make_mesh
 
     plan = args.plans.split(";" if ";" in args.plans else ",")[0]
-    extra = ["model.max_seq_len=1024"] if args.capacity else []
+    extra = ["model.max_seq_len=1024"] if args.capacity or args.preemption else []
     cfg = load_config(args.config, ["mesh.data=1", *extra, *args.overrides, f"model.plan={plan}"])
     mesh = make_mesh(cfg)
     params = M.init_params(cfg.model, mesh, args.seed)
@@ -469,6 +529,19 @@ def main_arrivals(args) -> int:
         )
         for r in rows:
             print(f"| {r['engine']} | {r['steps']} | {r['dispatch_ms']:.3f} | {r['step_ms']:.3f} |")
+    elif args.preemption:
+        rows = preemption_mode(args, mesh, cfg, params)
+        print(
+            f"\n64 chat-like requests at once (prompts 32-128 tokens, max_tokens to 1024 positions, ending after 32-256), "
+            f"64 rows over 512 pages of 16; {where}; load average {load:.2f} before, {os.getloadavg()[0]:.2f} after\n"
+        )
+        print("| engine | most running | engine steps | seconds | preemptions | prompt tokens prefilled |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for r in rows:
+            print(
+                f"| {r['engine']} | {r['most_running']} | {r['steps']} | {r['seconds']:.1f} | {r['preemptions']} | "
+                f"{r['prefill_tokens']} |"
+            )
     elif args.capacity:
         rows = capacity_mode(args, mesh, cfg, params)
         print(
