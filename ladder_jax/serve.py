@@ -408,6 +408,10 @@ class Server:
         # the end of the positions a request may hold.
         limit = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
         max_tokens = getattr(body, limit)
+        if max_tokens == 0 and (chat or not body.echo):
+            raise BadRequest(
+                f"{limit}=0 makes nothing; ask for at least 1 new token (0 only with echo: the prompt alone)"
+            )
         if max_tokens is None and not chat:
             max_tokens = 16
         elif max_tokens is None:
@@ -525,7 +529,7 @@ class Server:
             seeded = dataclasses.replace(p.sampling, seed=(p.sampling.seed + i) % 2**31)
             request = E.Request(
                 p.prompts[i // p.n],
-                p.max_tokens,
+                max(p.max_tokens, 1),  # echo with max_tokens 0: the prefill's token is dropped (on_token)
                 seeded,
                 p.stop_ids,
                 logprobs=p.logprobs,
@@ -534,6 +538,8 @@ class Server:
             sample = Sample(self, i, request, TextOut(self.tokenizer, p.stops), start)
 
             def on_token(token, s=sample):
+                if p.max_tokens == 0:  # the prompt alone (scored by the prefill, with logprobs)
+                    return False
                 s.record_token()
                 piece, go_on = s.text.push(token)
                 scored = [(token, s.request.token_logprobs[-1], s.text.starts[-1])] if p.logprobs is not None else []
@@ -733,7 +739,7 @@ class Server:
             return {"index": index, key: content, "logprobs": logprobs, "finish_reason": reason}
 
         def usage():
-            n = sum(len(s.request.tokens) for s in samples)
+            n = sum(len(s.request.tokens) for s in samples) if p.max_tokens else 0
             prompt_tokens = sum(map(len, p.prompts))  # each prompt once, however many samples it has
             cached = sum(s.request.cached_tokens for s in samples[:: p.n])  # found in the prefix cache
             return {
@@ -770,7 +776,7 @@ class Server:
                 cancel()
             if any(reason == "error" for reason, _ in ends):
                 return error(500, ENGINE_FAILED, "server_error")
-            choices = [choice(i, "".join(pieces[i]), ends[i][1], finish(ends[i][0])) for i in range(len(samples))]
+            choices = [choice(i, "".join(pieces[i]), ends[i][1], finish(ends[i][0], p)) for i in range(len(samples))]
             return record(choices, usage=usage())
 
         include_usage = body.stream_options is not None and bool(body.stream_options.include_usage)
@@ -785,7 +791,7 @@ class Server:
                     if failed:  # as vLLM: an error event, then the end of the stream
                         yield f"data: {json.dumps(error_body(500, ENGINE_FAILED, 'server_error'))}\n\n"
                     elif piece or end:
-                        chunk = record([choice(index, piece, behind, finish(end[0]) if end else None)])
+                        chunk = record([choice(index, piece, behind, finish(end[0], p) if end else None)])
                         yield f"data: {json.dumps({**chunk, 'usage': None} if include_usage else chunk)}\n\n"
                     done += bool(end)
                 if include_usage and not failed:
@@ -832,9 +838,10 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     return f"{path}: {first.get('msg')}{hint}", path
 
 
-def finish(reason: str) -> str:
-    """OpenAI's finish reasons: "stop" (an end id or stop string) or "length"."""
-    return "length" if reason == "length" else "stop"
+def finish(reason: str, p: Prepared) -> str:
+    """OpenAI's finish reasons: "stop" (an end id or stop string) or "length" (max_tokens, 0
+    included)."""
+    return "length" if reason == "length" or p.max_tokens == 0 else "stop"
 
 
 async def unless_disconnected(work, raw: Request) -> bool:

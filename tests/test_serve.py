@@ -141,7 +141,7 @@ CHAT_BODY = {"model": NAME, "messages": [{"role": "user", "content": "hi"}]}
         ),
         (json.dumps({"model": NAME, "prompt": "x", "frobnicate": 1}), "frobnicate: Extra inputs are not permitted"),
         (json.dumps({"model": NAME, "prompt": "x" * 40, "max_tokens": 4}), "above the engine's 32 positions"),
-        (json.dumps({"model": NAME, "prompt": "x", "max_tokens": 0}), "ask for at least 1 new token"),
+        (json.dumps({"model": NAME, "prompt": "x", "max_tokens": 0}), "max_tokens=0 makes nothing; ask for at least 1"),
         (json.dumps({"model": NAME, "prompt": "x", "max_tokens": 10**9}), "above model.max_seq_len=64"),
         (json.dumps({"model": NAME, "prompt": "x", "temperature": -0.5}), "temperature=-0.5"),
         (json.dumps({"model": NAME, "prompt": ""}), "prompt is empty"),
@@ -446,6 +446,11 @@ def test_echo_with_logprobs_scores_the_prompt_and_lm_eval_reads_it_as_a_full_for
     chunks = list(complete(client, "Hello", **kw, stream=True))
     streamed = [lp for c in chunks if c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs]
     assert streamed == scored.token_logprobs
+    # max_tokens 0 with echo: the prompt alone and its log-probabilities (OpenAI's old scoring call).
+    alone = complete(client, "Hello", **{**kw, "max_tokens": 0}).choices[0]
+    assert alone.text == "Hello" and alone.finish_reason == "length"
+    assert alone.logprobs.token_logprobs == scored.token_logprobs[:6]
+    assert complete(client, "Hello", **{**kw, "max_tokens": 0}).usage.completion_tokens == 0
     # lm-eval's loglikelihood over HTTP: echo, logprobs 1, max_tokens 1, the server's own tokenizer.
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     lm = LocalCompletionsAPI(
