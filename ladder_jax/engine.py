@@ -598,10 +598,13 @@ class Engine:
         idle = self.busy_slots == 0 and not self.in_flight
         if self.hosts:
             self._exchange(idle)
-        self._admit(block=idle and not self.hosts)
-        for slot, r in enumerate(self.active):
+        for slot, r in enumerate(self.active):  # (first: their pages go to those admitted now)
             if r is not None and self._cancelled(r):
                 self._finish(slot, "cancelled")
+        for r in [r for r in self.preempted if self._cancelled(r)]:
+            self.preempted.remove(r)
+            self._end(r, "cancelled")
+        self._admit(block=idle and not self.hosts)
         prefill = self._dispatch_prefill() if self.prefilling else None
         if prefill is not None and self.max_in_flight == 1:  # one program at a time on XLA:CPU
             self._read_prefill(prefill)
@@ -623,7 +626,7 @@ class Engine:
         on_token said stop, and whether it stopped. Every process applies them alike."""
         message, own = None, {}
         if jax.process_index() == 0:
-            groups = self._drain(block=idle and not self.agreed and not self.held)
+            groups = self._drain(block=idle and not self.agreed and not self.held and not self.preempted)
             own = {r.rid: r for g in groups for r in g}  # with their callbacks
             message = {
                 "groups": [[r.spec() for r in g] for g in groups],
@@ -656,9 +659,7 @@ class Engine:
         per_shard = self.slots // self.data
         oldest_first = sorted(np.flatnonzero(self.decoding), key=lambda slot: self.admitted[slot])
         for slot in oldest_first:  # a page for the position this step writes
-            page = self.positions[slot] // self.page_size
-            need = self.decoding[slot] and page < self.table_width and self.table[slot, page] == self.shard_pages
-            if need and self._make_room(slot):
+            if self._needs_page(slot) and self._make_room(slot):
                 self._take_page(slot, slot // per_shard)
         if not self.decoding.any():  # each went back to wait
             return
@@ -829,7 +830,7 @@ class Engine:
                     self._end(r, "cancelled")
             group = [r for r in group if not self._cancelled(r)]
             free = [slot for slot, r in enumerate(self.active) if r is None]
-            placed = self._place(group, self.unpromised, free) if group else []
+            placed = self._place(group, self._admissible(), free) if group else []
             if placed is None:
                 self.held = self.held if resumed else group
                 return
@@ -953,6 +954,27 @@ class Engine:
             self.to_stop.append(r.rid)
         if len(r.tokens) >= r.max_new_tokens:
             self._finish(slot, "length")
+
+    def _needs_page(self, slot: int) -> bool:
+        """Whether the row's next decode step writes into a page it does not hold yet. The step
+        after a request's last token needs none: nothing reads what it writes, and its token is
+        not delivered."""
+        if not self.decoding[slot]:
+            return False
+        r, position = self.active[slot], int(self.positions[slot])
+        page = position // self.page_size
+        last = len(r.prompt) + r.max_new_tokens - 1  # the position of its last token
+        return position < last and page < self.table_width and self.table[slot, page] == self.shard_pages
+
+    def _admissible(self) -> list[int]:
+        """Each shard's unpromised pages less those its decoding rows take in the coming step
+        beyond their promises: what admission may give away (running requests go first, as in
+        vLLM's scheduler; else a request admitted now would be preempted at once)."""
+        per_shard, left = self.slots // self.data, list(self.unpromised)
+        for slot in np.flatnonzero(self.decoding):
+            if not self.promised[slot] and self._needs_page(slot):
+                left[slot // per_shard] -= 1
+        return left
 
     def _make_room(self, slot: int) -> bool:
         """A page for the row's next position: preempt the newest requests of its shard until its

@@ -511,3 +511,18 @@ def test_random_traffic_ends_every_request_as_alone_and_gives_every_page_back(en
             np.testing.assert_allclose(
                 [e.logprob for e in r.token_logprobs], [e.logprob for e in alone.token_logprobs], atol=3e-5
             )
+
+
+def test_running_requests_get_their_next_page_before_a_new_one_is_admitted(devices):
+    """A request that fits on the last free pages, which a running row needs in the same step,
+    waits instead of being admitted, prefilled and preempted at once."""
+    engine = small_engine("ladder", kv_pages=4, prefix_cache=False)
+    a = engine.submit(Request([256, *b"Hello"], 14))  # positions 6..19: pages 0, 1 and 2
+    engine.step()
+    while engine.positions[engine.active.index(a)] != 16:  # its next step writes into a third page
+        engine.step()
+    late = engine.submit(Request([256, *range(40, 48)], 4))  # 9 tokens: would start on the 2 free pages
+    engine.step()
+    assert engine.prefill_tokens == 6 and engine.waiting_requests == 1  # it waited for a's page
+    engine.run([a, late])
+    assert engine.preemptions == 0 and engine.prefill_tokens == 6 + 9
