@@ -742,7 +742,7 @@ class Engine:
         ends = []  # (row, request) of the prompts this call ends
         scoring = any(p.request.scores_prompt for chosen in batch for p, _ in chosen)
         targets = np.full((n, chunk), self.cfg.pad_id, np.int32) if scoring else None
-        scored = []  # (row, request, first position, tokens) of the rows whose prompt is scored
+        scored = []  # (row, its Prefill, first position, positions scored) of the rows whose prompt is scored
         for shard, chosen in enumerate(batch):
             for i, (p, count) in enumerate(chosen):
                 row = shard * rows + i
