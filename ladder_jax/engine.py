@@ -657,9 +657,12 @@ class Engine:
         a step's tokens to send the next, and a step of the same rows within their pages sends
         nothing (each copy is a transfer and a launch on an accelerator, host time per token)."""
         per_shard = self.slots // self.data
-        oldest_first = sorted(np.flatnonzero(self.decoding), key=lambda slot: self.admitted[slot])
-        for slot in oldest_first:  # a page for the position this step writes
-            if self._needs_page(slot) and self._make_room(slot):
+        # A page for the position this step writes, oldest request first (most steps need none).
+        needing = sorted(
+            (s for s in np.flatnonzero(self.decoding) if self._needs_page(s)), key=self.admitted.__getitem__
+        )
+        for slot in needing:
+            if self._needs_page(slot) and self._make_room(slot):  # (again: an older row may have preempted it)
                 self._take_page(slot, slot // per_shard)
         if not self.decoding.any():  # each went back to wait
             return
